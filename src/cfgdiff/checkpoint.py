@@ -1,0 +1,184 @@
+"""Checkpoints as plain data, written atomically.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding
+  model.safetensors  raw weights            ema.safetensors  EMA weights (used for sampling)
+  config.json        RunConfig + format version + guidance convention and null label
+  state.pt           optimizer, step, RNG states, data position (torch.load(weights_only=True))
+It is built under a temporary name, every file fsynced, then renamed into place; the `latest`
+pointer file is replaced atomically afterwards and old checkpoints are pruned last. Loading never
+unpickles code: tensors come from safetensors, the rest from JSON and weights_only torch.load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cfgdiff.config import RunConfig
+from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.errors import CfgDiffError, CheckpointError
+from cfgdiff.unet import UNet
+
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    cfg: RunConfig,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, prune to `keep`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"{PREFIX}{step:07d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in model.items()}
+        save_file(cpu, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
+                  str(tmp / "ema.safetensors"))  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (after a resume): replace it
+            old = ckpt_root / f".old-{name}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(
+        p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+    )
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one."""
+    try:
+        name = (ckpt_root / "latest").read_text().strip()
+        cand = ckpt_root / name
+        if name.startswith(PREFIX) and (cand / "config.json").is_file():
+            return cand
+    except OSError:
+        pass
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve(path: Path) -> Path:
+    """Accept a checkpoint folder, a run folder or a checkpoints folder."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path}: no such file or directory")
+    raise CheckpointError(
+        f"--checkpoint {path}: no checkpoint found (expected a folder with config.json, "
+        "or a run folder with checkpoints/)"
+    )
+
+
+def read_config(ckpt: Path) -> RunConfig:
+    try:
+        d = json.loads((ckpt / "config.json").read_text())
+    except OSError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{ckpt / 'config.json'}: expected a JSON object")
+    try:
+        cfg = RunConfig.from_dict(d)
+        cfg.validate()
+    except CfgDiffError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+    return cfg
+
+
+def load_weights(ckpt: Path, name: str, net: torch.nn.Module) -> None:
+    """Load `name`.safetensors into net strictly; CheckpointError on any mismatch."""
+    path = ckpt / f"{name}.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not match the config ({first[-1].strip()})") from None
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle opcode, missing file: all one message
+        raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__})") from None
+
+
+@dataclass
+class Loaded:
+    path: Path
+    cfg: RunConfig
+    net: UNet  # EMA weights unless asked otherwise, in eval mode
+
+
+def load_for_sampling(path: Path, device: torch.device | str = "cpu", ema: bool = True) -> Loaded:
+    ckpt = resolve(path)
+    cfg = read_config(ckpt)
+    net = UNet(cfg.model)
+    load_weights(ckpt, "ema" if ema else "model", net)
+    return Loaded(ckpt, cfg, net.to(device).eval())

@@ -1,0 +1,286 @@
+"""Typed, frozen configuration and named presets.
+
+Owns: every tunable number of a run (network shape, diffusion process, optimisation, sampling
+previews) and its validation. Knows nothing about tensors, files or the CLI: a config is plain data
+that round-trips through JSON (it is stored in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cfgdiff.errors import ConfigError
+
+FORMAT_VERSION = 1  # bump when checkpoint layout or config meaning changes
+
+# The guidance convention used everywhere in the library (see docs/DESIGN.md):
+#   eps_hat = eps_u + s * (eps_c - eps_u);  s = 1 conditional, s = 0 unconditional, w = s - 1.
+GUIDANCE_CONVENTION = "scale: eps_u + s*(eps_c - eps_u); s=1 conditional, s=0 unconditional; w=s-1"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network f(x_t, t, y). Data-dependent fields are filled from the dataset."""
+
+    in_channels: int = 1  # image channels, 1 or 3
+    image_size: int = 28  # square side in pixels; must be divisible by 2**(len(channel_mult)-1)
+    num_classes: int = 10  # real classes; the null label is index num_classes
+    base_channels: int = 64  # channels at full resolution
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # per resolution level, full resolution first
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attn_levels: tuple[int, ...] = (2,)  # levels (0 = full resolution) with self-attention
+    num_heads: int = 4  # attention heads
+    dropout: float = 0.0  # dropout inside residual blocks, in [0, 1)
+
+    def validate(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.base_channels < 8 or self.base_channels % 8:
+            raise ConfigError(
+                f"base_channels must be a positive multiple of 8, got {self.base_channels}"
+            )
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
+        down = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size < 8 or self.image_size % down:
+            raise ConfigError(
+                f"image_size must be >= 8 and divisible by {down} for {len(self.channel_mult)} "
+                f"levels, got {self.image_size}"
+            )
+        if any(not 0 <= lvl < len(self.channel_mult) for lvl in self.attn_levels):
+            raise ConfigError(
+                f"attn_levels must be in [0, {len(self.channel_mult) - 1}], got {self.attn_levels}"
+            )
+        if self.num_res_blocks < 1:
+            raise ConfigError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the training objective."""
+
+    timesteps: int = 1000  # T, number of discrete diffusion steps
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal)
+    prediction: str = "eps"  # network target: "eps" or "v" (Salimans & Ho 2022)
+    label_dropout: float = 0.1  # probability a training label is replaced by the null label
+    loss_weighting: str = "none"  # "none" (plain MSE on the target) or "min-snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
+
+    def validate(self) -> None:
+        if not 2 <= self.timesteps <= 100_000:
+            raise ConfigError(f"timesteps must be in [2, 100000], got {self.timesteps}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.prediction not in ("eps", "v"):
+            raise ConfigError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.loss_weighting not in ("none", "min-snr"):
+            raise ConfigError(
+                f"loss_weighting must be 'none' or 'min-snr', got {self.loss_weighting!r}"
+            )
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and preview settings of one training run."""
+
+    steps: int = 10_000  # optimizer steps
+    batch_size: int = 128  # images per step
+    lr: float = 2e-4  # peak AdamW learning rate
+    lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" (decays to lr_min_ratio*lr)
+    lr_min_ratio: float = 0.0  # floor of the cosine decay as a fraction of lr
+    warmup_steps: int = 200  # linear warmup from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA decay per step (with warmup (1+n)/(10+n)); 0 disables EMA
+    seed: int = 0
+    log_every: int = 50  # steps between loss.csv rows
+    sample_every: int = 1000  # steps between preview grids; 0 disables
+    checkpoint_every: int = 1000  # steps between checkpoints; 0 = only at the end
+    keep: int = 3  # checkpoints kept on disk (the newest); >= 1
+    preview_scale: float = 3.0  # guidance scale s of preview grids
+    preview_sampler: str = "dpmpp-2m"  # sampler of preview grids and the guidance strip
+    preview_steps: int = 20  # sampler steps of preview grids
+    preview_per_class: int = 8  # samples per class in preview grids
+
+    def validate(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", 0 < self.lr < 1, "in (0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("sample_every", self.sample_every >= 0, ">= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("keep", self.keep >= 1, ">= 1"),
+            ("preview_steps", self.preview_steps >= 1, ">= 1"),
+            ("preview_per_class", self.preview_per_class >= 1, ">= 1"),
+            ("lr_min_ratio", 0 <= self.lr_min_ratio <= 1, "in [0, 1]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {allowed}, got {getattr(self, name)}")
+        if self.preview_sampler not in ("ddpm", "ddim", "dpmpp-2m"):
+            raise ConfigError(
+                f"preview_sampler must be ddpm, ddim or dpmpp-2m, got {self.preview_sampler!r}"
+            )
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild a run: stored as config.json in each checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dataset: str = "mnist"  # mnist | fashion-mnist | cifar10 | folder:PATH
+    preset: str = "custom"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.diffusion.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        d["guidance"] = {"convention": GUIDANCE_CONVENTION, "null_label": self.model.num_classes}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"config format_version must be {FORMAT_VERSION}, got {version}")
+        try:
+            return cls(
+                model=_build(ModelConfig, d["model"]),
+                diffusion=_build(DiffusionConfig, d["diffusion"]),
+                train=_build(TrainConfig, d["train"]),
+                dataset=str(d["dataset"]),
+                preset=str(d.get("preset", "custom")),
+            )
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"config is missing or has a malformed field: {e}") from None
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    """Build a frozen dataclass from JSON, turning lists back into tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kwargs)
+
+
+# Named presets. Each is a complete RunConfig; data-dependent model fields (channels, size,
+# classes) are replaced from the dataset when a run starts.
+PRESETS: dict[str, RunConfig] = {
+    # Tuned for quality per CPU-minute on 2 cores at 28x28 (see README "Results").
+    "cpu-demo": RunConfig(
+        model=ModelConfig(
+            base_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attn_levels=(2,),
+            num_heads=4,
+        ),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v", loss_weighting="none"),
+        train=TrainConfig(
+            steps=3000,
+            batch_size=64,
+            lr=2e-3,
+            lr_schedule="cosine",
+            lr_min_ratio=0.05,
+            warmup_steps=100,
+            ema_decay=0.995,
+            sample_every=500,
+            checkpoint_every=500,
+        ),
+        preset="cpu-demo",
+    ),
+    # MNIST on one GPU: a wider network and more steps.
+    "mnist": RunConfig(
+        model=ModelConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
+        train=TrainConfig(
+            steps=8000,
+            batch_size=256,
+            lr=1e-3,
+            lr_schedule="cosine",
+            lr_min_ratio=0.05,
+            warmup_steps=200,
+            ema_decay=0.999,
+            sample_every=2000,
+            checkpoint_every=2000,
+        ),
+        preset="mnist",
+    ),
+    # CIFAR-10 (32x32 RGB) on one GPU.
+    "cifar10": RunConfig(
+        model=ModelConfig(
+            in_channels=3,
+            image_size=32,
+            base_channels=128,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_levels=(2,),
+            dropout=0.1,
+        ),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
+        train=TrainConfig(
+            steps=100_000,
+            batch_size=128,
+            lr=2e-4,
+            warmup_steps=1000,
+            ema_decay=0.9999,
+            sample_every=5000,
+            checkpoint_every=5000,
+        ),
+        dataset="cifar10",
+        preset="cifar10",
+    ),
+    # Seconds-long runs for tests and smoke checks.
+    "tiny": RunConfig(
+        model=ModelConfig(
+            base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_heads=2
+        ),
+        train=TrainConfig(
+            steps=20,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=2,
+            ema_decay=0.9,
+            log_every=5,
+            sample_every=10,
+            checkpoint_every=10,
+            preview_steps=4,
+            preview_per_class=2,
+        ),
+        preset="tiny",
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]

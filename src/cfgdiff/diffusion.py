@@ -1,0 +1,93 @@
+"""The forward process and the training objective.
+
+Owns: q(x_t | x_0) (DDPM Eq. 4), the conversions between eps, x_0 and v predictions, the label
+dropout that trains the null label, and the per-sample loss. Knows nothing about samplers,
+guidance scales or the network's architecture (it is called as a function).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cfgdiff.config import DiffusionConfig
+from cfgdiff.schedule import Schedule
+
+
+def _coef(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gather per-sample schedule values at integer t and shape them (B, 1, 1, 1) like `like`."""
+    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def alpha_sigma(schedule: Schedule, t: torch.Tensor, like: torch.Tensor):
+    """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), shaped for broadcasting."""
+    ab = _coef(schedule.alpha_bar, t, like)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: Schedule):
+    """x_t = alpha_t x_0 + sigma_t eps (DDPM Eq. 4)."""
+    a, s = alpha_sigma(schedule, t, x0)
+    return a * x0 + s * eps
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
+    """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4)."""
+    return a * eps - s * x0
+
+
+def to_eps(pred: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor, kind: str):
+    """The eps implied by a network output of the given kind ("eps" or "v").
+    For v: eps = sigma_t x_t + alpha_t v, since alpha^2 + sigma^2 = 1."""
+    if kind == "eps":
+        return pred
+    if kind == "v":
+        return s * x_t + a * pred
+    raise ValueError(f"unknown prediction kind {kind!r}")
+
+
+def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
+    """x0_hat = (x_t - sigma_t eps_hat) / alpha_t (inverse of Eq. 4)."""
+    return (x_t - s * eps) / a
+
+
+def drop_labels(
+    y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replace each label by the null label independently with probability p (Ho & Salimans 2022,
+    Algorithm 1, p_uncond)."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def training_loss(
+    net,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    cfg: DiffusionConfig,
+    null_label: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean loss over the batch: t ~ U{0..T-1}, eps ~ N(0, I), labels dropped with
+    cfg.label_dropout, target eps or v, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
+    b = x0.shape[0]
+    dev = x0.device
+    t = torch.randint(0, schedule.T, (b,), generator=generator, device=dev)
+    eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    y_in = drop_labels(y, cfg.label_dropout, null_label, generator)
+    a, s = alpha_sigma(schedule, t, x0)
+    x_t = a * x0 + s * eps
+    pred = net(x_t, t, y_in)
+    target = eps if cfg.prediction == "eps" else v_target(x0, eps, a, s)
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    if cfg.loss_weighting == "min-snr":
+        snr = (a / s).pow(2).flatten().float()
+        w = snr.clamp(max=cfg.min_snr_gamma)
+        # min(SNR, gamma) weights the x0 error; expressed for the eps target it is
+        # min(SNR, gamma)/SNR, and for the v target min(SNR, gamma)/(SNR + 1) (Hang et al. Eq. 8).
+        w = w / snr if cfg.prediction == "eps" else w / (snr + 1)
+        per_sample = per_sample * w
+    return per_sample.mean()

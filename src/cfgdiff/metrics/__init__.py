@@ -1,0 +1,1 @@
+"""Measuring generated images: a feature classifier trained on the real data, and class accuracy."""

@@ -1,0 +1,181 @@
+"""A small CNN classifier trained on a dataset's training split, deterministically, and cached.
+
+It answers "does the sample show the requested class?" (class accuracy). Trained with a fixed
+seed, a fixed data order and light random shifts; cached as safetensors + JSON (test accuracy,
+SHA-256 of the weights) under <data_dir>/classifiers/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cfgdiff.data import Dataset, default_data_dir, load_dataset
+from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.errors import CheckpointError
+
+CLASSIFIER_VERSION = 1
+
+
+class SmallCNN(nn.Module):
+    """conv(32)x2 - pool - conv(64)x2 - pool - fc(256) - fc(K), BatchNorm after each conv."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _to_input(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translation by up to max_shift pixels (same shift for the whole batch)."""
+    dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=g)).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_classifier(
+    train: Dataset,
+    test: Dataset,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    width: int = 32,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[SmallCNN, float]:
+    """Train deterministically under `seed`; returns (model in eval mode, test accuracy)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = SmallCNN(train.channels, train.num_classes, width).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    n = len(train)
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    x_all, y_all = train.images.to(device), train.labels.to(device)
+    for ep in range(epochs):
+        net.train()
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            x = _shift(_to_input(x_all[idx]), g)
+            loss = F.cross_entropy(net(x), y_all[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = accuracy(net, test.images, test.labels, device=device)
+        if on_epoch is not None:
+            on_epoch(ep + 1, acc)
+    net.eval()
+    return net, acc
+
+
+@torch.inference_mode()
+def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 1000, device="cpu") -> torch.Tensor:
+    """Logits (N, K) for uint8 images (N, C, H, W)."""
+    net.eval()
+    out = [net(_to_input(images[i : i + batch_size].to(device))).float().cpu()
+           for i in range(0, images.shape[0], batch_size)]  # fmt: skip
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(net, images, labels, device="cpu") -> float:
+    logits = predict(net, images, device=device)
+    return float((logits.argmax(1) == labels.cpu()).float().mean())
+
+
+def _weights_sha(net: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def classifier_path(data_dir: Path, dataset: str) -> Path:
+    safe = dataset.replace("/", "_").replace(":", "_")
+    return data_dir / "classifiers" / f"{safe}-v{CLASSIFIER_VERSION}"
+
+
+def get_classifier(
+    dataset: str,
+    data_dir: Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> tuple[SmallCNN, dict]:
+    """Load the cached classifier for `dataset`, training and caching it first if needed."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    base = classifier_path(data_dir, dataset)
+    meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if meta_path.is_file() and weights_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
+        try:
+            net.load_state_dict(load_file(str(weights_path)))
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{weights_path}: cannot load classifier ({e}); delete it") from None
+        if _weights_sha(net) != meta["weights_sha256"]:
+            raise CheckpointError(f"{weights_path}: weights hash mismatch; delete it to retrain")
+        return net.to(device).eval(), meta
+    train = load_dataset(dataset, data_dir, split="train", image_size=image_size, channels=channels, log=log)
+    test = load_dataset(dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log)
+    t0 = time.perf_counter()
+
+    def epoch_note(ep: int, acc: float) -> None:
+        if log is not None:
+            log(f"classifier epoch {ep}: test accuracy {acc:.4f}")
+
+    net, acc = train_classifier(train, test, device=device, on_epoch=epoch_note)
+    meta = {
+        "version": CLASSIFIER_VERSION,
+        "dataset": dataset,
+        "in_channels": train.channels,
+        "image_size": train.image_size,
+        "num_classes": train.num_classes,
+        "width": 32,
+        "test_accuracy": acc,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "weights_sha256": _weights_sha(net),
+    }
+    base.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(weights_path))
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    return net.to(device).eval(), meta
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
+    """Overall and per-class fraction of samples classified as their requested label."""
+    pred = logits.argmax(1)
+    ok = (pred == labels).float()
+    k = logits.shape[1]
+    per = [float(ok[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(k)]
+    return float(ok.mean()), per

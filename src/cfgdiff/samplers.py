@@ -1,0 +1,194 @@
+"""Samplers: stateless functions with one signature.
+
+    sample_X(denoise, x_T, schedule, steps, *, generator=None, callback=None, **options) -> x_0
+
+`denoise(x_t, t) -> eps_hat` is any noise predictor (usually guidance.guided_denoiser); samplers
+know nothing about labels or guidance. `generator` is a torch.Generator or a PerSampleNoise (one
+stream per sample, so a sample's image does not depend on the batch it was drawn in).
+`callback(i, t, x_t, x0_hat)` is called after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cfgdiff.errors import ConfigError
+from cfgdiff.schedule import Schedule, spaced_timesteps
+
+
+class PerSampleNoise:
+    """Independent Gaussian streams, one per sample, each seeded from (seed, index).
+
+    Draws happen on the CPU in float32 and are then moved, so results do not depend on the device
+    RNG either.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int]):
+        self.generators = []
+        for i in indices:
+            state = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, np.uint32)
+            g = torch.Generator()
+            g.manual_seed(int(state[0]) << 32 | int(state[1]))
+            self.generators.append(g)
+
+    def randn(self, shape: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
+        """A tensor of shape (len(indices), *shape)."""
+        out = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+        return out.to(device=device, dtype=dtype)
+
+
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    if isinstance(generator, PerSampleNoise):
+        return generator.randn(x.shape[1:], x.device, x.dtype)
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+
+
+def _ab(schedule: Schedule, t: int) -> float:
+    """alpha_bar_t as a Python float, with alpha_bar_{-1} = 1 (the clean data)."""
+    return 1.0 if t < 0 else float(schedule.alpha_bar[t])
+
+
+def _t_batch(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def sample_ddim(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12):
+    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev)  (Eq. 16).
+    eta = 0 is the deterministic probability-flow sampler; eta = 1 equals ancestral DDPM."""
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}")
+    ts = spaced_timesteps(schedule.T, steps, spacing)
+    x = x_T
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        ab, ab_prev = _ab(schedule, t), _ab(schedule, t_prev)
+        eps = denoise(x, _t_batch(x, t))
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
+        dir_coef = max(1 - ab_prev - sigma**2, 0.0) ** 0.5
+        x = ab_prev**0.5 * x0 + dir_coef * eps
+        if sigma > 0:
+            x = x + sigma * randn_like(x, generator)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_ddpm(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    spacing: str = "trailing",
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Ancestral DDPM (Ho et al. 2020, Eqs. 6-7), respaced to `steps` timesteps (Nichol &
+    Dhariwal 2021, Sec. 4): with beta'_t = 1 - ab_t / ab_prev,
+    mean = sqrt(ab_prev) beta'/(1 - ab) x0_hat + sqrt(1 - beta') (1 - ab_prev)/(1 - ab) x_t,
+    var = beta' (1 - ab_prev)/(1 - ab)  (beta-tilde; no noise on the last step)."""
+    ts = spaced_timesteps(schedule.T, steps, spacing)
+    x = x_T
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        ab, ab_prev = _ab(schedule, t), _ab(schedule, t_prev)
+        beta = 1 - ab / ab_prev
+        eps = denoise(x, _t_batch(x, t))
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
+        var = beta * (1 - ab_prev) / (1 - ab)
+        x = mean + var**0.5 * randn_like(x, generator) if t_prev >= 0 else mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    spacing: str = "trailing",
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022, Algorithm 2).
+
+    With lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+    x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i, where
+    D_i = (1 + 1/(2 r_i)) x0_hat_{i-1} - 1/(2 r_i) x0_hat_{i-2}, r_i = h_{i-1} / h_i,
+    and D_i = x0_hat_{i-1} on the first step and on the last step (to sigma = 0).
+    Deterministic: `generator` is accepted for the common signature and not used.
+    """
+    del generator
+    ts = spaced_timesteps(schedule.T, steps, spacing)
+    x = x_T
+    x0_prev: torch.Tensor | None = None
+    h_prev: float | None = None
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        ab, ab_next = _ab(schedule, t), _ab(schedule, t_next)
+        a, s = ab**0.5, (1 - ab) ** 0.5
+        eps = denoise(x, _t_batch(x, t))
+        x0 = (x - s * eps) / a
+        if t_next < 0:  # final step to the clean data: alpha = 1, sigma = 0
+            x = x0
+        else:
+            a_n, s_n = ab_next**0.5, (1 - ab_next) ** 0.5
+            h = math.log(a_n / s_n) - math.log(a / s)
+            if x0_prev is None or h_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_n / s) * x - a_n * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
+
+
+def run_sampler(
+    name: str,
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Dispatch by name; eta applies to DDIM only."""
+    if name == "ddim":
+        return sample_ddim(
+            denoise, x_T, schedule, steps, eta=eta, generator=generator, callback=callback
+        )
+    if name == "ddpm":
+        return sample_ddpm(denoise, x_T, schedule, steps, generator=generator, callback=callback)
+    if name == "dpmpp-2m":
+        return sample_dpmpp_2m(denoise, x_T, schedule, steps, callback=callback)
+    raise ConfigError(f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {name!r}")

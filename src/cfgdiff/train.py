@@ -1,0 +1,331 @@
+"""The training loop as an importable function.
+
+Owns: the optimisation loop (AdamW, warmup + optional cosine decay, gradient clipping, EMA),
+the run folder's files (loss.csv, loss.png, samples/, checkpoints/, guidance_strip.png), resume
+and stop-on-request. Nothing here prints or exits: progress goes to the `on_event` callback, and a
+stop is requested through `should_stop` (the CLI wires both to the terminal and to signals).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.config import RunConfig
+from cfgdiff.data import Dataset
+from cfgdiff.data.batches import DeviceBatches
+from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.diffusion import training_loss
+from cfgdiff.ema import EMA
+from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.sample import class_grid_labels, generate
+from cfgdiff.runtime import autocast as autocast_ctx
+from cfgdiff.schedule import make_schedule
+from cfgdiff.unet import UNet, count_parameters
+from cfgdiff.viz import labelled_grid, line_plot, save_png
+
+Event = Callable[[str, dict[str, Any]], None]
+STRIP_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
+LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    stopped_early: bool
+    images_per_s: float
+    elapsed_s: float
+    last_loss: float | None
+
+
+def config_for_dataset(cfg: RunConfig, data: Dataset, dataset_name: str) -> RunConfig:
+    """Fill the data-dependent model fields from the dataset."""
+    model = dataclasses.replace(
+        cfg.model,
+        in_channels=data.channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
+    )
+    return dataclasses.replace(cfg, model=model, dataset=dataset_name)
+
+
+def lr_at(step: int, t: Any) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine decay to lr_min_ratio * lr."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.lr * t.lr_min_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RunLock:
+    """An fcntl lock on run_dir/.lock: held while training, released by the kernel even when the
+    process is killed with SIGKILL."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(
+                f"--out {self.path.parent}: another cfgdiff process is training in this folder"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
+    for section in ("model", "diffusion"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if va != vb:
+                raise CheckpointError(
+                    f"--resume: checkpoint has {section}.{f.name}={va}, this run asks for {vb}"
+                )
+    if saved.dataset != cfg.dataset:
+        raise CheckpointError(
+            f"--resume: checkpoint was trained on {saved.dataset!r}, this run asks for {cfg.dataset!r}"
+        )
+
+
+def _write_loss_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOSS_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _read_loss_csv(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+
+
+def write_loss_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    xs = [int(r["step"]) for r in rows]
+    ys = [float(r["loss"]) for r in rows]
+    save_png(line_plot({"training loss": (xs, ys)}, "loss", "step", "loss", logy=True), path)
+
+
+def preview_grid(net, cfg: RunConfig, class_names, device, precision: str, seed: int = 0):
+    t = cfg.train
+    classes = list(range(cfg.model.num_classes))
+    labels = class_grid_labels(classes, t.preview_per_class)
+    imgs = generate(net, cfg, labels, scale=t.preview_scale, sampler=t.preview_sampler,
+                    steps=t.preview_steps, seed=seed, device=device, precision=precision)  # fmt: skip
+    return labelled_grid(imgs, t.preview_per_class, [str(c)[:12] for c in class_names])
+
+
+def guidance_strip(net, cfg: RunConfig, class_names, device, precision: str, seed: int = 0,
+                   scales=STRIP_SCALES, steps: int | None = None):  # fmt: skip
+    """Rows = classes, columns = guidance scales; every cell starts from the same noise."""
+    k = cfg.model.num_classes
+    labels = torch.tensor([c for c in range(k) for _ in scales])
+    per = torch.tensor([float(s) for _ in range(k) for s in scales])
+    imgs = generate(net, cfg, labels, scale=per, sampler=cfg.train.preview_sampler,
+                    steps=steps or cfg.train.preview_steps, seed=seed, indices=[0] * len(labels),
+                    device=device, precision=precision)  # fmt: skip
+    return labelled_grid(imgs, len(scales), [str(c)[:12] for c in class_names],
+                         [f"s={s:g}" for s in scales])  # fmt: skip
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    data: Dataset,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    resume: bool = False,
+    on_event: Event | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    final_strip: bool = True,
+) -> TrainResult:
+    """Train (or resume) a run in run_dir. See the module docstring for the files it writes."""
+    cfg.validate()
+    device = torch.device(device)
+    m = cfg.model
+    if (data.channels, data.image_size, data.num_classes) != (m.in_channels, m.image_size, m.num_classes):
+        raise ConfigError(
+            f"dataset has channels={data.channels}, image_size={data.image_size}, "
+            f"classes={data.num_classes}; model expects {m.in_channels}, {m.image_size}, {m.num_classes}"
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _train_locked(
+            cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip
+        )
+
+
+def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip):
+    emit = on_event or (lambda name, info: None)
+    t = cfg.train
+    ckpt_root = run_dir / "checkpoints"
+    existing = ckpt_io.latest_checkpoint(ckpt_root)
+    if existing is not None and not resume:
+        raise ConfigError(
+            f"--out {run_dir}: already holds checkpoints; pass --resume to continue it "
+            "or choose another --out"
+        )
+    if resume and existing is None:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
+
+    torch.manual_seed(t.seed)
+    net = UNet(cfg.model).to(device)
+    ema = EMA(net, t.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=t.adam_betas,
+                            weight_decay=t.weight_decay, fused=fused)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(t.seed)
+    batches = DeviceBatches(data.images, data.labels, t.batch_size, t.seed, device)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    start = 0
+    loss_acc = torch.zeros((), device=device)
+    acc_n = 0
+    if resume:
+        saved = ckpt_io.read_config(existing)
+        _check_resume_compatible(saved, cfg)
+        ckpt_io.load_weights(existing, "model", net)
+        ema_net = UNet(cfg.model)
+        ckpt_io.load_weights(existing, "ema", ema_net)
+        state = ckpt_io.load_state(existing)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            ema.load_state_dict({k: v.to(device) for k, v in ema_net.state_dict().items()},
+                                int(state["ema_updates"]))  # fmt: skip
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            batches.load_state(state["data"])
+            start = int(state["step"])
+            loss_acc += float(state["loss_acc"])
+            acc_n = int(state["loss_acc_n"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{existing / 'state.pt'}: incompatible training state ({e})") from None
+        del ema_net
+    rows = _read_loss_csv(run_dir / "loss.csv", start) if resume else []
+    _write_loss_csv(run_dir / "loss.csv", rows)
+
+    ema_net = UNet(cfg.model).to(device).eval()
+    emit("start", {"step": start, "total": t.steps, "params": count_parameters(net),
+                   "device": str(device), "precision": precision, "run_dir": str(run_dir)})  # fmt: skip
+
+    def save(step: int) -> Path:
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "ema_updates": ema.num_updates,
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "data": batches.state(),
+            "loss_acc": float(loss_acc),
+            "loss_acc_n": acc_n,
+        }
+        path = ckpt_io.save_checkpoint(ckpt_root, step, cfg, net.state_dict(), ema.state_dict(),
+                                       state, t.keep)  # fmt: skip
+        emit("checkpoint", {"step": step, "path": str(path)})
+        return path
+
+    def write_preview(step: int) -> None:
+        ema.copy_to(ema_net)
+        img = preview_grid(ema_net, cfg, data.class_names, device, precision)
+        path = save_png(img, run_dir / "samples" / f"step-{step:07d}.png")
+        emit("sample", {"step": step, "path": str(path)})
+
+    net.train()
+    t0 = time.perf_counter()
+    t_window = t0
+    images_window = 0
+    last_ckpt: Path | None = None
+    last_loss: float | None = float(rows[-1]["loss"]) if rows else None
+    stopped = False
+    step = start
+    ips = 0.0
+    while step < t.steps:
+        lr = lr_at(step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = batches.next()
+        with autocast_ctx(device, precision):
+            loss = training_loss(net, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+        opt.step()
+        ema.update(net)
+        step += 1
+        loss_acc += loss.detach()
+        acc_n += 1
+        images_window += x.shape[0]
+        if step % t.log_every == 0 or step == t.steps:
+            last_loss = float(loss_acc) / acc_n  # the one host sync per log interval
+            now = time.perf_counter()
+            ips = images_window / max(now - t_window, 1e-9)
+            t_window, images_window = now, 0
+            if not math.isfinite(last_loss):
+                raise ConfigError(f"training diverged: loss is {last_loss} at step {step}; "
+                                  "lower --lr or keep the last checkpoint")  # fmt: skip
+            rows.append({"step": step, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
+                         "images_per_s": f"{ips:.1f}", "elapsed_s": f"{now - t0:.1f}"})  # fmt: skip
+            with open(run_dir / "loss.csv", "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(rows[-1])
+            loss_acc.zero_()
+            acc_n = 0
+        emit("step", {"step": step, "loss": last_loss, "images_per_s": ips, "lr": lr})
+        if t.sample_every and step % t.sample_every == 0:
+            write_preview(step)
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            last_ckpt = save(step)
+        if should_stop is not None and should_stop() and step < t.steps:
+            stopped = True
+            break
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
+        last_ckpt = save(step)
+    if rows:
+        write_loss_plot(rows, run_dir / "loss.png")
+    if not stopped:
+        if not t.sample_every or step % t.sample_every:
+            write_preview(step)
+        if final_strip:
+            ema.copy_to(ema_net)
+            img = guidance_strip(ema_net, cfg, data.class_names, device, precision)
+            path = save_png(img, run_dir / "guidance_strip.png")
+            emit("strip", {"path": str(path)})
+    elapsed = time.perf_counter() - t0
+    done = step - start
+    return TrainResult(step, last_ckpt, stopped, done * t.batch_size / max(elapsed, 1e-9),
+                       elapsed, last_loss)  # fmt: skip
+

@@ -1,0 +1,101 @@
+"""The network f(x_t, t, y): a class-conditional UNet.
+
+Owns: shapes, channels and the label embedding table, whose extra last row (index num_classes) is
+the null label used for classifier-free guidance. It does not know the noise schedule, the loss,
+what its output means (eps or v) or any guidance scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cfgdiff.config import ModelConfig
+from cfgdiff.layers import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        ch0 = cfg.base_channels
+        emb_ch = 4 * ch0
+        self.null_label = cfg.num_classes
+        self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_ch)  # last row: null label
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        # Down path: record the channel count of every skip connection.
+        self.down = nn.ModuleList()
+        skip_chs = [ch0]
+        ch = ch0
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            out = ch0 * mult
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(self._block(ch, out, emb_ch, level in cfg.attn_levels))
+                ch = out
+                skip_chs.append(ch)
+            if level < levels - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, emb_ch, cfg.dropout), Attention(ch, cfg.num_heads)]
+            + [ResBlock(ch, ch, emb_ch, cfg.dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(levels)):
+            out = ch0 * cfg.channel_mult[level]
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(
+                    self._block(ch + skip_chs.pop(), out, emb_ch, level in cfg.attn_levels)
+                )
+                ch = out
+            if level > 0:
+                self.up.append(Upsample(ch))
+        assert not skip_chs
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _block(self, cin: int, cout: int, emb_ch: int, attn: bool) -> nn.ModuleList:
+        mods: list[nn.Module] = [ResBlock(cin, cout, emb_ch, self.cfg.dropout)]
+        if attn:
+            mods.append(Attention(cout, self.cfg.num_heads))
+        return nn.ModuleList(mods)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps (float or int); y: (B,) labels in
+        [0, num_classes], num_classes meaning "no label". Returns (B, C, H, W)."""
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.label_emb(y)
+        h = self.conv_in(x)
+        skips = [h]
+        for mod in self.down:
+            h = _apply(mod, h, emb)
+            skips.append(h)
+        for mod in self.mid:
+            h = mod(h, emb) if isinstance(mod, ResBlock) else mod(h)
+        for mod in self.up:
+            if isinstance(mod, Upsample):
+                h = mod(h)
+            else:
+                h = _apply(mod, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+def _apply(mod: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.ModuleList):  # ResBlock [+ Attention]
+        h = mod[0](h, emb)
+        for extra in mod[1:]:
+            h = extra(h)
+        return h
+    return mod(h)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
