@@ -20,7 +20,17 @@ from cfgdiff.unet import UNet
 
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "DiffusionConfig", "ModelConfig", "RunConfig", "TrainConfig", "UNet",
-    "cfg_combine", "guided_denoiser", "generate", "sample_ddim", "sample_ddpm", "train",
+    "PRESETS",
+    "DiffusionConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "UNet",
+    "cfg_combine",
+    "guided_denoiser",
+    "generate",
+    "sample_ddim",
+    "sample_ddpm",
+    "train",
     "load_dataset",
-]  # fmt: skip
+]

@@ -66,8 +66,10 @@ def save_checkpoint(
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in model.items()}
         save_file(cpu, str(tmp / "model.safetensors"))
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
-                  str(tmp / "ema.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
+            str(tmp / "ema.safetensors"),
+        )
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():
@@ -95,9 +97,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints (renamed into place), oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(
-        p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-    )
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -158,7 +158,9 @@ def load_weights(ckpt: Path, name: str, net: torch.nn.Module) -> None:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not match the config ({first[-1].strip()})") from None
+        raise CheckpointError(
+            f"{path}: weights do not match the config ({first[-1].strip()})"
+        ) from None
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

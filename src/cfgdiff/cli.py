@@ -70,7 +70,9 @@ def _classes(s: str) -> list[int]:
     try:
         out = [int(p) for p in s.split(",") if p.strip() != ""]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {s!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class indices, got {s!r}"
+        ) from None
     if not out or any(c < 0 for c in out):
         raise argparse.ArgumentTypeError(f"expected non-negative class indices, got {s!r}")
     return out
@@ -86,21 +88,33 @@ def _log(msg: str) -> None:
 def build_parser() -> Parser:
     from cfgdiff.config import PRESETS
 
-    p = Parser(prog="cfgdiff", description="Class-conditional diffusion with classifier-free guidance.")
+    p = Parser(
+        prog="cfgdiff", description="Class-conditional diffusion with classifier-free guidance."
+    )
     sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
     sub.required = True
 
     def data_opts(sp):
-        sp.add_argument("--data-dir", type=Path, default=None,
-                        help="where datasets are found and cached (default $CFGDIFF_DATA_DIR or "
-                        "~/.cache/cfgdiff/data)")  # fmt: skip
+        sp.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="where datasets are found and cached (default $CFGDIFF_DATA_DIR or "
+            "~/.cache/cfgdiff/data)",
+        )
 
     tr = sub.add_parser("train", help="train a model")
-    tr.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | cifar10 | folder:PATH")
+    tr.add_argument(
+        "--dataset", default="mnist", help="mnist | fashion-mnist | cifar10 | folder:PATH"
+    )
     data_opts(tr)
     tr.add_argument("--out", type=Path, required=True, help="run folder")
-    tr.add_argument("--preset", default=None, choices=list(PRESETS),
-                    help="named configuration (default cpu-demo; on --resume the checkpoint's)")
+    tr.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="named configuration (default cpu-demo; on --resume the checkpoint's)",
+    )
     tr.add_argument("--steps", type=_int_in(1, 10_000_000))
     tr.add_argument("--batch-size", type=_int_in(1, 65536))
     tr.add_argument("--lr", type=_float_in(0, 1, lo_open=True, hi_open=True))
@@ -112,15 +126,23 @@ def build_parser() -> Parser:
     tr.add_argument("--image-size", type=_int_in(8, 1024), help="resize images to this side")
     tr.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the data's)")
     tr.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 on CUDA and AMX CPUs, else fp32")
+    tr.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+    )
     tr.add_argument("--seed", type=_int_in(0, 2**31 - 1))
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="generate images from a checkpoint")
-    sa.add_argument("--checkpoint", type=Path, required=True,
-                    help="checkpoint folder, or a run folder (uses its latest checkpoint)")
+    sa.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint folder, or a run folder (uses its latest checkpoint)",
+    )
     g = sa.add_mutually_exclusive_group(required=True)
     g.add_argument("--scale", type=_float_in(-20, 100), help="guidance scale s (1 = conditional)")
     g.add_argument("--w", type=_float_in(-21, 99), help="paper's guidance weight w = s - 1")
@@ -128,12 +150,18 @@ def build_parser() -> Parser:
     sa.add_argument("--per-class", type=_int_in(1, 100_000), default=8)
     sa.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpmpp-2m"])
     sa.add_argument("--steps", type=_int_in(1, 100_000), default=50)
-    sa.add_argument("--eta", type=_float_in(0, 10), default=0.0, help="DDIM noise (0: deterministic)")
+    sa.add_argument(
+        "--eta", type=_float_in(0, 10), default=0.0, help="DDIM noise (0: deterministic)"
+    )
     sa.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     sa.add_argument("--batch-size", type=_int_in(1, 65536), default=256)
     sa.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    sa.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 on CUDA and AMX CPUs, else fp32")
+    sa.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+    )
     sa.add_argument("--out", type=Path, required=True, help="FILE.png (grid) or FILE.npz (arrays)")
 
     ev = sub.add_parser("eval", help="class accuracy of generated samples (own classifier)")
@@ -147,8 +175,12 @@ def build_parser() -> Parser:
     ev.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     ev.add_argument("--batch-size", type=_int_in(1, 65536), default=500)
     ev.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 on CUDA and AMX CPUs, else fp32")
+    ev.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+    )
     ev.add_argument("--json", type=Path, help="also write the results here")
     data_opts(ev)
 
@@ -183,7 +215,10 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        _log("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to quit now)")
+        _log(
+            "stop requested: finishing this step and writing a checkpoint "
+            "(Ctrl-C again to quit now)"
+        )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -213,9 +248,20 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise ConfigError(f"--preset {a.preset}: the run was trained with preset {base.preset}")
     else:
         base = get_preset(a.preset or "cpu-demo")
-    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "lr", "ema_decay",
-                                             "sample_every", "checkpoint_every", "keep", "seed")
-                 if getattr(a, k) is not None}  # fmt: skip
+    overrides = {
+        k: getattr(a, k)
+        for k in (
+            "steps",
+            "batch_size",
+            "lr",
+            "ema_decay",
+            "sample_every",
+            "checkpoint_every",
+            "keep",
+            "seed",
+        )
+        if getattr(a, k) is not None
+    }
     tcfg = dataclasses.replace(base.train, **overrides)
     dcfg = base.diffusion
     if a.label_dropout is not None:
@@ -224,9 +270,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     size = a.image_size
     if size is None and (a.resume or cfg.preset == "cifar10"):
         size = base.model.image_size if a.resume else None
-    data = load_dataset(a.dataset, a.data_dir, image_size=size,
-                        channels=a.channels or (base.model.in_channels if a.resume else None),
-                        log=_log)  # fmt: skip
+    data = load_dataset(
+        a.dataset,
+        a.data_dir,
+        image_size=size,
+        channels=a.channels or (base.model.in_channels if a.resume else None),
+        log=_log,
+    )
     if data.num_classes < 1:
         raise ConfigError(f"--dataset {a.dataset}: no classes")
     cfg = config_for_dataset(cfg, data, a.dataset)
@@ -238,31 +288,50 @@ def cmd_train(a: argparse.Namespace) -> int:
     def on_event(name: str, info: dict) -> None:
         nonlocal bar
         if name == "start":
-            _log(f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}, "
-                 f"({info['precision']}), {len(data)} images, step {info['step']} -> {info['total']}")  # fmt: skip
+            _log(
+                f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}, "
+                f"({info['precision']}), {len(data)} images, step {info['step']} -> {info['total']}"
+            )
             if show:
                 from tqdm import tqdm
 
-                bar = tqdm(total=info["total"], initial=info["step"], unit="step",
-                           dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+                bar = tqdm(
+                    total=info["total"],
+                    initial=info["step"],
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
         elif name == "step":
             if bar is not None:
                 bar.update(1)
                 if info["loss"] is not None:
-                    bar.set_postfix(loss=f"{info['loss']:.4f}",
-                                    img_s=f"{info['images_per_s']:.0f}", refresh=False)  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{info['loss']:.4f}",
+                        img_s=f"{info['images_per_s']:.0f}",
+                        refresh=False,
+                    )
             elif not show and info["step"] % cfg.train.log_every == 0 and info["loss"] is not None:
-                _log(f"step {info['step']}/{cfg.train.steps} loss {info['loss']:.4f} "
-                     f"{info['images_per_s']:.0f} img/s")  # fmt: skip
+                _log(
+                    f"step {info['step']}/{cfg.train.steps} loss {info['loss']:.4f} "
+                    f"{info['images_per_s']:.0f} img/s"
+                )
         elif name in ("sample", "checkpoint", "strip") and bar is None:
             _log(f"{name}: {info['path']}")
 
     t0 = time.perf_counter()
     with StopFlag() as stop:
         try:
-            res = train(cfg, a.out, data, device=device,
-                        precision=resolve_precision(a.precision, device), resume=a.resume,
-                        on_event=on_event, should_stop=stop)  # fmt: skip
+            res = train(
+                cfg,
+                a.out,
+                data,
+                device=device,
+                precision=resolve_precision(a.precision, device),
+                resume=a.resume,
+                on_event=on_event,
+                should_stop=stop,
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -271,12 +340,20 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
         print(f"resume with: cfgdiff train --out {out} --resume")
         return 0
-    print(f"done: {res.step} steps in {time.perf_counter() - t0:.0f} s "
-          f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}")  # fmt: skip
-    print(f"  checkpoint:      {res.checkpoint}")
-    print(f"  sample grids:    {out / 'samples'}/step-*.png")
-    print(f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)")
-    print(f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}")
+    lines = [
+        f"done: {res.step} steps in {time.perf_counter() - t0:.0f} s "
+        f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}",
+        f"  checkpoint:      {res.checkpoint}",
+        f"  sample grids:    {out / 'samples'}/step-*.png  "
+        f"(rows = classes, s={cfg.train.preview_scale:g})",
+        f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
+        f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
+        f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3  ({out}/eval_s*.json)",
+    ]
+    print("\n".join(lines))
+    from cfgdiff.data.download import atomic_write_bytes
+
+    atomic_write_bytes(out / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
     return 0
 
 
@@ -294,8 +371,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.config import GUIDANCE_CONVENTION
     from cfgdiff.data.download import atomic_write_bytes
-    from cfgdiff.sample import class_grid_labels, generate
     from cfgdiff.runtime import resolve_device, resolve_precision
+    from cfgdiff.sample import class_grid_labels, generate
     from cfgdiff.viz import labelled_grid, save_png
 
     suffix = a.out.suffix.lower()
@@ -315,37 +392,64 @@ def cmd_sample(a: argparse.Namespace) -> int:
     scale, given = _scale(a)
     labels = class_grid_labels(classes, a.per_class)
     t0 = time.perf_counter()
-    images = generate(loaded.net, loaded.cfg, labels, scale=scale, sampler=a.sampler,
-                      steps=a.steps, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
-                      device=device, precision=resolve_precision(a.precision, device))  # fmt: skip
+    images = generate(
+        loaded.net,
+        loaded.cfg,
+        labels,
+        scale=scale,
+        sampler=a.sampler,
+        steps=a.steps,
+        eta=a.eta,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        device=device,
+        precision=resolve_precision(a.precision, device),
+    )
     dt = time.perf_counter() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
         save_png(labelled_grid(images, a.per_class, [str(c) for c in classes]), a.out)
     else:
         buf = io.BytesIO()
-        np.savez(buf, images=images.numpy(), labels=labels.numpy(), scale=np.float64(scale),
-                 w=np.float64(scale - 1), convention=np.str_(GUIDANCE_CONVENTION),
-                 given=np.str_(given), sampler=np.str_(a.sampler), steps=np.int64(a.steps),
-                 eta=np.float64(a.eta), seed=np.int64(a.seed),
-                 checkpoint=np.str_(str(loaded.path)))  # fmt: skip
+        np.savez(
+            buf,
+            images=images.numpy(),
+            labels=labels.numpy(),
+            scale=np.float64(scale),
+            w=np.float64(scale - 1),
+            convention=np.str_(GUIDANCE_CONVENTION),
+            given=np.str_(given),
+            sampler=np.str_(a.sampler),
+            steps=np.int64(a.steps),
+            eta=np.float64(a.eta),
+            seed=np.int64(a.seed),
+            checkpoint=np.str_(str(loaded.path)),
+        )
         atomic_write_bytes(a.out, buf.getvalue())
-    print(f"wrote {len(labels)} images to {a.out} (s={scale:g}, w={scale - 1:g}, {a.sampler} "
-          f"{a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)")  # fmt: skip
+    print(
+        f"wrote {len(labels)} images to {a.out} (s={scale:g}, w={scale - 1:g}, {a.sampler} "
+        f"{a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)"
+    )
     return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
-    from cfgdiff.sample import generate
     from cfgdiff.runtime import resolve_device, resolve_precision
+    from cfgdiff.sample import generate
 
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     m = loaded.cfg.model
-    clf, meta = get_classifier(loaded.cfg.dataset, a.data_dir, device=device, log=_log,
-                               image_size=m.image_size, channels=m.in_channels)  # fmt: skip
+    clf, meta = get_classifier(
+        loaded.cfg.dataset,
+        a.data_dir,
+        device=device,
+        log=_log,
+        image_size=m.image_size,
+        channels=m.in_channels,
+    )
     if (meta["in_channels"], meta["num_classes"]) != (m.in_channels, m.num_classes):
         raise ConfigError(
             f"classifier for {loaded.cfg.dataset} has {meta['in_channels']} channels and "
@@ -354,18 +458,38 @@ def cmd_eval(a: argparse.Namespace) -> int:
     scale, _ = _scale(a)
     labels = __import__("torch").arange(a.n) % m.num_classes
     t0 = time.perf_counter()
-    images = generate(loaded.net, loaded.cfg, labels, scale=scale, sampler=a.sampler,
-                      steps=a.steps, seed=a.seed, batch_size=a.batch_size, device=device,
-                      precision=resolve_precision(a.precision, device))  # fmt: skip
+    images = generate(
+        loaded.net,
+        loaded.cfg,
+        labels,
+        scale=scale,
+        sampler=a.sampler,
+        steps=a.steps,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        device=device,
+        precision=resolve_precision(a.precision, device),
+    )
     dt = time.perf_counter() - t0
     acc, per = class_accuracy(predict(clf, images, device=device), labels)
-    result = {"checkpoint": str(loaded.path), "scale": scale, "w": scale - 1, "n": a.n,
-              "sampler": a.sampler, "steps": a.steps, "seed": a.seed, "class_accuracy": acc,
-              "per_class_accuracy": per, "classifier_test_accuracy": meta["test_accuracy"],
-              "sampling_images_per_s": a.n / dt}  # fmt: skip
-    print(f"class accuracy at s={scale:g} (w={scale - 1:g}): {acc:.4f} over {a.n} samples "
-          f"({a.sampler} {a.steps} steps; classifier test accuracy {meta['test_accuracy']:.4f}; "
-          f"{a.n / dt:.1f} images/s)")  # fmt: skip
+    result = {
+        "checkpoint": str(loaded.path),
+        "scale": scale,
+        "w": scale - 1,
+        "n": a.n,
+        "sampler": a.sampler,
+        "steps": a.steps,
+        "seed": a.seed,
+        "class_accuracy": acc,
+        "per_class_accuracy": per,
+        "classifier_test_accuracy": meta["test_accuracy"],
+        "sampling_images_per_s": a.n / dt,
+    }
+    print(
+        f"class accuracy at s={scale:g} (w={scale - 1:g}): {acc:.4f} over {a.n} samples "
+        f"({a.sampler} {a.steps} steps; classifier test accuracy {meta['test_accuracy']:.4f}; "
+        f"{a.n / dt:.1f} images/s)"
+    )
     print("per class: " + " ".join(f"{c}:{v:.3f}" for c, v in enumerate(per)))
     if a.json is not None:
         from cfgdiff.data.download import atomic_write_bytes
@@ -381,8 +505,10 @@ def cmd_data(a: argparse.Namespace) -> int:
     if a.data_command == "fetch":
         meta = obtain(a.name, data_dir, log=_log)
         total = {s: v["shape"][0] for s, v in meta["splits"].items()}
-        print(f"{a.name}: {total} images cached in {data_dir / 'cache' / a.name} "
-              f"(source: {meta['source']})")  # fmt: skip
+        print(
+            f"{a.name}: {total} images cached in {data_dir / 'cache' / a.name} "
+            f"(source: {meta['source']})"
+        )
         return 0
     meta = info(a.name, data_dir)
     print(f"{a.name}: {meta['path']}")
@@ -390,8 +516,10 @@ def cmd_data(a: argparse.Namespace) -> int:
         print(f"  source: {meta['source']}")
     for split, s in meta["splits"].items():
         print(f"  {split}: shape {tuple(s['shape'])}")
-        print("    counts per class: " + ", ".join(
-            f"{n}={c}" for n, c in zip(meta["class_names"], s["counts"])))  # fmt: skip
+        print(
+            "    counts per class: "
+            + ", ".join(f"{n}={c}" for n, c in zip(meta["class_names"], s["counts"], strict=True))
+        )
         print(f"    images sha256 {s['images_sha256']}")
         print(f"    labels sha256 {s['labels_sha256']}")
     return 0

@@ -96,7 +96,9 @@ class TrainConfig:
     steps: int = 10_000  # optimizer steps
     batch_size: int = 128  # images per step
     lr: float = 2e-4  # peak AdamW learning rate
-    lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" (decays to lr_min_ratio*lr)
+    lr_schedule: str = (
+        "constant"  # after warmup: "constant" or "cosine" (decays to lr_min_ratio*lr)
+    )
     lr_min_ratio: float = 0.0  # floor of the cosine decay as a fraction of lr
     warmup_steps: int = 200  # linear warmup from 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay

@@ -8,6 +8,7 @@ optimizer state and sampler arithmetic stay fp32 in every case.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -24,12 +25,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has AMX bf16 tiles (Sapphire Rapids and later)."""
+    """True where the CPU has AMX bf16 tiles (Intel Sapphire Rapids and later), read from the
+    Linux CPU flags; oneDNN uses them for bf16 convolutions and matrix products."""
     try:
-        return bool(torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

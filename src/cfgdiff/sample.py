@@ -13,8 +13,8 @@ import torch
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError
 from cfgdiff.guidance import guided_denoiser
-from cfgdiff.samplers import PerSampleNoise, run_sampler
 from cfgdiff.runtime import autocast
+from cfgdiff.samplers import PerSampleNoise, run_sampler
 from cfgdiff.schedule import make_schedule
 
 
@@ -49,7 +49,9 @@ def generate(
     n = labels.shape[0]
     m = cfg.model
     if n and (labels.min() < 0 or labels.max() >= m.num_classes):
-        raise ConfigError(f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}")
+        raise ConfigError(
+            f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}"
+        )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if steps < 1 or steps > cfg.diffusion.timesteps:
@@ -72,9 +74,13 @@ def generate(
                 return net(x, t, yy).float()
 
         denoise = guided_denoiser(
-            net_fn, y, schedule, scale=s, null_label=m.num_classes,
+            net_fn,
+            y,
+            schedule,
+            scale=s,
+            null_label=m.num_classes,
             prediction=cfg.diffusion.prediction,
-        )  # fmt: skip
+        )
         x0 = run_sampler(sampler, denoise, x_T, schedule, steps, eta=eta, generator=noise)
         out.append(to_uint8(x0).cpu())
     if not out:

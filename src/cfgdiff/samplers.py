@@ -114,7 +114,9 @@ def sample_ddpm(
         beta = 1 - ab / ab_prev
         eps = denoise(x, _t_batch(x, t))
         x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
-        mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
+        mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + (
+            (1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)
+        ) * x
         var = beta * (1 - ab_prev) / (1 - ab)
         x = mean + var**0.5 * randn_like(x, generator) if t_prev >= 0 else mean
         if callback is not None:

@@ -30,8 +30,8 @@ from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError
-from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.runtime import autocast as autocast_ctx
+from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.schedule import make_schedule
 from cfgdiff.unet import UNet, count_parameters
 from cfgdiff.viz import labelled_grid, line_plot, save_png
@@ -111,7 +111,8 @@ def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
                 )
     if saved.dataset != cfg.dataset:
         raise CheckpointError(
-            f"--resume: checkpoint was trained on {saved.dataset!r}, this run asks for {cfg.dataset!r}"
+            f"--resume: checkpoint was trained on {saved.dataset!r}, "
+            f"this run asks for {cfg.dataset!r}"
         )
 
 
@@ -140,22 +141,49 @@ def preview_grid(net, cfg: RunConfig, class_names, device, precision: str, seed:
     t = cfg.train
     classes = list(range(cfg.model.num_classes))
     labels = class_grid_labels(classes, t.preview_per_class)
-    imgs = generate(net, cfg, labels, scale=t.preview_scale, sampler=t.preview_sampler,
-                    steps=t.preview_steps, seed=seed, device=device, precision=precision)  # fmt: skip
+    imgs = generate(
+        net,
+        cfg,
+        labels,
+        scale=t.preview_scale,
+        sampler=t.preview_sampler,
+        steps=t.preview_steps,
+        seed=seed,
+        device=device,
+        precision=precision,
+    )
     return labelled_grid(imgs, t.preview_per_class, [str(c)[:12] for c in class_names])
 
 
-def guidance_strip(net, cfg: RunConfig, class_names, device, precision: str, seed: int = 0,
-                   scales=STRIP_SCALES, steps: int | None = None):  # fmt: skip
+def guidance_strip(
+    net,
+    cfg: RunConfig,
+    class_names,
+    device,
+    precision: str,
+    seed: int = 0,
+    scales=STRIP_SCALES,
+    steps: int | None = None,
+):
     """Rows = classes, columns = guidance scales; every cell starts from the same noise."""
     k = cfg.model.num_classes
     labels = torch.tensor([c for c in range(k) for _ in scales])
     per = torch.tensor([float(s) for _ in range(k) for s in scales])
-    imgs = generate(net, cfg, labels, scale=per, sampler=cfg.train.preview_sampler,
-                    steps=steps or cfg.train.preview_steps, seed=seed, indices=[0] * len(labels),
-                    device=device, precision=precision)  # fmt: skip
-    return labelled_grid(imgs, len(scales), [str(c)[:12] for c in class_names],
-                         [f"s={s:g}" for s in scales])  # fmt: skip
+    imgs = generate(
+        net,
+        cfg,
+        labels,
+        scale=per,
+        sampler=cfg.train.preview_sampler,
+        steps=steps or cfg.train.preview_steps,
+        seed=seed,
+        indices=[0] * len(labels),
+        device=device,
+        precision=precision,
+    )
+    return labelled_grid(
+        imgs, len(scales), [str(c)[:12] for c in class_names], [f"s={s:g}" for s in scales]
+    )
 
 
 def train(
@@ -174,10 +202,15 @@ def train(
     cfg.validate()
     device = torch.device(device)
     m = cfg.model
-    if (data.channels, data.image_size, data.num_classes) != (m.in_channels, m.image_size, m.num_classes):
+    if (data.channels, data.image_size, data.num_classes) != (
+        m.in_channels,
+        m.image_size,
+        m.num_classes,
+    ):
         raise ConfigError(
             f"dataset has channels={data.channels}, image_size={data.image_size}, "
-            f"classes={data.num_classes}; model expects {m.in_channels}, {m.image_size}, {m.num_classes}"
+            f"classes={data.num_classes}; model expects {m.in_channels}, {m.image_size}, "
+            f"{m.num_classes}"
         )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +220,9 @@ def train(
         )
 
 
-def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip):
+def _train_locked(
+    cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip
+):
     emit = on_event or (lambda name, info: None)
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
@@ -204,8 +239,9 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
     net = UNet(cfg.model).to(device)
     ema = EMA(net, t.ema_decay)
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=t.adam_betas,
-                            weight_decay=t.weight_decay, fused=fused)  # fmt: skip
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused
+    )
     gen = torch.Generator(device=device).manual_seed(t.seed)
     batches = DeviceBatches(data.images, data.labels, t.batch_size, t.seed, device)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
@@ -221,8 +257,10 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
         state = ckpt_io.load_state(existing)
         try:
             opt.load_state_dict(state["optimizer"])
-            ema.load_state_dict({k: v.to(device) for k, v in ema_net.state_dict().items()},
-                                int(state["ema_updates"]))  # fmt: skip
+            ema.load_state_dict(
+                {k: v.to(device) for k, v in ema_net.state_dict().items()},
+                int(state["ema_updates"]),
+            )
             gen.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -232,14 +270,25 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
             loss_acc += float(state["loss_acc"])
             acc_n = int(state["loss_acc_n"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{existing / 'state.pt'}: incompatible training state ({e})") from None
+            raise CheckpointError(
+                f"{existing / 'state.pt'}: incompatible training state ({e})"
+            ) from None
         del ema_net
     rows = _read_loss_csv(run_dir / "loss.csv", start) if resume else []
     _write_loss_csv(run_dir / "loss.csv", rows)
 
     ema_net = UNet(cfg.model).to(device).eval()
-    emit("start", {"step": start, "total": t.steps, "params": count_parameters(net),
-                   "device": str(device), "precision": precision, "run_dir": str(run_dir)})  # fmt: skip
+    emit(
+        "start",
+        {
+            "step": start,
+            "total": t.steps,
+            "params": count_parameters(net),
+            "device": str(device),
+            "precision": precision,
+            "run_dir": str(run_dir),
+        },
+    )
 
     def save(step: int) -> Path:
         state = {
@@ -253,8 +302,9 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
             "loss_acc": float(loss_acc),
             "loss_acc_n": acc_n,
         }
-        path = ckpt_io.save_checkpoint(ckpt_root, step, cfg, net.state_dict(), ema.state_dict(),
-                                       state, t.keep)  # fmt: skip
+        path = ckpt_io.save_checkpoint(
+            ckpt_root, step, cfg, net.state_dict(), ema.state_dict(), state, t.keep
+        )
         emit("checkpoint", {"step": step, "path": str(path)})
         return path
 
@@ -296,10 +346,19 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
             ips = images_window / max(now - t_window, 1e-9)
             t_window, images_window = now, 0
             if not math.isfinite(last_loss):
-                raise ConfigError(f"training diverged: loss is {last_loss} at step {step}; "
-                                  "lower --lr or keep the last checkpoint")  # fmt: skip
-            rows.append({"step": step, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}",
-                         "images_per_s": f"{ips:.1f}", "elapsed_s": f"{now - t0:.1f}"})  # fmt: skip
+                raise ConfigError(
+                    f"training diverged: loss is {last_loss} at step {step}; "
+                    "lower --lr or keep the last checkpoint"
+                )
+            rows.append(
+                {
+                    "step": step,
+                    "loss": f"{last_loss:.6g}",
+                    "lr": f"{lr:.6g}",
+                    "images_per_s": f"{ips:.1f}",
+                    "elapsed_s": f"{now - t0:.1f}",
+                }
+            )
             with open(run_dir / "loss.csv", "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(rows[-1])
             loss_acc.zero_()
@@ -326,6 +385,6 @@ def _train_locked(cfg, run_dir, data, device, precision, resume, on_event, shoul
             emit("strip", {"path": str(path)})
     elapsed = time.perf_counter() - t0
     done = step - start
-    return TrainResult(step, last_ckpt, stopped, done * t.batch_size / max(elapsed, 1e-9),
-                       elapsed, last_loss)  # fmt: skip
-
+    return TrainResult(
+        step, last_ckpt, stopped, done * t.batch_size / max(elapsed, 1e-9), elapsed, last_loss
+    )

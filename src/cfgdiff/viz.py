@@ -17,7 +17,9 @@ def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1)
     """uint8 (N, C, H, W) -> one PIL image, row-major, `ncols` per row."""
     n, c, h, w = images.shape
     nrows = max(1, math.ceil(n / ncols))
-    canvas = torch.full((c, nrows * (h + pad) + pad, ncols * (w + pad) + pad), 255, dtype=torch.uint8)
+    canvas = torch.full(
+        (c, nrows * (h + pad) + pad, ncols * (w + pad) + pad), 255, dtype=torch.uint8
+    )
     for i in range(n):
         r, k = divmod(i, ncols)
         y0, x0 = pad + r * (h + pad), pad + k * (w + pad)
@@ -108,7 +110,7 @@ def line_plot(
         draw.text((ml - 8 - 6 * len(label), gy - 5), label, fill="black", font=font)
     for k, (name, (xv, yv)) in enumerate(series.items()):
         color = colors[k % len(colors)]
-        pts = [px(x, y) for x, y in zip(xv, yv) if math.isfinite(y)]
+        pts = [px(x, y) for x, y in zip(xv, yv, strict=True) if math.isfinite(y)]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
         for p in pts if len(pts) <= 30 else []:

@@ -37,10 +37,16 @@ class SmallCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            *block(in_channels, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +103,15 @@ def train_classifier(
 
 
 @torch.inference_mode()
-def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 1000, device="cpu") -> torch.Tensor:
+def predict(
+    net: nn.Module, images: torch.Tensor, batch_size: int = 1000, device="cpu"
+) -> torch.Tensor:
     """Logits (N, K) for uint8 images (N, C, H, W)."""
     net.eval()
-    out = [net(_to_input(images[i : i + batch_size].to(device))).float().cpu()
-           for i in range(0, images.shape[0], batch_size)]  # fmt: skip
+    out = [
+        net(_to_input(images[i : i + batch_size].to(device))).float().cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -142,12 +152,21 @@ def get_classifier(
         try:
             net.load_state_dict(load_file(str(weights_path)))
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise CheckpointError(f"{weights_path}: cannot load classifier ({e}); delete it") from None
+            raise CheckpointError(
+                f"{weights_path}: cannot load classifier ({e}); delete it"
+            ) from None
         if _weights_sha(net) != meta["weights_sha256"]:
             raise CheckpointError(f"{weights_path}: weights hash mismatch; delete it to retrain")
         return net.to(device).eval(), meta
-    train = load_dataset(dataset, data_dir, split="train", image_size=image_size, channels=channels, log=log)
-    test = load_dataset(dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log)
+    train = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
+    if dataset.startswith("folder:"):  # no test split: hold out every 10th image
+        held = torch.arange(len(train)) % 10 == 0
+        test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
+        train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
+    else:
+        test = load_dataset(
+            dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log
+        )
     t0 = time.perf_counter()
 
     def epoch_note(ep: int, acc: float) -> None:

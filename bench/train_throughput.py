@@ -1,0 +1,127 @@
+"""Training throughput of the UNet presets: images/s and achieved TFLOP/s, bf16 autocast against
+a plain fp32 eager baseline of the same network in the same run (compare ratios, not absolutes).
+
+    python bench/train_throughput.py --device cpu [--quick] [--json out.json]
+    python bench/train_throughput.py --device cpu --tune-candidates \
+        --json bench/results/cpu_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cfgdiff.config import PRESETS, DiffusionConfig  # noqa: E402
+from cfgdiff.diffusion import training_loss  # noqa: E402
+from cfgdiff.runtime import autocast  # noqa: E402
+from cfgdiff.schedule import make_schedule  # noqa: E402
+from cfgdiff.unet import UNet, count_parameters  # noqa: E402
+
+
+def forward_flops(net: torch.nn.Module, x, t, y) -> float:
+    """FLOPs of one forward pass (multiply-add = 2), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x, t, y)
+    return float(fc.get_total_flops())
+
+
+def measure(model_cfg, batch: int, device, precision: str, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    net = UNet(model_cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    sch = make_schedule("cosine", 1000)
+    dcfg = DiffusionConfig(schedule="cosine", prediction="v")
+    c, s = model_cfg.in_channels, model_cfg.image_size
+    x = torch.rand(batch, c, s, s, device=device) * 2 - 1
+    y = torch.randint(0, model_cfg.num_classes, (batch,), device=device)
+
+    def step():
+        with autocast(device, precision):
+            loss = training_loss(net, x, y, sch, dcfg, model_cfg.num_classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="seconds: tiny step counts")
+    p.add_argument("--presets", default="cpu-demo", help="comma-separated preset names")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument(
+        "--tune-candidates",
+        action="store_true",
+        help="measure bf16 throughput of bench/tune_demo.py's candidates instead",
+    )
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    steps, warmup = (2, 1) if a.quick else (8, 3)
+    results: dict = {}
+    if a.tune_candidates:
+        from tune_demo import apply, candidates
+
+        for name, ov in candidates().items():
+            cfg = apply(PRESETS["cpu-demo"], ov)
+            ips = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
+            results[name] = round(ips, 1)
+            print(f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s", flush=True)
+    else:
+        print(
+            f"{'preset':10s} {'params':>7s} {'batch':>5s} {'GFLOP/img':>9s} "
+            f"{'fp32 img/s':>10s} {'bf16 img/s':>10s} {'ratio':>6s} {'bf16 TFLOP/s':>12s}"
+        )
+        for name in a.presets.split(","):
+            cfg = PRESETS[name]
+            batch = a.batch or cfg.train.batch_size
+            net = UNet(cfg.model)
+            c, s = cfg.model.in_channels, cfg.model.image_size
+            fl = forward_flops(
+                net, torch.zeros(1, c, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+            )
+            fp32 = measure(cfg.model, batch, device, "fp32", steps, warmup)
+            bf16 = measure(cfg.model, batch, device, "bf16", steps, warmup)
+            tflops = 3 * fl * bf16 / 1e12  # forward + backward ~ 3x forward
+            results[name] = {
+                "params": count_parameters(net),
+                "batch": batch,
+                "fwd_gflop_per_image": fl / 1e9,
+                "fp32_ips": fp32,
+                "bf16_ips": bf16,
+                "bf16_tflops": tflops,
+            }
+            print(
+                f"{name:10s} {count_parameters(net) / 1e6:6.2f}M {batch:5d} {fl / 1e9:9.3f} "
+                f"{fp32:10.1f} {bf16:10.1f} {bf16 / fp32:6.2f} {tflops:12.3f}",
+                flush=True,
+            )
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

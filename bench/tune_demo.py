@@ -1,0 +1,144 @@
+"""Tune the CPU demo preset: train candidate configurations for the number of steps each can do
+in a fixed CPU time budget, then measure class accuracy at s = 1 and s = 3.
+
+Step counts come from CPU training throughput measured on the target machine
+(bench/train_throughput.py --json), so candidates are compared at equal *CPU minutes* even when
+this script runs on a faster device (quality per step transfers; wall time does not).
+
+    python bench/tune_demo.py --throughput bench/results/cpu_throughput.json --budget 420 \
+        --device cuda --data-dir DATA
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cfgdiff.config import PRESETS, RunConfig  # noqa: E402
+from cfgdiff.data import load_dataset  # noqa: E402
+from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict  # noqa: E402
+from cfgdiff.sample import generate  # noqa: E402
+from cfgdiff.train import config_for_dataset, train  # noqa: E402
+
+
+def candidates() -> dict[str, dict]:
+    """name -> {"model": {...}, "diffusion": {...}, "train": {...}} overrides of cpu-demo."""
+    return {
+        "base": {},
+        "b128": {"train": {"batch_size": 128}},
+        "b32": {"train": {"batch_size": 32}},
+        "c48": {"model": {"base_channels": 48}},
+        "c64": {"model": {"base_channels": 64}},
+        "r2": {"model": {"num_res_blocks": 2}},
+        "eps-linear": {"diffusion": {"prediction": "eps", "schedule": "linear"}},
+        "eps-cosine": {"diffusion": {"prediction": "eps"}},
+        "minsnr": {"diffusion": {"loss_weighting": "min-snr"}},
+        "lr1e-3": {"train": {"lr": 1e-3}},
+        "lr4e-3": {"train": {"lr": 4e-3}},
+        "ema0.999": {"train": {"ema_decay": 0.999}},
+        "ema0.99": {"train": {"ema_decay": 0.99}},
+        "drop0.2": {"diffusion": {"label_dropout": 0.2}},
+        "mult124": {"model": {"channel_mult": [1, 2, 4]}},
+        "noattn": {"model": {"attn_levels": []}},
+    }
+
+
+def apply(base: RunConfig, ov: dict) -> RunConfig:
+    parts = {}
+    for section in ("model", "diffusion", "train"):
+        sub = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.get(section, {}).items()}
+        parts[section] = dataclasses.replace(getattr(base, section), **sub)
+    return dataclasses.replace(base, **parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--throughput", type=Path, required=True, help="JSON: name -> CPU images/s")
+    p.add_argument("--budget", type=float, default=420.0, help="CPU training seconds")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--only", default=None, help="comma-separated candidate names")
+    p.add_argument("--n", type=int, default=1000, help="samples per scale for class accuracy")
+    p.add_argument("--steps-cap", type=int, default=None, help="cap steps (smoke tests)")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    ips = json.loads(a.throughput.read_text())
+    device = torch.device(a.device)
+    data = load_dataset("mnist", a.data_dir)
+    clf, meta = get_classifier("mnist", a.data_dir, device=device)
+    base = config_for_dataset(PRESETS["cpu-demo"], data, "mnist")
+    names = a.only.split(",") if a.only else list(candidates())
+    results = []
+    print(f"classifier test accuracy {meta['test_accuracy']:.4f}; budget {a.budget:.0f} CPU-s")
+    print(
+        f"{'name':12s} {'cpu img/s':>9s} {'steps':>6s} {'loss':>7s} {'acc s=1':>8s} "
+        f"{'acc s=3':>8s} {'gpu s':>6s}"
+    )
+    for name in names:
+        cfg = apply(base, candidates()[name])
+        if name not in ips:
+            print(f"{name:12s} no CPU throughput measured; skipped")
+            continue
+        steps = int(a.budget * ips[name] / cfg.train.batch_size)
+        if a.steps_cap:
+            steps = min(steps, a.steps_cap)
+        cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(
+                cfg.train, steps=steps, sample_every=0, checkpoint_every=0, log_every=50
+            ),
+        )
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train(
+                cfg, Path(tmp) / "run", data, device=device, precision="bf16", final_strip=False
+            )
+            from cfgdiff.checkpoint import load_for_sampling
+
+            net = load_for_sampling(Path(tmp) / "run", device).net
+        dt = time.perf_counter() - t0
+        row = {
+            "name": name,
+            "cpu_ips": ips[name],
+            "steps": steps,
+            "loss": res.last_loss,
+            "train_s": dt,
+        }
+        labels = torch.arange(a.n) % 10
+        for s in (1.0, 3.0):
+            imgs = generate(
+                net,
+                cfg,
+                labels,
+                scale=s,
+                sampler="dpmpp-2m",
+                steps=20,
+                seed=0,
+                batch_size=1000,
+                device=device,
+                precision="bf16",
+            )
+            row[f"acc_s{s:g}"] = class_accuracy(predict(clf, imgs, device=device), labels)[0]
+        results.append(row)
+        print(
+            f"{name:12s} {ips[name]:9.0f} {steps:6d} {res.last_loss:7.4f} {row['acc_s1']:8.4f} "
+            f"{row['acc_s3']:8.4f} {dt:6.0f}",
+            flush=True,
+        )
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

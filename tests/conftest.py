@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny synthetic datasets on disk and tiny configs. No test uses the network."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from cfgdiff.config import PRESETS, ModelConfig, RunConfig
+from cfgdiff.data import sources
+from cfgdiff.data.idx import idx_bytes
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Tests must never reach a mirror or the package index."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr("urllib.request.urlopen", refuse)
+    monkeypatch.setattr(sources, "mnist_from_package_index", refuse)
+    torch.set_num_threads(2)
+
+
+def fake_digits(n: int, seed: int, size: int = 28, classes: int = 10):
+    """Images whose class is visible: a bright square at a class-dependent place."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    rng.shuffle(y)
+    x = (rng.random((n, size, size)) * 40).astype(np.uint8)
+    for i, c in enumerate(y):
+        r, k = divmod(int(c), 4)
+        x[i, 2 + 6 * r : 6 + 6 * r, 2 + 6 * k : 6 + 6 * k] = 255
+    return x, y.astype(np.uint8)
+
+
+@pytest.fixture
+def idx_dir(tmp_path, monkeypatch):
+    """A folder with the four MNIST IDX files (train .gz, test raw) of synthetic digits, and the
+    MNIST spec's checksums pointed at them."""
+    d = tmp_path / "idx"
+    d.mkdir()
+    xs, ys = fake_digits(200, 0)
+    xt, yt = fake_digits(50, 1)
+    content = {
+        "train_images": idx_bytes(xs),
+        "train_labels": idx_bytes(ys),
+        "test_images": idx_bytes(xt),
+        "test_labels": idx_bytes(yt),
+    }
+    for role, data in content.items():
+        stem = sources.MNIST.files[role]
+        if role.startswith("train"):
+            (d / f"{stem}.gz").write_bytes(gzip.compress(data))
+        else:
+            (d / stem).write_bytes(data)
+        monkeypatch.setitem(sources.MNIST.sha256, role, hashlib.sha256(data).hexdigest())
+    return d
+
+
+@pytest.fixture
+def folder_data(tmp_path):
+    """folder:PATH dataset: 3 classes x 6 grayscale 8x8 PNGs."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            a = (rng.random((8, 8)) * 50).astype(np.uint8)
+            a[:, 2 * c : 2 * c + 2] = 255
+            Image.fromarray(a, mode="L").save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def tiny_config(**train_overrides) -> RunConfig:
+    base = PRESETS["tiny"]
+    model = dataclasses.replace(base.model, in_channels=1, image_size=8, num_classes=3)
+    return dataclasses.replace(
+        base, model=model, train=dataclasses.replace(base.train, **train_overrides), dataset="x"
+    )
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    from cfgdiff.unet import UNet
+
+    cfg = ModelConfig(
+        in_channels=1,
+        image_size=8,
+        num_classes=3,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_levels=(1,),
+        num_heads=2,
+    )
+    net = UNet(cfg).eval()
+    # Non-zero output layer so the net is not the constant 0 at init.
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    return net

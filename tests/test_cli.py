@@ -1,0 +1,211 @@
+"""Every subcommand through main(argv), including exit status 2 and the message for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cfgdiff.cli import main
+
+
+@pytest.fixture
+def run(tmp_path, folder_data):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            f"folder:{folder_data}",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_train_writes_run(run):
+    assert (run / "checkpoints" / "step-0000010").is_dir()
+    assert (run / "samples" / "step-0000010.png").is_file()
+    summary = (run / "SUMMARY.txt").read_text()
+    assert "guidance strip" in summary and str(run / "loss.png") in summary
+
+
+def test_train_resume_extends(run, folder_data, capsys):
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            f"folder:{folder_data}",
+            "--out",
+            str(run),
+            "--resume",
+            "--steps",
+            "12",
+            "--no-progress",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    assert (run / "checkpoints" / "step-0000012").is_dir()
+
+
+def test_sample_png_and_npz(run, tmp_path, capsys):
+    png = tmp_path / "g.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--scale",
+                "3",
+                "--per-class",
+                "2",
+                "--steps",
+                "4",
+                "--out",
+                str(png),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    npz = tmp_path / "s.npz"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--w",
+                "1.5",
+                "--classes",
+                "0,2",
+                "--per-class",
+                "3",
+                "--sampler",
+                "ddpm",
+                "--steps",
+                "5",
+                "--seed",
+                "4",
+                "--batch-size",
+                "2",
+                "--out",
+                str(npz),
+            ]
+        )
+        == 0
+    )
+    z = np.load(npz)
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (6, 1, 8, 8)
+    assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0, 0, 0, 2, 2, 2]
+    assert float(z["scale"]) == 2.5 and float(z["w"]) == 1.5 and str(z["sampler"]) == "ddpm"
+    assert (
+        int(z["steps"]) == 5 and int(z["seed"]) == 4 and "s=1 conditional" in str(z["convention"])
+    )
+
+
+def test_eval_prints_accuracy(run, tmp_path, capsys):
+    js = tmp_path / "e.json"
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "2",
+            "--n",
+            "12",
+            "--steps",
+            "3",
+            "--data-dir",
+            str(tmp_path / "dd"),
+            "--json",
+            str(js),
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    assert "class accuracy at s=2" in capsys.readouterr().out
+    assert js.is_file()
+
+
+def test_data_fetch_and_info(idx_dir, capsys):
+    assert main(["data", "fetch", "mnist", "--data-dir", str(idx_dir)]) == 0
+    assert main(["data", "info", "mnist", "--data-dir", str(idx_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "counts per class" in out and "sha256" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["frobnicate"], "invalid choice"),
+        (
+            ["sample", "--checkpoint", "x", "--scale", "1", "--w", "0", "--out", "a.png"],
+            "not allowed with",
+        ),
+        (["train", "--out", "r", "--steps", "-3"], "--steps: must be in [1, 10000000], got -3"),
+        (["train", "--out", "r", "--lr", "abc"], "--lr: expected a number, got 'abc'"),
+        (["train", "--out", "r", "--dataset", "imagenet"], "--dataset must be one of"),
+        (["train", "--out", "r", "--label-dropout", "1"], "--label-dropout: must be in [0, 1)"),
+        (["sample", "--checkpoint", "nowhere", "--scale", "3", "--out", "a.png"], "no such file"),
+        (
+            ["sample", "--checkpoint", "x", "--scale", "3", "--out", "a.jpg"],
+            "--out must end in .png or .npz",
+        ),
+        (["sample", "--checkpoint", "x", "--scale", "3"], "required: --out"),
+        (["data", "fetch", "imagenet"], "invalid choice"),
+        (
+            ["data", "info", "mnist", "--data-dir", "/nonexistent-dir"],
+            "run `cfgdiff data fetch mnist`",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("cfgdiff: error:")
+    assert "Traceback" not in err
+
+
+def test_sample_class_out_of_range(run, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--scale",
+                "3",
+                "--classes",
+                "0,7",
+                "--out",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 2
+    )
+    assert "--classes must be in [0, 2]" in capsys.readouterr().err
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out

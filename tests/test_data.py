@@ -1,0 +1,202 @@
+"""Every data source against small files made here; bad data gives one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import fake_digits
+
+from cfgdiff.data import info, load_dataset, obtain, sources
+from cfgdiff.data.batches import DeviceBatches
+from cfgdiff.data.idx import idx_bytes, parse_idx
+from cfgdiff.data.safe_pickle import safe_loads
+from cfgdiff.errors import DataError
+
+
+def test_idx_roundtrip_and_errors():
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(parse_idx(idx_bytes(a), "x"), a)
+    with pytest.raises(DataError, match="bad magic"):
+        parse_idx(b"\x01\x02\x03\x04", "f")
+    with pytest.raises(DataError, match="has 39 bytes, expected 40"):
+        parse_idx(idx_bytes(a)[:-1], "f")
+
+
+def test_mnist_from_idx_folder(idx_dir, tmp_path):
+    data_dir = tmp_path / "dd"
+    ds = load_dataset("mnist", data_dir=idx_dir, split="train")
+    assert ds.images.dtype == torch.uint8 and ds.images.shape == (200, 1, 28, 28)
+    assert ds.labels.dtype == torch.int64 and ds.num_classes == 10
+    test = load_dataset("mnist", data_dir=idx_dir, split="test")
+    assert len(test) == 50
+    # cached under the data dir
+    assert (idx_dir / "cache" / "mnist" / "meta.json").is_file()
+    meta = info("mnist", idx_dir)
+    assert meta["splits"]["train"]["counts"] == [20] * 10
+    del data_dir
+
+
+def test_idx_checksum_mismatch_names_file(idx_dir, monkeypatch):
+    monkeypatch.setitem(sources.MNIST.sha256, "train_labels", "0" * 64)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: SHA-256"):
+        load_dataset("mnist", data_dir=idx_dir)
+
+
+def test_corrupt_gzip_is_a_clear_error(idx_dir):
+    p = idx_dir / "train-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", data_dir=idx_dir)
+
+
+def _fake_mnist_pickle():
+    xs, ys = fake_digits(30, 0)
+    xt, yt = fake_digits(10, 1)
+    f = lambda x: x.reshape(len(x), -1).astype(np.float32) / 256  # noqa: E731
+    obj = (
+        (f(xs[:20]), ys[:20].astype(np.int64)),
+        (f(xs[20:]), ys[20:].astype(np.int64)),
+        (f(xt), yt.astype(np.int64)),
+    )
+    return gzip.compress(pickle.dumps(obj, protocol=2)), (xs, ys, xt, yt)
+
+
+def test_pickle_source_gives_the_same_cache_as_idx(tmp_path, monkeypatch):
+    data, (xs, ys, xt, yt) = _fake_mnist_pickle()
+    pkl_dir, idx_dir = tmp_path / "p", tmp_path / "i"
+    pkl_dir.mkdir()
+    idx_dir.mkdir()
+    (pkl_dir / "mnist.pkl.gz").write_bytes(data)
+    monkeypatch.setattr(sources, "MNIST_PICKLE_SHA256", hashlib.sha256(data).hexdigest())
+    for role, a in (
+        ("train_images", xs),
+        ("train_labels", ys),
+        ("test_images", xt),
+        ("test_labels", yt),
+    ):
+        content = idx_bytes(a)
+        (idx_dir / sources.MNIST.files[role]).write_bytes(content)
+        monkeypatch.setitem(sources.MNIST.sha256, role, hashlib.sha256(content).hexdigest())
+    obtain("mnist", pkl_dir)
+    obtain("mnist", idx_dir)
+    for name in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"):
+        a = (pkl_dir / "cache" / "mnist" / name).read_bytes()
+        b = (idx_dir / "cache" / "mnist" / name).read_bytes()
+        assert a == b, name
+
+
+def test_pickle_hash_is_checked_before_unpickling(tmp_path, monkeypatch):
+    data, _ = _fake_mnist_pickle()
+    (tmp_path / "mnist.pkl.gz").write_bytes(data)
+    monkeypatch.setattr(sources, "MNIST_PICKLE_SHA256", "f" * 64)
+    with pytest.raises(DataError, match="mnist.pkl.gz: SHA-256"):
+        obtain("mnist", tmp_path)
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_restricted_unpickler_refuses_code():
+    payload = pickle.dumps(Evil(), protocol=2)
+    with pytest.raises(DataError, match="posix.system is not allowed|os.system is not allowed"):
+        safe_loads(payload, "evil.pkl")
+    # plain numpy arrays are fine
+    a = np.arange(5, dtype=np.int64)
+    assert np.array_equal(safe_loads(pickle.dumps(a, protocol=2), "ok"), a)
+
+
+def _cifar_archive(path, n_per_batch=4):
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {
+            b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, n_per_batch)),
+        }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, d in batches.items():
+            raw = pickle.dumps(
+                {k: (v if k == b"data" else [int(x) for x in v]) for k, v in d.items()}, protocol=2
+            )
+            info_ = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info_.size = len(raw)
+            tar.addfile(info_, io.BytesIO(raw))
+    return batches
+
+
+def test_cifar_archive(tmp_path, monkeypatch):
+    path = tmp_path / sources.CIFAR10_ARCHIVE
+    batches = _cifar_archive(path)
+    from cfgdiff.data.download import file_digest
+
+    monkeypatch.setattr(sources, "CIFAR10_MD5", file_digest(path, "md5"))
+    ds = load_dataset("cifar10", tmp_path, split="train")
+    assert ds.images.shape == (20, 3, 32, 32) and ds.num_classes == 10
+    first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32)
+    assert np.array_equal(ds.images[0].numpy(), first)
+    assert len(load_dataset("cifar10", tmp_path, split="test")) == 4
+
+
+def test_cifar_bad_checksum(tmp_path):
+    path = tmp_path / sources.CIFAR10_ARCHIVE
+    _cifar_archive(path)
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz: md5"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_folder_dataset(folder_data):
+    ds = load_dataset(f"folder:{folder_data}")
+    assert ds.images.shape == (18, 1, 8, 8) and ds.class_names == ("class0", "class1", "class2")
+    rgb = load_dataset(f"folder:{folder_data}", channels=3, image_size=16)
+    assert rgb.images.shape == (18, 3, 16, 16)
+
+
+def test_folder_errors(folder_data):
+    from PIL import Image
+
+    (folder_data / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no images"):
+        load_dataset(f"folder:{folder_data}")
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(folder_data / "empty" / "odd.png")
+    with pytest.raises(DataError, match="odd.png: image is 9x9, expected 8x8"):
+        load_dataset(f"folder:{folder_data}")
+    assert load_dataset(f"folder:{folder_data}", image_size=8).images.shape[0] == 19
+    (folder_data / "empty" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png: cannot read image"):
+        load_dataset(f"folder:{folder_data}", image_size=8)
+    with pytest.raises(DataError, match="not a directory"):
+        load_dataset(f"folder:{folder_data}/nope")
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="--dataset must be one of"):
+        load_dataset("imagenet")
+
+
+def test_device_batches_cover_each_epoch_and_resume():
+    x = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1)
+    y = torch.arange(10)
+    b = DeviceBatches(x, y, batch_size=4, seed=1, device="cpu")
+    seen = torch.cat([b.next()[1] for _ in range(5)])  # 20 labels = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
+    state = b.state()
+    after = [b.next()[1] for _ in range(3)]
+    b2 = DeviceBatches(x, y, batch_size=4, seed=1, device="cpu")
+    b2.load_state(state)
+    assert all(
+        torch.equal(p, q) for p, q in zip(after, [b2.next()[1] for _ in range(3)], strict=True)
+    )
+    xb, _ = b.next()
+    assert xb.dtype == torch.float32 and xb.min() >= -1 and xb.max() <= 1

@@ -1,0 +1,136 @@
+"""Training loop, checkpoints and resume on a tiny folder dataset (seconds on the CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.data import load_dataset
+from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.train import lr_at, train
+
+
+def _losses(run_dir):
+    with open(run_dir / "loss.csv") as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture
+def data(folder_data):
+    return load_dataset(f"folder:{folder_data}")
+
+
+def test_twenty_step_run_writes_everything(tmp_path, data):
+    cfg = tiny_config()
+    res = train(cfg, tmp_path / "run", data)
+    run = tmp_path / "run"
+    assert res.step == 20 and not res.stopped_early
+    assert (run / "samples" / "step-0000010.png").is_file()
+    assert (run / "samples" / "step-0000020.png").is_file()
+    assert (run / "guidance_strip.png").is_file()
+    assert (run / "loss.png").is_file()
+    assert [s for s, _ in _losses(run)] == [5, 10, 15, 20]
+    ckpt = ckpt_io.latest_checkpoint(run / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step-0000020"
+    assert {p.name for p in ckpt.iterdir()} == {
+        "model.safetensors",
+        "ema.safetensors",
+        "config.json",
+        "state.pt",
+    }
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert (
+        meta["guidance"]["null_label"] == 3 and "s=1 conditional" in meta["guidance"]["convention"]
+    )
+    loaded = ckpt_io.load_for_sampling(run)
+    assert loaded.cfg == cfg
+
+
+def test_resume_continues_the_same_loss_trace(tmp_path, data):
+    """2N steps straight == N steps, resume, N more steps: loss, weights and EMA bit for bit."""
+    cfg = tiny_config(steps=12, log_every=1, checkpoint_every=6, sample_every=0)
+    train(cfg, tmp_path / "a", data, final_strip=False)
+    half = tiny_config(steps=6, log_every=1, checkpoint_every=6, sample_every=0)
+    train(half, tmp_path / "b", data, final_strip=False)
+    train(cfg, tmp_path / "b", data, resume=True, final_strip=False)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    for name in ("model", "ema"):
+        from safetensors.torch import load_file
+
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000012" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000012" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_request_checkpoints_and_resumes(tmp_path, data):
+    calls = iter(range(100))
+    res = train(
+        tiny_config(sample_every=0), tmp_path / "r", data, should_stop=lambda: next(calls) >= 6
+    )
+    assert res.stopped_early and res.step == 7
+    assert ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-0000007"
+    res = train(tiny_config(sample_every=0), tmp_path / "r", data, resume=True, final_strip=False)
+    assert res.step == 20
+
+
+def test_existing_run_is_not_overwritten(tmp_path, data):
+    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+        train(tiny_config(steps=2), tmp_path / "r", data)
+
+
+def test_resume_refuses_a_different_model(tmp_path, data):
+    import dataclasses
+
+    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    cfg = tiny_config(steps=4)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_channels=16))
+    with pytest.raises(CheckpointError, match="model.base_channels=8, this run asks for 16"):
+        train(cfg, tmp_path / "r", data, resume=True)
+
+
+def test_keep_prunes_old_checkpoints(tmp_path, data):
+    train(
+        tiny_config(steps=8, checkpoint_every=2, keep=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        final_strip=False,
+    )
+    names = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "r" / "checkpoints")]
+    assert names == ["step-0000006", "step-0000008"]
+
+
+def test_damaged_checkpoints_are_refused(tmp_path, data):
+    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints")
+    p = ckpt / "ema.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="ema.safetensors: cannot load"):
+        ckpt_io.load_for_sampling(ckpt)
+    p.write_bytes(raw)
+    s = ckpt / "state.pt"
+    s.write_bytes(s.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="state.pt: cannot load training state"):
+        ckpt_io.load_state(ckpt)
+    c = json.loads((ckpt / "config.json").read_text())
+    c["format_version"] = 99
+    (ckpt / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="format_version must be 1, got 99"):
+        ckpt_io.load_for_sampling(ckpt)
+
+
+def test_lr_schedule():
+    t = tiny_config(
+        steps=100, warmup_steps=10, lr=1e-3, lr_schedule="cosine", lr_min_ratio=0.1
+    ).train
+    assert lr_at(0, t) == pytest.approx(1e-4)
+    assert lr_at(9, t) == pytest.approx(1e-3)
+    assert lr_at(10, t) == pytest.approx(1e-3)
+    assert lr_at(55, t) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(100, t) == pytest.approx(1e-4)

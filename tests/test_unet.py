@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from cfgdiff.config import ModelConfig
+from cfgdiff.errors import ConfigError
+from cfgdiff.unet import UNet
+
+
+@pytest.mark.parametrize(
+    "channels,size,classes", [(1, 28, 10), (3, 32, 10), (1, 8, 3), (3, 16, 100)]
+)
+def test_shapes(channels, size, classes):
+    mult = (1, 2, 2) if size % 4 == 0 else (1, 2)
+    cfg = ModelConfig(
+        in_channels=channels,
+        image_size=size,
+        num_classes=classes,
+        base_channels=8,
+        channel_mult=mult,
+        num_res_blocks=1,
+        attn_levels=(len(mult) - 1,),
+        num_heads=2,
+    )
+    net = UNet(cfg)
+    x = torch.randn(2, channels, size, size)
+    y = torch.tensor([0, classes])  # a real label and the null label
+    out = net(x, torch.tensor([0, 999]), y)
+    assert out.shape == x.shape
+    assert net.label_emb.num_embeddings == classes + 1
+
+
+def test_output_depends_on_label_and_time():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        in_channels=1,
+        image_size=8,
+        num_classes=3,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_levels=(1,),
+        num_heads=2,
+    )
+    net = UNet(cfg)
+    for p in net.parameters():  # move away from the zero-initialised output
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(1, 1, 8, 8)
+    a = net(x, torch.tensor([10]), torch.tensor([0]))
+    assert not torch.allclose(a, net(x, torch.tensor([10]), torch.tensor([3])))
+    assert not torch.allclose(a, net(x, torch.tensor([500]), torch.tensor([0])))
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="image_size must be"):
+        ModelConfig(image_size=30, channel_mult=(1, 2, 2)).validate()
+    with pytest.raises(ConfigError, match="in_channels"):
+        ModelConfig(in_channels=2).validate()
+    with pytest.raises(ConfigError, match="attn_levels"):
+        ModelConfig(attn_levels=(5,)).validate()
