@@ -84,7 +84,10 @@ def main() -> int:
         f"{'acc s=3':>8s} {'gpu s':>6s}"
     )
     for name in names:
-        cfg = apply(base, candidates()[name])
+        ov = candidates()[name]
+        cfg = apply(base, ov)
+        if "model" not in ov and "batch_size" not in ov.get("train", {}):
+            ips[name] = ips["base"]  # same network and batch: same speed (removes timing noise)
         if name not in ips:
             print(f"{name:12s} no CPU throughput measured; skipped")
             continue

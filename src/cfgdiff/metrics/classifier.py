@@ -22,6 +22,7 @@ from torch import nn
 from cfgdiff.data import Dataset, default_data_dir, load_dataset
 from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.errors import CheckpointError
+from cfgdiff.runtime import autocast, resolve_precision
 
 CLASSIFIER_VERSION = 1
 
@@ -73,9 +74,12 @@ def train_classifier(
     seed: int = 0,
     width: int = 32,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[SmallCNN, float]:
-    """Train deterministically under `seed`; returns (model in eval mode, test accuracy)."""
+    """Train deterministically under `seed` (for a given device and precision); returns
+    (model in eval mode, test accuracy measured in fp32)."""
+    device = torch.device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     net = SmallCNN(train.channels, train.num_classes, width).to(device)
@@ -90,7 +94,9 @@ def train_classifier(
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             x = _shift(_to_input(x_all[idx]), g)
-            loss = F.cross_entropy(net(x), y_all[idx], label_smoothing=0.05)
+            with autocast(device, precision):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y_all[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,7 +179,10 @@ def get_classifier(
         if log is not None:
             log(f"classifier epoch {ep}: test accuracy {acc:.4f}")
 
-    net, acc = train_classifier(train, test, device=device, on_epoch=epoch_note)
+    precision = resolve_precision("auto", torch.device(device))
+    net, acc = train_classifier(
+        train, test, device=device, precision=precision, on_epoch=epoch_note
+    )
     meta = {
         "version": CLASSIFIER_VERSION,
         "dataset": dataset,
@@ -183,6 +192,7 @@ def get_classifier(
         "width": 32,
         "test_accuracy": acc,
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "precision": precision,
         "weights_sha256": _weights_sha(net),
     }
     base.parent.mkdir(parents=True, exist_ok=True)
