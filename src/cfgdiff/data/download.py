@@ -1,0 +1,81 @@
+"""Verified downloads: short timeout, checksum before use, atomic rename, mirror fall-through.
+
+A partial download lives under a temporary name and is deleted on any failure, so it is never
+mistaken for a complete file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cfgdiff.errors import DataError
+
+Log = Callable[[str], None]
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(
+    urls: Sequence[str],
+    dest: Path,
+    *,
+    md5: str | None = None,
+    timeout: float = 10.0,
+    log: Log | None = None,
+) -> Path:
+    """Fetch the first URL that answers with content matching `md5` into `dest`.
+
+    Each failure (network, HTTP, checksum) is logged as one line and the next mirror is tried;
+    DataError when none worked.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            os.fchmod(fd, 0o644)
+            h = hashlib.md5()
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    h.update(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if md5 is not None and h.hexdigest() != md5:
+                raise DataError(f"checksum mismatch: md5 {h.hexdigest()}, expected {md5}")
+            os.replace(tmp, dest)
+            return dest
+        except Exception as e:  # network errors come in many types; each is one line
+            Path(tmp).unlink(missing_ok=True)
+            msg = f"{url}: {type(e).__name__}: {e}".replace("\n", " ")
+            errors.append(msg)
+            if log is not None:
+                log(f"download failed, trying next source: {msg}")
+    raise DataError(f"could not download {dest.name} from any mirror ({len(urls)} tried)")
