@@ -239,8 +239,6 @@ class StopFlag:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import torch
-
     from cfgdiff import checkpoint as ckpt_io
     from cfgdiff.config import get_preset
     from cfgdiff.data import check_name, load_dataset
@@ -277,21 +275,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.label_dropout is not None:
         dcfg = dataclasses.replace(dcfg, label_dropout=a.label_dropout)
     cfg = dataclasses.replace(base, train=tcfg, diffusion=dcfg)
-    size = a.image_size
-    if size is None and (a.resume or cfg.preset == "cifar10"):
-        size = base.model.image_size if a.resume else None
+    # A resumed run reads its data at the checkpoint's size and channels; a new run at the data's
+    # own unless --image-size / --channels say otherwise.
     data = load_dataset(
         a.dataset,
         a.data_dir,
-        image_size=size,
+        image_size=a.image_size or (base.model.image_size if a.resume else None),
         channels=a.channels or (base.model.in_channels if a.resume else None),
         log=_log,
     )
-    if data.num_classes < 1:
-        raise ConfigError(f"--dataset {a.dataset}: no classes")
     cfg = config_for_dataset(cfg, data, a.dataset)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     bar = None
     show = not a.no_progress and sys.stderr.isatty()
 
@@ -299,7 +292,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         nonlocal bar
         if name == "start":
             _log(
-                f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}, "
+                f"training {info['params'] / 1e6:.2f}M parameters on {info['device']} "
                 f"({info['precision']}), {len(data)} images, step {info['step']} -> {info['total']}"
             )
             if show:
@@ -444,6 +437,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
     from cfgdiff.runtime import resolve_device, resolve_precision
@@ -466,7 +461,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"{meta['num_classes']} classes; checkpoint has {m.in_channels} and {m.num_classes}"
         )
     scale, _ = _scale(a)
-    labels = __import__("torch").arange(a.n) % m.num_classes
+    labels = torch.arange(a.n) % m.num_classes
     t0 = time.perf_counter()
     images = generate(
         loaded.net,

@@ -25,7 +25,7 @@ def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1)
         y0, x0 = pad + r * (h + pad), pad + k * (w + pad)
         canvas[:, y0 : y0 + h, x0 : x0 + w] = images[i]
     arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr, mode="L" if c == 1 else "RGB")
+    img = Image.fromarray(arr)  # 2-D uint8 -> "L", (H, W, 3) uint8 -> "RGB"
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
     return img

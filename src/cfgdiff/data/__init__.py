@@ -19,7 +19,7 @@ import torch
 
 from cfgdiff.data import sources
 from cfgdiff.data.download import atomic_write_bytes
-from cfgdiff.errors import CfgDiffError, DataError
+from cfgdiff.errors import DataError
 
 Log = Callable[[str], None]
 KNOWN = ("mnist", "fashion-mnist", "cifar10")
@@ -286,4 +286,4 @@ def info(name: str, data_dir: Path | None = None) -> dict:
     return meta
 
 
-__all__ = ["Dataset", "load_dataset", "obtain", "info", "default_data_dir", "CfgDiffError"]
+__all__ = ["Dataset", "load_dataset", "obtain", "info", "default_data_dir", "check_name"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import subprocess
 import sys
 import tarfile
@@ -370,13 +369,3 @@ def folder_dataset(
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
     labels = np.array([k for _, k in files], dtype=np.int64)
     return out, labels, [c.name for c in classes]
-
-
-def encode_png(a: np.ndarray) -> bytes:
-    """uint8 (C, H, W) -> PNG bytes (used by tests and the folder exporter)."""
-    from PIL import Image
-
-    img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
