@@ -209,3 +209,9 @@ def test_sample_class_out_of_range(run, tmp_path, capsys):
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_sample_steps_above_T(run, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(run), "--scale", "3", "--steps", "5000",
+                 "--out", str(tmp_path / "a.png")]) == 2  # fmt: skip
+    assert "--steps must be in [1, 1000], got 5000" in capsys.readouterr().err

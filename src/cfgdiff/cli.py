@@ -368,14 +368,34 @@ def _scale(a: argparse.Namespace) -> tuple[float, str]:
     return a.scale, "scale"
 
 
+def _generate(a: argparse.Namespace, loaded, labels, scale: float, device):
+    """Sample `labels` with the sampler options shared by `sample` and `eval`."""
+    from cfgdiff.runtime import resolve_precision
+    from cfgdiff.sample import generate
+
+    return generate(
+        loaded.net,
+        loaded.cfg,
+        labels,
+        scale=scale,
+        sampler=a.sampler,
+        steps=a.steps,
+        eta=getattr(a, "eta", 0.0),
+        seed=a.seed,
+        batch_size=_sampling_batch(a.batch_size, device),
+        device=device,
+        precision=resolve_precision(a.precision, device),
+    )
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.config import GUIDANCE_CONVENTION
     from cfgdiff.data.download import atomic_write_bytes
-    from cfgdiff.runtime import resolve_device, resolve_precision
-    from cfgdiff.sample import class_grid_labels, generate
+    from cfgdiff.runtime import resolve_device
+    from cfgdiff.sample import class_grid_labels
     from cfgdiff.viz import labelled_grid, save_png
 
     suffix = a.out.suffix.lower()
@@ -390,24 +410,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
     bad = [c for c in classes if c >= k]
     if bad:
         raise ConfigError(f"--classes must be in [0, {k - 1}] for this checkpoint, got {bad}")
-    if a.steps > loaded.cfg.diffusion.timesteps:
-        raise ConfigError(f"--steps must be <= {loaded.cfg.diffusion.timesteps}, got {a.steps}")
     scale, given = _scale(a)
     labels = class_grid_labels(classes, a.per_class)
     t0 = time.perf_counter()
-    images = generate(
-        loaded.net,
-        loaded.cfg,
-        labels,
-        scale=scale,
-        sampler=a.sampler,
-        steps=a.steps,
-        eta=a.eta,
-        seed=a.seed,
-        batch_size=_sampling_batch(a.batch_size, device),
-        device=device,
-        precision=resolve_precision(a.precision, device),
-    )
+    images = _generate(a, loaded, labels, scale, device)
     dt = time.perf_counter() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
@@ -441,8 +447,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
-    from cfgdiff.runtime import resolve_device, resolve_precision
-    from cfgdiff.sample import generate
+    from cfgdiff.runtime import resolve_device
 
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
@@ -463,18 +468,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     scale, _ = _scale(a)
     labels = torch.arange(a.n) % m.num_classes
     t0 = time.perf_counter()
-    images = generate(
-        loaded.net,
-        loaded.cfg,
-        labels,
-        scale=scale,
-        sampler=a.sampler,
-        steps=a.steps,
-        seed=a.seed,
-        batch_size=_sampling_batch(a.batch_size, device),
-        device=device,
-        precision=resolve_precision(a.precision, device),
-    )
+    images = _generate(a, loaded, labels, scale, device)
     dt = time.perf_counter() - t0
     acc, per = class_accuracy(predict(clf, images, device=device), labels)
     result = {
