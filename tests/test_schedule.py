@@ -31,18 +31,34 @@ def test_log_snr_decreasing():
     assert torch.all(ls[1:] < ls[:-1])
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "uniform"])
-@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
-def test_spacing(spacing, steps):
-    ts = spaced_timesteps(1000, steps, spacing)
+@pytest.mark.parametrize("spacing", ["trailing", "uniform", "quadratic", "logsnr"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 50, 300, 1000])
+@pytest.mark.parametrize("sch", [linear_schedule(1000), cosine_schedule(1000)])
+def test_spacing(spacing, steps, sch):
+    ts = spaced_timesteps(sch, steps, spacing)
     assert len(ts) == steps
     assert ts[0] == 999
-    assert ts == sorted(ts, reverse=True)
+    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
     assert min(ts) >= 0
+
+
+def test_spacing_shapes():
+    sch = cosine_schedule(1000)
+    assert spaced_timesteps(sch, 4, "trailing") == [999, 749, 499, 249]
+    assert spaced_timesteps(sch, 4, "uniform") == [999, 666, 333, 0]
+    assert spaced_timesteps(sch, 4, "quadratic") == [999, 562, 250, 62]
+    lin = linear_schedule(1000)
+    lam = lin.log_snr()
+    ts = spaced_timesteps(lin, 10, "logsnr")
+    gaps = [float(lam[b] - lam[a]) for a, b in zip(ts, ts[1:], strict=False)]
+    # equal log-SNR steps up to the rounding of t to integers
+    assert max(gaps) / min(gaps) < 1.3, gaps
 
 
 def test_bad_steps():
     with pytest.raises(ConfigError, match="steps must be in"):
-        spaced_timesteps(1000, 0)
+        spaced_timesteps(linear_schedule(1000), 0)
+    with pytest.raises(ConfigError, match="--spacing must be one of"):
+        spaced_timesteps(linear_schedule(1000), 3, "cubic")
     with pytest.raises(ConfigError, match="schedule"):
         make_schedule("quadratic", 10)

@@ -1,38 +1,115 @@
-"""Classifier-free guidance: the one place that knows conditional vs unconditional predictions.
+"""Classifier-free guidance: the one place that knows conditional vs reference predictions.
 
 Convention (Ho & Salimans 2022, written with the *scale* s used by Imagen, EDM2 and diffusers):
 
-    eps_hat = eps_u + s * (eps_c - eps_u)            s = 1: conditional, s = 0: unconditional
+    eps_hat = eps_ref + s * (eps_c - eps_ref)        s = 1: conditional, s = 0: reference
 
-The paper writes eps_hat = (1 + w) eps_c - w eps_u (Eq. 6), i.e. w = s - 1. The library speaks s;
-the CLI accepts either --scale s or --w w and every output names the convention.
+The reference is the null label (plain CFG), another class (negative class) or a weaker network
+(autoguidance). The paper writes eps_hat = (1 + w) eps_c - w eps_u (Eq. 6), i.e. w = s - 1. The
+library speaks s; the CLI accepts --scale s or --w w and every output names the convention.
 
-`guided_denoiser` turns (network, labels, scale) into `denoise(x_t, t) -> eps_hat` with one batched
-forward pass over [x_t; x_t] with labels [y; null]. Where every scale is 1 it evaluates only the
-conditional half, where every scale is 0 only the unconditional half. Because eps and v are
-related by an affine map whose coefficients do not depend on the label (eps = sigma x_t + alpha v),
-combining raw v outputs is identical to combining eps.
+`guided_denoiser` turns (network, labels, Guidance) into `denoise(x_t, t) -> eps_hat` with one
+batched forward pass over [x_t; x_t] with labels [y; reference]. It evaluates only the
+conditional half where every scale is 1 or t is outside the guidance interval, and only the
+reference half where every scale is 0. Because eps, v and x0 are related by affine maps whose
+coefficients do not depend on the label (eps = sigma x_t + alpha v, x0 = (x_t - sigma eps)/alpha),
+combining raw outputs equals combining eps or x0.
+
+Variants (each an option of `Guidance`, combinable unless stated):
+- interval  (Kynkäänniemi et al. 2024, Sec. 3): guide only where sigma_lo < sigma_t <= sigma_hi,
+  sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (the EDM noise level of the VP process);
+  elsewhere use the conditional prediction and skip the reference pass.
+- rescale   (Lin et al. 2023, Eqs. 15-16), phi in [0, 1], on the network output:
+  pred_rescaled = pred_cfg * std(pred_c) / std(pred_cfg) (per sample);
+  pred = phi * pred_rescaled + (1 - phi) * pred_cfg.
+- negative class k: the reference prediction is the one for class k instead of the null label.
+- autoguidance (Karras et al. 2024, Eq. 2): the reference is D_guide(x; sigma, y) of a weaker
+  network of the same kind (e.g. an early checkpoint): D = D_guide + s (D_main - D_guide).
+  Two networks, one forward pass each per step.
+- thresholding of x0_hat: "static" clamps to [-1, 1] (DDPM); "dynamic" (Imagen, Saharia et al.
+  2022, Sec. 2.3): s_p = max(1, percentile_p(|x0_hat|)) per sample, x0_hat = clip(x0_hat, -s_p,
+  s_p) / s_p, default p = 0.995; "none". The returned eps is the one consistent with x0_hat.
+- adaptive projected guidance (Sadat et al. 2024, Alg. 1), in x0 space: dD = D_c - D_ref;
+  with momentum beta, dD <- dD + beta * dD_prev (running); norm threshold r:
+  dD <- dD * min(1, r / ||dD||); split dD into parts parallel and orthogonal to D_c;
+  D = D_c + (s - 1) (dD_orth + eta * dD_par). With eta = 1, r = 0 (off), beta = 0 it is plain CFG.
+  Not combinable with rescale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from cfgdiff.diffusion import alpha_sigma, eps_to_x0, to_eps
+from cfgdiff.errors import ConfigError
 from cfgdiff.schedule import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance settings (Sadat et al. 2024)."""
+
+    eta: float = 0.0  # weight of the component parallel to D_c (0: drop it, 1: keep it)
+    norm_threshold: float = 0.0  # r: cap on ||dD|| per sample; 0 disables the cap
+    momentum: float = 0.0  # beta of the running average of dD (the paper uses negative values)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How to guide. Every field's default is plain CFG at scale 1 with static thresholding."""
+
+    scale: float | torch.Tensor = 1.0  # s, a float or a (B,) tensor of per-sample scales
+    interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guide only there
+    rescale: float = 0.0  # phi in [0, 1]; 0 is plain CFG
+    negative_class: int | None = None  # reference label instead of the null label
+    guide_net: Net | None = None  # autoguidance: a weaker network as the reference
+    threshold: str = "static"  # "static" | "dynamic" | "none"
+    threshold_percentile: float = 0.995  # p of dynamic thresholding, in (0, 1]
+    apg: APG | None = None
+
+    def validate(self, num_classes: int) -> None:
+        if self.interval is not None:
+            lo, hi = self.interval
+            if not 0 <= lo < hi:
+                raise ConfigError(f"guidance interval must satisfy 0 <= lo < hi, got {lo},{hi}")
+        if not 0 <= self.rescale <= 1:
+            raise ConfigError(f"--rescale must be in [0, 1], got {self.rescale}")
+        if self.negative_class is not None and not 0 <= self.negative_class <= num_classes:
+            raise ConfigError(
+                f"--negative-class must be in [0, {num_classes - 1}] (or {num_classes}, the null "
+                f"label), got {self.negative_class}"
+            )
+        if self.threshold not in ("static", "dynamic", "none"):
+            raise ConfigError(
+                f"--threshold must be static, dynamic or none, got {self.threshold!r}"
+            )
+        if not 0 < self.threshold_percentile <= 1:
+            raise ConfigError(
+                f"--threshold-percentile must be in (0, 1], got {self.threshold_percentile}"
+            )
+        if self.apg is not None:
+            if self.rescale:
+                raise ConfigError("--rescale and --apg cannot be combined")
+            if self.apg.norm_threshold < 0:
+                raise ConfigError(
+                    f"--apg-norm-threshold must be >= 0, got {self.apg.norm_threshold}"
+                )
+        if self.guide_net is not None and self.negative_class is not None:
+            raise ConfigError("--guide-checkpoint and --negative-class cannot be combined")
 
 
 def cfg_combine(
-    pred_c: torch.Tensor, pred_u: torch.Tensor, scale: float | torch.Tensor
+    pred_c: torch.Tensor, pred_ref: torch.Tensor, scale: float | torch.Tensor
 ) -> torch.Tensor:
-    """pred_u + s (pred_c - pred_u); s a float or a (B,) tensor of per-sample scales."""
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(pred_c.device, pred_c.dtype).reshape(-1, *([1] * (pred_c.ndim - 1)))
-    return pred_u + scale * (pred_c - pred_u)
+    """pred_ref + s (pred_c - pred_ref); s a float or a (B,) tensor of per-sample scales."""
+    return pred_ref + _bcast(scale, pred_c) * (pred_c - pred_ref)
 
 
 def scale_from_w(w: float) -> float:
@@ -40,41 +117,120 @@ def scale_from_w(w: float) -> float:
     return w + 1.0
 
 
+def edm_sigma(schedule: Schedule, t: int) -> float:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the noise level of x_t / alpha_t."""
+    ab = float(schedule.alpha_bar[t])
+    return ((1 - ab) / ab) ** 0.5
+
+
+def rescale_cfg(pred_cfg: torch.Tensor, pred_c: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023, Eqs. 15-16 (per-sample std over all non-batch dimensions)."""
+    dims = tuple(range(1, pred_c.ndim))
+    std_c = pred_c.std(dim=dims, keepdim=True)
+    std_cfg = pred_cfg.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return phi * (pred_cfg * std_c / std_cfg) + (1 - phi) * pred_cfg
+
+
+def dynamic_threshold(x0: torch.Tensor, p: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding: s = max(1, quantile_p |x0|) per sample; clip to [-s, s], /s."""
+    s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp_min(1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def _bcast(scale: float | torch.Tensor, like: torch.Tensor):
+    if isinstance(scale, torch.Tensor):
+        return scale.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    return scale
+
+
 def guided_denoiser(
-    net: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    net: Net,
     y: torch.Tensor,
     schedule: Schedule,
     *,
-    scale: float | torch.Tensor,
     null_label: int,
     prediction: str = "eps",
-    clip_x0: bool = True,
+    guidance: Guidance | None = None,
+    scale: float | torch.Tensor | None = None,
+    clip_x0: bool | None = None,
 ) -> Denoiser:
-    """Return denoise(x_t, t) -> eps_hat for labels y (B,) at guidance scale s.
+    """Return denoise(x_t, t) -> eps_hat for labels y (B,).
 
-    clip_x0 clamps x0_hat to [-1, 1] (static thresholding, DDPM's sampler) and returns the eps
-    consistent with the clamped x0_hat, so every sampler sees a coherent pair.
+    Pass either `guidance` or the shorthand `scale` (plain CFG); `clip_x0=False` is shorthand
+    for threshold="none". The returned function keeps the APG momentum state of one sampling run:
+    make a new one per run.
     """
-    scales = scale if isinstance(scale, torch.Tensor) else torch.tensor([float(scale)])
-    need_c = bool((scales != 0).any())
-    need_u = bool((scales != 1).any())
-    y_null = torch.full_like(y, null_label)
+    g = guidance if guidance is not None else Guidance(scale=1.0 if scale is None else scale)
+    if guidance is not None and scale is not None:
+        raise ValueError("pass guidance or scale, not both")
+    if clip_x0 is not None:
+        g = dataclasses.replace(g, threshold="static" if clip_x0 else "none")
+    g.validate(null_label)
+    scales = g.scale if isinstance(g.scale, torch.Tensor) else torch.tensor([float(g.scale)])
+    all_one = bool((scales == 1).all())
+    all_zero = bool((scales == 0).all())
+    ref_label = null_label if g.negative_class is None else g.negative_class
+    y_ref = torch.full_like(y, ref_label)
+    state: dict[str, torch.Tensor] = {}
+
+    def in_interval(t: torch.Tensor) -> bool:
+        if g.interval is None:
+            return True
+        sigma = edm_sigma(schedule, int(t[0]))  # samplers pass one timestep per call
+        return g.interval[0] < sigma <= g.interval[1]
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x_t.shape[0]
-        if need_c and need_u:
-            out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]))
-            pred_c, pred_u = out[:b], out[b:]
-            pred = cfg_combine(pred_c, pred_u, scale)
-        elif need_c:  # every s == 1: plain conditional
-            pred = net(x_t, t, y)
-        else:  # every s == 0: plain unconditional
-            pred = net(x_t, t, y_null)
         a, s = alpha_sigma(schedule, t, x_t)
-        eps = to_eps(pred.to(x_t.dtype), x_t, a, s, prediction)
-        if clip_x0:
-            x0 = eps_to_x0(eps, x_t, a, s).clamp(-1, 1)
-            eps = (x_t - a * x0) / s
-        return eps
+        guiding = not all_one and in_interval(t)
+        if not guiding:  # conditional only (s = 1, or outside the interval)
+            pred = net(x_t, t, y).to(x_t.dtype)
+        elif all_zero and g.guide_net is None and g.apg is None:  # reference only
+            pred = net(x_t, t, y_ref).to(x_t.dtype)
+        else:
+            if g.guide_net is not None:
+                pred_c = net(x_t, t, y).to(x_t.dtype)
+                pred_r = g.guide_net(x_t, t, y).to(x_t.dtype)
+            else:
+                out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_ref]))
+                pred_c, pred_r = out[:b].to(x_t.dtype), out[b:].to(x_t.dtype)
+            if g.apg is not None:
+                x0_c = eps_to_x0(to_eps(pred_c, x_t, a, s, prediction), x_t, a, s)
+                x0_r = eps_to_x0(to_eps(pred_r, x_t, a, s, prediction), x_t, a, s)
+                x0 = _apg(x0_c, x0_r, g.scale, g.apg, state)
+                return _threshold((x_t - a * x0) / s, x_t, a, s, g)
+            pred = cfg_combine(pred_c, pred_r, g.scale)
+            if g.rescale:
+                pred = rescale_cfg(pred, pred_c, g.rescale)
+        return _threshold(to_eps(pred, x_t, a, s, prediction), x_t, a, s, g)
 
     return denoise
+
+
+def _threshold(eps, x_t, a, s, g: Guidance) -> torch.Tensor:
+    if g.threshold == "none":
+        return eps
+    x0 = eps_to_x0(eps, x_t, a, s)
+    x0 = (
+        x0.clamp(-1, 1)
+        if g.threshold == "static"
+        else dynamic_threshold(x0, g.threshold_percentile)
+    )
+    return (x_t - a * x0) / s
+
+
+def _apg(x0_c, x0_r, scale, apg: APG, state: dict) -> torch.Tensor:
+    """Sadat et al. 2024, Algorithm 1 (x0 space)."""
+    dims = tuple(range(1, x0_c.ndim))
+    diff = x0_c - x0_r
+    if apg.momentum:
+        diff = diff + apg.momentum * state["running"] if "running" in state else diff
+        state["running"] = diff
+    if apg.norm_threshold > 0:
+        norm = diff.flatten(1).norm(dim=1).reshape(-1, *([1] * (diff.ndim - 1)))
+        diff = diff * torch.clamp(apg.norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    unit = x0_c / x0_c.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * len(dims)))
+    par = (diff * unit).sum(dim=dims, keepdim=True) * unit
+    orth = diff - par
+    return x0_c + (_bcast(scale, x0_c) - 1) * (orth + apg.eta * par)

@@ -6,13 +6,14 @@ sees the same per-step noise, whatever the batch size) and the float -> uint8 co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError
-from cfgdiff.guidance import guided_denoiser
+from cfgdiff.guidance import Guidance, guided_denoiser
 from cfgdiff.runtime import autocast
 from cfgdiff.samplers import PerSampleNoise, run_sampler
 from cfgdiff.schedule import make_schedule
@@ -30,9 +31,11 @@ def generate(
     labels: torch.Tensor | Sequence[int],
     *,
     scale: float | torch.Tensor = 1.0,
+    guidance: Guidance | None = None,
     sampler: str = "ddim",
     steps: int = 50,
     eta: float = 0.0,
+    spacing: str = "trailing",
     seed: int = 0,
     batch_size: int = 256,
     indices: Sequence[int] | None = None,
@@ -41,7 +44,8 @@ def generate(
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
-    scale: guidance scale s (float, or (N,) tensor of per-sample scales).
+    scale: guidance scale s (float, or (N,) tensor of per-sample scales); or pass a full
+    `guidance` (its scale may also be an (N,) tensor); not both.
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
     noise, which is how guidance strips hold the noise fixed across scales.
     """
@@ -56,32 +60,44 @@ def generate(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if steps < 1 or steps > cfg.diffusion.timesteps:
         raise ConfigError(f"--steps must be in [1, {cfg.diffusion.timesteps}], got {steps}")
+    if guidance is None:
+        guidance = Guidance(scale=scale)
+    guidance.validate(m.num_classes)
     device = torch.device(device)
     indices = list(range(n)) if indices is None else list(indices)
-    scales = scale if isinstance(scale, torch.Tensor) else None
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     shape = (m.in_channels, m.image_size, m.image_size)
+
+    def in_precision(f):
+        def call(x, t, y):
+            with autocast(device, precision):
+                return f(x, t, y).float()
+
+        return call
+
+    base = dataclasses.replace(
+        guidance,
+        guide_net=in_precision(guidance.guide_net) if guidance.guide_net is not None else None,
+    )
     out = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
         noise = PerSampleNoise(seed, indices[lo:hi])
         x_T = noise.randn(shape, device)
-        s = scales[lo:hi] if scales is not None else scale
-        y = labels[lo:hi].to(device)
-
-        def net_fn(x, t, yy):
-            with autocast(device, precision):
-                return net(x, t, yy).float()
-
+        g = base
+        if isinstance(base.scale, torch.Tensor):
+            g = dataclasses.replace(base, scale=base.scale[lo:hi])
         denoise = guided_denoiser(
-            net_fn,
-            y,
+            in_precision(net),
+            labels[lo:hi].to(device),
             schedule,
-            scale=s,
             null_label=m.num_classes,
             prediction=cfg.diffusion.prediction,
+            guidance=g,
         )
-        x0 = run_sampler(sampler, denoise, x_T, schedule, steps, eta=eta, generator=noise)
+        x0 = run_sampler(
+            sampler, denoise, x_T, schedule, steps, eta=eta, spacing=spacing, generator=noise
+        )
         out.append(to_uint8(x0).cpu())
     if not out:
         return torch.empty((0, *shape), dtype=torch.uint8)

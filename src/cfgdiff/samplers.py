@@ -75,7 +75,7 @@ def sample_ddim(
     eta = 0 is the deterministic probability-flow sampler; eta = 1 equals ancestral DDPM."""
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}")
-    ts = spaced_timesteps(schedule.T, steps, spacing)
+    ts = spaced_timesteps(schedule, steps, spacing)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -106,7 +106,7 @@ def sample_ddpm(
     Dhariwal 2021, Sec. 4): with beta'_t = 1 - ab_t / ab_prev,
     mean = sqrt(ab_prev) beta'/(1 - ab) x0_hat + sqrt(1 - beta') (1 - ab_prev)/(1 - ab) x_t,
     var = beta' (1 - ab_prev)/(1 - ab)  (beta-tilde; no noise on the last step)."""
-    ts = spaced_timesteps(schedule.T, steps, spacing)
+    ts = spaced_timesteps(schedule, steps, spacing)
     x = x_T
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -143,7 +143,7 @@ def sample_dpmpp_2m(
     Deterministic: `generator` is accepted for the common signature and not used.
     """
     del generator
-    ts = spaced_timesteps(schedule.T, steps, spacing)
+    ts = spaced_timesteps(schedule, steps, spacing)
     x = x_T
     x0_prev: torch.Tensor | None = None
     h_prev: float | None = None
@@ -181,16 +181,16 @@ def run_sampler(
     steps: int,
     *,
     eta: float = 0.0,
+    spacing: str = "trailing",
     generator=None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
     """Dispatch by name; eta applies to DDIM only."""
+    kw = dict(spacing=spacing, generator=generator, callback=callback)
     if name == "ddim":
-        return sample_ddim(
-            denoise, x_T, schedule, steps, eta=eta, generator=generator, callback=callback
-        )
+        return sample_ddim(denoise, x_T, schedule, steps, eta=eta, **kw)
     if name == "ddpm":
-        return sample_ddpm(denoise, x_T, schedule, steps, generator=generator, callback=callback)
+        return sample_ddpm(denoise, x_T, schedule, steps, **kw)
     if name == "dpmpp-2m":
-        return sample_dpmpp_2m(denoise, x_T, schedule, steps, callback=callback)
+        return sample_dpmpp_2m(denoise, x_T, schedule, steps, **kw)
     raise ConfigError(f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {name!r}")

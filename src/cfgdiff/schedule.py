@@ -59,20 +59,46 @@ def make_schedule(name: str, T: int) -> Schedule:
     raise ConfigError(f"schedule must be 'linear' or 'cosine', got {name!r}")
 
 
-def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """The decreasing timesteps a sampler visits, T-1 first.
+SPACINGS = ("trailing", "uniform", "quadratic", "logsnr")
 
-    "trailing" (Lin et al. 2023, Table 2) always starts at t = T-1, the step the prior N(0, I)
-    actually matches; "uniform" (DDIM's "leading") is linspace(0, T-1) rounded.
+
+def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing") -> list[int]:
+    """The strictly decreasing timesteps a sampler visits, T-1 first.
+
+    - "trailing" (Lin et al. 2023, Table 2): t_i = round(T - 1 - i T / steps); always starts at
+      t = T-1, the step the prior N(0, I) actually matches.
+    - "uniform": linspace(T-1, 0, steps) rounded (ends exactly at t = 0).
+    - "quadratic" (Song et al. 2021, DDIM App. D.2): t_i = (T-1) (1 - i/steps)^2, dense near
+      the data, where small models make the most error.
+    - "logsnr": uniform in lambda_t = log(alpha_bar / (1 - alpha_bar)) between lambda_{T-1}
+      and lambda_0 (the spacing DPM-Solver assumes), each mapped to the nearest timestep.
+    Collisions after rounding are pushed apart, keeping the order and the range [0, T-1].
     """
+    T = schedule.T
     if not 1 <= steps <= T:
         raise ConfigError(f"steps must be in [1, {T}], got {steps}")
+    i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
-        ts = [round(T - 1 - i * T / steps) for i in range(steps)]
+        ts = T - 1 - i * T / steps
     elif spacing == "uniform":
-        ts = [round(x) for x in torch.linspace(T - 1, 0, steps).tolist()]
+        ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64)
+    elif spacing == "quadratic":
+        ts = (T - 1) * (1 - i / steps) ** 2
+    elif spacing == "logsnr":
+        lam = schedule.log_snr()
+        targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+        # lam is decreasing in t: nearest index by searching the reversed (increasing) sequence
+        rev = lam.flip(0)
+        idx = torch.searchsorted(rev, targets).clamp(1, T - 1)
+        nearer_left = (targets - rev[idx - 1]).abs() < (rev[idx] - targets).abs()
+        ts = (T - 1 - (idx - nearer_left.long())).to(torch.float64)
     else:
-        raise ConfigError(f"spacing must be 'trailing' or 'uniform', got {spacing!r}")
-    out = sorted(set(ts), reverse=True)
-    assert len(out) == steps, (T, steps, spacing)
+        raise ConfigError(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    out = [int(round(float(t))) for t in ts]
+    out[0] = T - 1
+    for k in range(len(out) - 2, -1, -1):  # bottom-up: strictly decreasing
+        out[k] = max(out[k], out[k + 1] + 1)
+    for k in range(len(out)):  # top-down: stay within [0, T-1]
+        out[k] = min(out[k], T - 1 - k)
+    assert all(a > b for a, b in zip(out, out[1:], strict=False)) and out[-1] >= 0, out
     return out
