@@ -132,7 +132,8 @@ def rescale_cfg(pred_cfg: torch.Tensor, pred_c: torch.Tensor, phi: float) -> tor
 
 
 def dynamic_threshold(x0: torch.Tensor, p: float) -> torch.Tensor:
-    """Imagen's dynamic thresholding: s = max(1, quantile_p |x0|) per sample; clip to [-s, s], /s."""
+    """Imagen's dynamic thresholding: s = max(1, quantile_p |x0|) per sample, clip to [-s, s],
+    divide by s."""
     s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp_min(1.0).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
