@@ -215,3 +215,60 @@ def test_sample_steps_above_T(run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(run), "--scale", "3", "--steps", "5000",
                  "--out", str(tmp_path / "a.png")]) == 2  # fmt: skip
     assert "--steps must be in [1, 1000], got 5000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--guidance-interval", "0.5,20", "--spacing", "logsnr"],
+        ["--rescale", "0.7", "--sampler", "ddim", "--eta", "0.5"],
+        ["--negative-class", "1", "--spacing", "quadratic"],
+        ["--threshold", "dynamic", "--threshold-percentile", "0.9"],
+        ["--apg", "--apg-eta", "0", "--apg-norm-threshold", "5", "--apg-momentum", "-0.5"],
+        ["--guide-checkpoint", "SELF"],
+    ],
+)
+def test_sample_guidance_variants(run, tmp_path, extra):
+    import json
+
+    extra = [str(run) if e == "SELF" else e for e in extra]
+    npz = tmp_path / "v.npz"
+    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--per-class", "2",
+               "--steps", "4", "--out", str(npz), "--precision", "fp32", *extra])  # fmt: skip
+    assert rc == 0
+    settings = json.loads(str(np.load(npz)["settings"]))
+    if "--rescale" in extra:
+        assert settings["rescale"] == 0.7 and settings["eta"] == 0.5
+    if "--apg" in extra:
+        assert settings["apg"] == {"eta": 0.0, "norm_threshold": 5.0, "momentum": -0.5}
+    if "--guide-checkpoint" in extra:
+        assert settings["guide_checkpoint"] == str(run)
+    assert settings["convention"].startswith("scale:")
+
+
+def test_guide_checkpoint_must_match(run, tmp_path, folder_data, capsys):
+    other = tmp_path / "other"
+    assert main(["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out",
+                 str(other), "--steps", "2", "--image-size", "16", "--no-progress",
+                 "--precision", "fp32"]) == 0  # fmt: skip
+    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--guide-checkpoint",
+               str(other), "--out", str(tmp_path / "a.png")])  # fmt: skip
+    assert rc == 2
+    assert "model.image_size=16, the checkpoint has 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--guidance-interval", "3,1"], "expected 0 <= LO < HI"),
+        (["--rescale", "2"], "--rescale: must be in [0, 1]"),
+        (["--negative-class", "7"], "--negative-class must be in [0, 2]"),
+        (["--apg", "--rescale", "0.5"], "cannot be combined"),
+        (["--spacing", "cubic"], "invalid choice"),
+    ],
+)
+def test_bad_guidance_options(run, tmp_path, extra, message, capsys):
+    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--out",
+               str(tmp_path / "a.png"), *extra])  # fmt: skip
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -127,7 +127,9 @@ def test_interval_covering_everything_is_plain_cfg_and_outside_skips_reference()
 def test_interval_skips_reference_pass_during_sampling():
     net = CountingNet()
     lo, hi = edm_sigma(SCH, 300), edm_sigma(SCH, 700)
-    d = guided_denoiser(net, Y, SCH, null_label=NULL, guidance=Guidance(scale=3.0, interval=(lo, hi)))
+    d = guided_denoiser(
+        net, Y, SCH, null_label=NULL, guidance=Guidance(scale=3.0, interval=(lo, hi))
+    )
     sample_ddim(d, torch.randn(4, 1, 2, 2), SCH, 10)  # trailing: 999, 899, ..., 99
     inside = [t for t in range(999, 0, -100) if lo < edm_sigma(SCH, t) <= hi]
     assert net.batches.count(8) == len(inside) == 4 and net.batches.count(4) == 6

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cfgdiff.config import GUIDANCE_CONVENTION
 from cfgdiff.errors import CfgDiffError, ConfigError
 
 
@@ -95,6 +96,65 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------- parser
 
 
+def sampling_opts(sp: argparse.ArgumentParser) -> None:
+    """Options shared by `sample` and `eval`: checkpoint, sampler, guidance and its variants."""
+    sp.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint folder, or a run folder (uses its latest checkpoint)",
+    )
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scale", type=_float_in(-20, 100), help="guidance scale s (1 = conditional)")
+    g.add_argument("--w", type=_float_in(-21, 99), help="paper's guidance weight w = s - 1")
+    sp.add_argument("--sampler", default="dpmpp-2m", choices=["ddpm", "ddim", "dpmpp-2m"])
+    sp.add_argument("--steps", type=_int_in(1, 100_000), default=20)
+    sp.add_argument(
+        "--spacing",
+        default="trailing",
+        choices=["trailing", "uniform", "quadratic", "logsnr"],
+        help="which timesteps the sampler visits",
+    )
+    sp.add_argument(
+        "--eta", type=_float_in(0, 10), default=0.0, help="DDIM noise (0: deterministic)"
+    )
+    sp.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    sp.add_argument("--batch-size", type=_int_in(1, 65536), help=BATCH_HELP)
+    sp.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    sp.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+    )
+    v = sp.add_argument_group("guidance variants (see README)")
+    v.add_argument(
+        "--guidance-interval",
+        type=_interval,
+        metavar="LO,HI",
+        help="guide only where LO < sigma_t <= HI, sigma_t = sqrt((1-alpha_bar)/alpha_bar)",
+    )
+    v.add_argument("--rescale", type=_float_in(0, 1), default=0.0, help="phi of guidance rescale")
+    v.add_argument("--negative-class", type=_int_in(0), help="steer away from this class")
+    v.add_argument("--guide-checkpoint", type=Path, help="autoguidance: a weaker checkpoint")
+    v.add_argument("--threshold", default="static", choices=["static", "dynamic", "none"])
+    v.add_argument("--threshold-percentile", type=_float_in(0, 1, lo_open=True), default=0.995)
+    v.add_argument("--apg", action="store_true", help="adaptive projected guidance")
+    v.add_argument("--apg-eta", type=_float_in(-10, 10), default=0.0)
+    v.add_argument("--apg-norm-threshold", type=_float_in(0, 1e6), default=0.0)
+    v.add_argument("--apg-momentum", type=_float_in(-1, 1), default=0.0)
+
+
+def _interval(s: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(p) for p in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {s!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI, got {s!r}")
+    return lo, hi
+
+
 def build_parser() -> Parser:
     from cfgdiff.config import PRESETS
 
@@ -147,50 +207,14 @@ def build_parser() -> Parser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="generate images from a checkpoint")
-    sa.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="checkpoint folder, or a run folder (uses its latest checkpoint)",
-    )
-    g = sa.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scale", type=_float_in(-20, 100), help="guidance scale s (1 = conditional)")
-    g.add_argument("--w", type=_float_in(-21, 99), help="paper's guidance weight w = s - 1")
+    sampling_opts(sa)
     sa.add_argument("--classes", type=_classes, help="comma-separated classes (default: all)")
     sa.add_argument("--per-class", type=_int_in(1, 100_000), default=8)
-    sa.add_argument("--sampler", default="dpmpp-2m", choices=["ddpm", "ddim", "dpmpp-2m"])
-    sa.add_argument("--steps", type=_int_in(1, 100_000), default=20)
-    sa.add_argument(
-        "--eta", type=_float_in(0, 10), default=0.0, help="DDIM noise (0: deterministic)"
-    )
-    sa.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
-    sa.add_argument("--batch-size", type=_int_in(1, 65536), help=BATCH_HELP)
-    sa.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    sa.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
-    )
     sa.add_argument("--out", type=Path, required=True, help="FILE.png (grid) or FILE.npz (arrays)")
 
     ev = sub.add_parser("eval", help="class accuracy of generated samples (own classifier)")
-    ev.add_argument("--checkpoint", type=Path, required=True)
-    g = ev.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scale", type=_float_in(-20, 100))
-    g.add_argument("--w", type=_float_in(-21, 99))
+    sampling_opts(ev)
     ev.add_argument("--n", type=_int_in(10, 1_000_000), default=1000, help="samples in total")
-    ev.add_argument("--sampler", default="dpmpp-2m", choices=["ddpm", "ddim", "dpmpp-2m"])
-    ev.add_argument("--steps", type=_int_in(1, 100_000), default=20)
-    ev.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
-    ev.add_argument("--batch-size", type=_int_in(1, 65536), help=BATCH_HELP)
-    ev.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    ev.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
-    )
     ev.add_argument("--json", type=Path, help="also write the results here")
     data_opts(ev)
 
@@ -368,7 +392,65 @@ def _scale(a: argparse.Namespace) -> tuple[float, str]:
     return a.scale, "scale"
 
 
-def _generate(a: argparse.Namespace, loaded, labels, scale: float, device):
+def _guidance(a: argparse.Namespace, loaded, scale: float, device):
+    """The Guidance the options ask for, and a plain-data record of it for output files."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.guidance import APG, Guidance
+
+    guide_net = None
+    if a.guide_checkpoint is not None:
+        guide = load_for_sampling(a.guide_checkpoint, device)
+        m, gm = loaded.cfg, guide.cfg
+        for field in ("in_channels", "image_size", "num_classes"):
+            if getattr(m.model, field) != getattr(gm.model, field):
+                raise ConfigError(
+                    f"--guide-checkpoint {a.guide_checkpoint}: model.{field}="
+                    f"{getattr(gm.model, field)}, the checkpoint has {getattr(m.model, field)}"
+                )
+        for field in ("prediction", "schedule", "timesteps"):
+            if getattr(m.diffusion, field) != getattr(gm.diffusion, field):
+                raise ConfigError(
+                    f"--guide-checkpoint {a.guide_checkpoint}: diffusion.{field}="
+                    f"{getattr(gm.diffusion, field)}, the checkpoint has "
+                    f"{getattr(m.diffusion, field)}"
+                )
+        guide_net = guide.net
+    apg = None
+    if a.apg:
+        apg = APG(eta=a.apg_eta, norm_threshold=a.apg_norm_threshold, momentum=a.apg_momentum)
+    g = Guidance(
+        scale=scale,
+        interval=a.guidance_interval,
+        rescale=a.rescale,
+        negative_class=a.negative_class,
+        guide_net=guide_net,
+        threshold=a.threshold,
+        threshold_percentile=a.threshold_percentile,
+        apg=apg,
+    )
+    g.validate(loaded.cfg.model.num_classes)
+    record = {
+        "scale": scale,
+        "w": scale - 1,
+        "convention": GUIDANCE_CONVENTION,
+        "sampler": a.sampler,
+        "steps": a.steps,
+        "spacing": a.spacing,
+        "eta": a.eta,
+        "seed": a.seed,
+        "checkpoint": str(loaded.path),
+        "guidance_interval": list(a.guidance_interval) if a.guidance_interval else None,
+        "rescale": a.rescale,
+        "negative_class": a.negative_class,
+        "guide_checkpoint": str(a.guide_checkpoint) if a.guide_checkpoint else None,
+        "threshold": a.threshold,
+        "threshold_percentile": a.threshold_percentile,
+        "apg": dataclasses.asdict(apg) if apg else None,
+    }
+    return g, record
+
+
+def _generate(a: argparse.Namespace, loaded, labels, guidance, device):
     """Sample `labels` with the sampler options shared by `sample` and `eval`."""
     from cfgdiff.runtime import resolve_precision
     from cfgdiff.sample import generate
@@ -377,10 +459,11 @@ def _generate(a: argparse.Namespace, loaded, labels, scale: float, device):
         loaded.net,
         loaded.cfg,
         labels,
-        scale=scale,
+        guidance=guidance,
         sampler=a.sampler,
         steps=a.steps,
-        eta=getattr(a, "eta", 0.0),
+        eta=a.eta,
+        spacing=a.spacing,
         seed=a.seed,
         batch_size=_sampling_batch(a.batch_size, device),
         device=device,
@@ -392,7 +475,6 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.config import GUIDANCE_CONVENTION
     from cfgdiff.data.download import atomic_write_bytes
     from cfgdiff.runtime import resolve_device
     from cfgdiff.sample import class_grid_labels
@@ -411,9 +493,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--classes must be in [0, {k - 1}] for this checkpoint, got {bad}")
     scale, given = _scale(a)
+    guidance, record = _guidance(a, loaded, scale, device)
     labels = class_grid_labels(classes, a.per_class)
     t0 = time.perf_counter()
-    images = _generate(a, loaded, labels, scale, device)
+    images = _generate(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
@@ -433,6 +516,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
             eta=np.float64(a.eta),
             seed=np.int64(a.seed),
             checkpoint=np.str_(str(loaded.path)),
+            settings=np.str_(json.dumps(record)),  # everything, guidance variants included
         )
         atomic_write_bytes(a.out, buf.getvalue())
     print(
@@ -466,19 +550,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"{meta['num_classes']} classes; checkpoint has {m.in_channels} and {m.num_classes}"
         )
     scale, _ = _scale(a)
+    guidance, record = _guidance(a, loaded, scale, device)
     labels = torch.arange(a.n) % m.num_classes
     t0 = time.perf_counter()
-    images = _generate(a, loaded, labels, scale, device)
+    images = _generate(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
     acc, per = class_accuracy(predict(clf, images, device=device), labels)
     result = {
-        "checkpoint": str(loaded.path),
-        "scale": scale,
-        "w": scale - 1,
+        **record,
         "n": a.n,
-        "sampler": a.sampler,
-        "steps": a.steps,
-        "seed": a.seed,
         "class_accuracy": acc,
         "per_class_accuracy": per,
         "classifier_test_accuracy": meta["test_accuracy"],
