@@ -41,8 +41,14 @@ def main() -> int:
     for sampler, steps in runs:
         ips = {}
         for precision in ("fp32", "bf16"):
-            kw = dict(scale=3.0, sampler=sampler, seed=0, batch_size=bs, device=device,
-                      precision=precision)  # fmt: skip
+            kw = dict(
+                scale=3.0,
+                sampler=sampler,
+                seed=0,
+                batch_size=bs,
+                device=device,
+                precision=precision,
+            )
             generate(net, cfg, labels[: min(n, bs)], steps=2, **kw)  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -51,8 +57,11 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ips[precision] = n / (time.perf_counter() - t0)
-        print(f"{sampler:10s} {steps:5d} {ips['fp32']:10.1f} {ips['bf16']:10.1f} "
-              f"{ips['bf16'] / ips['fp32']:6.2f}", flush=True)  # fmt: skip
+        print(
+            f"{sampler:10s} {steps:5d} {ips['fp32']:10.1f} {ips['bf16']:10.1f} "
+            f"{ips['bf16'] / ips['fp32']:6.2f}",
+            flush=True,
+        )
     return 0
 
 

@@ -20,7 +20,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ],
 )
 def test_quick_benchmarks(script, expect):
-    out = subprocess.run([sys.executable, str(BENCH / script[0]), *script[1:], "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script[0]), *script[1:], "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert expect in out.stdout

@@ -212,8 +212,22 @@ def test_help_exits_zero(capsys):
 
 
 def test_sample_steps_above_T(run, tmp_path, capsys):
-    assert main(["sample", "--checkpoint", str(run), "--scale", "3", "--steps", "5000",
-                 "--out", str(tmp_path / "a.png")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--scale",
+                "3",
+                "--steps",
+                "5000",
+                "--out",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 2
+    )
     assert "--steps must be in [1, 1000], got 5000" in capsys.readouterr().err
 
 
@@ -233,8 +247,24 @@ def test_sample_guidance_variants(run, tmp_path, extra):
 
     extra = [str(run) if e == "SELF" else e for e in extra]
     npz = tmp_path / "v.npz"
-    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--per-class", "2",
-               "--steps", "4", "--out", str(npz), "--precision", "fp32", *extra])  # fmt: skip
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "3",
+            "--per-class",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            str(npz),
+            "--precision",
+            "fp32",
+            *extra,
+        ]
+    )
     assert rc == 0
     settings = json.loads(str(np.load(npz)["settings"]))
     if "--rescale" in extra:
@@ -248,11 +278,40 @@ def test_sample_guidance_variants(run, tmp_path, extra):
 
 def test_guide_checkpoint_must_match(run, tmp_path, folder_data, capsys):
     other = tmp_path / "other"
-    assert main(["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out",
-                 str(other), "--steps", "2", "--image-size", "16", "--no-progress",
-                 "--precision", "fp32"]) == 0  # fmt: skip
-    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--guide-checkpoint",
-               str(other), "--out", str(tmp_path / "a.png")])  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"folder:{folder_data}",
+                "--preset",
+                "tiny",
+                "--out",
+                str(other),
+                "--steps",
+                "2",
+                "--image-size",
+                "16",
+                "--no-progress",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "3",
+            "--guide-checkpoint",
+            str(other),
+            "--out",
+            str(tmp_path / "a.png"),
+        ]
+    )
     assert rc == 2
     assert "model.image_size=16, the checkpoint has 8" in capsys.readouterr().err
 
@@ -268,7 +327,17 @@ def test_guide_checkpoint_must_match(run, tmp_path, folder_data, capsys):
     ],
 )
 def test_bad_guidance_options(run, tmp_path, extra, message, capsys):
-    rc = main(["sample", "--checkpoint", str(run), "--scale", "3", "--out",
-               str(tmp_path / "a.png"), *extra])  # fmt: skip
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "3",
+            "--out",
+            str(tmp_path / "a.png"),
+            *extra,
+        ]
+    )
     assert rc == 2
     assert message in capsys.readouterr().err

@@ -209,8 +209,12 @@ def test_fashion_mnist_from_system_dir(tmp_path, monkeypatch):
     sysdir.mkdir()
     xs, ys = fake_digits(20, 0)
     xt, yt = fake_digits(10, 1)
-    for role, a in (("train_images", xs), ("train_labels", ys), ("test_images", xt),
-                    ("test_labels", yt)):  # fmt: skip
+    for role, a in (
+        ("train_images", xs),
+        ("train_labels", ys),
+        ("test_images", xt),
+        ("test_labels", yt),
+    ):
         content = idx_bytes(a)
         # recompressed with another level: the .gz differs, the content does not
         (sysdir / f"{sources.FASHION_MNIST.files[role]}.gz").write_bytes(

@@ -137,8 +137,14 @@ def test_gaussian_classes_conditional_and_unconditional(name, steps, prediction)
     for c in range(oracle.K + 1):  # c == K: unconditional (s = 0)
         y = torch.full((n,), min(c, oracle.K - 1))
         scale = 1.0 if c < oracle.K else 0.0
-        d = guided_denoiser(net, y, sch, null_label=oracle.K, prediction=prediction,
-                            guidance=Guidance(scale=scale, threshold="none"))  # fmt: skip
+        d = guided_denoiser(
+            net,
+            y,
+            sch,
+            null_label=oracle.K,
+            prediction=prediction,
+            guidance=Guidance(scale=scale, threshold="none"),
+        )
         x_T = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
         out = _run(name, d, x_T, sch, steps, g)
         if c < oracle.K:
@@ -159,8 +165,13 @@ def _order(sampler, scale):
     y = torch.arange(301) % 3
 
     def run(n):
-        d = guided_denoiser(GaussianClassesNet(sch), y, sch, null_label=3,
-                            guidance=Guidance(scale=scale, threshold="none"))  # fmt: skip
+        d = guided_denoiser(
+            GaussianClassesNet(sch),
+            y,
+            sch,
+            null_label=3,
+            guidance=Guidance(scale=scale, threshold="none"),
+        )
         return sampler(d, x_T, sch, n)
 
     ref = run(1000)

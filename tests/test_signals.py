@@ -18,10 +18,29 @@ pytestmark = pytest.mark.slow
 
 
 def _start(folder_data: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cfgdiff", "train", "--dataset", f"folder:{folder_data}",
-           "--preset", "tiny", "--steps", "1000000", "--sample-every", "0",
-           "--checkpoint-every", "0", "--out", str(out), "--no-progress", "--precision", "fp32",
-           "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cfgdiff",
+        "train",
+        "--dataset",
+        f"folder:{folder_data}",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1000000",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -1,0 +1,150 @@
+"""Samplers against the number of network evaluations (NFE).
+
+1. Gaussian-classes oracle (closed-form scores, tests/oracles.py): for each sampler and step
+   count, the error of the per-class mean and std at s = 1 (N samples per class) and, for the
+   deterministic samplers, the max distance to a 1000-step solution of the guided (s = 3) ODE.
+2. A trained checkpoint (optional, --checkpoint): class accuracy at s = 1 and s = 3 judged by
+   cfgdiff's own classifier, per sampler and step count.
+
+NFE counts network evaluations per sample: a guided step evaluates the network twice (one
+batched forward over [cond; null]); an s = 1 step once.
+
+    python bench/samplers.py [--quick] [--checkpoint runs/demo --n 200] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from oracles import GaussianClassesNet  # noqa: E402
+
+from cfgdiff.guidance import Guidance, guided_denoiser  # noqa: E402
+from cfgdiff.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
+from cfgdiff.schedule import cosine_schedule  # noqa: E402
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
+
+
+def oracle_table(steps_list: list[int], n: int) -> None:
+    sch = cosine_schedule(1000)
+    oracle = GaussianClassesNet(sch)
+    k = oracle.K
+    print(
+        f"Gaussian-classes oracle (means {tuple(oracle.mus.tolist())}, tau {oracle.tau}), "
+        f"cosine schedule, trailing spacing, {n} samples per class"
+    )
+    print(
+        f"{'sampler':9s} {'steps':>5s} {'NFE s=1':>7s} {'moment err s=1':>14s} "
+        f"{'NFE s=3':>7s} {'ODE err s=3':>11s}"
+    )
+    x_line = torch.linspace(-2.5, 2.5, 301, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    y_line = torch.arange(301) % k
+
+    def ode(sampler, steps):
+        d = guided_denoiser(
+            oracle, y_line, sch, null_label=k, guidance=Guidance(scale=3.0, threshold="none")
+        )
+        return sampler(d, x_line, sch, steps)
+
+    refs = {name: ode(f, 1000) for name, f in SAMPLERS.items() if name != "ddpm"}
+    for name, f in SAMPLERS.items():
+        for steps in steps_list:
+            g = torch.Generator().manual_seed(0)
+            err = 0.0
+            for c in range(k):
+                y = torch.full((n,), c)
+                d = guided_denoiser(
+                    oracle, y, sch, null_label=k, guidance=Guidance(scale=1.0, threshold="none")
+                )
+                x_T = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
+                out = f(d, x_T, sch, steps, generator=g)
+                err += abs(out.mean().item() - float(oracle.mus[c]))
+                err += abs(out.std().item() - oracle.tau)
+            ode_err = "-" if name == "ddpm" else f"{(ode(f, steps) - refs[name]).abs().max():.2e}"
+            print(
+                f"{name:9s} {steps:5d} {steps:7d} {err / (2 * k):14.2e} {2 * steps:7d} "
+                f"{ode_err:>11s}",
+                flush=True,
+            )
+
+
+def checkpoint_table(path: Path, steps_by_sampler: dict, n: int, device: str) -> None:
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
+    from cfgdiff.runtime import resolve_precision
+    from cfgdiff.sample import generate
+
+    dev = torch.device(device)
+    loaded = load_for_sampling(path, dev)
+    m = loaded.cfg.model
+    clf, meta = get_classifier(
+        loaded.cfg.dataset, device=dev, image_size=m.image_size, channels=m.in_channels
+    )
+    prec = resolve_precision("auto", dev)
+    labels = torch.arange(n) % m.num_classes
+    print(
+        f"\ncheckpoint {loaded.path} ({loaded.cfg.dataset}), {n} samples per cell, "
+        f"classifier test accuracy {meta['test_accuracy']:.4f}, {prec}"
+    )
+    print(
+        f"{'sampler':9s} {'steps':>5s} {'NFE s=1':>7s} {'acc s=1':>7s} {'NFE s=3':>7s} "
+        f"{'acc s=3':>7s} {'s=3 img/s':>9s}"
+    )
+    for name, steps_list in steps_by_sampler.items():
+        for steps in steps_list:
+            acc = {}
+            for s in (1.0, 3.0):
+                t0 = time.perf_counter()
+                imgs = generate(
+                    loaded.net,
+                    loaded.cfg,
+                    labels,
+                    scale=s,
+                    sampler=name,
+                    steps=steps,
+                    seed=0,
+                    batch_size=64 if dev.type == "cpu" else 1024,
+                    device=dev,
+                    precision=prec,
+                )
+                dt = time.perf_counter() - t0
+                acc[s] = class_accuracy(predict(clf, imgs, device=dev), labels)[0]
+            print(
+                f"{name:9s} {steps:5d} {steps:7d} {acc[1.0]:7.3f} {2 * steps:7d} {acc[3.0]:7.3f} "
+                f"{n / dt:9.1f}",
+                flush=True,
+            )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="seconds: few steps, few samples")
+    p.add_argument("--n", type=int, default=200, help="samples per checkpoint cell")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    if a.quick:
+        oracle_table([5, 10], 500)
+    else:
+        oracle_table([5, 10, 20, 50, 100], 20_000)
+    if a.checkpoint is not None:
+        steps = (
+            {"ddim": [5], "dpmpp-2m": [5]}
+            if a.quick
+            else {"ddpm": [10, 25, 50, 100], "ddim": [5, 10, 20, 50], "dpmpp-2m": [5, 10, 20, 50]}
+        )
+        checkpoint_table(a.checkpoint, steps, a.n, a.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
