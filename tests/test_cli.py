@@ -119,32 +119,6 @@ def test_sample_png_and_npz(run, tmp_path, capsys):
     )
 
 
-def test_eval_prints_accuracy(run, tmp_path, capsys):
-    js = tmp_path / "e.json"
-    rc = main(
-        [
-            "eval",
-            "--checkpoint",
-            str(run),
-            "--scale",
-            "2",
-            "--n",
-            "12",
-            "--steps",
-            "3",
-            "--data-dir",
-            str(tmp_path / "dd"),
-            "--json",
-            str(js),
-            "--precision",
-            "fp32",
-        ]
-    )
-    assert rc == 0
-    assert "class accuracy at s=2" in capsys.readouterr().out
-    assert js.is_file()
-
-
 def test_data_fetch_and_info(idx_dir, capsys):
     assert main(["data", "fetch", "mnist", "--data-dir", str(idx_dir)]) == 0
     assert main(["data", "info", "mnist", "--data-dir", str(idx_dir)]) == 0

@@ -96,17 +96,23 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------- parser
 
 
-def sampling_opts(sp: argparse.ArgumentParser) -> None:
-    """Options shared by `sample` and `eval`: checkpoint, sampler, guidance and its variants."""
+def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: bool = True) -> None:
+    """Options shared by `sample`, `eval` and `sweep`: checkpoint, sampler, guidance variants.
+
+    required=False leaves --checkpoint and --scale/--w to be checked by the command (eval has a
+    sub-action that needs neither); scale=False omits --scale/--w (sweep has --scales)."""
     sp.add_argument(
         "--checkpoint",
         type=Path,
-        required=True,
+        required=required,
         help="checkpoint folder, or a run folder (uses its latest checkpoint)",
     )
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scale", type=_float_in(-20, 100), help="guidance scale s (1 = conditional)")
-    g.add_argument("--w", type=_float_in(-21, 99), help="paper's guidance weight w = s - 1")
+    if scale:
+        g = sp.add_mutually_exclusive_group(required=required)
+        g.add_argument(
+            "--scale", type=_float_in(-20, 100), help="guidance scale s (1 = conditional)"
+        )
+        g.add_argument("--w", type=_float_in(-21, 99), help="paper's guidance weight w = s - 1")
     sp.add_argument("--sampler", default="dpmpp-2m", choices=["ddpm", "ddim", "dpmpp-2m"])
     sp.add_argument("--steps", type=_int_in(1, 100_000), default=20)
     sp.add_argument(
@@ -143,6 +149,37 @@ def sampling_opts(sp: argparse.ArgumentParser) -> None:
     v.add_argument("--apg-eta", type=_float_in(-10, 10), default=0.0)
     v.add_argument("--apg-norm-threshold", type=_float_in(0, 1e6), default=0.0)
     v.add_argument("--apg-momentum", type=_float_in(-1, 1), default=0.0)
+
+
+def eval_opts(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--dataset",
+        help="reference data (default: the checkpoint's; for train-classifier: required)",
+    )
+    sp.add_argument(
+        "--features",
+        default="classifier",
+        choices=["classifier", "inception"],
+        help="feature space of FID/KID/precision/recall: the dataset's own classifier (fast, "
+        "offline) or the standard FID Inception-v3 (RGB-comparable with published numbers)",
+    )
+    sp.add_argument("--inception", type=Path, help="a local copy of the FID Inception network")
+    sp.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where datasets, classifiers and models are cached",
+    )
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        out = [float(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not out or any(not -20 <= v <= 100 for v in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct numbers in [-20, 100], got {s!r}")
+    return out
 
 
 def _interval(s: str) -> tuple[float, float]:
@@ -193,6 +230,12 @@ def build_parser() -> Parser:
     tr.add_argument("--sample-every", type=_int_in(0), help="steps between preview grids (0: off)")
     tr.add_argument("--checkpoint-every", type=_int_in(0), help="steps between checkpoints")
     tr.add_argument("--keep", type=_int_in(1), help="checkpoints kept on disk")
+    tr.add_argument(
+        "--eval-every",
+        type=_int_in(0),
+        help="steps between small-N evaluations (FID, class accuracy) into eval.csv (0: off)",
+    )
+    tr.add_argument("--eval-n", type=_int_in(10, 100_000), help="samples per evaluation (500)")
     tr.add_argument("--image-size", type=_int_in(8, 1024), help="resize images to this side")
     tr.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the data's)")
     tr.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -212,11 +255,26 @@ def build_parser() -> Parser:
     sa.add_argument("--per-class", type=_int_in(1, 100_000), default=8)
     sa.add_argument("--out", type=Path, required=True, help="FILE.png (grid) or FILE.npz (arrays)")
 
-    ev = sub.add_parser("eval", help="class accuracy of generated samples (own classifier)")
-    sampling_opts(ev)
+    ev = sub.add_parser(
+        "eval",
+        help="FID, KID, IS, precision/recall, class accuracy and memorisation of samples",
+        description="cfgdiff eval --checkpoint PATH (--scale S | --w W) [--n N]  or  "
+        "cfgdiff eval train-classifier --dataset NAME",
+    )
+    ev.add_argument("action", nargs="?", choices=["train-classifier"], help=argparse.SUPPRESS)
+    sampling_opts(ev, required=False)
     ev.add_argument("--n", type=_int_in(10, 1_000_000), default=1000, help="samples in total")
     ev.add_argument("--json", type=Path, help="also write the results here")
-    data_opts(ev)
+    eval_opts(ev)
+
+    sw = sub.add_parser("sweep", help="metrics across guidance scales: CSV, JSON and plots")
+    sampling_opts(sw, scale=False)
+    g = sw.add_mutually_exclusive_group()
+    g.add_argument("--scales", type=_floats, default=None, help="comma-separated scales s")
+    g.add_argument("--ws", type=_floats, help="comma-separated paper weights w = s - 1")
+    sw.add_argument("--n", type=_int_in(10, 1_000_000), default=5000, help="samples per scale")
+    sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
+    eval_opts(sw)
 
     da = sub.add_parser("data", help="obtain datasets and show where they are")
     dsub = da.add_subparsers(dest="data_command", parser_class=Parser, metavar="ACTION")
@@ -283,6 +341,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = {
         k: getattr(a, k)
         for k in (
+            "eval_every",
+            "eval_n",
             "steps",
             "batch_size",
             "lr",
@@ -345,7 +405,15 @@ def cmd_train(a: argparse.Namespace) -> int:
                 )
         elif name in ("sample", "checkpoint", "strip") and bar is None:
             _log(f"{name}: {info['path']}")
+        elif name == "eval":
+            msg = f"eval at step {info['step']}: FID {info['fid']:.3f}, class accuracy "
+            msg += f"{info['class_accuracy']:.4f} (s={cfg.train.preview_scale:g})"
+            bar.write(f"cfgdiff: {msg}") if bar is not None else _log(msg)
 
+    precision = resolve_precision(a.precision, device)
+    evaluator = None
+    if cfg.train.eval_every:
+        evaluator = _training_evaluator(cfg, a, device, precision)
     t0 = time.perf_counter()
     with StopFlag() as stop:
         try:
@@ -354,10 +422,11 @@ def cmd_train(a: argparse.Namespace) -> int:
                 a.out,
                 data,
                 device=device,
-                precision=resolve_precision(a.precision, device),
+                precision=precision,
                 resume=a.resume,
                 on_event=on_event,
                 should_stop=stop,
+                evaluator=evaluator,
             )
         finally:
             if bar is not None:
@@ -382,6 +451,39 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     atomic_write_bytes(out / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
     return 0
+
+
+def _training_evaluator(cfg, a: argparse.Namespace, device, precision: str):
+    """Small-N evaluation during training: eval_n samples at the preview scale, classifier
+    features, against a reference built once."""
+    import torch
+
+    from cfgdiff.metrics.evaluate import build_reference, measure
+    from cfgdiff.sample import generate
+
+    t = cfg.train
+    ref = build_reference(
+        cfg, t.eval_n, dataset=a.dataset, data_dir=a.data_dir, device=device, log=_log
+    )
+    labels = torch.arange(t.eval_n) % cfg.model.num_classes
+
+    def evaluate(net) -> dict[str, float]:
+        images = generate(
+            net,
+            cfg,
+            labels,
+            scale=t.preview_scale,
+            sampler=t.preview_sampler,
+            steps=t.preview_steps,
+            seed=0,
+            batch_size=_sampling_batch(None, device),
+            device=device,
+            precision=precision,
+        )
+        m = measure(ref, images, labels)
+        return {k: m[k] for k in ("fid", "class_accuracy", "precision", "recall", "is")}
+
+    return evaluate
 
 
 def _scale(a: argparse.Namespace) -> tuple[float, str]:
@@ -526,54 +628,276 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
+METRIC_ROWS = [
+    ("fid", "FID", "{:.3f}"),
+    ("kid", "KID", "{:.5f}"),
+    ("is", "IS (classifier)", "{:.3f}"),
+    ("precision", "precision (k=3)", "{:.3f}"),
+    ("recall", "recall (k=3)", "{:.3f}"),
+    ("class_accuracy", "class accuracy", "{:.4f}"),
+    ("memorisation", "memorised", "{:.4f}"),
+]
+
+
+def _metrics_table(columns: dict[str, dict], features: str) -> str:
+    head = f"{'metric (' + features + ' features)':34s}" + "".join(f"{c:>14s}" for c in columns)
+    lines = [head]
+    for key, label, fmt in METRIC_ROWS:
+        lines.append(
+            f"{label:34s}" + "".join(f"{fmt.format(v[key]):>14s}" for v in columns.values())
+        )
+    return "\n".join(lines)
+
+
+def cmd_train_classifier(a: argparse.Namespace) -> int:
+    from cfgdiff.data import check_name
+    from cfgdiff.metrics.classifier import classifier_path, get_classifier
+    from cfgdiff.runtime import resolve_device
+
+    if a.dataset is None:
+        raise ConfigError("eval train-classifier: --dataset is required")
+    check_name(a.dataset)
+    device = resolve_device(a.device)
+    _, meta = get_classifier(
+        a.dataset, a.data_dir, device=device, log=_log, image_size=a.image_size
+    )
+    path = classifier_path(a.data_dir or _default_data_dir(), a.dataset)
+    print(
+        f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, trained in "
+        f"{meta['train_seconds']} s ({meta['precision']}, {meta['epochs']} epochs), weights "
+        f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"
+    )
+    return 0
+
+
+def _default_data_dir():
+    from cfgdiff.data import default_data_dir
+
+    return default_data_dir()
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
+    from cfgdiff.metrics.evaluate import build_reference, floor, measure
     from cfgdiff.runtime import resolve_device
 
+    if a.action == "train-classifier":
+        a.image_size = None
+        return cmd_train_classifier(a)
+    if a.checkpoint is None:
+        raise ConfigError("eval: --checkpoint is required (or use: eval train-classifier)")
+    if a.scale is None and a.w is None:
+        raise ConfigError("eval: one of --scale or --w is required")
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
-    m = loaded.cfg.model
-    clf, meta = get_classifier(
-        loaded.cfg.dataset,
-        a.data_dir,
+    ref = build_reference(
+        loaded.cfg,
+        a.n,
+        dataset=a.dataset,
+        features=a.features,
+        data_dir=a.data_dir,
+        inception=a.inception,
         device=device,
         log=_log,
-        image_size=m.image_size,
-        channels=m.in_channels,
     )
-    if (meta["in_channels"], meta["num_classes"]) != (m.in_channels, m.num_classes):
-        raise ConfigError(
-            f"classifier for {loaded.cfg.dataset} has {meta['in_channels']} channels and "
-            f"{meta['num_classes']} classes; checkpoint has {m.in_channels} and {m.num_classes}"
-        )
     scale, _ = _scale(a)
     guidance, record = _guidance(a, loaded, scale, device)
-    labels = torch.arange(a.n) % m.num_classes
+    labels = torch.arange(a.n) % loaded.cfg.model.num_classes
     t0 = time.perf_counter()
     images = _generate(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
-    acc, per = class_accuracy(predict(clf, images, device=device), labels)
+    gen = measure(ref, images, labels)
+    real = floor(ref)
     result = {
         **record,
         "n": a.n,
-        "class_accuracy": acc,
-        "per_class_accuracy": per,
-        "classifier_test_accuracy": meta["test_accuracy"],
+        "dataset": ref.dataset,
+        "features": a.features,
+        "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
         "sampling_images_per_s": a.n / dt,
+        "generated": gen,
+        "real_floor": real,
+        # flat copies of the headline numbers
+        "class_accuracy": gen["class_accuracy"],
+        "fid": gen["fid"],
     }
     print(
-        f"class accuracy at s={scale:g} (w={scale - 1:g}): {acc:.4f} over {a.n} samples "
-        f"({a.sampler} {a.steps} steps; classifier test accuracy {meta['test_accuracy']:.4f}; "
-        f"{a.n / dt:.1f} images/s)"
+        f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
+        f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
     )
-    print("per class: " + " ".join(f"{c}:{v:.3f}" for c, v in enumerate(per)))
+    print(_metrics_table({"generated": gen, "real floor": real}, a.features))
+    print(
+        "class accuracy per class: "
+        + " ".join(f"{c}:{v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
+    )
+    print(
+        f"(judge: {ref.dataset} classifier, test accuracy {result['classifier_test_accuracy']:.4f})"
+    )
     if a.json is not None:
         from cfgdiff.data.download import atomic_write_bytes
 
         atomic_write_bytes(a.json, json.dumps(result, indent=1).encode())
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    import csv
+
+    import torch
+
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.data.download import atomic_write_bytes
+    from cfgdiff.metrics.evaluate import build_reference, floor, measure
+    from cfgdiff.runtime import resolve_device, resolve_precision
+    from cfgdiff.train import guidance_strip
+    from cfgdiff.viz import line_plot, save_png
+
+    scales = [w + 1 for w in a.ws] if a.ws else (a.scales or [0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    device = resolve_device(a.device)
+    loaded = load_for_sampling(a.checkpoint, device)
+    out = a.out or loaded.path.parent.parent / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    ref = build_reference(
+        loaded.cfg,
+        a.n,
+        dataset=a.dataset,
+        features=a.features,
+        data_dir=a.data_dir,
+        inception=a.inception,
+        device=device,
+        log=_log,
+    )
+    k = loaded.cfg.model.num_classes
+    g, record = _guidance(a, loaded, 1.0, device)
+    per_sample = torch.tensor([s for s in scales for _ in range(a.n)], dtype=torch.float32)
+    labels = (torch.arange(a.n) % k).repeat(len(scales))
+    indices = list(range(a.n)) * len(scales)  # the same noise at every scale
+    t0 = time.perf_counter()
+    from cfgdiff.sample import generate
+
+    images = generate(
+        loaded.net,
+        loaded.cfg,
+        labels,
+        guidance=dataclasses.replace(g, scale=per_sample),
+        sampler=a.sampler,
+        steps=a.steps,
+        eta=a.eta,
+        spacing=a.spacing,
+        seed=a.seed,
+        batch_size=_sampling_batch(a.batch_size, device),
+        indices=indices,
+        device=device,
+        precision=resolve_precision(a.precision, device),
+    )
+    dt = time.perf_counter() - t0
+    rows = []
+    for i, s in enumerate(scales):
+        m = measure(ref, images[i * a.n : (i + 1) * a.n], labels[: a.n])
+        rows.append(
+            {
+                "scale": s,
+                "w": s - 1,
+                **{key: m[key] for key, _, _ in METRIC_ROWS},
+                "kid_std": m["kid_std"],
+                "is_std": m["is_std"],
+            }
+        )
+        _log(
+            f"s={s:g}: FID {m['fid']:.3f}, IS {m['is']:.3f}, accuracy {m['class_accuracy']:.4f}, "
+            f"precision {m['precision']:.3f}, recall {m['recall']:.3f}"
+        )
+    real = floor(ref)
+    fields = list(rows[0])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    w.writerow(
+        {
+            "scale": "real",
+            "w": "",
+            **{key: real[key] for key, _, _ in METRIC_ROWS},
+            "kid_std": real["kid_std"],
+            "is_std": real["is_std"],
+        }
+    )
+    atomic_write_bytes(out / "sweep.csv", buf.getvalue().encode())
+    record.pop("scale"), record.pop("w")
+    result = {
+        **record,
+        "scales": scales,
+        "n": a.n,
+        "dataset": ref.dataset,
+        "features": a.features,
+        "rows": rows,
+        "real_floor": real,
+        "sampling_images_per_s": len(labels) / dt,
+    }
+    atomic_write_bytes(out / "sweep.json", json.dumps(result, indent=1).encode())
+    xs = scales
+    col = {
+        key: [r[key] for r in rows]
+        for key in ("fid", "is", "class_accuracy", "precision", "recall")
+    }
+    flat = lambda key: (xs, [real[key]] * len(xs))  # noqa: E731
+    f = a.features
+    plots = {
+        "fid_vs_scale.png": (
+            {"generated": (xs, col["fid"]), "real floor": flat("fid")},
+            f"FID ({f} features) vs guidance scale s",
+            "s",
+            "FID",
+        ),
+        "accuracy_vs_scale.png": (
+            {"generated": (xs, col["class_accuracy"]), "real floor": flat("class_accuracy")},
+            "class accuracy vs guidance scale s",
+            "s",
+            "accuracy",
+        ),
+        "precision_recall_vs_scale.png": (
+            {"precision": (xs, col["precision"]), "recall": (xs, col["recall"])},
+            "precision and recall (k=3) vs s",
+            "s",
+            "fraction",
+        ),
+        "fid_vs_is.png": (
+            {"generated (s in CSV order)": (col["is"], col["fid"])},
+            "FID vs IS: the guidance frontier",
+            "IS (classifier)",
+            "FID",
+        ),
+    }
+    for name, (series, title, xl, yl) in plots.items():
+        labels_ = [f"s={s:g}" for s in scales] if name == "fid_vs_is.png" else None
+        save_png(line_plot(series, title, xl, yl, point_labels=labels_), out / name)
+    strip = guidance_strip(
+        loaded.net,
+        loaded.cfg,
+        [str(c) for c in range(k)],
+        device,
+        resolve_precision(a.precision, device),
+        seed=a.seed,
+        scales=scales,
+        steps=a.steps,
+    )
+    save_png(strip, out / "strip.png")
+    print(
+        f"{len(scales)} scales x {a.n} samples ({len(labels) / dt:.1f} images/s); "
+        f"{a.features} features; real floor in the last row"
+    )
+    print(f"{'s':>6s} {'w':>6s} {'FID':>9s} {'IS':>7s} {'acc':>7s} {'prec':>6s} {'recall':>6s}")
+    for r in rows + [{"scale": float("nan"), "w": float("nan"), **real}]:
+        print(
+            f"{r['scale']:6g} {r['w']:6g} {r['fid']:9.3f} {r['is']:7.3f} "
+            f"{r['class_accuracy']:7.4f} {r['precision']:6.3f} {r['recall']:6.3f}"
+        )
+    print(
+        f"wrote {out}/sweep.csv, sweep.json, fid_vs_scale.png, accuracy_vs_scale.png, "
+        "precision_recall_vs_scale.png, fid_vs_is.png, strip.png"
+    )
     return 0
 
 
@@ -604,7 +928,13 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "data": cmd_data}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "sweep": cmd_sweep,
+    "data": cmd_data,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,7 +124,8 @@ def _write_loss_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _read_loss_csv(path: Path, upto_step: int) -> list[dict[str, Any]]:
+def _read_csv(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Rows of a per-step CSV up to and including `upto_step` (a resumed run rewrites the rest)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -197,8 +198,12 @@ def train(
     on_event: Event | None = None,
     should_stop: Callable[[], bool] | None = None,
     final_strip: bool = True,
+    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a run in run_dir. See the module docstring for the files it writes."""
+    """Train (or resume) a run in run_dir. See the module docstring for the files it writes.
+
+    evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
+    eval.csv (e.g. a small-N FID and class accuracy, see cli.py)."""
     cfg.validate()
     device = torch.device(device)
     m = cfg.model
@@ -216,12 +221,21 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         return _train_locked(
-            cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip
+            cfg,
+            run_dir,
+            data,
+            device,
+            precision,
+            resume,
+            on_event,
+            should_stop,
+            final_strip,
+            evaluator,
         )
 
 
 def _train_locked(
-    cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip
+    cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip, evaluator
 ):
     emit = on_event or (lambda name, info: None)
     t = cfg.train
@@ -274,7 +288,7 @@ def _train_locked(
                 f"{existing / 'state.pt'}: incompatible training state ({e})"
             ) from None
         del ema_net
-    rows = _read_loss_csv(run_dir / "loss.csv", start) if resume else []
+    rows = _read_csv(run_dir / "loss.csv", start) if resume else []
     _write_loss_csv(run_dir / "loss.csv", rows)
 
     ema_net = UNet(cfg.model).to(device).eval()
@@ -307,6 +321,19 @@ def _train_locked(
         )
         emit("checkpoint", {"step": step, "path": str(path)})
         return path
+
+    eval_rows = _read_csv(run_dir / "eval.csv", start) if resume else []
+
+    def write_eval(step: int) -> None:
+        ema.copy_to(ema_net)
+        metrics = evaluator(ema_net)
+        eval_rows.append({"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(eval_rows[-1]))
+        w.writeheader()
+        w.writerows(eval_rows)
+        atomic_write_bytes(run_dir / "eval.csv", buf.getvalue().encode())
+        emit("eval", {"step": step, **metrics})
 
     def write_preview(step: int) -> None:
         ema.copy_to(ema_net)
@@ -353,7 +380,7 @@ def _train_locked(
             rows.append(
                 {
                     "step": step,
-                    "loss": f"{last_loss:.6g}",
+                    "loss": repr(last_loss),  # full precision: resume is checked bit for bit
                     "lr": f"{lr:.6g}",
                     "images_per_s": f"{ips:.1f}",
                     "elapsed_s": f"{now - t0:.1f}",
@@ -366,6 +393,8 @@ def _train_locked(
         emit("step", {"step": step, "loss": last_loss, "images_per_s": ips, "lr": lr})
         if t.sample_every and step % t.sample_every == 0:
             write_preview(step)
+        if evaluator is not None and t.eval_every and step % t.eval_every == 0:
+            write_eval(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             last_ckpt = save(step)
         if should_stop is not None and should_stop() and step < t.steps:

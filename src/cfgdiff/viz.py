@@ -70,6 +70,7 @@ def line_plot(
     ylabel: str,
     logy: bool = False,
     size: tuple[int, int] = (640, 400),
+    point_labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """A minimal line plot: one polyline per series, axes with min/max ticks, a legend."""
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
@@ -115,5 +116,8 @@ def line_plot(
             draw.line(pts, fill=color, width=2)
         for p in pts if len(pts) <= 30 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+        if point_labels is not None and k == 0:
+            for p, text in zip(pts, point_labels, strict=False):
+                draw.text((p[0] + 4, p[1] - 12), text, fill=color, font=font)
         draw.text((ml + pw - 150, mt + 6 + 12 * k), name, fill=color, font=font)
     return img

@@ -53,15 +53,55 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return f, self.head(f)
+
+
+# Per-dataset training recipe: epochs and whether horizontal flips are label-preserving
+# (true for clothes and CIFAR objects, false for digits and unknown folders).
+RECIPES = {
+    "mnist": {"epochs": 3, "flip": False},
+    "fashion-mnist": {"epochs": 6, "flip": True},
+    "cifar10": {"epochs": 8, "flip": True},
+}
+DEFAULT_RECIPE = {"epochs": 3, "flip": False}
+
+
+class ClassifierFeatures:
+    """uint8 images -> (penultimate features (N, 4*width), logits (N, K)) of a SmallCNN."""
+
+    name = "classifier"
+
+    def __init__(self, net: SmallCNN, device: torch.device | str = "cpu"):
+        self.net = net.to(device).eval()
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, batch_size: int = 1000):
+        feats, logits = [], []
+        for i in range(0, images.shape[0], batch_size):
+            f, lg = self.net.features_and_logits(
+                _to_input(images[i : i + batch_size].to(self.device))
+            )
+            feats.append(f.float().cpu())
+            logits.append(lg.float().cpu())
+        return torch.cat(feats), torch.cat(logits)
+
 
 def _to_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
-def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to max_shift pixels (same shift for the whole batch)."""
+def _augment(x: torch.Tensor, g: torch.Generator, flip: bool, max_shift: int = 2) -> torch.Tensor:
+    """Random translation by up to max_shift pixels (one shift per batch) and, if `flip`,
+    a horizontal flip of each image with probability 1/2."""
     dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=g)).tolist()
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if flip:
+        mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device).reshape(-1, 1, 1, 1)
+        x = torch.where(mask, x.flip(3), x)
+    return x
 
 
 def train_classifier(
@@ -69,6 +109,7 @@ def train_classifier(
     test: Dataset,
     *,
     epochs: int = 3,
+    flip: bool = False,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
@@ -93,7 +134,7 @@ def train_classifier(
         perm = torch.randperm(n, generator=g).to(device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = _shift(_to_input(x_all[idx]), g)
+            x = _augment(_to_input(x_all[idx]), g, flip)
             with autocast(device, precision):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y_all[idx], label_smoothing=0.05)
@@ -180,8 +221,9 @@ def get_classifier(
             log(f"classifier epoch {ep}: test accuracy {acc:.4f}")
 
     precision = resolve_precision("auto", torch.device(device))
+    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
     net, acc = train_classifier(
-        train, test, device=device, precision=precision, on_epoch=epoch_note
+        train, test, device=device, precision=precision, on_epoch=epoch_note, **recipe
     )
     meta = {
         "version": CLASSIFIER_VERSION,
@@ -193,6 +235,7 @@ def get_classifier(
         "test_accuracy": acc,
         "train_seconds": round(time.perf_counter() - t0, 1),
         "precision": precision,
+        **recipe,
         "weights_sha256": _weights_sha(net),
     }
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,133 @@
+"""Evaluating generated samples against real data: the report behind `cfgdiff eval` and
+`cfgdiff sweep`.
+
+Owns: the choice of feature extractor (the dataset's own classifier, or the FID Inception
+network), the real reference (N training images) and the real-vs-real floor (N test images
+measured exactly like generated ones, so every number has a baseline). Knows nothing about
+sampling: it is given images and their requested labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cfgdiff.config import RunConfig
+from cfgdiff.data import Dataset, default_data_dir, load_dataset
+from cfgdiff.errors import ConfigError
+from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
+from cfgdiff.metrics.stats import fid, inception_score, kid, memorisation, precision_recall
+
+METRIC_KEYS = ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation")
+
+
+@dataclass
+class Reference:
+    """Real data and extractors for one dataset at one model's size and channels."""
+
+    dataset: str
+    classifier: ClassifierFeatures
+    classifier_meta: dict
+    features: object  # ClassifierFeatures or InceptionFeatures
+    real_features: torch.Tensor  # features of n training images
+    train_pixels: torch.Tensor  # all training images, uint8 (for memorisation)
+    held_out: Dataset  # n real images not in the reference, for the floor
+    n: int
+
+
+def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
+    m = cfg.model
+    if data.channels != m.in_channels:
+        raise ConfigError(
+            f"--dataset {dataset} has {data.channels} channel(s); the checkpoint has "
+            f"{m.in_channels}"
+        )
+    if data.num_classes != m.num_classes:
+        raise ConfigError(
+            f"--dataset {dataset} has {data.num_classes} classes; the checkpoint has "
+            f"{m.num_classes}"
+        )
+
+
+def build_reference(
+    cfg: RunConfig,
+    n: int,
+    *,
+    dataset: str | None = None,
+    features: str = "classifier",
+    data_dir: Path | None = None,
+    inception: Path | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    log=None,
+) -> Reference:
+    """Real reference for comparing n generated samples of a model with config `cfg`."""
+    dataset = dataset or cfg.dataset
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    m = cfg.model
+    native = load_dataset(dataset, data_dir, log=log)
+    check_compatible(cfg, dataset, native)
+    train = load_dataset(dataset, data_dir, image_size=m.image_size, channels=m.in_channels)
+    if dataset.startswith("folder:"):  # no test split: hold out every 10th image
+        held = torch.arange(len(train)) % 10 == 0
+        test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
+        train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
+    else:
+        test = load_dataset(
+            dataset, data_dir, split="test", image_size=m.image_size, channels=m.in_channels
+        )
+    if n > len(test) or n > len(train):
+        raise ConfigError(
+            f"--n must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real floor "
+            f"compares N training with N held-out images), got {n}"
+        )
+    clf_net, clf_meta = get_classifier(
+        dataset, data_dir, device=device, log=log, image_size=m.image_size, channels=m.in_channels
+    )
+    clf = ClassifierFeatures(clf_net, device)
+    if features == "classifier":
+        extractor = clf
+    elif features == "inception":
+        from cfgdiff.metrics.inception import InceptionFeatures, inception_path
+
+        extractor = InceptionFeatures(inception_path(data_dir, inception, log), device)
+    else:
+        raise ConfigError(f"--features must be classifier or inception, got {features!r}")
+    g = torch.Generator().manual_seed(seed)
+    train_idx = torch.randperm(len(train), generator=g)[:n]
+    test_idx = torch.randperm(len(test), generator=g)[:n]
+    real_features, _ = extractor(train.images[train_idx])
+    held = Dataset(dataset, test.images[test_idx], test.labels[test_idx], test.class_names)
+    return Reference(dataset, clf, clf_meta, extractor, real_features, train.images, held, n)
+
+
+def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Every metric of `images` (uint8) generated for `labels`, against the reference."""
+    feats, logits = ref.features(images)
+    if ref.features is not ref.classifier:
+        _, logits = ref.classifier(images)
+    acc, per = class_accuracy(logits, labels.cpu())
+    is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(labels) // 100)))
+    kid_mean, kid_std = kid(ref.real_features, feats, subsets=50, subset_size=min(1000, len(feats)))
+    p, r = precision_recall(ref.real_features, feats, k=3)
+    mem = memorisation(images.float() / 255, ref.train_pixels.float() / 255)
+    return {
+        "fid": fid(ref.real_features, feats),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "is": is_mean,
+        "is_std": is_std,
+        "precision": p,
+        "recall": r,
+        "class_accuracy": acc,
+        "per_class_accuracy": per,
+        "memorisation": mem["fraction"],
+        "memorisation_detail": mem,
+    }
+
+
+def floor(ref: Reference) -> dict:
+    """The real-vs-real floor: held-out real images measured exactly like generated ones."""
+    return measure(ref, ref.held_out.images, ref.held_out.labels)

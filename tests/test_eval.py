@@ -1,0 +1,291 @@
+"""eval / sweep / train-classifier end to end on a tiny checkpoint, plus their bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cfgdiff.cli import main
+from cfgdiff.data import Dataset
+from cfgdiff.metrics.classifier import train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("evaldata") / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(40):
+            a = (rng.random((8, 8)) * 60).astype(np.uint8)
+            a[:, 2 * c + 1 : 2 * c + 3] = 255
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(big_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"folder:{big_folder}",
+                "--preset",
+                "tiny",
+                "--out",
+                str(out),
+                "--steps",
+                "10",
+                "--no-progress",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_eval_reports_every_metric_and_the_floor(run, tmp_path, capsys):
+    js = tmp_path / "e.json"
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "2",
+            "--n",
+            "12",
+            "--steps",
+            "3",
+            "--data-dir",
+            str(tmp_path / "dd"),
+            "--json",
+            str(js),
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    for label in (
+        "FID",
+        "KID",
+        "IS (classifier)",
+        "precision",
+        "recall",
+        "class accuracy",
+        "memorised",
+        "real floor",
+    ):
+        assert label in out
+    r = json.loads(js.read_text())
+    for key in ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation"):
+        assert key in r["generated"] and key in r["real_floor"]
+    assert r["scale"] == 2 and r["n"] == 12
+
+
+def test_sweep_writes_all_files(run, tmp_path, capsys):
+    out = tmp_path / "sw"
+    rc = main(
+        [
+            "sweep",
+            "--checkpoint",
+            str(run),
+            "--scales",
+            "0,1,3",
+            "--n",
+            "12",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp_path / "dd"),
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    for name in (
+        "sweep.csv",
+        "sweep.json",
+        "fid_vs_scale.png",
+        "accuracy_vs_scale.png",
+        "precision_recall_vs_scale.png",
+        "fid_vs_is.png",
+        "strip.png",
+    ):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["scale"] for r in rows] == ["0.0", "1.0", "3.0", "real"]
+    assert json.loads((out / "sweep.json").read_text())["scales"] == [0.0, 1.0, 3.0]
+
+
+def test_sweep_matches_separate_evals(run, tmp_path):
+    """Batching scales together gives the same metrics as one eval per scale."""
+    out = tmp_path / "sw"
+    dd = str(tmp_path / "dd")
+    common = [
+        "--n",
+        "12",
+        "--steps",
+        "3",
+        "--data-dir",
+        dd,
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "7",
+    ]
+    assert (
+        main(["sweep", "--checkpoint", str(run), "--scales", "1,3", "--out", str(out), *common])
+        == 0
+    )
+    swept = json.loads((out / "sweep.json").read_text())["rows"]
+    for row in swept:
+        js = tmp_path / f"e{row['scale']}.json"
+        assert (
+            main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(run),
+                    "--scale",
+                    str(row["scale"]),
+                    "--json",
+                    str(js),
+                    *common,
+                ]
+            )
+            == 0
+        )
+        single = json.loads(js.read_text())["generated"]
+        assert single["class_accuracy"] == pytest.approx(row["class_accuracy"])
+        assert single["fid"] == pytest.approx(row["fid"], rel=1e-4, abs=1e-6)
+
+
+def test_train_classifier_command(big_folder, tmp_path, capsys):
+    rc = main(
+        [
+            "eval",
+            "train-classifier",
+            "--dataset",
+            f"folder:{big_folder}",
+            "--data-dir",
+            str(tmp_path / "dd"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "sha256" in out
+
+
+def test_classifier_training_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(60, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    y = torch.arange(60) % 3
+    ds = Dataset("t", x, y, ("a", "b", "c"))
+    a, _ = train_classifier(ds, ds, epochs=2, batch_size=16, width=8)
+    b, _ = train_classifier(ds, ds, epochs=2, batch_size=16, width=8)
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--dataset", "imagenet"], "--dataset must be one of"),
+        (["--n", "1000"], "--n must be <= 12"),
+        (["--dataset", "cifar10"], "has 3 channel(s); the checkpoint has 1"),
+        (["--dataset", "FOLDER2"], "has 2 classes; the checkpoint has 3"),
+    ],
+)
+def test_eval_bad_inputs(run, big_folder, tmp_path, extra, message, capsys, monkeypatch):
+    if "cifar10" in extra:  # a synthetic CIFAR archive with a matching md5, so no download
+        from test_data import _cifar_archive
+
+        from cfgdiff.data import sources
+        from cfgdiff.data.download import file_digest
+
+        path = tmp_path / "dd" / sources.CIFAR10_ARCHIVE
+        path.parent.mkdir(parents=True)
+        _cifar_archive(path)
+        monkeypatch.setattr(sources, "CIFAR10_MD5", file_digest(path, "md5"))
+    if "FOLDER2" in extra:
+        import shutil
+
+        two = tmp_path / "two"
+        for c in ("c0", "c1"):
+            shutil.copytree(big_folder / c, two / c)
+        extra = ["--dataset", f"folder:{two}"]
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run),
+            "--scale",
+            "2",
+            "--n",
+            "12",
+            "--steps",
+            "2",
+            "--data-dir",
+            str(tmp_path / "dd"),
+            *extra,
+        ]
+    )
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_requires_checkpoint_and_scale(capsys):
+    assert main(["eval", "--scale", "3"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert main(["eval", "train-classifier"]) == 2
+    assert "--dataset is required" in capsys.readouterr().err
+
+
+def test_evaluation_during_training(big_folder, tmp_path):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            f"folder:{big_folder}",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--eval-every",
+            "5",
+            "--eval-n",
+            "12",
+            "--no-progress",
+            "--precision",
+            "fp32",
+            "--data-dir",
+            str(tmp_path / "dd"),
+        ]
+    )
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "eval.csv")))
+    assert [r["step"] for r in rows] == ["5", "10"]
+    assert {"fid", "class_accuracy", "precision", "recall", "is"} <= set(rows[0])
