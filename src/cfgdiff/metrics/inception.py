@@ -17,6 +17,7 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,9 @@ class InceptionFeatures:
     def __init__(self, path: Path, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         try:
-            self.net = torch.jit.load(str(path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot load the Inception network ({e})") from None
 
