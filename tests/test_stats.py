@@ -94,3 +94,13 @@ def test_memorisation():
     fresh = torch.rand(50, 1, 6, 6, generator=g)
     res = memorisation(fresh, train)
     assert res["fraction"] < 0.1 and math.isfinite(res["threshold"])
+
+
+def test_class_accuracy_overall_and_per_class():
+    from cfgdiff.metrics.classifier import class_accuracy
+
+    logits = torch.eye(3)[[0, 1, 2, 0, 2, 2]]  # predicted 0 1 2 0 2 2
+    labels = torch.tensor([0, 1, 2, 1, 1, 2])
+    acc, per = class_accuracy(logits, labels)
+    assert acc == pytest.approx(4 / 6)
+    assert per == pytest.approx([1.0, 1 / 3, 1.0])
