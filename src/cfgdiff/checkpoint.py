@@ -4,6 +4,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding
   model.safetensors  raw weights            ema.safetensors  EMA weights (used for sampling)
   config.json        RunConfig + format version + guidance convention and null label
   state.pt           optimizer, step, RNG states, data position (torch.load(weights_only=True))
+  MANIFEST.json      SHA-256 of the four files above, checked before anything is loaded
 It is built under a temporary name, every file fsynced, then renamed into place; the `latest`
 pointer file is replaced atomically afterwards and old checkpoints are pruned last. Loading never
 unpickles code: tensors come from safetensors, the rest from JSON and weights_only torch.load.
@@ -11,6 +12,7 @@ unpickles code: tensors come from safetensors, the rest from JSON and weights_on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,11 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data.download import atomic_write_bytes
-from cfgdiff.errors import CfgDiffError, CheckpointError
+from cfgdiff.data.download import atomic_write_bytes, file_digest
+from cfgdiff.errors import CfgDiffError, CheckpointError, RuntimeFault
 from cfgdiff.unet import UNet
 
 PREFIX = "step-"
+MANIFEST = "MANIFEST.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,6 +63,26 @@ def save_checkpoint(
     name = f"{PREFIX}{step:07d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    try:
+        _write(tmp, final, ckpt_root, name, cfg, model, ema, state)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise RuntimeFault(
+                f"disk full while writing checkpoint {name} in {ckpt_root}: free space or lower "
+                "--keep (the previous checkpoint is intact)"
+            ) from None
+        raise CheckpointError(
+            f"cannot write checkpoint {name} in {ckpt_root}: {e.strerror or e}"
+        ) from None
+    atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, state) -> None:
+    """Build the checkpoint in `tmp`, fsync it, rename it to `final`; no trace left on failure."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -72,6 +95,8 @@ def save_checkpoint(
         )
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         torch.save(state, tmp / "state.pt")
+        manifest = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
@@ -86,11 +111,38 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def clean_stale(ckpt_root: Path) -> list[str]:
+    """Remove half-written (.tmp-*) and half-replaced (.old-*) folders a killed process left.
+    Only call this while holding the run lock."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    for p in ckpt_root.glob(".latest.*.tmp") if ckpt_root.is_dir() else []:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def verify(ckpt: Path) -> None:
+    """Check every file against MANIFEST.json (SHA-256): catches truncation and flipped bits."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except OSError:
+        raise CheckpointError(
+            f"{ckpt}: no {MANIFEST} (incomplete or not a cfgdiff checkpoint)"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / MANIFEST}: not valid JSON ({e})") from None
+    for name, digest in manifest.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if file_digest(path) != digest:
+            raise CheckpointError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted file)")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -180,6 +232,7 @@ class Loaded:
 
 def load_for_sampling(path: Path, device: torch.device | str = "cpu", ema: bool = True) -> Loaded:
     ckpt = resolve(path)
+    verify(ckpt)
     cfg = read_config(ckpt)
     net = UNet(cfg.model)
     load_weights(ckpt, "ema" if ema else "model", net)

@@ -5,7 +5,9 @@
     cfgdiff eval    --checkpoint PATH (--scale S | --w W) [--n N]   (class accuracy)
     cfgdiff data    fetch NAME | info NAME
 
-Exit status: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted twice.
+Exit status: 0 success; 2 bad input (one line on stderr, no traceback); 1 a run that could not go
+on (non-finite loss, out of memory, disk full: one line saying what to change); 130 interrupted
+twice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cfgdiff.config import GUIDANCE_CONVENTION
-from cfgdiff.errors import CfgDiffError, ConfigError
+from cfgdiff.errors import CfgDiffError, ConfigError, RuntimeFault
 
 
 class UsageError(CfgDiffError):
@@ -231,6 +233,11 @@ def build_parser() -> Parser:
     tr.add_argument("--checkpoint-every", type=_int_in(0), help="steps between checkpoints")
     tr.add_argument("--keep", type=_int_in(1), help="checkpoints kept on disk")
     tr.add_argument(
+        "--skip-nonfinite",
+        type=_int_in(0),
+        help="skip up to N batches with a non-finite loss or gradient (default 0: stop)",
+    )
+    tr.add_argument(
         "--eval-every",
         type=_int_in(0),
         help="steps between small-N evaluations (FID, class accuracy) into eval.csv (0: off)",
@@ -343,6 +350,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         for k in (
             "eval_every",
             "eval_n",
+            "skip_nonfinite",
             "steps",
             "batch_size",
             "lr",
@@ -948,6 +956,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"cfgdiff: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeFault as e:
+        print(f"cfgdiff: error: {e}", file=sys.stderr)
+        return 1
     except CfgDiffError as e:
         print(f"cfgdiff: error: {e}", file=sys.stderr)
         return 2

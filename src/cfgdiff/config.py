@@ -110,6 +110,7 @@ class TrainConfig:
     sample_every: int = 1000  # steps between preview grids; 0 disables
     checkpoint_every: int = 1000  # steps between checkpoints; 0 = only at the end
     keep: int = 3  # checkpoints kept on disk (the newest); >= 1
+    skip_nonfinite: int = 0  # batches with a non-finite loss/gradient that may be skipped; 0 stops
     eval_every: int = 0  # steps between small-N evaluations into eval.csv; 0 disables
     eval_n: int = 500  # samples of each evaluation during training
     preview_scale: float = 3.0  # guidance scale s of preview grids
@@ -131,6 +132,7 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("keep", self.keep >= 1, ">= 1"),
             ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("skip_nonfinite", self.skip_nonfinite >= 0, ">= 0"),
             ("eval_n", self.eval_n >= 10, ">= 10"),
             ("preview_steps", self.preview_steps >= 1, ">= 1"),
             ("preview_per_class", self.preview_per_class >= 1, ">= 1"),

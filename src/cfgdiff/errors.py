@@ -18,3 +18,7 @@ class DataError(CfgDiffError):
 
 class CheckpointError(CfgDiffError):
     """A checkpoint is missing, truncated, corrupt or does not match what was asked for."""
+
+
+class RuntimeFault(CfgDiffError):
+    """Training could not go on: non-finite loss, out of memory, disk full. Exit status 1."""

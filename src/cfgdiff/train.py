@@ -29,7 +29,7 @@ from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
-from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.runtime import autocast as autocast_ctx
 from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.schedule import make_schedule
@@ -240,6 +240,7 @@ def _train_locked(
     emit = on_event or (lambda name, info: None)
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
+    ckpt_io.clean_stale(ckpt_root)  # leftovers of a killed process (we hold the lock)
     existing = ckpt_io.latest_checkpoint(ckpt_root)
     if existing is not None and not resume:
         raise ConfigError(
@@ -263,6 +264,7 @@ def _train_locked(
     loss_acc = torch.zeros((), device=device)
     acc_n = 0
     if resume:
+        ckpt_io.verify(existing)
         saved = ckpt_io.read_config(existing)
         _check_resume_compatible(saved, cfg)
         ckpt_io.load_weights(existing, "model", net)
@@ -345,38 +347,77 @@ def _train_locked(
     t0 = time.perf_counter()
     t_window = t0
     images_window = 0
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = existing if resume else None
     last_loss: float | None = float(rows[-1]["loss"]) if rows else None
     stopped = False
     step = start
     ips = 0.0
+    # Non-finite loss or gradient: without --skip-nonfinite the first bad step is recorded on the
+    # device (no host sync per step) and checked before anything is logged or saved; with it,
+    # every step is checked and a bad batch is skipped (no optimizer or EMA update).
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    skipped = 0
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            raise RuntimeFault(
+                f"loss or gradient became non-finite at step {bad}; stopped without saving "
+                f"(last good checkpoint: {last_ckpt or 'none'}); lower --lr, or pass "
+                "--skip-nonfinite N to skip up to N bad batches"
+            )
+
+    def oom(step: int) -> RuntimeFault:
+        return RuntimeFault(
+            f"out of memory at step {step + 1} with --batch-size {t.batch_size} on {device}: "
+            f"lower --batch-size (last checkpoint: {last_ckpt or 'none'})"
+        )
+
     while step < t.steps:
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = batches.next()
-        with autocast_ctx(device, precision):
-            loss = training_loss(net, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        opt.step()
+        try:
+            with autocast_ctx(device, precision):
+                loss = training_loss(net, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            finite = torch.isfinite(loss.detach())
+            if t.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+                finite = finite & torch.isfinite(norm)
+            if t.skip_nonfinite and not bool(finite):
+                skipped += 1
+                emit("skip", {"step": step + 1, "skipped": skipped})
+                if skipped > t.skip_nonfinite:
+                    raise RuntimeFault(
+                        f"more than --skip-nonfinite {t.skip_nonfinite} batches had a non-finite "
+                        f"loss or gradient (the last at step {step + 1}); stopped without saving "
+                        f"(last good checkpoint: {last_ckpt or 'none'}); lower --lr"
+                    )
+                continue
+            opt.step()
+        except torch.OutOfMemoryError:
+            raise oom(step) from None
+        except RuntimeError as e:
+            if "out of memory" in str(e) or "can't allocate memory" in str(e):
+                raise oom(step) from None
+            raise
+        except MemoryError:
+            raise oom(step) from None
+        first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
         ema.update(net)
         step += 1
         loss_acc += loss.detach()
         acc_n += 1
         images_window += x.shape[0]
         if step % t.log_every == 0 or step == t.steps:
+            check_finite()
             last_loss = float(loss_acc) / acc_n  # the one host sync per log interval
             now = time.perf_counter()
             ips = images_window / max(now - t_window, 1e-9)
             t_window, images_window = now, 0
-            if not math.isfinite(last_loss):
-                raise ConfigError(
-                    f"training diverged: loss is {last_loss} at step {step}; "
-                    "lower --lr or keep the last checkpoint"
-                )
             rows.append(
                 {
                     "step": step,
@@ -392,14 +433,18 @@ def _train_locked(
             acc_n = 0
         emit("step", {"step": step, "loss": last_loss, "images_per_s": ips, "lr": lr})
         if t.sample_every and step % t.sample_every == 0:
+            check_finite()
             write_preview(step)
         if evaluator is not None and t.eval_every and step % t.eval_every == 0:
+            check_finite()
             write_eval(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
+            check_finite()
             last_ckpt = save(step)
         if should_stop is not None and should_stop() and step < t.steps:
             stopped = True
             break
+    check_finite()
     if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
         last_ckpt = save(step)
     if rows:
