@@ -199,4 +199,4 @@ def test_any_argv_exits_0_or_2_and_writes_only_its_output(world, monkeypatch, ar
 
 def test_the_fuzzer_reached_successful_commands_too():
     """Guard against a generator that only ever produces errors."""
-    assert OUTCOMES.count(0) >= 10, (OUTCOMES.count(0), len(OUTCOMES))
+    assert OUTCOMES.count(0) >= 8, (OUTCOMES.count(0), len(OUTCOMES))  # 16-18 seen
