@@ -35,19 +35,33 @@ def forward_flops(net: torch.nn.Module, x, t, y) -> float:
     return float(fc.get_total_flops())
 
 
-def measure(model_cfg, batch: int, device, precision: str, steps: int, warmup: int) -> float:
+def measure(
+    model_cfg,
+    batch: int,
+    device,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile: bool = False,
+    channels_last: bool = False,
+) -> float:
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    fwd = torch.compile(net) if compile else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     sch = make_schedule("cosine", 1000)
     dcfg = DiffusionConfig(schedule="cosine", prediction="v")
     c, s = model_cfg.in_channels, model_cfg.image_size
     x = torch.rand(batch, c, s, s, device=device) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, model_cfg.num_classes, (batch,), device=device)
 
     def step():
         with autocast(device, precision):
-            loss = training_loss(net, x, y, sch, dcfg, model_cfg.num_classes)
+            loss = training_loss(fwd, x, y, sch, dcfg, model_cfg.num_classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,6 +90,12 @@ def main() -> int:
         help="measure bf16 throughput of bench/tune_demo.py's candidates instead",
     )
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--variants",
+        default="fp32,bf16",
+        help="comma-separated: fp32, bf16, bf16-cl (channels_last), bf16-compile, "
+        "bf16-compile-cl, fp32-compile; the first is the baseline of the ratio column",
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     steps, warmup = (2, 1) if a.quick else (8, 3)
@@ -89,9 +109,11 @@ def main() -> int:
             results[name] = round(ips, 1)
             print(f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s", flush=True)
     else:
+        variants = a.variants.split(",")
         print(
             f"{'preset':10s} {'params':>7s} {'batch':>5s} {'GFLOP/img':>9s} "
-            f"{'fp32 img/s':>10s} {'bf16 img/s':>10s} {'ratio':>6s} {'bf16 TFLOP/s':>12s}"
+            + " ".join(f"{v + ' img/s':>18s}" for v in variants)
+            + f" {'best/base':>9s} {'best TFLOP/s':>12s}"
         )
         for name in a.presets.split(","):
             cfg = PRESETS[name]
@@ -101,20 +123,31 @@ def main() -> int:
             fl = forward_flops(
                 net, torch.zeros(1, c, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
             )
-            fp32 = measure(cfg.model, batch, device, "fp32", steps, warmup)
-            bf16 = measure(cfg.model, batch, device, "bf16", steps, warmup)
-            tflops = 3 * fl * bf16 / 1e12  # forward + backward ~ 3x forward
+            ips = {}
+            for v in variants:
+                ips[v] = measure(
+                    cfg.model,
+                    batch,
+                    device,
+                    v.split("-")[0],
+                    steps,
+                    warmup,
+                    compile="compile" in v,
+                    channels_last=v.endswith("-cl"),
+                )
+            best = max(ips.values())
+            tflops = 3 * fl * best / 1e12  # forward + backward ~ 3x forward
             results[name] = {
                 "params": count_parameters(net),
                 "batch": batch,
                 "fwd_gflop_per_image": fl / 1e9,
-                "fp32_ips": fp32,
-                "bf16_ips": bf16,
-                "bf16_tflops": tflops,
+                "images_per_s": ips,
+                "best_tflops": tflops,
             }
             print(
                 f"{name:10s} {count_parameters(net) / 1e6:6.2f}M {batch:5d} {fl / 1e9:9.3f} "
-                f"{fp32:10.1f} {bf16:10.1f} {bf16 / fp32:6.2f} {tflops:12.3f}",
+                + " ".join(f"{ips[v]:18.1f}" for v in variants)
+                + f" {best / ips[variants[0]]:9.2f} {tflops:12.3f}",
                 flush=True,
             )
     if a.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -158,3 +159,40 @@ def test_lr_schedule():
     assert lr_at(10, t) == pytest.approx(1e-3)
     assert lr_at(55, t) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
     assert lr_at(100, t) == pytest.approx(1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, data, monkeypatch):
+    def broken_compile(module, **kw):
+        def call(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler found (test)")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    events = []
+    res = train(
+        tiny_config(steps=6, sample_every=0),
+        tmp_path / "r",
+        data,
+        compile=True,
+        on_event=lambda n, i: events.append((n, i)),
+        final_strip=False,
+    )
+    assert res.step == 6
+    fails = [i for n, i in events if n == "compile"]
+    assert len(fails) == 1 and "no C++ compiler" in fails[0]["error"]
+    # eager fallback gives the same trace as a plain eager run
+    train(tiny_config(steps=6, sample_every=0), tmp_path / "e", data, final_strip=False)
+    assert _losses(tmp_path / "r") == _losses(tmp_path / "e")
+
+
+def test_channels_last_trains(tmp_path, data):
+    res = train(
+        tiny_config(steps=4, sample_every=0),
+        tmp_path / "r",
+        data,
+        channels_last=True,
+        final_strip=False,
+    )
+    assert res.step == 4 and math.isfinite(res.last_loss)
+    ckpt_io.load_for_sampling(tmp_path / "r")

@@ -253,6 +253,18 @@ def build_parser() -> Parser:
         help="auto: bf16 on CUDA and AMX CPUs, else fp32",
     )
     tr.add_argument("--seed", type=_int_in(0, 2**31 - 1))
+    tr.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the training step (auto: on for CUDA, off on the CPU where "
+        "compilation costs more than it saves in a demo-length run); falls back to eager",
+    )
+    tr.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC memory format (measure: not always faster)",
+    )
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -413,6 +425,14 @@ def cmd_train(a: argparse.Namespace) -> int:
                 )
         elif name in ("sample", "checkpoint", "strip") and bar is None:
             _log(f"{name}: {info['path']}")
+        elif name in ("skip", "compile"):
+            msg = (
+                f"skipped a batch with a non-finite loss at step {info['step']} "
+                f"({info['skipped']} so far)"
+                if name == "skip"
+                else f"torch.compile failed, training eagerly: {info['error']}"
+            )
+            bar.write(f"cfgdiff: {msg}") if bar is not None else _log(msg)
         elif name == "eval":
             msg = f"eval at step {info['step']}: FID {info['fid']:.3f}, class accuracy "
             msg += f"{info['class_accuracy']:.4f} (s={cfg.train.preview_scale:g})"
@@ -435,6 +455,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                 on_event=on_event,
                 should_stop=stop,
                 evaluator=evaluator,
+                compile=a.compile == "on" or (a.compile == "auto" and device.type == "cuda"),
+                channels_last=a.channels_last,
             )
         finally:
             if bar is not None:

@@ -267,6 +267,22 @@ PRESETS: dict[str, RunConfig] = {
         dataset="cifar10",
         preset="cifar10",
     ),
+    # The original MNIST lesson's network class (32x32 input, 128 base channels, ~35 M
+    # parameters) for like-for-like throughput comparisons; train MNIST with --image-size 32.
+    "lesson-35m": RunConfig(
+        model=ModelConfig(
+            in_channels=1,
+            image_size=32,
+            base_channels=128,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_levels=(1,),
+            dropout=0.1,
+        ),
+        diffusion=DiffusionConfig(schedule="linear", prediction="eps"),
+        train=TrainConfig(steps=10_000, batch_size=128, lr=2e-4, warmup_steps=500),
+        preset="lesson-35m",
+    ),
     # Seconds-long runs for tests and smoke checks.
     "tiny": RunConfig(
         model=ModelConfig(

@@ -7,15 +7,29 @@ guidance scales or the network's architecture (it is called as a function).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from cfgdiff.config import DiffusionConfig
 from cfgdiff.schedule import Schedule
 
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` copied to `device` once and kept (no host-to-device copy in the hot loop)."""
+    if values.device == device:
+        return values
+    per_device = _ON_DEVICE.setdefault(values, {})
+    if device not in per_device:
+        per_device[device] = values.to(device)
+    return per_device[device]
+
 
 def _coef(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Gather per-sample schedule values at integer t and shape them (B, 1, 1, 1) like `like`."""
-    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    out = _on(values, like.device)[t.to(like.device).long()].to(like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -199,11 +199,15 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     final_strip: bool = True,
     evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
 ) -> TrainResult:
     """Train (or resume) a run in run_dir. See the module docstring for the files it writes.
 
     evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
-    eval.csv (e.g. a small-N FID and class accuracy, see cli.py)."""
+    eval.csv (e.g. a small-N FID and class accuracy, see cli.py).
+    compile: torch.compile the network for the training step; if compilation fails, training
+    goes on eagerly and a "compile" event says why. channels_last: NHWC memory format."""
     cfg.validate()
     device = torch.device(device)
     m = cfg.model
@@ -231,11 +235,24 @@ def train(
             should_stop,
             final_strip,
             evaluator,
+            compile,
+            channels_last,
         )
 
 
 def _train_locked(
-    cfg, run_dir, data, device, precision, resume, on_event, should_stop, final_strip, evaluator
+    cfg,
+    run_dir,
+    data,
+    device,
+    precision,
+    resume,
+    on_event,
+    should_stop,
+    final_strip,
+    evaluator,
+    compile,
+    channels_last,
 ):
     emit = on_event or (lambda name, info: None)
     t = cfg.train
@@ -343,6 +360,20 @@ def _train_locked(
         path = save_png(img, run_dir / "samples" / f"step-{step:07d}.png")
         emit("sample", {"step": step, "path": str(path)})
 
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    forward = net
+    compiled_ok = False
+    if compile:
+        forward = torch.compile(net)
+
+    def forward_backward(fwd, x, y) -> torch.Tensor:
+        with autocast_ctx(device, precision):
+            loss = training_loss(fwd, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
     net.train()
     t0 = time.perf_counter()
     t_window = t0
@@ -378,11 +409,26 @@ def _train_locked(
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = batches.next()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        first_compiled = forward is not net and not compiled_ok
+        if first_compiled:  # the first compiled step may fail: be able to redo it eagerly
+            gen_state, rng_state = gen.get_state(), torch.get_rng_state()
         try:
-            with autocast_ctx(device, precision):
-                loss = training_loss(net, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss = forward_backward(forward, x, y)
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:  # compilation failures come in many types
+                if forward is net:
+                    raise
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                emit("compile", {"ok": False, "error": reason})
+                forward = net
+                gen.set_state(gen_state)
+                torch.set_rng_state(rng_state)
+                loss = forward_backward(forward, x, y)
+            compiled_ok = compiled_ok or (first_compiled and forward is not net)
             finite = torch.isfinite(loss.detach())
             if t.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)

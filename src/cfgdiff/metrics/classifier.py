@@ -24,7 +24,7 @@ from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast, resolve_precision
 
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2  # 2: MNIST recipe 2 epochs (99.37 % in 70 s; v1: 3 epochs)
 
 
 class SmallCNN(nn.Module):
@@ -61,7 +61,7 @@ class SmallCNN(nn.Module):
 # Per-dataset training recipe: epochs and whether horizontal flips are label-preserving
 # (true for clothes and CIFAR objects, false for digits and unknown folders).
 RECIPES = {
-    "mnist": {"epochs": 3, "flip": False},
+    "mnist": {"epochs": 2, "flip": False},
     "fashion-mnist": {"epochs": 6, "flip": True},
     "cifar10": {"epochs": 8, "flip": True},
 }
