@@ -67,3 +67,13 @@ def test_training_loss_of_perfect_eps_predictor_is_zero():
     assert (
         training_loss(oracle_v, x0, torch.zeros(8, dtype=torch.long), sch, cfg_v, 10).item() < 1e-8
     )
+
+
+def test_schedule_values_are_copied_to_a_device_once():
+    from cfgdiff.diffusion import _on
+
+    values = cosine_schedule(10).alpha_bar
+    meta = torch.device("meta")
+    first = _on(values, meta)
+    assert first.device == meta and _on(values, meta) is first
+    assert _on(values, values.device) is values

@@ -7,21 +7,18 @@ guidance scales or the network's architecture (it is called as a function).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from cfgdiff.config import DiffusionConfig
 from cfgdiff.schedule import Schedule
 
-_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def _on(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`values` copied to `device` once and kept (no host-to-device copy in the hot loop)."""
+    """`values` copied to `device` once and kept on the tensor (no host-to-device copy in the
+    hot loop)."""
     if values.device == device:
         return values
-    per_device = _ON_DEVICE.setdefault(values, {})
+    per_device = values.__dict__.setdefault("_cfgdiff_on_device", {})
     if device not in per_device:
         per_device[device] = values.to(device)
     return per_device[device]
