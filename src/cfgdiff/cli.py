@@ -582,7 +582,7 @@ def _guidance(a: argparse.Namespace, loaded, scale: float, device):
     return g, record
 
 
-def _generate(a: argparse.Namespace, loaded, labels, guidance, device):
+def _generate(a: argparse.Namespace, loaded, labels, guidance, device, indices=None):
     """Sample `labels` with the sampler options shared by `sample` and `eval`."""
     from cfgdiff.runtime import resolve_precision
     from cfgdiff.sample import generate
@@ -598,6 +598,7 @@ def _generate(a: argparse.Namespace, loaded, labels, guidance, device):
         spacing=a.spacing,
         seed=a.seed,
         batch_size=_sampling_batch(a.batch_size, device),
+        indices=indices,
         device=device,
         precision=resolve_precision(a.precision, device),
     )
@@ -803,22 +804,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     labels = (torch.arange(a.n) % k).repeat(len(scales))
     indices = list(range(a.n)) * len(scales)  # the same noise at every scale
     t0 = time.perf_counter()
-    from cfgdiff.sample import generate
-
-    images = generate(
-        loaded.net,
-        loaded.cfg,
-        labels,
-        guidance=dataclasses.replace(g, scale=per_sample),
-        sampler=a.sampler,
-        steps=a.steps,
-        eta=a.eta,
-        spacing=a.spacing,
-        seed=a.seed,
-        batch_size=_sampling_batch(a.batch_size, device),
-        indices=indices,
-        device=device,
-        precision=resolve_precision(a.precision, device),
+    images = _generate(
+        a, loaded, labels, dataclasses.replace(g, scale=per_sample), device, indices=indices
     )
     dt = time.perf_counter() - t0
     rows = []

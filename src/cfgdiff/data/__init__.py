@@ -233,6 +233,14 @@ def load_dataset(
     return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
 
 
+def adapt(data: Dataset, image_size: int | None, channels: int | None) -> Dataset:
+    """The dataset at another size / channel count (as load_dataset would return it)."""
+    images = _adapt(data.images, image_size, channels)
+    return (
+        data if images is data.images else Dataset(data.name, images, data.labels, data.class_names)
+    )
+
+
 def _adapt(images: torch.Tensor, image_size: int | None, channels: int | None) -> torch.Tensor:
     if channels is not None and channels != images.shape[1]:
         f = images.float()

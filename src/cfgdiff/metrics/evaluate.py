@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data import Dataset, default_data_dir, load_dataset
+from cfgdiff.data import Dataset, adapt, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
 from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
 from cfgdiff.metrics.stats import fid, inception_score, kid, memorisation, precision_recall
@@ -69,7 +69,10 @@ def build_reference(
     m = cfg.model
     native = load_dataset(dataset, data_dir, log=log)
     check_compatible(cfg, dataset, native)
-    train = load_dataset(dataset, data_dir, image_size=m.image_size, channels=m.in_channels)
+    if dataset.startswith("folder:"):  # folders are resized by Pillow while reading, as in training
+        train = load_dataset(dataset, data_dir, image_size=m.image_size, channels=m.in_channels)
+    else:
+        train = adapt(native, m.image_size, m.in_channels)
     if dataset.startswith("folder:"):  # no test split: hold out every 10th image
         held = torch.arange(len(train)) % 10 == 0
         test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
