@@ -116,9 +116,10 @@ def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
         )
 
 
-def _write_loss_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """Write a whole CSV atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOSS_FIELDS)
+    w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
@@ -308,7 +309,7 @@ def _train_locked(
             ) from None
         del ema_net
     rows = _read_csv(run_dir / "loss.csv", start) if resume else []
-    _write_loss_csv(run_dir / "loss.csv", rows)
+    _write_csv(run_dir / "loss.csv", rows, LOSS_FIELDS)
 
     ema_net = UNet(cfg.model).to(device).eval()
     emit(
@@ -347,11 +348,7 @@ def _train_locked(
         ema.copy_to(ema_net)
         metrics = evaluator(ema_net)
         eval_rows.append({"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(eval_rows[-1]))
-        w.writeheader()
-        w.writerows(eval_rows)
-        atomic_write_bytes(run_dir / "eval.csv", buf.getvalue().encode())
+        _write_csv(run_dir / "eval.csv", eval_rows, list(eval_rows[-1]))
         emit("eval", {"step": step, **metrics})
 
     def write_preview(step: int) -> None:
