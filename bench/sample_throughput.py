@@ -1,7 +1,11 @@
 """Guided sampling throughput (images/s, every image guided: two network evaluations per step
-in one batched forward), bf16 autocast against fp32 in the same run.
+in one batched forward): bf16 autocast, and bf16 + torch.compile (CUDA graphs on CUDA), against
+a plain fp32 eager baseline of the same network in the same run.
 
     python bench/sample_throughput.py --device cpu [--quick] [--preset cpu-demo] [--n 256]
+        [--compile | --no-compile]    (compiled column: default on for CUDA, off on the CPU)
+
+The batch is the one `cfgdiff sample` would choose (64 on the CPU; on CUDA from free memory).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cfgdiff.config import PRESETS  # noqa: E402
+from cfgdiff.runtime import CompiledForward, sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
 from cfgdiff.unet import UNet  # noqa: E402
 
@@ -27,41 +32,47 @@ def main() -> int:
     p.add_argument("--n", type=int, default=None, help="images per measurement")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args()
     device = torch.device(a.device)
     cfg = PRESETS[a.preset]
+    m = cfg.model
     torch.manual_seed(0)
-    net = UNet(cfg.model).to(device).eval()
-    n = a.n or (16 if a.quick else (256 if device.type == "cpu" else 10_000))
-    bs = a.batch_size or (64 if device.type == "cpu" else 2500)
+    net = UNet(m).to(device).eval()
+    shape = (m.in_channels, m.image_size, m.image_size)
+    bs = a.batch_size or sampling_batch_size(net, shape, m.num_classes, device, "bf16")
+    n = a.n or (16 if a.quick else (256 if device.type == "cpu" else max(10_000, 4 * bs)))
+    compile_ = device.type == "cuda" if a.compile is None else a.compile
     runs = [("dpmpp-2m", 20), ("ddim", 50)] if not a.quick else [("dpmpp-2m", 2)]
-    labels = torch.arange(n) % cfg.model.num_classes
+    labels = torch.arange(n) % m.num_classes
+    variants = {"fp32": ("fp32", net), "bf16": ("bf16", net)}
+    if compile_:
+        variants["bf16+compile"] = ("bf16", CompiledForward(net, device))
     print(f"preset {a.preset}, device {device}, {n} images at s=3, batch {bs}")
-    print(f"{'sampler':10s} {'steps':>5s} {'fp32 img/s':>10s} {'bf16 img/s':>10s} {'ratio':>6s}")
+    head = "".join(f"{v + ' img/s':>19s}" for v in variants)
+    ratios = "".join(f"{v + '/fp32':>19s}" for v in list(variants)[1:])
+    print(f"{'sampler':10s} {'steps':>5s}{head}{ratios}")
     for sampler, steps in runs:
         ips = {}
-        for precision in ("fp32", "bf16"):
-            kw = dict(
-                scale=3.0,
-                sampler=sampler,
-                seed=0,
-                batch_size=bs,
-                device=device,
-                precision=precision,
-            )
-            generate(net, cfg, labels[: min(n, bs)], steps=2, **kw)  # warm-up
+        for name, (precision, f) in variants.items():
+            kw = dict(scale=3.0, sampler=sampler, seed=0, batch_size=bs, device=device)
+            kw.update(precision=precision, static_batches=f is not net)
+            t0 = time.perf_counter()
+            generate(f, cfg, labels[: min(n, bs)], steps=2, **kw)  # warm-up (and compilation)
+            warm = time.perf_counter() - t0
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            generate(net, cfg, labels, steps=steps, **kw)
+            generate(f, cfg, labels, steps=steps, **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            ips[precision] = n / (time.perf_counter() - t0)
-        print(
-            f"{sampler:10s} {steps:5d} {ips['fp32']:10.1f} {ips['bf16']:10.1f} "
-            f"{ips['bf16'] / ips['fp32']:6.2f}",
-            flush=True,
-        )
+            ips[name] = n / (time.perf_counter() - t0)
+            if f is not net:
+                note = f.fallback_reason or f"compiled in {warm:.0f} s"
+                print(f"  ({name}: {note})", file=sys.stderr)
+        row = "".join(f"{ips[v]:19.1f}" for v in variants)
+        row += "".join(f"{ips[v] / ips['fp32']:19.2f}" for v in list(variants)[1:])
+        print(f"{sampler:10s} {steps:5d}{row}", flush=True)
     return 0
 
 

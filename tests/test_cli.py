@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cfgdiff.cli import main
 
@@ -315,3 +316,40 @@ def test_bad_guidance_options(run, tmp_path, extra, message, capsys):
     )
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def _sample_npz(run, path, *extra):
+    args = ["sample", "--checkpoint", str(run), "--scale", "3", "--per-class", "2"]
+    args += ["--steps", "4", "--out", str(path), "--precision", "fp32", "--device", "cpu"]
+    assert main([*args, *extra]) == 0
+    with np.load(path) as z:
+        return z["images"]
+
+
+def test_sample_compile_failure_samples_eagerly(run, tmp_path, capsys, monkeypatch):
+    eager = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "4")
+
+    def broken_compile(module, **kw):
+        def fail(*args):
+            raise RuntimeError("inductor: no C++ compiler found (test)")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    capsys.readouterr()
+    compiled = _sample_npz(run, tmp_path / "c.npz", "--batch-size", "4", "--compile", "on")
+    assert "torch.compile failed, sampled eagerly: RuntimeError: inductor" in (
+        capsys.readouterr().err
+    )
+    assert np.array_equal(compiled, eager)
+
+
+@pytest.mark.slow
+def test_sample_compiled_matches_eager(run, tmp_path, capsys):
+    """Real inductor compilation on the CPU; 6 images in batches of 4 (last one padded)."""
+    torch._dynamo.reset()
+    eager = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "4")
+    compiled = _sample_npz(run, tmp_path / "c.npz", "--batch-size", "4", "--compile", "on")
+    assert "torch.compile failed" not in capsys.readouterr().err
+    diff = np.abs(compiled.astype(int) - eager.astype(int))
+    assert compiled.shape == eager.shape and diff.max() <= 2 and diff.mean() < 0.01

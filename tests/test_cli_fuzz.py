@@ -113,6 +113,7 @@ OPTION_VALUES = {
     "--keep": ["1", "0"],
     "--seed": ["0", "-5"],
     "--features": ["classifier", "inception", "vgg"],
+    "--compile": ["off", "sometimes"],
     "--inception": ["/nonexistent.pt", "FOLDER"],
 }
 FLAGS = ["--resume", "--apg", "--no-progress", "--help", "mnist", "fashion-mnist"]

@@ -24,3 +24,20 @@ def test_generate_validates(tiny_net):
         generate(tiny_net, tiny_config(), [3])
     with pytest.raises(ConfigError, match="--steps must be in"):
         generate(tiny_net, tiny_config(), [0], steps=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
+def test_static_batches_pad_without_changing_images(tiny_net, sampler):
+    cfg = tiny_config()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    scales = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    kw = dict(scale=scales, sampler=sampler, steps=5, seed=3, batch_size=3)
+    shapes = []
+
+    def recording(x, t, y):
+        shapes.append(x.shape[0])
+        return tiny_net(x, t, y)
+
+    padded = generate(recording, cfg, labels, static_batches=True, **kw)
+    assert set(shapes) == {6}  # every pass 2 x 3 rows, the last batch of 1 padded to 3
+    assert torch.equal(padded, generate(tiny_net, cfg, labels, **kw))

@@ -1,4 +1,5 @@
-"""Where and how tensors run: device choice and mixed precision.
+"""Where and how tensors run: device choice, CPU threads, mixed precision, compiled forward
+passes and sampling batch sizes.
 
 bf16 autocast is used on CUDA and on CPUs with AMX tiles (oneDNN runs bf16 convolutions there
 2-3x faster than fp32, measured in bench/train_throughput.py); elsewhere fp32. Loss, EMA,
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 
 import torch
 
@@ -39,6 +42,37 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs allowed by a cgroup v2 quota ("200000 100000" -> 2), or None if unlimited/unknown.
+    Containers often see every host core but may only use their quota's worth."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def configure_cpu_threads(quota_path: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cap torch's intra-op threads at the CPUs this process may really use (affinity and cgroup
+    quota): torch sizes its pool from the cores it sees, and oversubscribing a 2-CPU quota with a
+    host's 64 threads makes every op slower. Never raises the count, and leaves it alone when
+    OMP_NUM_THREADS is set. Returns the thread count in force."""
+    n = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ:
+        return n
+    limit = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n
+    quota = cgroup_cpu_quota(quota_path)
+    if quota is not None:
+        limit = min(limit, quota)
+    if limit < n:
+        torch.set_num_threads(limit)
+        n = limit
+    return n
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on CUDA and AMX CPUs, else 'fp32'."""
     if name == "auto":
@@ -53,3 +87,110 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class CompiledForward:
+    """f(x, t, y) through torch.compile, falling back to the eager network for good the first time
+    the compiled one raises (a missing C++ compiler, an unsupported op, a failed CUDA graph).
+
+    On CUDA the default mode is "reduce-overhead" (CUDA graphs: one replay per sampler step
+    instead of hundreds of kernel launches). Replays reuse their output buffers, so each output is
+    cloned before it is returned. Shapes must stay fixed for graphs to be reused: sample.generate
+    pads its last batch when given `static_batches=True`. `fallback_reason` says why compilation
+    was given up, or is None.
+    """
+
+    def __init__(self, net, device: torch.device, *, mode: str | None = None, backend=None):
+        self.net = net
+        self.cudagraphs = device.type == "cuda" and mode in (None, "reduce-overhead")
+        if mode is None and device.type == "cuda":
+            mode = "reduce-overhead"
+        kw = {"mode": mode} if mode is not None else {}
+        if backend is not None:
+            kw["backend"] = backend
+        self.compiled = torch.compile(net, **kw)
+        self.fallback_reason: str | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = self.compiled(x, t, y)
+                return out.clone() if self.cudagraphs else out
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:  # compilation failures come in many types
+                self.fallback_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                self.compiled = None
+        return self.net(x, t, y)
+
+
+def batch_for_memory(
+    free_bytes: int,
+    bytes_per_image: float,
+    *,
+    fraction: float = 0.6,
+    lo: int = 64,
+    hi: int = 8192,
+    multiple: int = 64,
+) -> int:
+    """The largest sampling batch whose working set fits `fraction` of the free memory, rounded
+    down to a multiple of `multiple` and kept in [lo, hi]."""
+    if bytes_per_image <= 0:
+        return hi
+    n = int(free_bytes * fraction / bytes_per_image) // multiple * multiple
+    return max(lo, min(hi, n))
+
+
+class _CudaMemory:
+    """The CUDA allocator's counters, behind the small interface sampling_batch_size needs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
+
+
+CPU_SAMPLING_BATCH = 64  # CPU sampling is fastest in small, cache-sized batches
+
+
+def sampling_batch_size(
+    net,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    device: torch.device,
+    precision: str,
+    *,
+    memory=None,
+    probe: int = 64,
+) -> int:
+    """Images per sampler batch: 64 on the CPU; on CUDA as many as fit in the free memory, from
+    the peak memory of one guided forward pass (2 x `probe` images) measured here. `memory` (for
+    tests) stands in for the CUDA allocator counters."""
+    if device.type != "cuda" and memory is None:
+        return CPU_SAMPLING_BATCH
+    memory = memory or _CudaMemory(device)
+    x = torch.zeros((2 * probe, *image_shape), device=device)
+    t = torch.zeros((2 * probe,), dtype=torch.long, device=device)
+    y = torch.full((2 * probe,), num_classes, dtype=torch.long, device=device)
+    memory.reset_peak()
+    before = memory.allocated()
+    with torch.inference_mode(), autocast(device, precision):
+        net(x, t, y)
+    activations = (memory.peak() - before) / probe  # per guided image (2 rows of the forward)
+    sampler_state = 8 * 4 * x[0].numel()  # x_t, x0 history, noise, ... in fp32
+    del x, t, y
+    return batch_for_memory(memory.free(), activations + sampler_state)

@@ -41,6 +41,7 @@ def generate(
     indices: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    static_batches: bool = False,
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
@@ -48,6 +49,9 @@ def generate(
     `guidance` (its scale may also be an (N,) tensor); not both.
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
     noise, which is how guidance strips hold the noise fixed across scales.
+    static_batches: pad a short last batch to `batch_size` (repeating its last sample, then
+    dropping the copies) so every forward pass has the same shape, as compiled networks and CUDA
+    graphs want; the images are the same either way.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = labels.shape[0]
@@ -82,14 +86,17 @@ def generate(
     out = []
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
-        noise = PerSampleNoise(seed, indices[lo:hi])
+        rows = list(range(lo, hi))
+        if static_batches and n > batch_size:
+            rows += [hi - 1] * (batch_size - len(rows))
+        noise = PerSampleNoise(seed, [indices[i] for i in rows])
         x_T = noise.randn(shape, device)
         g = base
         if isinstance(base.scale, torch.Tensor):
-            g = dataclasses.replace(base, scale=base.scale[lo:hi])
+            g = dataclasses.replace(base, scale=base.scale[rows])
         denoise = guided_denoiser(
             in_precision(net),
-            labels[lo:hi].to(device),
+            labels[rows].to(device),
             schedule,
             null_label=m.num_classes,
             prediction=cfg.diffusion.prediction,
@@ -98,7 +105,7 @@ def generate(
         x0 = run_sampler(
             sampler, denoise, x_T, schedule, steps, eta=eta, spacing=spacing, generator=noise
         )
-        out.append(to_uint8(x0).cpu())
+        out.append(to_uint8(x0[: hi - lo]).cpu())
     if not out:
         return torch.empty((0, *shape), dtype=torch.uint8)
     return torch.cat(out)
