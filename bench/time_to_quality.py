@@ -2,7 +2,9 @@
 reaches 95 % and 98 %, and the FID (classifier features) reached at a fixed time budget.
 
 Evaluation time is excluded from the training clock. Every --every steps the EMA network draws
---n samples at s = 3 (DPM-Solver++ 20 steps) and the dataset's classifier judges them.
+--n samples at s = 3 (DPM-Solver++ 20 steps) and the dataset's classifier judges them. Unless
+--no-baseline, the same network is then trained again in plain fp32 eager with the same budget,
+and the table gives both and the ratio of their times to each target.
 
     python bench/time_to_quality.py --device cpu --preset cpu-demo --budget 420
     python bench/time_to_quality.py --device cuda --preset mnist --budget 60 --every 100
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cfgdiff.config import get_preset  # noqa: E402
 from cfgdiff.data import load_dataset  # noqa: E402
 from cfgdiff.metrics.evaluate import build_reference, measure  # noqa: E402
-from cfgdiff.runtime import resolve_device, resolve_precision  # noqa: E402
+from cfgdiff.runtime import resolve_device, resolve_precision, sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
 from cfgdiff.train import config_for_dataset, train  # noqa: E402
 
@@ -56,6 +58,12 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500, help="samples per evaluation")
     p.add_argument("--precision", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run fp32 eager with the same budget and print the ratio (default on)",
+    )
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -75,9 +83,48 @@ def main() -> int:
         ),
     )
     ref = build_reference(cfg, a.n, data_dir=a.data_dir, device=device)
+    variants = [(precision, a.compile)]
+    if a.baseline and variants[0] != ("fp32", False):
+        variants.append(("fp32", False))  # the plain baseline, same network, same budget
+    results = {}
+    for prec, compiled in variants:
+        name = f"{prec}{' + compile' if compiled else ''}"
+        print(
+            f"preset {preset} on {device} ({name}), budget {a.budget:.0f} s of training, "
+            f"{a.n} samples per evaluation",
+            flush=True,
+        )
+        results[name] = time_to_quality(cfg, data, ref, device, prec, compiled, a, tmp.name)
+    names = list(results)
+    print(
+        f"\n{'target':>8s}" + "".join(f"{n + ' steps':>22s}{n + ' s':>18s}" for n in names), end=""
+    )
+    print(f"{'baseline s / ours':>19s}" if len(names) == 2 else "")
+    for target in (0.95, 0.98):
+        hits = [next((r for r in results[n] if r["acc"] >= target), None) for n in names]
+        line = f"{target:8.2f}"
+        for h in hits:
+            line += f"{h['step'] if h else '-':>22}{h['seconds'] if h else float('nan'):18.1f}"
+        if len(names) == 2:
+            ratio = hits[1]["seconds"] / hits[0]["seconds"] if all(hits) else float("nan")
+            line += f"{ratio:19.2f}"
+        print(line)
+    for n in names:
+        if results[n]:
+            r = results[n][-1]
+            print(
+                f"{n} at the budget ({r['seconds']:.0f} s, step {r['step']}): "
+                f"FID {r['fid']:.3f}, accuracy {r['acc']:.4f}"
+            )
+    return 0
+
+
+def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list[dict]:
+    """Train for a.budget seconds (evaluation excluded), evaluating every a.every steps."""
     labels = torch.arange(a.n) % cfg.model.num_classes
     clock = {"eval": 0.0, "start": time.perf_counter()}
     rows: list[dict] = []
+    batch: list[int] = []
 
     def train_seconds() -> float:
         return time.perf_counter() - clock["start"] - clock["eval"]
@@ -87,6 +134,10 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = train_seconds()
+        m_ = cfg.model
+        if not batch:
+            shape = (m_.in_channels, m_.image_size, m_.image_size)
+            batch.append(sampling_batch_size(net, shape, m_.num_classes, device, precision))
         imgs = generate(
             net,
             cfg,
@@ -95,7 +146,7 @@ def main() -> int:
             sampler="dpmpp-2m",
             steps=20,
             seed=0,
-            batch_size=64 if device.type == "cpu" else 2048,
+            batch_size=batch[0],
             device=device,
             precision=precision,
         )
@@ -117,34 +168,19 @@ def main() -> int:
         return {"fid": m["fid"], "class_accuracy": m["class_accuracy"]}
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=10_000_000))
-    print(
-        f"preset {preset} on {device} ({precision}{', compiled' if a.compile else ''}), "
-        f"budget {a.budget:.0f} s of training, {a.n} samples per evaluation"
-    )
+    run = Path(tmp) / f"run-{precision}-{int(compiled)}"
     train(
         cfg,
-        Path(tmp.name) / "run",
+        run,
         data,
         device=device,
         precision=precision,
         should_stop=lambda: train_seconds() >= a.budget,
         evaluator=evaluator,
         final_strip=False,
-        compile=a.compile,
+        compile=compiled,
     )
-    print(f"{'target':>8s} {'steps':>7s} {'seconds':>8s}")
-    for target in (0.95, 0.98):
-        hit = next((r for r in rows if r["acc"] >= target), None)
-        print(
-            f"{target:8.2f} {hit['step'] if hit else '-':>7} "
-            f"{hit['seconds'] if hit else float('nan'):8.1f}"
-        )
-    if rows:
-        print(
-            f"at the budget ({rows[-1]['seconds']:.0f} s, step {rows[-1]['step']}): "
-            f"FID {rows[-1]['fid']:.3f}, accuracy {rows[-1]['acc']:.4f}"
-        )
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
