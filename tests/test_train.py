@@ -186,6 +186,25 @@ def test_compile_failure_falls_back_to_eager(tmp_path, data, monkeypatch):
     assert _losses(tmp_path / "r") == _losses(tmp_path / "e")
 
 
+def test_bf16_compile_on_cpu_trains_eagerly(tmp_path, data, monkeypatch):
+    """torch 2.13's CPU inductor loses gradients under bf16 autocast: never compiled there."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append(1) or module)
+    events = []
+    train(
+        tiny_config(steps=3, sample_every=0),
+        tmp_path / "r",
+        data,
+        precision="bf16",
+        compile=True,
+        on_event=lambda n, i: events.append((n, i)),
+        final_strip=False,
+    )
+    assert not calls
+    fails = [i for n, i in events if n == "compile"]
+    assert len(fails) == 1 and "miscomputes gradients" in fails[0]["error"]
+
+
 def test_channels_last_trains(tmp_path, data):
     res = train(
         tiny_config(steps=4, sample_every=0),
