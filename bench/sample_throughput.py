@@ -39,8 +39,7 @@ def main() -> int:
     m = cfg.model
     torch.manual_seed(0)
     net = UNet(m).to(device).eval()
-    shape = (m.in_channels, m.image_size, m.image_size)
-    bs = a.batch_size or sampling_batch_size(net, shape, m.num_classes, device, "bf16")
+    bs = a.batch_size or sampling_batch_size(net, m, device, "bf16")
     n = a.n or (16 if a.quick else (256 if device.type == "cpu" else max(10_000, 4 * bs)))
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     runs = [("dpmpp-2m", 20), ("ddim", 50)] if not a.quick else [("dpmpp-2m", 2)]
@@ -59,9 +58,9 @@ def main() -> int:
             kw.update(precision=precision, static_batches=f is not net)
             t0 = time.perf_counter()
             generate(f, cfg, labels[: min(n, bs)], steps=2, **kw)  # warm-up (and compilation)
-            warm = time.perf_counter() - t0
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
             t0 = time.perf_counter()
             generate(f, cfg, labels, steps=steps, **kw)
             if device.type == "cuda":

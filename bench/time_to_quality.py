@@ -134,10 +134,8 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = train_seconds()
-        m_ = cfg.model
         if not batch:
-            shape = (m_.in_channels, m_.image_size, m_.image_size)
-            batch.append(sampling_batch_size(net, shape, m_.num_classes, device, precision))
+            batch.append(sampling_batch_size(net, cfg.model, device, precision))
         imgs = generate(
             net,
             cfg,

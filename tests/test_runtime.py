@@ -53,13 +53,11 @@ def test_sampling_batch_from_measured_peak(tiny_net):
         assert (y == cfg.model.num_classes).all() and x.shape[1:] == (1, 8, 8)
         return tiny_net(x, t, y)
 
-    n = sampling_batch_size(net, (1, 8, 8), 3, torch.device("cpu"), "fp32", memory=mem)
+    n = sampling_batch_size(net, cfg.model, torch.device("cpu"), "fp32", memory=mem)
     # a guided image costs two rows (2 MiB) + 8 fp32 copies of the 1x8x8 sampler state
     assert mem.resets == 1 and mem.rows == 128
     assert n == batch_for_memory(10 * 2**30, 2 * 2**20 + 8 * 4 * 64) == 3008
-    assert sampling_batch_size(net, (1, 8, 8), 3, torch.device("cpu"), "fp32") == (
-        CPU_SAMPLING_BATCH
-    )
+    assert sampling_batch_size(net, cfg.model, torch.device("cpu"), "fp32") == (CPU_SAMPLING_BATCH)
 
 
 def test_compiled_forward_falls_back_to_eager(tiny_net, monkeypatch):

@@ -93,9 +93,7 @@ def _sampling_batch(given: int | None, net, cfg, device, precision: str) -> int:
         return given
     from cfgdiff.runtime import sampling_batch_size
 
-    m = cfg.model
-    shape = (m.in_channels, m.image_size, m.image_size)
-    return sampling_batch_size(net, shape, m.num_classes, device, precision)
+    return sampling_batch_size(net, cfg.model, device, precision)
 
 
 COMPILE_MIN_IMAGE_STEPS = 100_000  # bench/sample_throughput.py on 2 CPU cores: break-even ~40k

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from cfgdiff.config import ModelConfig
 from cfgdiff.errors import ConfigError
 
 
@@ -169,8 +170,7 @@ CPU_SAMPLING_BATCH = 64  # CPU sampling is fastest in small, cache-sized batches
 
 def sampling_batch_size(
     net,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
+    model: ModelConfig,
     device: torch.device,
     precision: str,
     *,
@@ -183,9 +183,11 @@ def sampling_batch_size(
     if device.type != "cuda" and memory is None:
         return CPU_SAMPLING_BATCH
     memory = memory or _CudaMemory(device)
-    x = torch.zeros((2 * probe, *image_shape), device=device)
+    x = torch.zeros(
+        (2 * probe, model.in_channels, model.image_size, model.image_size), device=device
+    )
     t = torch.zeros((2 * probe,), dtype=torch.long, device=device)
-    y = torch.full((2 * probe,), num_classes, dtype=torch.long, device=device)
+    y = torch.full((2 * probe,), model.num_classes, dtype=torch.long, device=device)
     memory.reset_peak()
     before = memory.allocated()
     with torch.inference_mode(), autocast(device, precision):
