@@ -364,7 +364,7 @@ def _train_locked(
     if compile and device.type == "cpu" and precision == "bf16":
         # torch 2.13's CPU inductor drops gradients under bf16 autocast: 120 of the cpu-demo
         # UNet's 167 parameters get zero gradient, and a 700-step run reaches 41 % class accuracy
-        # at s = 3 instead of 99.8 % (measured; docs/DESIGN.md). Train eagerly instead.
+        # at s = 3 instead of 99.8 % (measured; README "Results", docs/DESIGN.md). Train eagerly.
         emit(
             "compile",
             {
