@@ -1,6 +1,10 @@
 """Training throughput of the UNet presets: images/s and achieved TFLOP/s, bf16 autocast against
 a plain fp32 eager baseline of the same network in the same run (compare ratios, not absolutes).
 
+Compiled variants are first put through runtime.check_compiled_gradients, as `cfgdiff train`
+does: a variant whose gradients differ from eager is printed with "!" and left out of "best"
+(its speed is worthless, and train would not use it).
+
     python bench/train_throughput.py --device cpu [--quick] [--json out.json]
     python bench/train_throughput.py --device cpu --tune-candidates \
         --json bench/results/cpu_throughput.json
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cfgdiff.config import PRESETS, DiffusionConfig  # noqa: E402
 from cfgdiff.diffusion import training_loss  # noqa: E402
-from cfgdiff.runtime import autocast  # noqa: E402
+from cfgdiff.runtime import GradientCheck, autocast, check_compiled_gradients  # noqa: E402
 from cfgdiff.schedule import make_schedule  # noqa: E402
 from cfgdiff.unet import UNet, count_parameters  # noqa: E402
 
@@ -44,7 +48,8 @@ def measure(
     warmup: int,
     compile: bool = False,
     channels_last: bool = False,
-) -> float:
+) -> tuple[float, GradientCheck | None]:
+    """(images/s, the compiled step's gradient check or None when not compiled)."""
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
     if channels_last:
@@ -58,6 +63,15 @@ def measure(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, model_cfg.num_classes, (batch,), device=device)
+    check = None
+    if compile:
+
+        def loss_of(f):
+            gen = torch.Generator(device=device).manual_seed(0)
+            with autocast(device, precision):
+                return training_loss(f, x, y, sch, dcfg, model_cfg.num_classes, gen)
+
+        check = check_compiled_gradients(net, fwd, loss_of, precision)
 
     def step():
         with autocast(device, precision):
@@ -75,7 +89,7 @@ def measure(
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    return batch * steps / (time.perf_counter() - t0), check
 
 
 def main() -> int:
@@ -105,7 +119,7 @@ def main() -> int:
 
         for name, ov in candidates().items():
             cfg = apply(PRESETS["cpu-demo"], ov)
-            ips = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
+            ips, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
             results[name] = round(ips, 1)
             print(f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s", flush=True)
     else:
@@ -123,9 +137,9 @@ def main() -> int:
             fl = forward_flops(
                 net, torch.zeros(1, c, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
             )
-            ips = {}
+            ips, bad = {}, {}
             for v in variants:
-                ips[v] = measure(
+                ips[v], check = measure(
                     cfg.model,
                     batch,
                     device,
@@ -135,7 +149,9 @@ def main() -> int:
                     compile="compile" in v,
                     channels_last=v.endswith("-cl"),
                 )
-            best = max(ips.values())
+                if check is not None and not check.ok:
+                    bad[v] = check.describe()
+            best = max((ips[v] for v in variants if v not in bad), default=float("nan"))
             tflops = 3 * fl * best / 1e12  # forward + backward ~ 3x forward
             results[name] = {
                 "params": count_parameters(net),
@@ -143,13 +159,16 @@ def main() -> int:
                 "fwd_gflop_per_image": fl / 1e9,
                 "images_per_s": ips,
                 "best_tflops": tflops,
+                "wrong_gradients": bad,
             }
             print(
                 f"{name:10s} {count_parameters(net) / 1e6:6.2f}M {batch:5d} {fl / 1e9:9.3f} "
-                + " ".join(f"{ips[v]:18.1f}" for v in variants)
+                + " ".join(f"{ips[v]:17.1f}{'!' if v in bad else ' '}" for v in variants)
                 + f" {best / ips[variants[0]]:9.2f} {tflops:12.3f}",
                 flush=True,
             )
+            for v, why in bad.items():
+                print(f"  ! {name} {v}: compiled gradients differ from eager: {why}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(results, indent=1))

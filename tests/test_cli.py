@@ -61,6 +61,33 @@ def test_train_resume_extends(run, folder_data, capsys):
     assert (run / "checkpoints" / "step-0000012").is_dir()
 
 
+@pytest.mark.parametrize("faithful", [True, False])
+def test_train_reports_the_compiled_gradient_check(
+    tmp_path, folder_data, capsys, monkeypatch, faithful
+):
+    def fake_compile(net, **kw):
+        if faithful:
+            return lambda x, t, y: net(x, t, y)
+        return lambda x, t, y: torch.func.functional_call(
+            net,
+            {k: v.detach() if k.startswith("down") else v for k, v in net.named_parameters()},
+            (x, t, y),
+        )
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--steps", "2"]
+    argv += ["--out", str(tmp_path / "r"), "--no-progress", "--compile", "on"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    if faithful:
+        assert "cfgdiff: torch.compile: gradients match eager (0 of 129 parameters lost" in err
+    else:
+        assert (
+            "cfgdiff: torch.compile not used, training eagerly: compiled gradients differ: " in err
+        )
+        assert "30 of 129 parameters lost their gradient; relative gradient difference" in err
+
+
 def test_sample_png_and_npz(run, tmp_path, capsys):
     png = tmp_path / "g.png"
     assert (

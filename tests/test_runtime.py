@@ -1,16 +1,23 @@
-"""Device helpers: compiled forward with eager fallback, sampling batch from free memory."""
+"""Device helpers: compiled forward with eager fallback, the compiled-gradient check, sampling batch
+from free memory."""
+
+import dataclasses
 
 import pytest
 import torch
 from conftest import tiny_config
 
+from cfgdiff.diffusion import training_loss
 from cfgdiff.runtime import (
     CPU_SAMPLING_BATCH,
     CompiledForward,
     batch_for_memory,
+    check_compiled_gradients,
     sampling_batch_size,
 )
 from cfgdiff.sample import generate
+from cfgdiff.schedule import make_schedule
+from cfgdiff.unet import UNet
 
 
 def test_batch_for_memory_arithmetic():
@@ -145,3 +152,93 @@ def test_threads_capped_at_quota_never_raised(tmp_path, monkeypatch):
         assert configure_cpu_threads(str(f)) == 4  # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+# --- check_compiled_gradients: a compiled training step against the eager one ----------------
+
+
+def _check_setup(dropout: float = 0.0):
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=dropout))
+    torch.manual_seed(0)
+    net = UNet(cfg.model).train()  # fresh: zero output layers, as at the start of training
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def loss_of(f):
+        gen = torch.Generator().manual_seed(5)
+        return training_loss(f, x, y, schedule, cfg.diffusion, cfg.model.num_classes, gen)
+
+    return net, loss_of
+
+
+def test_gradient_check_passes_a_faithful_compile_and_restores_everything():
+    net, loss_of = _check_setup()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    check = check_compiled_gradients(net, lambda x, t, y: net(x, t, y), loss_of, "fp32")
+    assert check.ok and check.lost == 0 and check.diff_max == 0 and check.noise_max == 0
+    # The perturbation makes every parameter's gradient nonzero, though a fresh UNet's zero output
+    # layer gives zero gradient to all the others: without it the comparison would be blind.
+    assert check.params == sum(1 for _ in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _with_params_detached(net, names):
+    def f(x, t, y):
+        params = {k: (v.detach() if k in names else v) for k, v in net.named_parameters()}
+        return torch.func.functional_call(net, params, (x, t, y))
+
+    return f
+
+
+def test_gradient_check_catches_lost_gradients():
+    """The torch 2.13 CPU inductor + bf16 fault: most parameters get zero gradient."""
+    net, loss_of = _check_setup()
+    lose = {k for k, _ in net.named_parameters() if k.startswith("down")}
+    check = check_compiled_gradients(net, _with_params_detached(net, lose), loss_of, "bf16")
+    assert not check.ok
+    assert check.lost == len(lose) > 0
+    assert f"{len(lose)} of {check.params} parameters lost" in check.describe()
+
+
+def test_gradient_check_catches_wrong_gradients_with_the_right_loss():
+    net, loss_of = _check_setup()
+
+    def doubled_gradient(x, t, y):
+        out = net(x, t, y)
+        return 2 * out - out.detach()  # same values, twice the gradient
+
+    check = check_compiled_gradients(net, doubled_gradient, loss_of, "bf16")
+    assert not check.ok and check.lost == 0
+    assert check.diff_median == pytest.approx(1.0, rel=1e-4)
+
+
+def test_gradient_check_allows_bf16_rounding_but_not_fp32():
+    net, loss_of = _check_setup()
+
+    def rounded(x, t, y):  # same values; output gradients perturbed by 4 % (rms)
+        out = net(x, t, y)
+        return out + 0.04 * (out - out.detach()) * torch.randn_like(out)
+
+    assert check_compiled_gradients(net, rounded, loss_of, "bf16").ok
+    assert not check_compiled_gradients(net, rounded, loss_of, "fp32").ok
+
+
+def test_gradient_check_allows_other_dropout_masks():
+    """Inductor draws dropout masks from its own generator: the compiled step never sees the
+    eager step's mask, and the check must widen its limits by the eager-vs-eager difference."""
+    net, loss_of = _check_setup(dropout=0.3)
+
+    def other_masks(x, t, y):
+        torch.manual_seed(1234)
+        return net(x, t, y)
+
+    check = check_compiled_gradients(net, other_masks, loss_of, "fp32")
+    assert check.noise_median > 0.01 and check.diff_median > 0.01
+    assert check.ok, check.describe()
+    lose = {k for k, _ in net.named_parameters() if k.startswith("up")}
+    assert not check_compiled_gradients(net, _with_params_detached(net, lose), loss_of, "fp32").ok

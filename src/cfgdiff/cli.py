@@ -281,7 +281,9 @@ def build_parser() -> Parser:
         default="auto",
         choices=["auto", "on", "off"],
         help="torch.compile the training step (auto: on for CUDA, off on the CPU where "
-        "compilation costs more than it saves in a demo-length run); falls back to eager",
+        "compilation costs more than it saves in a demo-length run); its gradients are checked "
+        "against eager on the first batch, and training falls back to eager if they differ or "
+        "compilation fails",
     )
     tr.add_argument(
         "--channels-last",
@@ -453,7 +455,9 @@ def cmd_train(a: argparse.Namespace) -> int:
                 f"skipped a batch with a non-finite loss at step {info['step']} "
                 f"({info['skipped']} so far)"
                 if name == "skip"
-                else f"torch.compile failed, training eagerly: {info['error']}"
+                else f"torch.compile: gradients match eager ({info['check']})"
+                if info["ok"]
+                else f"torch.compile not used, training eagerly: {info['error']}"
             )
             bar.write(f"cfgdiff: {msg}") if bar is not None else _log(msg)
         elif name == "eval":

@@ -31,6 +31,7 @@ from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.runtime import autocast as autocast_ctx
+from cfgdiff.runtime import check_compiled_gradients
 from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.schedule import make_schedule
 from cfgdiff.unet import UNet, count_parameters
@@ -188,6 +189,44 @@ def guidance_strip(
     )
 
 
+def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, emit):
+    """torch.compile(net) if it compiles and its gradients match the eager network's on a
+    training batch (runtime.check_compiled_gradients), else net; a "compile" event says which and
+    why. The check leaves the network, the batch order and the RNG states as they were."""
+    device = next(net.parameters()).device
+    state = batches.state()
+    x, y = batches.next()
+    batches.load_state(state)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    d, seed = cfg.diffusion, cfg.train.seed
+
+    def loss_of(f):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with autocast_ctx(device, precision):
+            return training_loss(f, x, y, schedule, d, cfg.model.num_classes, gen)
+
+    compiled = torch.compile(net)
+    try:
+        check = check_compiled_gradients(net, compiled, loss_of, precision, seed=seed)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:  # compilation failures come in many types
+        if "out of memory" in str(e):
+            raise
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        emit("compile", {"ok": False, "error": reason})
+        return net
+    if not check.ok:
+        # Measured with torch 2.13's CPU inductor under bf16 autocast: 120 of the cpu-demo UNet's
+        # 167 parameters got zero gradient, and a 700-step run reached 41 % class accuracy at
+        # s = 3 instead of 99.8 % eagerly (README "Results", docs/DESIGN.md).
+        emit("compile", {"ok": False, "error": f"compiled gradients differ: {check.describe()}"})
+        return net
+    emit("compile", {"ok": True, "check": check.describe()})
+    return compiled
+
+
 def train(
     cfg: RunConfig,
     run_dir: Path,
@@ -207,8 +246,9 @@ def train(
 
     evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
     eval.csv (e.g. a small-N FID and class accuracy, see cli.py).
-    compile: torch.compile the network for the training step; if compilation fails, training
-    goes on eagerly and a "compile" event says why. channels_last: NHWC memory format."""
+    compile: torch.compile the network for the training step, if it compiles and its gradients
+    match the eager network's on one batch; otherwise training goes on eagerly. A "compile"
+    event says which, and why. channels_last: NHWC memory format."""
     cfg.validate()
     device = torch.device(device)
     m = cfg.model
@@ -360,22 +400,6 @@ def _train_locked(
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     forward = net
-    compiled_ok = False
-    if compile and device.type == "cpu" and precision == "bf16":
-        # torch 2.13's CPU inductor drops gradients under bf16 autocast: 120 of the cpu-demo
-        # UNet's 167 parameters get zero gradient, and a 700-step run reaches 41 % class accuracy
-        # at s = 3 instead of 99.8 % (measured; README "Results", docs/DESIGN.md). Train eagerly.
-        emit(
-            "compile",
-            {
-                "ok": False,
-                "error": "bf16 + torch.compile on the CPU miscomputes "
-                "gradients in this torch; training eagerly",
-            },
-        )
-        compile = False
-    if compile:
-        forward = torch.compile(net)
 
     def forward_backward(fwd, x, y) -> torch.Tensor:
         with autocast_ctx(device, precision):
@@ -386,6 +410,8 @@ def _train_locked(
 
     net.train()
     t0 = time.perf_counter()
+    if compile:
+        forward = _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, emit)
     t_window = t0
     images_window = 0
     last_ckpt: Path | None = existing if resume else None
@@ -421,24 +447,8 @@ def _train_locked(
         x, y = batches.next()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        first_compiled = forward is not net and not compiled_ok
-        if first_compiled:  # the first compiled step may fail: be able to redo it eagerly
-            gen_state, rng_state = gen.get_state(), torch.get_rng_state()
         try:
-            try:
-                loss = forward_backward(forward, x, y)
-            except (torch.OutOfMemoryError, MemoryError):
-                raise
-            except Exception as e:  # compilation failures come in many types
-                if forward is net:
-                    raise
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                emit("compile", {"ok": False, "error": reason})
-                forward = net
-                gen.set_state(gen_state)
-                torch.set_rng_state(rng_state)
-                loss = forward_backward(forward, x, y)
-            compiled_ok = compiled_ok or (first_compiled and forward is not net)
+            loss = forward_backward(forward, x, y)
             finite = torch.isfinite(loss.detach())
             if t.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
