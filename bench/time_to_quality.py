@@ -177,8 +177,17 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list
         evaluator=evaluator,
         final_strip=False,
         compile=compiled,
+        on_event=_print_compile_event,
     )
     return rows
+
+
+def _print_compile_event(name: str, info: dict) -> None:
+    """Whether the compiled step passed the gradient check (train falls back to eager if not)."""
+    if name == "compile":
+        print(
+            f"compile: {'used, ' + info['check'] if info['ok'] else 'not used, ' + info['error']}"
+        )
 
 
 if __name__ == "__main__":

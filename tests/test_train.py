@@ -246,26 +246,29 @@ def test_compiled_step_is_checked_against_eager(tmp_path, data, monkeypatch, fai
 
 
 @pytest.mark.slow
-def test_real_compiled_fp32_step_passes_the_gradient_check(tmp_path, data):
-    """The real inductor (a C++ compiler is needed) on the CPU, fp32: the check accepts it and
-    training follows the eager run to rounding."""
+@pytest.mark.parametrize("precision,rel", [("fp32", 1e-4), ("bf16", 2e-2)])
+def test_real_compiled_step_passes_the_gradient_check(tmp_path, data, precision, rel):
+    """The real inductor (a C++ compiler is needed) on the CPU: the check accepts it and training
+    follows the eager run to rounding. In bf16 this failed (82 of 129 parameters lost their
+    gradient) until Upsample stopped using F.interpolate (layers.upsample_nearest2x)."""
     events = []
     cfg = tiny_config(steps=4, sample_every=0, log_every=1)
     train(
         cfg,
         tmp_path / "c",
         data,
+        precision=precision,
         compile=True,
         on_event=lambda n, i: events.append((n, i)),
         final_strip=False,
     )
     [info] = [i for n, i in events if n == "compile"]
     assert info["ok"], info
-    train(cfg, tmp_path / "e", data, final_strip=False)
+    train(cfg, tmp_path / "e", data, precision=precision, final_strip=False)
     compiled, eager = _losses(tmp_path / "c"), _losses(tmp_path / "e")
     assert [s for s, _ in compiled] == [s for s, _ in eager] == [1, 2, 3, 4]
     for (_, lc), (_, le) in zip(compiled, eager, strict=True):
-        assert float(lc) == pytest.approx(float(le), rel=1e-4)
+        assert float(lc) == pytest.approx(float(le), rel=rel)
 
 
 def test_channels_last_trains(tmp_path, data):

@@ -57,3 +57,22 @@ def test_bad_configs():
         ModelConfig(in_channels=2).validate()
     with pytest.raises(ConfigError, match="attn_levels"):
         ModelConfig(attn_levels=(5,)).validate()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 8, 4, 5), (4, 16, 14, 14)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample_nearest2x_is_interpolate_to_the_bit(shape, dtype):
+    """The expand + reshape form (kept because torch 2.13's CPU inductor loses the gradient of
+    F.interpolate under bf16) computes exactly nearest-neighbour upsampling, values and gradient."""
+    import torch.nn.functional as F
+
+    from cfgdiff.layers import upsample_nearest2x
+
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    out = upsample_nearest2x(x)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    (grad,) = torch.autograd.grad(out, x, g)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)

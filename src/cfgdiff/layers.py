@@ -89,10 +89,19 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling, equal to F.interpolate(x, scale_factor=2, mode="nearest")
+    to the bit, written as expand + reshape: torch 2.13's CPU inductor under bf16 autocast
+    returns a zero gradient through F.interpolate's backward here, which cut every parameter
+    below the finest resolution off from the loss (docs/DESIGN.md, "Compilation policy")."""
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest2x(x))
