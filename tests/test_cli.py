@@ -365,7 +365,7 @@ def test_sample_compile_failure_samples_eagerly(run, tmp_path, capsys, monkeypat
     monkeypatch.setattr(torch, "compile", broken_compile)
     capsys.readouterr()
     compiled = _sample_npz(run, tmp_path / "c.npz", "--batch-size", "4", "--compile", "on")
-    assert "torch.compile failed, sampled eagerly: RuntimeError: inductor" in (
+    assert "torch.compile not used, sampled eagerly: RuntimeError: inductor" in (
         capsys.readouterr().err
     )
     assert np.array_equal(compiled, eager)
@@ -377,6 +377,6 @@ def test_sample_compiled_matches_eager(run, tmp_path, capsys):
     torch._dynamo.reset()
     eager = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "4")
     compiled = _sample_npz(run, tmp_path / "c.npz", "--batch-size", "4", "--compile", "on")
-    assert "torch.compile failed" not in capsys.readouterr().err
+    assert "torch.compile not used" not in capsys.readouterr().err
     diff = np.abs(compiled.astype(int) - eager.astype(int))
     assert compiled.shape == eager.shape and diff.max() <= 2 and diff.mean() < 0.01

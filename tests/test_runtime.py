@@ -84,6 +84,44 @@ def test_compiled_forward_falls_back_to_eager(tiny_net, monkeypatch):
     assert f.compiled is None
 
 
+@pytest.mark.parametrize("wrong", ["doubled", "nan"])
+def test_compiled_forward_with_wrong_outputs_is_dropped(tiny_net, monkeypatch, wrong):
+    """A compile that runs but computes something else: caught on the first call, whose eager
+    output is returned, and the eager network is used from then on."""
+    calls = []
+
+    def bad_compile(module, **kw):
+        def f(x, t, y):
+            calls.append(1)
+            out = module(x, t, y)
+            return 2 * out if wrong == "doubled" else out * float("nan")
+
+        return f
+
+    monkeypatch.setattr(torch, "compile", bad_compile)
+    f = CompiledForward(tiny_net, torch.device("cpu"))
+    cfg = tiny_config()
+    labels = torch.tensor([0, 1, 2])
+    kw = dict(scale=3.0, sampler="ddim", steps=3, seed=0)
+    assert torch.equal(generate(f, cfg, labels, **kw), generate(tiny_net, cfg, labels, **kw))
+    assert len(calls) == 1 and f.compiled is None
+    assert f.fallback_reason.startswith("compiled output differs from eager: relative difference")
+    assert ("1 (limit 0.1)" if wrong == "doubled" else "nan (limit 0.1)") in f.fallback_reason
+
+
+def test_compiled_forward_within_tolerance_is_kept(tiny_net, monkeypatch):
+    def close_compile(module, **kw):
+        return lambda x, t, y: module(x, t, y) * 1.01  # 1 %: bf16-sized differences pass
+
+    monkeypatch.setattr(torch, "compile", close_compile)
+    f = CompiledForward(tiny_net, torch.device("cpu"))
+    x = torch.randn(2, 1, 8, 8)
+    t, y = torch.tensor([10, 500]), torch.tensor([0, 1])
+    for _ in range(2):
+        assert torch.allclose(f(x, t, y), tiny_net(x, t, y) * 1.01)
+    assert f.checked and f.fallback_reason is None and f.compiled is not None
+
+
 def test_compiled_forward_out_of_memory_is_not_hidden(tiny_net, monkeypatch):
     def oom_compile(module, **kw):
         def fail(*args):

@@ -147,7 +147,8 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
         default="auto",
         choices=["auto", "on", "off"],
         help="torch.compile the network for sampling (CUDA graphs on CUDA; batches padded to one "
-        "shape; eager fallback if compilation fails). auto: on for CPU jobs of at least "
+        "shape; eager fallback if compilation fails or its first output differs from eager). "
+        "auto: on for CPU jobs of at least "
         f"{COMPILE_MIN_IMAGE_STEPS:,} image-steps, where the ~30 s of compilation pays off; off "
         "on CUDA until measured there",
     )
@@ -639,7 +640,7 @@ def _generate(a: argparse.Namespace, loaded, labels, guidance, device, indices=N
         static_batches=compiled,
     )
     if compiled and net.fallback_reason:
-        _log(f"torch.compile failed, sampled eagerly: {net.fallback_reason}")
+        _log(f"torch.compile not used, sampled eagerly: {net.fallback_reason}")
     return images
 
 
