@@ -88,6 +88,23 @@ def test_train_reports_the_compiled_gradient_check(
         assert "30 of 129 parameters lost their gradient; relative gradient difference" in err
 
 
+def test_compile_auto_rules():
+    """--compile auto: where compiling was measured to pay off (train: CUDA, or CPU runs of
+    200,000+ images; sampling: CPU jobs of 100,000+ image-steps); on/off are obeyed."""
+    from cfgdiff.cli import _compile_sampling, _compile_training
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _compile_training("auto", cuda, 10, 8)
+    assert not _compile_training("auto", cpu, 1400, 64)  # the demo: 89,600 images
+    assert _compile_training("auto", cpu, 3125, 64)  # 200,000 images
+    assert not _compile_training("off", cuda, 10**6, 128)
+    assert _compile_training("on", cpu, 1, 1)
+    assert not _compile_sampling("auto", cuda, 10**6, 20)
+    assert not _compile_sampling("auto", cpu, 500, 20)  # an eval: 10,000 image-steps
+    assert _compile_sampling("auto", cpu, 5000, 20)
+    assert _compile_sampling("on", cuda, 1, 1) and not _compile_sampling("off", cpu, 10**6, 20)
+
+
 def test_sample_png_and_npz(run, tmp_path, capsys):
     png = tmp_path / "g.png"
     assert (
