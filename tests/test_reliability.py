@@ -77,6 +77,28 @@ def test_out_of_memory_message(tmp_path, data, monkeypatch):
         train(tiny_config(), tmp_path / "r", data)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+    ],
+)
+def test_out_of_memory_while_checking_the_compiled_step(tmp_path, data, monkeypatch, error):
+    """Running out of memory in the compiled step's gradient check is not a compile failure to
+    fall back from: it gets the same message as in the training loop."""
+
+    def compile_that_runs_out(module, **kw):
+        def f(*a):
+            raise error
+
+        return f
+
+    monkeypatch.setattr(torch, "compile", compile_that_runs_out)
+    with pytest.raises(RuntimeFault, match="out of memory at step 1 with --batch-size 8"):
+        train(tiny_config(), tmp_path / "r", data, compile=True)
+
+
 def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
     train(
         tiny_config(steps=4, checkpoint_every=2, sample_every=0),

@@ -8,6 +8,7 @@ stop is requested through `should_stop` (the CLI wires both to the terminal and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -189,6 +190,14 @@ def guidance_strip(
     )
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch reports some allocation failures as plain RuntimeErrors."""
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
+        "out of memory" in msg or "can't allocate memory" in msg
+    )
+
+
 def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, emit):
     """torch.compile(net) if it compiles and its gradients match the eager network's on a
     training batch (runtime.check_compiled_gradients), else net; a "compile" event says which and
@@ -212,15 +221,15 @@ def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, em
     except (torch.OutOfMemoryError, MemoryError):
         raise
     except Exception as e:  # compilation failures come in many types
-        if "out of memory" in str(e):
+        if _is_out_of_memory(e):
             raise
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         emit("compile", {"ok": False, "error": reason})
         return net
     if not check.ok:
-        # Measured with torch 2.13's CPU inductor under bf16 autocast: 120 of the cpu-demo UNet's
-        # 167 parameters got zero gradient, and a 700-step run reached 41 % class accuracy at
-        # s = 3 instead of 99.8 % eagerly (README "Results", docs/DESIGN.md).
+        # Seen with torch 2.13's CPU inductor under bf16 autocast, before Upsample stopped using
+        # F.interpolate: 120 of the cpu-demo UNet's 167 parameters got zero gradient, and a
+        # 700-step run reached 41 % class accuracy at s = 3 instead of 99.8 % (docs/DESIGN.md).
         emit("compile", {"ok": False, "error": f"compiled gradients differ: {check.describe()}"})
         return net
     emit("compile", {"ok": True, "check": check.describe()})
@@ -410,8 +419,6 @@ def _train_locked(
 
     net.train()
     t0 = time.perf_counter()
-    if compile:
-        forward = _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, emit)
     t_window = t0
     images_window = 0
     last_ckpt: Path | None = existing if resume else None
@@ -434,11 +441,24 @@ def _train_locked(
                 "--skip-nonfinite N to skip up to N bad batches"
             )
 
-    def oom(step: int) -> RuntimeFault:
-        return RuntimeFault(
-            f"out of memory at step {step + 1} with --batch-size {t.batch_size} on {device}: "
-            f"lower --batch-size (last checkpoint: {last_ckpt or 'none'})"
-        )
+    @contextlib.contextmanager
+    def out_of_memory_as_fault(step: int):
+        """An allocation failure (CUDA or host) becomes a RuntimeFault that says what to do."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
+                raise
+            raise RuntimeFault(
+                f"out of memory at step {step + 1} with --batch-size {t.batch_size} on {device}: "
+                f"lower --batch-size (last checkpoint: {last_ckpt or 'none'})"
+            ) from None
+
+    if compile:  # timed with the run: compiling is part of what it costs
+        with out_of_memory_as_fault(step):
+            forward = _compiled_or_eager(
+                net, batches, channels_last, precision, cfg, schedule, emit
+            )
 
     while step < t.steps:
         lr = lr_at(step, t)
@@ -447,7 +467,7 @@ def _train_locked(
         x, y = batches.next()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        try:
+        with out_of_memory_as_fault(step):
             loss = forward_backward(forward, x, y)
             finite = torch.isfinite(loss.detach())
             if t.grad_clip > 0:
@@ -464,14 +484,6 @@ def _train_locked(
                     )
                 continue
             opt.step()
-        except torch.OutOfMemoryError:
-            raise oom(step) from None
-        except RuntimeError as e:
-            if "out of memory" in str(e) or "can't allocate memory" in str(e):
-                raise oom(step) from None
-            raise
-        except MemoryError:
-            raise oom(step) from None
         first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
         ema.update(net)
         step += 1
