@@ -162,8 +162,8 @@ class CompiledForward:
 # Largest allowed (median, max) over parameters of |g_compiled - g_eager| / |g_eager|, before the
 # allowance for stochastic layers. Healthy compiled steps measured on the CPU (torch 2.13, the
 # tiny, cpu-demo and mnist UNets): fp32 median 9e-7, max 7e-6; bf16 median up to 9e-3, max up to
-# 3e-2. A miscompile that loses a parameter's
-# gradient gives 1, a flipped sign 2. The margins leave room for TF32 and other kernels on CUDA.
+# 3e-2. A miscompile that loses a parameter's gradient gives 1, a flipped sign 2. The margins
+# leave room for TF32 and other kernels on CUDA.
 GRADIENT_TOLERANCE = {"fp32": (0.01, 0.1), "bf16": (0.05, 0.3)}
 
 
