@@ -67,6 +67,14 @@ def test_sampling_batch_from_measured_peak(tiny_net):
     assert sampling_batch_size(net, cfg.model, torch.device("cpu"), "fp32") == (CPU_SAMPLING_BATCH)
 
 
+def _assert_samples_like_eager(f, net):
+    """Images sampled through the wrapper f are those of the eager network, bit for bit."""
+    cfg = tiny_config()
+    labels = torch.tensor([0, 1, 2])
+    kw = dict(scale=3.0, sampler="ddim", steps=3, seed=0)
+    assert torch.equal(generate(f, cfg, labels, **kw), generate(net, cfg, labels, **kw))
+
+
 def test_compiled_forward_falls_back_to_eager(tiny_net, monkeypatch):
     def broken_compile(module, **kw):
         def fail(*args):
@@ -76,10 +84,7 @@ def test_compiled_forward_falls_back_to_eager(tiny_net, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     f = CompiledForward(tiny_net, torch.device("cpu"))
-    cfg = tiny_config()
-    labels = torch.tensor([0, 1, 2])
-    kw = dict(scale=3.0, sampler="ddim", steps=3, seed=0)
-    assert torch.equal(generate(f, cfg, labels, **kw), generate(tiny_net, cfg, labels, **kw))
+    _assert_samples_like_eager(f, tiny_net)
     assert f.fallback_reason == "RuntimeError: inductor: no C++ compiler found (test)"
     assert f.compiled is None
 
@@ -100,10 +105,7 @@ def test_compiled_forward_with_wrong_outputs_is_dropped(tiny_net, monkeypatch, w
 
     monkeypatch.setattr(torch, "compile", bad_compile)
     f = CompiledForward(tiny_net, torch.device("cpu"))
-    cfg = tiny_config()
-    labels = torch.tensor([0, 1, 2])
-    kw = dict(scale=3.0, sampler="ddim", steps=3, seed=0)
-    assert torch.equal(generate(f, cfg, labels, **kw), generate(tiny_net, cfg, labels, **kw))
+    _assert_samples_like_eager(f, tiny_net)
     assert len(calls) == 1 and f.compiled is None
     assert f.fallback_reason.startswith("compiled output differs from eager: relative difference")
     assert ("1 (limit 0.1)" if wrong == "doubled" else "nan (limit 0.1)") in f.fallback_reason

@@ -198,6 +198,22 @@ def _fake_compile(monkeypatch, wrap):
     return calls
 
 
+def _train_compiled(cfg, run_dir, data, precision):
+    """Train with compile=True; the one "compile" event's info (the gradient check's verdict)."""
+    events = []
+    train(
+        cfg,
+        run_dir,
+        data,
+        precision=precision,
+        compile=True,
+        on_event=lambda n, i: events.append((n, i)),
+        final_strip=False,
+    )
+    [info] = [i for n, i in events if n == "compile"]
+    return info
+
+
 def _weights(run_dir):
     return ckpt_io.load_for_sampling(run_dir).net.state_dict()
 
@@ -221,19 +237,9 @@ def test_compiled_step_is_checked_against_eager(tmp_path, data, monkeypatch, fai
         return lossy
 
     calls = _fake_compile(monkeypatch, wrap)
-    events = []
     cfg = tiny_config(steps=6, sample_every=0, log_every=1)
-    train(
-        cfg,
-        tmp_path / "c",
-        data,
-        precision="bf16",
-        compile=True,
-        on_event=lambda n, i: events.append((n, i)),
-        final_strip=False,
-    )
+    info = _train_compiled(cfg, tmp_path / "c", data, "bf16")
     assert len(calls) == 1
-    [info] = [i for n, i in events if n == "compile"]
     assert info["ok"] is faithful
     if not faithful:
         assert (
@@ -251,18 +257,8 @@ def test_real_compiled_step_passes_the_gradient_check(tmp_path, data, precision,
     """The real inductor (a C++ compiler is needed) on the CPU: the check accepts it and training
     follows the eager run to rounding. In bf16 this failed (82 of 129 parameters lost their
     gradient) until Upsample stopped using F.interpolate (layers.upsample_nearest2x)."""
-    events = []
     cfg = tiny_config(steps=4, sample_every=0, log_every=1)
-    train(
-        cfg,
-        tmp_path / "c",
-        data,
-        precision=precision,
-        compile=True,
-        on_event=lambda n, i: events.append((n, i)),
-        final_strip=False,
-    )
-    [info] = [i for n, i in events if n == "compile"]
+    info = _train_compiled(cfg, tmp_path / "c", data, precision)
     assert info["ok"], info
     train(cfg, tmp_path / "e", data, precision=precision, final_strip=False)
     compiled, eager = _losses(tmp_path / "c"), _losses(tmp_path / "e")

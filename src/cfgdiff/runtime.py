@@ -93,6 +93,11 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one short line ("Type: first line of the message"), for fallback notes."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
 class CompiledForward:
     """f(x, t, y) through torch.compile, falling back to the eager network for good the first time
     the compiled one raises (a missing C++ compiler, an unsupported op, a failed CUDA graph).
@@ -135,7 +140,7 @@ class CompiledForward:
             except (torch.OutOfMemoryError, MemoryError):
                 raise
             except Exception as e:  # compilation failures come in many types
-                self.fallback_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                self.fallback_reason = error_line(e)
                 self.compiled = None
             else:
                 if self.checked:

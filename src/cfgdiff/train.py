@@ -32,7 +32,7 @@ from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.runtime import autocast as autocast_ctx
-from cfgdiff.runtime import check_compiled_gradients
+from cfgdiff.runtime import check_compiled_gradients, error_line
 from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.schedule import make_schedule
 from cfgdiff.unet import UNet, count_parameters
@@ -218,13 +218,10 @@ def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, em
     compiled = torch.compile(net)
     try:
         check = check_compiled_gradients(net, compiled, loss_of, precision, seed=seed)
-    except (torch.OutOfMemoryError, MemoryError):
-        raise
     except Exception as e:  # compilation failures come in many types
         if _is_out_of_memory(e):
             raise
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        emit("compile", {"ok": False, "error": reason})
+        emit("compile", {"ok": False, "error": error_line(e)})
         return net
     if not check.ok:
         # Seen with torch 2.13's CPU inductor under bf16 autocast, before Upsample stopped using
