@@ -370,6 +370,84 @@ def _sample_npz(run, path, *extra):
         return z["images"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+    ],
+    ids=type,
+)
+def test_sample_out_of_memory_is_one_line_and_exit_1(run, tmp_path, capsys, monkeypatch, error):
+    import cfgdiff.sample
+
+    def oom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(cfgdiff.sample, "generate", oom)
+    out = tmp_path / "a.png"
+    args = ["sample", "--checkpoint", str(run), "--scale", "3", "--out", str(out)]
+    assert main([*args, "--batch-size", "7", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "out of memory sampling 7 images per batch on cpu: lower --batch-size" in err
+    assert not out.exists()
+
+
+def test_sample_chosen_batch_is_halved_until_it_fits(run, tmp_path, capsys, monkeypatch):
+    """Without --batch-size (64 on the CPU), running out of memory halves the batch and retries;
+    the images are those of a run that asked for the batch that fits."""
+    import cfgdiff.sample
+
+    real = cfgdiff.sample.generate
+    tried = []
+
+    def fits_two(*a, batch_size, **k):
+        tried.append(batch_size)
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, batch_size=batch_size, **k)
+
+    expected = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "2")
+    monkeypatch.setattr(cfgdiff.sample, "generate", fits_two)
+    capsys.readouterr()
+    assert np.array_equal(_sample_npz(run, tmp_path / "a.npz"), expected)
+    assert tried == [64, 32, 16, 8, 4, 2]
+    err = capsys.readouterr().err
+    assert "out of memory at 64 images per batch; retrying with 32" in err
+    assert "out of memory at 4 images per batch; retrying with 2" in err
+
+
+def test_out_of_memory_anywhere_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path):
+    """An allocation failure outside the paths that name their batch size still becomes one line
+    and exit 1; any other exception is a bug and keeps its traceback."""
+    import cfgdiff.cli
+
+    def failing(error):
+        def cmd(a):
+            raise error
+
+        return cmd
+
+    args = ["data", "info", "mnist", "--data-dir", str(tmp_path)]
+    monkeypatch.setitem(cfgdiff.cli.COMMANDS, "data", failing(MemoryError()))
+    assert main(args) == 1
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB")
+    monkeypatch.setitem(cfgdiff.cli.COMMANDS, "data", failing(cpu))
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "cfgdiff: error: out of memory (MemoryError: ); lower --batch-size",
+        (
+            "cfgdiff: error: out of memory (RuntimeError: DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4 GB); lower --batch-size"
+        ),
+    ]
+    monkeypatch.setitem(cfgdiff.cli.COMMANDS, "data", failing(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(args)
+
+
 def test_sample_compile_failure_samples_eagerly(run, tmp_path, capsys, monkeypatch):
     eager = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "4")
 

@@ -212,6 +212,7 @@ def test_classifier_training_is_deterministic():
     [
         (["--dataset", "imagenet"], "--dataset must be one of"),
         (["--n", "1000"], "--n must be <= 12"),
+        (["--image-size", "16"], "--image-size 16: only for eval train-classifier"),
         (["--dataset", "cifar10"], "has 3 channel(s); the checkpoint has 1"),
         (["--dataset", "FOLDER2"], "has 2 classes; the checkpoint has 3"),
     ],
@@ -289,3 +290,66 @@ def test_evaluation_during_training(big_folder, tmp_path):
     rows = list(csv.DictReader(open(out / "eval.csv")))
     assert [r["step"] for r in rows] == ["5", "10"]
     assert {"fid", "class_accuracy", "precision", "recall", "is"} <= set(rows[0])
+
+
+def test_classifier_judges_converted_images_in_its_own_space():
+    """A 3-channel 16x16 model of a 1-channel 8x8 dataset is judged by converting its images to
+    the classifier's size and channels, exactly as load_dataset converts data."""
+    from cfgdiff.data import convert_images
+    from cfgdiff.metrics.classifier import ClassifierFeatures, SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(1, 3, width=8)
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    judge = ClassifierFeatures(net, image_size=8, channels=1)
+    native = ClassifierFeatures(net)
+    f, logits = judge(images)
+    g, expected = native(convert_images(images, 8, 1))
+    assert f.shape == (5, 32) and torch.equal(f, g) and torch.equal(logits, expected)
+    with pytest.raises(RuntimeError):  # without the conversion the channels do not fit
+        native(images)
+
+
+def _train_and_eval(tmp_path, dataset, data_dir, train_extra, n):
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data_dir), "--precision", "fp32"]
+    argv = ["train", "--dataset", dataset, "--preset", "tiny", "--out", str(out), "--steps", "2"]
+    assert main([*argv, "--no-progress", *common, *train_extra]) == 0
+    js = tmp_path / "e.json"
+    argv = ["eval", "--checkpoint", str(out), "--scale", "3", "--n", str(n), "--steps", "2"]
+    assert main([*argv, "--json", str(js), *common]) == 0
+    return json.loads(js.read_text())
+
+
+def test_eval_of_a_model_trained_on_converted_mnist(idx_dir, tmp_path):
+    """`train --channels 3 --image-size 16` on (synthetic) MNIST: eval reads the data as training
+    did, and the judge stays the native 28x28 1-channel MNIST classifier."""
+    r = _train_and_eval(tmp_path, "mnist", idx_dir, ["--channels", "3", "--image-size", "16"], 20)
+    meta = json.loads((idx_dir / "classifiers" / "mnist-v2.json").read_text())
+    assert (meta["image_size"], meta["in_channels"]) == (28, 1)
+    assert r["dataset"] == "mnist" and r["n"] == 20
+    assert len(r["real_floor"]["per_class_accuracy"]) == 10
+
+
+def test_eval_of_a_folder_of_mixed_sizes(tmp_path):
+    """Training reads a folder of mixed image sizes with --image-size; so does eval."""
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(40):
+            a = (rng.random((8 + i % 3, 10)) * 60).astype(np.uint8)
+            a[:, 2 * c + 1 : 2 * c + 4] = 255
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    dataset, dd = f"folder:{root}", tmp_path / "dd"
+    argv = ["eval", "train-classifier", "--dataset", dataset, "--data-dir", str(dd)]
+    assert main(argv) == 2  # mixed sizes need --image-size
+    assert main([*argv, "--image-size", "12"]) == 0
+    meta = json.loads(next((dd / "classifiers").glob("*.json")).read_text())
+    assert meta["image_size"] == 12
+    # an 8x8 model of it is judged by that 12x12 classifier
+    r = _train_and_eval(tmp_path, dataset, dd, ["--image-size", "8"], 10)
+    assert r["n"] == 10 and len(r["generated"]["per_class_accuracy"]) == 3
+    assert r["classifier_test_accuracy"] == meta["test_accuracy"]

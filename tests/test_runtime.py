@@ -13,6 +13,7 @@ from cfgdiff.runtime import (
     CompiledForward,
     batch_for_memory,
     check_compiled_gradients,
+    is_out_of_memory,
     sampling_batch_size,
 )
 from cfgdiff.sample import generate
@@ -124,18 +125,37 @@ def test_compiled_forward_within_tolerance_is_kept(tiny_net, monkeypatch):
     assert f.checked and f.fallback_reason is None and f.compiled is not None
 
 
-def test_compiled_forward_out_of_memory_is_not_hidden(tiny_net, monkeypatch):
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+    MemoryError(),
+]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
+def test_compiled_forward_out_of_memory_is_not_hidden(tiny_net, monkeypatch, error):
+    """Out of memory is not a compile failure: the eager network would run out too, so it is
+    raised, not swallowed into an eager fallback."""
+
     def oom_compile(module, **kw):
         def fail(*args):
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            raise error
 
         return fail
 
     monkeypatch.setattr(torch, "compile", oom_compile)
     f = CompiledForward(tiny_net, torch.device("cpu"))
     x = torch.zeros(2, 1, 8, 8)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(type(error)):
         f(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert f.fallback_reason is None
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
+def test_is_out_of_memory(error):
+    assert is_out_of_memory(error)
+    assert not is_out_of_memory(RuntimeError("inductor: no C++ compiler found"))
+    assert not is_out_of_memory(ValueError("bad shape"))
 
 
 def test_compiled_forward_traces_the_real_network(tiny_net):

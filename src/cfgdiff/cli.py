@@ -83,7 +83,7 @@ def _classes(s: str) -> list[int]:
 
 BATCH_HELP = (
     "images per sampler batch (default: 64 on the CPU; on CUDA as many as fit in the free memory, "
-    "measured; no effect on results)"
+    "measured, and halved if it still runs out; no effect on results)"
 )
 
 
@@ -325,6 +325,12 @@ def build_parser() -> Parser:
     sampling_opts(ev, required=False)
     ev.add_argument("--n", type=_int_in(10, 1_000_000), default=1000, help="samples in total")
     ev.add_argument("--json", type=Path, help="also write the results here")
+    ev.add_argument(
+        "--image-size",
+        type=_int_in(8, 1024),
+        help="train-classifier only: resize images to this side (default: native; a folder of "
+        "mixed sizes needs it)",
+    )
     eval_opts(ev)
 
     sw = sub.add_parser("sweep", help="metrics across guidance scales: CSV, JSON and plots")
@@ -630,30 +636,51 @@ def _guidance(a: argparse.Namespace, loaded, scale: float, device):
 
 
 def _generate(a: argparse.Namespace, loaded, labels, guidance, device, indices=None):
-    """Sample `labels` with the sampler options shared by `sample`, `eval` and `sweep`."""
-    from cfgdiff.runtime import CompiledForward, resolve_precision
+    """Sample `labels` with the sampler options shared by `sample`, `eval` and `sweep`.
+
+    A batch size chosen here (no --batch-size) that runs out of memory is halved and the
+    sampling retried: images do not depend on the batch size (sample.py), so the result is the
+    same. A --batch-size the user gave is kept, and running out of memory is an error."""
+    from cfgdiff.runtime import CompiledForward, is_out_of_memory, resolve_precision
     from cfgdiff.sample import generate
 
     precision = resolve_precision(a.precision, device)
     batch_size = _sampling_batch(a.batch_size, loaded.net, loaded.cfg, device, precision)
     compiled = _compile_sampling(a.compile, device, len(labels), a.steps)
     net = CompiledForward(loaded.net, device) if compiled else loaded.net
-    images = generate(
-        net,
-        loaded.cfg,
-        labels,
-        guidance=guidance,
-        sampler=a.sampler,
-        steps=a.steps,
-        eta=a.eta,
-        spacing=a.spacing,
-        seed=a.seed,
-        batch_size=batch_size,
-        indices=indices,
-        device=device,
-        precision=precision,
-        static_batches=compiled,
-    )
+    while True:
+        try:
+            images = generate(
+                net,
+                loaded.cfg,
+                labels,
+                guidance=guidance,
+                sampler=a.sampler,
+                steps=a.steps,
+                eta=a.eta,
+                spacing=a.spacing,
+                seed=a.seed,
+                batch_size=batch_size,
+                indices=indices,
+                device=device,
+                precision=precision,
+                static_batches=compiled,
+            )
+            break
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if a.batch_size is not None or batch_size == 1:
+                raise RuntimeFault(
+                    f"out of memory sampling {batch_size} images per batch on {device}: "
+                    "lower --batch-size (nothing was written)"
+                ) from None
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        _log(f"out of memory at {batch_size} images per batch; retrying with {batch_size // 2}")
+        batch_size //= 2
     if compiled and net.fallback_reason:
         _log(f"torch.compile not used, sampled eagerly: {net.fallback_reason}")
     return images
@@ -786,8 +813,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from cfgdiff.runtime import resolve_device
 
     if a.action == "train-classifier":
-        a.image_size = None
         return cmd_train_classifier(a)
+    if a.image_size is not None:
+        raise ConfigError(
+            f"--image-size {a.image_size}: only for eval train-classifier (samples are judged "
+            "at the classifier's size)"
+        )
     if a.checkpoint is None:
         raise ConfigError("eval: --checkpoint is required (or use: eval train-classifier)")
     if a.scale is None and a.w is None:
@@ -1031,12 +1062,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cfgdiff: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("cfgdiff: error: out of memory; lower --batch-size", file=sys.stderr)
-        return 2
     except OSError as e:
         print(f"cfgdiff: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except Exception as e:  # an allocation failure outside the paths that name their batch size
+        from cfgdiff.runtime import error_line, is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(
+            f"cfgdiff: error: out of memory ({error_line(e)}); lower --batch-size", file=sys.stderr
+        )
+        return 1
 
 
 def console_main() -> None:

@@ -93,6 +93,16 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: torch.OutOfMemoryError (CUDA), MemoryError, and the plain
+    RuntimeErrors torch raises for others ("DefaultCPUAllocator: can't allocate memory"), also
+    when wrapped by torch.compile's own exception types."""
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
+        "out of memory" in msg or "can't allocate memory" in msg
+    )
+
+
 def error_line(e: BaseException) -> str:
     """An exception as one short line ("Type: first line of the message"), for fallback notes."""
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -137,9 +147,9 @@ class CompiledForward:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.compiled(x, t, y)
                 out = out.clone() if self.cudagraphs else out
-            except (torch.OutOfMemoryError, MemoryError):
-                raise
             except Exception as e:  # compilation failures come in many types
+                if is_out_of_memory(e):  # not a compile failure: eager would run out too
+                    raise
                 self.fallback_reason = error_line(e)
                 self.compiled = None
             else:

@@ -32,7 +32,7 @@ from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.runtime import autocast as autocast_ctx
-from cfgdiff.runtime import check_compiled_gradients, error_line
+from cfgdiff.runtime import check_compiled_gradients, error_line, is_out_of_memory
 from cfgdiff.sample import class_grid_labels, generate
 from cfgdiff.schedule import make_schedule
 from cfgdiff.unet import UNet, count_parameters
@@ -190,14 +190,6 @@ def guidance_strip(
     )
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    """torch reports some allocation failures as plain RuntimeErrors."""
-    msg = str(e)
-    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
-        "out of memory" in msg or "can't allocate memory" in msg
-    )
-
-
 def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, emit):
     """torch.compile(net) if it compiles and its gradients match the eager network's on a
     training batch (runtime.check_compiled_gradients), else net; a "compile" event says which and
@@ -219,7 +211,7 @@ def _compiled_or_eager(net, batches, channels_last, precision, cfg, schedule, em
     try:
         check = check_compiled_gradients(net, compiled, loss_of, precision, seed=seed)
     except Exception as e:  # compilation failures come in many types
-        if _is_out_of_memory(e):
+        if is_out_of_memory(e):
             raise
         emit("compile", {"ok": False, "error": error_line(e)})
         return net
@@ -443,8 +435,8 @@ def _train_locked(
         """An allocation failure (CUDA or host) becomes a RuntimeFault that says what to do."""
         try:
             yield
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
+        except Exception as e:
+            if not is_out_of_memory(e):
                 raise
             raise RuntimeFault(
                 f"out of memory at step {step + 1} with --batch-size {t.batch_size} on {device}: "

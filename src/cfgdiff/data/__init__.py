@@ -229,19 +229,23 @@ def load_dataset(
         raise DataError(f"{cache_dir(data_dir, name)}: cache has no {split} split")
     x, y, meta = got
     images = torch.from_numpy(x)
-    images = _adapt(images, image_size, channels)
+    images = convert_images(images, image_size, channels)
     return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
 
 
 def adapt(data: Dataset, image_size: int | None, channels: int | None) -> Dataset:
     """The dataset at another size / channel count (as load_dataset would return it)."""
-    images = _adapt(data.images, image_size, channels)
+    images = convert_images(data.images, image_size, channels)
     return (
         data if images is data.images else Dataset(data.name, images, data.labels, data.class_names)
     )
 
 
-def _adapt(images: torch.Tensor, image_size: int | None, channels: int | None) -> torch.Tensor:
+def convert_images(
+    images: torch.Tensor, image_size: int | None, channels: int | None
+) -> torch.Tensor:
+    """uint8 (N, C, H, W) images at another square size (bilinear, antialiased) and/or channel
+    count (luma, or grey repeated); the same tensor when nothing changes."""
     if channels is not None and channels != images.shape[1]:
         f = images.float()
         if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
@@ -294,4 +298,12 @@ def info(name: str, data_dir: Path | None = None) -> dict:
     return meta
 
 
-__all__ = ["Dataset", "load_dataset", "obtain", "info", "default_data_dir", "check_name"]
+__all__ = [
+    "Dataset",
+    "convert_images",
+    "load_dataset",
+    "obtain",
+    "info",
+    "default_data_dir",
+    "check_name",
+]

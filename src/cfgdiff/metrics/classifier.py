@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cfgdiff.data import Dataset, default_data_dir, load_dataset
+from cfgdiff.data import Dataset, convert_images, default_data_dir, load_dataset
 from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast, resolve_precision
@@ -69,21 +69,32 @@ DEFAULT_RECIPE = {"epochs": 3, "flip": False}
 
 
 class ClassifierFeatures:
-    """uint8 images -> (penultimate features (N, 4*width), logits (N, K)) of a SmallCNN."""
+    """uint8 images -> (penultimate features (N, 4*width), logits (N, K)) of a SmallCNN.
+
+    image_size / channels: the classifier's own (its meta); images of another size or channel
+    count (a 32x32 or 3-channel model of MNIST) are converted to them first, as load_dataset
+    converts data, so the judge always sees what it was trained on."""
 
     name = "classifier"
 
-    def __init__(self, net: SmallCNN, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        net: SmallCNN,
+        device: torch.device | str = "cpu",
+        *,
+        image_size: int | None = None,
+        channels: int | None = None,
+    ):
         self.net = net.to(device).eval()
         self.device = torch.device(device)
+        self.image_size, self.channels = image_size, channels
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, batch_size: int = 1000):
         feats, logits = [], []
         for i in range(0, images.shape[0], batch_size):
-            f, lg = self.net.features_and_logits(
-                _to_input(images[i : i + batch_size].to(self.device))
-            )
+            x = convert_images(images[i : i + batch_size], self.image_size, self.channels)
+            f, lg = self.net.features_and_logits(_to_input(x.to(self.device)))
             feats.append(f.float().cpu())
             logits.append(lg.float().cpu())
         return torch.cat(feats), torch.cat(logits)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data import Dataset, adapt, default_data_dir, load_dataset
+from cfgdiff.data import Dataset, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
 from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
 from cfgdiff.metrics.stats import fid, inception_score, kid, memorisation, precision_recall
@@ -67,13 +67,19 @@ def build_reference(
     dataset = dataset or cfg.dataset
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
-    native = load_dataset(dataset, data_dir, log=log)
-    check_compatible(cfg, dataset, native)
-    if dataset.startswith("folder:"):  # folders are resized by Pillow while reading, as in training
-        train = load_dataset(dataset, data_dir, image_size=m.image_size, channels=m.in_channels)
-    else:
-        train = adapt(native, m.image_size, m.in_channels)
-    if dataset.startswith("folder:"):  # no test split: hold out every 10th image
+    # The checkpoint's own dataset is read as training read it, at the model's size and channels
+    # (`train --channels 3` on MNIST converts it); another dataset must have the model's channels.
+    # Folders are resized by Pillow while reading, as in training, so mixed sizes are fine.
+    own, folder = dataset == cfg.dataset, dataset.startswith("folder:")
+    train = load_dataset(
+        dataset,
+        data_dir,
+        image_size=m.image_size,
+        channels=m.in_channels if own else None,
+        log=log,
+    )
+    check_compatible(cfg, dataset, train)
+    if folder:  # no test split: hold out every 10th image
         held = torch.arange(len(train)) % 10 == 0
         test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
         train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
@@ -86,10 +92,19 @@ def build_reference(
             f"--n must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real floor "
             f"compares N training with N held-out images), got {n}"
         )
+    # The judge of a built-in dataset is trained at the data's native size and channels, whatever
+    # model comes first; a folder has no native size, so it is trained at this model's.
     clf_net, clf_meta = get_classifier(
-        dataset, data_dir, device=device, log=log, image_size=m.image_size, channels=m.in_channels
+        dataset,
+        data_dir,
+        device=device,
+        log=log,
+        image_size=m.image_size if folder else None,
+        channels=m.in_channels if folder else None,
     )
-    clf = ClassifierFeatures(clf_net, device)
+    clf = ClassifierFeatures(
+        clf_net, device, image_size=clf_meta["image_size"], channels=clf_meta["in_channels"]
+    )
     if features == "classifier":
         extractor = clf
     elif features == "inception":
