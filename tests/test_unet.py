@@ -61,17 +61,20 @@ def test_bad_configs():
 
 @pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 8, 4, 5), (4, 16, 14, 14)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_upsample_nearest2x_is_interpolate_to_the_bit(shape, dtype):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_nearest2x_is_interpolate_to_the_bit(shape, dtype, layout):
     """The expand + reshape form (kept because torch 2.13's CPU inductor loses the gradient of
-    F.interpolate under bf16) computes exactly nearest-neighbour upsampling, values and gradient."""
+    F.interpolate under bf16) computes exactly nearest-neighbour upsampling, values and gradient,
+    and keeps the memory format as F.interpolate does (channels_last in, channels_last out)."""
     import torch.nn.functional as F
 
     from cfgdiff.layers import upsample_nearest2x
 
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
     out = upsample_nearest2x(x)
     assert out.dtype == dtype and torch.equal(out, ref)
+    assert out.is_contiguous(memory_format=layout) and ref.is_contiguous(memory_format=layout)
     g = torch.randn_like(ref)
     (grad_ref,) = torch.autograd.grad(ref, x, g)
     (grad,) = torch.autograd.grad(out, x, g)

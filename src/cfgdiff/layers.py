@@ -95,7 +95,12 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     returns a zero gradient through F.interpolate's backward here, which cut every parameter
     below the finest resolution off from the loss (docs/DESIGN.md, "Compilation policy")."""
     b, c, h, w = x.shape
-    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    # channels_last in, channels_last out (as F.interpolate): the same in the NHWC view, where
+    # the reshape needs no copy-back to NCHW.
+    nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)
+    return nhwc.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
 class Upsample(nn.Module):
