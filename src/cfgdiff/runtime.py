@@ -160,8 +160,8 @@ class CompiledForward:
 
     def _check(self, out, x, t, y) -> torch.Tensor:
         ref = self.net(x, t, y)
-        diff = float((out.float() - ref.float()).norm())
-        scale = float(ref.float().norm())
+        diff = float((out.detach().float() - ref.detach().float()).norm())
+        scale = float(ref.detach().float().norm())
         self.checked = True
         if math.isfinite(diff) and diff <= self.OUTPUT_TOLERANCE * scale:
             return out
