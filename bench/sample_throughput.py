@@ -4,6 +4,7 @@ a plain fp32 eager baseline of the same network in the same run.
 
     python bench/sample_throughput.py --device cpu [--quick] [--preset cpu-demo] [--n 256]
         [--compile | --no-compile]    (compiled column: default on for CUDA, off on the CPU)
+        [--runs dpmpp-2m:20,ddim:50]  (sampler:steps pairs to time)
 
 The batch is the one `cfgdiff sample` would choose (64 on the CPU; on CUDA from free memory).
 """
@@ -22,7 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cfgdiff.config import PRESETS  # noqa: E402
 from cfgdiff.runtime import CompiledForward, sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
+from cfgdiff.samplers import SAMPLER_NAMES  # noqa: E402
 from cfgdiff.unet import UNet  # noqa: E402
+
+
+def _runs(s: str) -> list[tuple[str, int]]:
+    try:
+        pairs = [(name, int(steps)) for name, steps in (r.split(":") for r in s.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sampler:steps[,...], got {s!r}") from None
+    bad = [name for name, steps in pairs if name not in SAMPLER_NAMES or steps < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"samplers must be {', '.join(SAMPLER_NAMES)}, got {s!r}")
+    return pairs
 
 
 def main() -> int:
@@ -33,6 +46,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--runs",
+        type=_runs,
+        default=None,
+        help="sampler:steps pairs (default dpmpp-2m:20,ddim:50; --quick dpmpp-2m:2)",
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     cfg = PRESETS[a.preset]
@@ -42,7 +61,7 @@ def main() -> int:
     bs = a.batch_size or sampling_batch_size(net, m, device, "bf16")
     n = a.n or (16 if a.quick else (256 if device.type == "cpu" else max(10_000, 4 * bs)))
     compile_ = device.type == "cuda" if a.compile is None else a.compile
-    runs = [("dpmpp-2m", 20), ("ddim", 50)] if not a.quick else [("dpmpp-2m", 2)]
+    runs = a.runs or ([("dpmpp-2m", 2)] if a.quick else [("dpmpp-2m", 20), ("ddim", 50)])
     labels = torch.arange(n) % m.num_classes
     variants = {"fp32": ("fp32", net), "bf16": ("bf16", net)}
     if compile_:

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     [
         (["train_throughput.py", "--quick", "--presets", "tiny"], "bf16 img/s"),
         (["sample_throughput.py", "--quick", "--preset", "tiny"], "dpmpp-2m"),
+        (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),
         (["time_to_quality.py", "--quick"], "at the budget"),
     ],
