@@ -162,8 +162,18 @@ def _snapshot(root: Path) -> dict[str, float]:
     return out
 
 
+# CI runs a fixed set of 200 examples (derandomize): the guard below counts successes, and with
+# fresh random examples on every run that count varied from 10 to 37, so it could fail by chance.
+# CFGDIFF_FUZZ=N explores N new random examples instead (run by hand: 3,000 passed).
+EXPLORE = int(os.environ.get("CFGDIFF_FUZZ", "0"))
+
+
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=EXPLORE or 200,
+    derandomize=not EXPLORE,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(argv=argvs())
 def test_any_argv_exits_0_or_2_and_writes_only_its_output(world, monkeypatch, argv):
@@ -200,4 +210,4 @@ def test_any_argv_exits_0_or_2_and_writes_only_its_output(world, monkeypatch, ar
 
 def test_the_fuzzer_reached_successful_commands_too():
     """Guard against a generator that only ever produces errors."""
-    assert OUTCOMES.count(0) >= 8, (OUTCOMES.count(0), len(OUTCOMES))  # 16-18 seen
+    assert OUTCOMES.count(0) >= 8, (OUTCOMES.count(0), len(OUTCOMES))  # 26 of the fixed 200
