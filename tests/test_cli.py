@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -222,7 +224,46 @@ def test_sample_class_out_of_range(run, tmp_path, capsys):
         )
         == 2
     )
-    assert "--classes must be in [0, 2]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == (
+        "cfgdiff: error: --classes must be class names (class0, class1, class2) or indices in "
+        "[0, 2] for this checkpoint, got ['7']\n"
+    )
+
+
+def test_sample_classes_by_name(run, tmp_path):
+    """A folder's sub-folder names are recorded in the checkpoint: --classes takes them (or
+    indices), and the .npz names every label."""
+    cfg = json.loads(next((run / "checkpoints").glob("step-*/config.json")).read_text())
+    assert cfg["class_names"] == ["class0", "class1", "class2"]
+    out = tmp_path / "a.npz"
+    argv = ["sample", "--checkpoint", str(run), "--scale", "3", "--per-class", "2", "--steps", "2"]
+    assert main([*argv, "--classes", "class2,0", "--out", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as z:
+        assert z["labels"].tolist() == [2, 2, 0, 0]
+        assert z["class_names"].tolist() == ["class0", "class1", "class2"]
+
+
+def test_sample_classes_of_a_checkpoint_without_names(run, tmp_path, capsys):
+    """Checkpoints written before class names were recorded take indices only."""
+    from cfgdiff import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.latest_checkpoint(run / "checkpoints")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["class_names"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest["config.json"] = ckpt_io.file_digest(ckpt / "config.json")
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    out = tmp_path / "a.npz"
+    argv = ["sample", "--checkpoint", str(run), "--scale", "3", "--per-class", "1", "--steps", "2"]
+    assert main([*argv, "--classes", "1", "--out", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as z:
+        assert z["class_names"].tolist() == ["0", "1", "2"]
+    assert main([*argv, "--classes", "class1", "--out", str(out)]) == 2
+    assert "indices in [0, 2] for this checkpoint (it records no class names)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_help_exits_zero(capsys):

@@ -90,6 +90,7 @@ def test_eval_reports_every_metric_and_the_floor(run, tmp_path, capsys):
         "real floor",
     ):
         assert label in out
+    assert "class accuracy per class: c0 " in out  # by the folder's class names
     r = json.loads(js.read_text())
     for key in ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation"):
         assert key in r["generated"] and key in r["real_floor"]

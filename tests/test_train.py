@@ -96,6 +96,33 @@ def test_resume_refuses_a_different_model(tmp_path, data):
         train(cfg, tmp_path / "r", data, resume=True)
 
 
+def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, folder_data):
+    import dataclasses
+    import shutil
+
+    from cfgdiff.config import RunConfig
+    from cfgdiff.train import config_for_dataset
+
+    name = f"folder:{folder_data}"
+    cfg = config_for_dataset(tiny_config(steps=2, sample_every=0), load_dataset(name), name)
+    assert cfg.class_names == ("class0", "class1", "class2")
+    train(cfg, tmp_path / "r", load_dataset(name), final_strip=False)
+    saved = ckpt_io.read_config(ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints"))
+    assert saved.class_names == cfg.class_names
+
+    shutil.move(folder_data / "class2", folder_data / "zebra")  # same count, other meaning
+    renamed = config_for_dataset(tiny_config(steps=4), load_dataset(name), name)
+    with pytest.raises(CheckpointError, match=r"classes are \['class0', 'class1', 'class2'\]"):
+        train(renamed, tmp_path / "r", load_dataset(name), resume=True)
+
+    # configs written before class names were recorded still load, named by index
+    d = cfg.to_dict()
+    del d["class_names"]
+    assert RunConfig.from_dict(d).label_names() == ["0", "1", "2"]
+    with pytest.raises(ConfigError, match="class_names has 1 names for 3 classes"):
+        dataclasses.replace(cfg, class_names=("a",)).validate()
+
+
 def test_keep_prunes_old_checkpoints(tmp_path, data):
     train(
         tiny_config(steps=8, checkpoint_every=2, keep=2, sample_every=0),

@@ -69,15 +69,40 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
-def _classes(s: str) -> list[int]:
-    try:
-        out = [int(p) for p in s.split(",") if p.strip() != ""]
-    except ValueError:
+def _classes(s: str) -> list[str]:
+    """Comma-separated class names or indices; resolved against a checkpoint by _resolve_classes."""
+    out = [p.strip() for p in s.split(",") if p.strip() != ""]
+    if not out:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated class indices, got {s!r}"
-        ) from None
-    if not out or any(c < 0 for c in out):
-        raise argparse.ArgumentTypeError(f"expected non-negative class indices, got {s!r}")
+            f"expected comma-separated class names or indices, got {s!r}"
+        )
+    return out
+
+
+def _resolve_classes(tokens: list[str], cfg) -> list[int]:
+    """Each token is a class name of the checkpoint (a folder's sub-folder name, "Sneaker") or,
+    failing that, a class index in [0, num_classes)."""
+    names = cfg.label_names()
+    k = cfg.model.num_classes
+    out, bad = [], []
+    for tok in tokens:
+        if tok in names:
+            out.append(names.index(tok))
+        elif tok.lstrip("-").isdigit() and 0 <= int(tok) < k:
+            out.append(int(tok))
+        else:
+            bad.append(tok)
+    if bad and not cfg.class_names:
+        raise ConfigError(
+            f"--classes must be indices in [0, {k - 1}] for this checkpoint (it records no "
+            f"class names), got {bad}"
+        )
+    if bad:
+        shown = ", ".join(names[:20]) + (", ..." if k > 20 else "")
+        raise ConfigError(
+            f"--classes must be class names ({shown}) or indices in [0, {k - 1}] for this "
+            f"checkpoint, got {bad}"
+        )
     return out
 
 
@@ -311,7 +336,11 @@ def build_parser() -> Parser:
 
     sa = sub.add_parser("sample", help="generate images from a checkpoint")
     sampling_opts(sa)
-    sa.add_argument("--classes", type=_classes, help="comma-separated classes (default: all)")
+    sa.add_argument(
+        "--classes",
+        type=_classes,
+        help="comma-separated class names or indices, one grid row each (default: all)",
+    )
     sa.add_argument("--per-class", type=_int_in(1, 100_000), default=8)
     sa.add_argument("--out", type=Path, required=True, help="FILE.png (grid) or FILE.npz (arrays)")
 
@@ -703,10 +732,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     k = loaded.cfg.model.num_classes
-    classes = a.classes if a.classes is not None else list(range(k))
-    bad = [c for c in classes if c >= k]
-    if bad:
-        raise ConfigError(f"--classes must be in [0, {k - 1}] for this checkpoint, got {bad}")
+    classes = _resolve_classes(a.classes, loaded.cfg) if a.classes is not None else list(range(k))
     scale, given = _scale(a)
     guidance, record = _guidance(a, loaded, scale, device)
     labels = class_grid_labels(classes, a.per_class)
@@ -715,13 +741,15 @@ def cmd_sample(a: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
-        save_png(labelled_grid(images, a.per_class, [str(c) for c in classes]), a.out)
-    else:
+        names = loaded.cfg.label_names()
+        save_png(labelled_grid(images, a.per_class, [names[c][:12] for c in classes]), a.out)
+    else:  # labels are class indices; class_names[i] names index i
         buf = io.BytesIO()
         np.savez(
             buf,
             images=images.numpy(),
             labels=labels.numpy(),
+            class_names=np.array(loaded.cfg.label_names(), dtype=np.str_),
             scale=np.float64(scale),
             w=np.float64(scale - 1),
             convention=np.str_(GUIDANCE_CONVENTION),
@@ -852,9 +880,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
     )
     print(_metrics_table({"generated": gen, "real floor": real}, a.features))
+    names = loaded.cfg.label_names()
     print(
         "class accuracy per class: "
-        + " ".join(f"{c}:{v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
+        + ", ".join(f"{names[c]} {v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
     )
     print(
         f"(judge: {ref.dataset} classifier, test accuracy {result['classifier_test_accuracy']:.4f})"
@@ -977,7 +1006,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     strip = guidance_strip(
         loaded.net,
         loaded.cfg,
-        [str(c) for c in range(k)],
+        loaded.cfg.label_names(),
         device,
         resolve_precision(a.precision, device),
         seed=a.seed,

@@ -160,11 +160,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dataset: str = "mnist"  # mnist | fashion-mnist | cifar10 | folder:PATH
     preset: str = "custom"
+    # Name of each label 0..num_classes-1 (a folder's sub-folder names, "T-shirt/top", ...), filled
+    # from the dataset when a run starts; empty in checkpoints written before it was recorded.
+    class_names: tuple[str, ...] = ()
 
     def validate(self) -> None:
         self.model.validate()
         self.diffusion.validate()
         self.train.validate()
+        if self.class_names and len(self.class_names) != self.model.num_classes:
+            raise ConfigError(
+                f"class_names has {len(self.class_names)} names for "
+                f"{self.model.num_classes} classes"
+            )
+
+    def label_names(self) -> list[str]:
+        """The name of each class, or its index where no names were recorded."""
+        return list(self.class_names) or [str(c) for c in range(self.model.num_classes)]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -184,6 +196,7 @@ class RunConfig:
                 train=_build(TrainConfig, d["train"]),
                 dataset=str(d["dataset"]),
                 preset=str(d.get("preset", "custom")),
+                class_names=tuple(str(c) for c in d.get("class_names", ())),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"config is missing or has a malformed field: {e}") from None

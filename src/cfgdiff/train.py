@@ -61,7 +61,8 @@ def config_for_dataset(cfg: RunConfig, data: Dataset, dataset_name: str) -> RunC
         image_size=data.image_size,
         num_classes=data.num_classes,
     )
-    return dataclasses.replace(cfg, model=model, dataset=dataset_name)
+    names = tuple(str(c) for c in data.class_names)
+    return dataclasses.replace(cfg, model=model, dataset=dataset_name, class_names=names)
 
 
 def lr_at(step: int, t: Any) -> float:
@@ -115,6 +116,11 @@ def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
         raise CheckpointError(
             f"--resume: checkpoint was trained on {saved.dataset!r}, "
             f"this run asks for {cfg.dataset!r}"
+        )
+    if saved.class_names and cfg.class_names and saved.class_names != cfg.class_names:
+        raise CheckpointError(
+            f"--resume: checkpoint's classes are {list(saved.class_names)}, this data's are "
+            f"{list(cfg.class_names)}"
         )
 
 
