@@ -293,6 +293,17 @@ def test_evaluation_during_training(big_folder, tmp_path):
     assert {"fid", "class_accuracy", "precision", "recall", "is"} <= set(rows[0])
 
 
+def test_evaluation_during_training_too_large_is_refused_before_training(
+    big_folder, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{big_folder}", "--preset", "tiny", "--out", str(out)]
+    argv += ["--eval-every", "5", "--eval-n", "100", "--data-dir", str(tmp_path / "dd")]
+    assert main(argv) == 2
+    assert "--eval-n must be <= 12 for folder:" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_classifier_judges_converted_images_in_its_own_space():
     """A 3-channel 16x16 model of a 1-channel 8x8 dataset is judged by converting its images to
     the classifier's size and channels, exactly as load_dataset converts data."""

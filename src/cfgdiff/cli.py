@@ -571,7 +571,13 @@ def _training_evaluator(cfg, a: argparse.Namespace, device, precision: str):
 
     t = cfg.train
     ref = build_reference(
-        cfg, t.eval_n, dataset=a.dataset, data_dir=a.data_dir, device=device, log=_log
+        cfg,
+        t.eval_n,
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        device=device,
+        log=_log,
+        n_arg="--eval-n",
     )
     labels = torch.arange(t.eval_n) % cfg.model.num_classes
 

@@ -47,9 +47,12 @@ class ModelConfig:
             raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
         down = 2 ** (len(self.channel_mult) - 1)
         if self.image_size < 8 or self.image_size % down:
+            lo = max(8, self.image_size // down * down)
+            near = sorted({lo, lo + down} - {self.image_size})
             raise ConfigError(
                 f"image_size must be >= 8 and divisible by {down} for {len(self.channel_mult)} "
-                f"levels, got {self.image_size}"
+                f"levels, got {self.image_size} (pass --image-size "
+                f"{' or '.join(map(str, near))} to resize the data)"
             )
         if any(not 0 <= lvl < len(self.channel_mult) for lvl in self.attn_levels):
             raise ConfigError(

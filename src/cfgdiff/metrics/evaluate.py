@@ -62,8 +62,10 @@ def build_reference(
     device: torch.device | str = "cpu",
     seed: int = 0,
     log=None,
+    n_arg: str = "--n",
 ) -> Reference:
-    """Real reference for comparing n generated samples of a model with config `cfg`."""
+    """Real reference for comparing n generated samples of a model with config `cfg`.
+    n_arg: the option that set n, for the message when the data is too small for it."""
     dataset = dataset or cfg.dataset
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
@@ -89,8 +91,8 @@ def build_reference(
         )
     if n > len(test) or n > len(train):
         raise ConfigError(
-            f"--n must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real floor "
-            f"compares N training with N held-out images), got {n}"
+            f"{n_arg} must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real "
+            f"floor compares N training with N held-out images), got {n}"
         )
     # The judge of a built-in dataset is trained at the data's native size and channels, whatever
     # model comes first; a folder has no native size, so it is trained at this model's.
