@@ -226,3 +226,28 @@ def test_fashion_mnist_from_system_dir(tmp_path, monkeypatch):
     ds = load_dataset("fashion-mnist", tmp_path / "empty-data-dir")
     assert ds.class_names[0] == "T-shirt/top" and len(ds) == 20
     assert "usr-share" in info("fashion-mnist", tmp_path / "empty-data-dir")["source"]
+
+
+def test_folder_info_from_headers(folder_data, tmp_path, capsys):
+    """data info on a folder: classes, counts, sizes and modes; checksums where it loads as it is,
+    else a note saying what training needs."""
+    from PIL import Image
+
+    from cfgdiff.cli import main
+
+    meta = info(f"folder:{folder_data}")
+    assert meta["class_names"] == ["class0", "class1", "class2"]
+    assert meta["image_sizes"] == {"8x8": 18} and meta["modes"] == {"L": 18}
+    train = meta["splits"]["train"]
+    assert train["counts"] == [6, 6, 6] and train["shape"] == [18, 1, 8, 8]
+    assert len(train["images_sha256"]) == 64 and "note" not in meta
+
+    Image.new("RGB", (10, 8)).save(folder_data / "class1" / "wide.png")
+    meta = info(f"folder:{folder_data}")
+    assert meta["image_sizes"] == {"8x8": 18, "10x8": 1} and meta["modes"] == {"L": 18, "RGB": 1}
+    assert meta["splits"]["train"] == {"counts": [6, 7, 6]}
+    assert "pass --image-size" in meta["note"]
+    assert main(["data", "info", f"folder:{folder_data}"]) == 0
+    out = capsys.readouterr().out
+    assert "image sizes: 8x8 (18), 10x8 (1)" in out and "modes: L (18), RGB (1)" in out
+    assert "class1=7" in out and "note: " in out and "--image-size" in out

@@ -1053,14 +1053,23 @@ def cmd_data(a: argparse.Namespace) -> int:
     print(f"{a.name}: {meta['path']}")
     if "source" in meta:
         print(f"  source: {meta['source']}")
+    if "image_sizes" in meta:  # a folder
+        sizes = sorted(meta["image_sizes"].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{size} ({n})" for size, n in sizes[:8])
+        more = f", and {len(sizes) - 8} more sizes" if len(sizes) > 8 else ""
+        print(f"  image sizes: {shown}{more}")
+        print("  modes: " + ", ".join(f"{m} ({n})" for m, n in meta["modes"].items()))
     for split, s in meta["splits"].items():
-        print(f"  {split}: shape {tuple(s['shape'])}")
+        print(f"  {split}: shape {tuple(s['shape'])}" if "shape" in s else f"  {split}:")
         print(
             "    counts per class: "
             + ", ".join(f"{n}={c}" for n, c in zip(meta["class_names"], s["counts"], strict=True))
         )
-        print(f"    images sha256 {s['images_sha256']}")
-        print(f"    labels sha256 {s['labels_sha256']}")
+        if "images_sha256" in s:
+            print(f"    images sha256 {s['images_sha256']}")
+            print(f"    labels sha256 {s['labels_sha256']}")
+    if "note" in meta:
+        print(f"  note: {meta['note']}")
     return 0
 
 

@@ -269,25 +269,40 @@ def convert_images(
     return images
 
 
+def _folder_info(name: str) -> dict:
+    """A folder's classes, counts, image sizes and modes from the image headers; shape and
+    checksums of the decoded images where it loads as it is (one square size), else a note
+    saying what training needs (--image-size)."""
+    from collections import Counter
+
+    scan = sources.scan_folder(Path(name[7:]))
+    counts = Counter(k for _, k in scan.files)
+    train: dict = {"counts": [counts[k] for k in range(len(scan.class_names))]}
+    out = {
+        "name": name,
+        "path": name[7:],
+        "class_names": scan.class_names,
+        "image_sizes": {f"{w}x{h}": n for (w, h), n in Counter(s for _, s in scan.headers).items()},
+        "modes": dict(Counter(m for m, _ in scan.headers)),
+        "splits": {"train": train},
+    }
+    try:
+        ds = load_dataset(name)
+    except DataError as e:
+        out["note"] = str(e)
+        return out
+    train["shape"] = list(ds.images.shape)
+    train["images_sha256"] = _sha(ds.images.numpy())
+    train["labels_sha256"] = _sha(ds.labels.numpy())
+    return out
+
+
 def info(name: str, data_dir: Path | None = None) -> dict:
     """Where the cached files are, counts per class and checksums (does not download)."""
     check_name(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if name.startswith("folder:"):
-        ds = load_dataset(name, data_dir)
-        return {
-            "name": name,
-            "path": name[7:],
-            "class_names": list(ds.class_names),
-            "splits": {
-                "train": {
-                    "shape": list(ds.images.shape),
-                    "counts": torch.bincount(ds.labels, minlength=ds.num_classes).tolist(),
-                    "images_sha256": _sha(ds.images.numpy()),
-                    "labels_sha256": _sha(ds.labels.numpy()),
-                }
-            },
-        }
+        return _folder_info(name)
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())

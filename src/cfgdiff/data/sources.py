@@ -284,14 +284,19 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def folder_dataset(
-    root: Path, image_size: int | None, channels: int | None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One sub-folder per class (sorted by name), images read with Pillow.
+@dataclass(frozen=True)
+class FolderScan:
+    """A folder dataset's layout from image headers only (no pixels decoded)."""
 
-    Images are resized to image_size when given; otherwise all must share one square size.
-    channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
-    """
+    class_names: list[str]
+    files: list[tuple[Path, int]]  # (path, class index), classes sorted by name
+    headers: list[tuple[str, tuple[int, int]]]  # (Pillow mode, (width, height)) per file
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """One sub-folder per class (sorted by name); every image's mode and size, read from its
+    header. Raises DataError for a missing folder, no classes, an empty class or an unreadable
+    image."""
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
@@ -309,13 +314,28 @@ def folder_dataset(
                 f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
             )
         files += [(p, k) for p in imgs]
-    headers = []  # (mode, size) read without decoding pixels
+    headers = []
     for p, _ in files:
         try:
             with Image.open(p) as im:
                 headers.append((im.mode, im.size))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{p}: cannot read image ({e})") from None
+    return FolderScan([c.name for c in classes], files, headers)
+
+
+def folder_dataset(
+    root: Path, image_size: int | None, channels: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One sub-folder per class (sorted by name), images read with Pillow.
+
+    Images are resized to image_size when given; otherwise all must share one square size.
+    channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
+    """
+    from PIL import Image
+
+    scan = scan_folder(root)
+    files, headers = scan.files, scan.headers
     if channels is None:
         channels = 1 if all(m in ("L", "1", "I;16", "I") for m, _ in headers) else 3
     if image_size is None:
@@ -344,4 +364,4 @@ def folder_dataset(
             raise DataError(f"{p}: cannot decode image ({e})") from None
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
     labels = np.array([k for _, k in files], dtype=np.int64)
-    return out, labels, [c.name for c in classes]
+    return out, labels, scan.class_names
