@@ -8,11 +8,17 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding
 It is built under a temporary name, every file fsynced, then renamed into place; the `latest`
 pointer file is replaced atomically afterwards and old checkpoints are pruned last. Loading never
 unpickles code: tensors come from safetensors, the rest from JSON and weights_only torch.load.
+
+A model file (`cfgdiff export`) is the one file to ship for sampling: a .safetensors holding the
+EMA weights, with the config JSON, the source checkpoint and a SHA-256 of config and tensors in
+its metadata header. Any safetensors reader opens it; load_for_sampling takes it wherever it
+takes a checkpoint.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -21,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
 
 from cfgdiff.config import RunConfig
 from cfgdiff.data.download import atomic_write_bytes, file_digest
@@ -230,7 +236,81 @@ class Loaded:
     net: UNet  # EMA weights unless asked otherwise, in eval mode
 
 
+MODEL_FILE_FORMAT = "cfgdiff-model-1"
+
+
+def _model_file_sha256(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the config JSON and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(config_json.encode())
+    for name in sorted(tensors):
+        v = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_model(path: Path, out: Path, *, ema: bool = True) -> dict[str, str]:
+    """Write the checkpoint at `path` (folder, run folder) as one model file `out` (atomically):
+    its EMA weights (or the raw ones, ema=False) and the metadata load_for_sampling needs.
+    Returns the metadata."""
+    ckpt = resolve(path)
+    verify(ckpt)
+    cfg = read_config(ckpt)
+    which = "ema" if ema else "model"
+    load_weights(ckpt, which, UNet(cfg.model))  # refuses weights that do not fit the config
+    tensors = load_file(str(ckpt / f"{which}.safetensors"))
+    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    metadata = {
+        "format": MODEL_FILE_FORMAT,
+        "config": config_json,
+        "weights": which,
+        "source": str(ckpt),
+        "sha256": _model_file_sha256(config_json, tensors),
+    }
+    out = Path(out)
+    try:
+        atomic_write_bytes(out, save(tensors, metadata))
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    return metadata
+
+
+def _load_model_file(path: Path) -> tuple[RunConfig, UNet]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    if meta.get("format") != MODEL_FILE_FORMAT:
+        raise CheckpointError(
+            f"{path}: not a cfgdiff model file (no format {MODEL_FILE_FORMAT!r} in its metadata; "
+            "make one with cfgdiff export)"
+        )
+    config_json = meta.get("config", "")
+    if _model_file_sha256(config_json, tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: SHA-256 of config and weights does not match (corrupted)")
+    try:
+        cfg = RunConfig.from_dict(json.loads(config_json))
+        cfg.validate()
+    except (CfgDiffError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    net = UNet(cfg.model)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not match the config ({first[-1]})") from None
+    return cfg, net
+
+
 def load_for_sampling(path: Path, device: torch.device | str = "cpu", ema: bool = True) -> Loaded:
+    """A checkpoint (folder, run folder) or a model file, verified, on `device` in eval mode.
+    ema picks the weights of a checkpoint; a model file holds the ones it was exported with."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        cfg, net = _load_model_file(path)
+        return Loaded(path, cfg, net.to(device).eval())
     ckpt = resolve(path)
     verify(ckpt)
     cfg = read_config(ckpt)

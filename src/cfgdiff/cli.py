@@ -3,6 +3,8 @@
     cfgdiff train   --dataset mnist --out runs/NAME [--preset P] [--steps N] ...
     cfgdiff sample  --checkpoint PATH (--scale S | --w W) --out FILE.png|FILE.npz ...
     cfgdiff eval    --checkpoint PATH (--scale S | --w W) [--n N]   (class accuracy)
+    cfgdiff sweep   --checkpoint PATH [--scales S,S,...] [--n N]   (metrics across scales)
+    cfgdiff export  --checkpoint PATH --out FILE.safetensors        (one model file to ship)
     cfgdiff data    fetch NAME | info NAME
 
 Exit status: 0 success; 2 bad input (one line on stderr, no traceback); 1 a run that could not go
@@ -160,7 +162,8 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
         "--checkpoint",
         type=Path,
         required=required,
-        help="checkpoint folder, or a run folder (uses its latest checkpoint)",
+        help="checkpoint folder, a run folder (uses its latest checkpoint), or a model file "
+        "from cfgdiff export",
     )
     if scale:
         g = sp.add_mutually_exclusive_group(required=required)
@@ -370,6 +373,17 @@ def build_parser() -> Parser:
     sw.add_argument("--n", type=_int_in(10, 1_000_000), default=5000, help="samples per scale")
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     eval_opts(sw)
+
+    ex = sub.add_parser(
+        "export",
+        help="one .safetensors model file to ship: EMA weights + config (sample/eval take it)",
+        description="cfgdiff export --checkpoint PATH --out FILE.safetensors [--raw]",
+    )
+    ex.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
+    ex.add_argument("--out", type=Path, required=True, help="the model file (.safetensors)")
+    ex.add_argument(
+        "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
+    )
 
     da = sub.add_parser("data", help="obtain datasets and show where they are")
     dsub = da.add_subparsers(dest="data_command", parser_class=Parser, metavar="ACTION")
@@ -916,7 +930,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     scales = [w + 1 for w in a.ws] if a.ws else (a.scales or [0, 0.5, 1, 1.5, 2, 3, 4, 6])
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
-    out = a.out or loaded.path.parent.parent / "sweep"
+    if a.out is not None:
+        out = a.out
+    elif loaded.path.is_file():  # a model file: FILE-sweep beside it
+        out = loaded.path.with_name(loaded.path.stem + "-sweep")
+    else:  # RUN/checkpoints/step-N -> RUN/sweep
+        out = loaded.path.parent.parent / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     ref = _reference(a, loaded, device)
     k = loaded.cfg.model.num_classes
@@ -1037,6 +1056,24 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from cfgdiff.checkpoint import export_model
+
+    if a.out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {a.out}")
+    if a.out.is_dir():
+        raise ConfigError(f"--out {a.out}: is a directory")
+    if Path(a.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {a.checkpoint}: expected a checkpoint or run folder")
+    meta = export_model(a.checkpoint, a.out, ema=not a.raw)
+    size = a.out.stat().st_size / 2**20
+    print(
+        f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']}, config "
+        f"embedded); sample with: cfgdiff sample --checkpoint {a.out} --scale 3 --out grid.png"
+    )
+    return 0
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     from cfgdiff.data import default_data_dir, info, obtain
 
@@ -1078,6 +1115,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "eval": cmd_eval,
     "sweep": cmd_sweep,
+    "export": cmd_export,
     "data": cmd_data,
 }
 

@@ -1,0 +1,117 @@
+"""cfgdiff export: one .safetensors model file that sample, eval and sweep take as a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.cli import main
+from cfgdiff.errors import CheckpointError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 classes x 40 grayscale 8x8 PNGs: enough held-out images for a 10-sample sweep."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(40):
+            a = (rng.random((8, 8)) * 50).astype(np.uint8)
+            a[:, 2 * c : 2 * c + 2] = 255
+            Image.fromarray(a, mode="L").save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def run(tmp_path, folder):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out)]
+    assert main([*argv, "--steps", "4", "--no-progress", "--precision", "fp32"]) == 0
+    return out
+
+
+def _sample(checkpoint, out):
+    argv = ["sample", "--checkpoint", str(checkpoint), "--scale", "3", "--per-class", "2"]
+    assert main([*argv, "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as z:
+        return z["images"], z["class_names"].tolist()
+
+
+def test_exported_file_samples_like_the_checkpoint(run, tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(f)]) == 0
+    assert f"wrote {f}" in capsys.readouterr().out
+    images, names = _sample(f, tmp_path / "a.npz")
+    expected, expected_names = _sample(run, tmp_path / "b.npz")
+    assert np.array_equal(images, expected) and names == expected_names == [
+        "class0",
+        "class1",
+        "class2",
+    ]
+    # plain safetensors: any reader sees the EMA tensors and the metadata
+    ckpt = ckpt_io.latest_checkpoint(run / "checkpoints")
+    with safe_open(str(f), "pt") as sf, safe_open(str(ckpt / "ema.safetensors"), "pt") as ema:
+        meta = sf.metadata()
+        assert sorted(sf.keys()) == sorted(ema.keys())
+        assert all((sf.get_tensor(k) == ema.get_tensor(k)).all() for k in sf.keys())
+    assert meta["format"] == "cfgdiff-model-1" and meta["weights"] == "ema"
+    assert json.loads(meta["config"])["model"]["num_classes"] == 3
+    assert f.stat().st_size < sum(p.stat().st_size for p in ckpt.iterdir()) / 2
+
+
+def test_raw_weights_and_sweep_beside_the_file(run, tmp_path):
+    f = tmp_path / "raw.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(f), "--raw"]) == 0
+    with safe_open(str(f), "pt") as sf:
+        assert sf.metadata()["weights"] == "model"
+    images, _ = _sample(f, tmp_path / "a.npz")
+    assert not np.array_equal(images, _sample(run, tmp_path / "b.npz")[0])  # EMA differs
+    argv = ["sweep", "--checkpoint", str(f), "--scales", "0,3", "--n", "10", "--steps", "2"]
+    assert main([*argv, "--data-dir", str(tmp_path / "dd"), "--precision", "fp32"]) == 0
+    assert (tmp_path / "raw-sweep" / "sweep.csv").is_file()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
+def test_damaged_or_foreign_files_are_refused(run, tmp_path, damage, capsys):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "m.safetensors"
+    ckpt_io.export_model(run, f)
+    raw = bytearray(f.read_bytes())
+    if damage == "flip":  # one bit in the last tensor's bytes
+        raw[-3] ^= 0x01
+        f.write_bytes(bytes(raw))
+        message = "SHA-256 of config and weights does not match"
+    elif damage == "truncate":
+        f.write_bytes(bytes(raw[: len(raw) // 2]))
+        message = "cannot load"
+    else:  # a safetensors file cfgdiff did not write
+        import torch
+
+        save_file({"w": torch.zeros(2)}, str(f))
+        message = "not a cfgdiff model file"
+    with pytest.raises(CheckpointError, match=message):
+        ckpt_io.load_for_sampling(f)
+    out = tmp_path / "a.png"
+    assert main(["sample", "--checkpoint", str(f), "--scale", "3", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "out,message",
+    [("m.pt", "--out must end in .safetensors"), ("dir.safetensors", "is a directory")],
+)
+def test_export_bad_input(run, tmp_path, out, message, capsys):
+    (tmp_path / "dir.safetensors").mkdir()
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / out)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", "x.safetensors"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
