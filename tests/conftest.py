@@ -63,20 +63,25 @@ def idx_dir(tmp_path, monkeypatch):
     return d
 
 
-@pytest.fixture
-def folder_data(tmp_path):
-    """folder:PATH dataset: 3 classes x 6 grayscale 8x8 PNGs."""
+def image_folder(root, per_class: int):
+    """A folder:PATH dataset at root: 3 classes (class0..2) x per_class grayscale 8x8 PNGs, each
+    class a bright vertical bar at its own place."""
     from PIL import Image
 
-    root = tmp_path / "folder"
     rng = np.random.default_rng(0)
     for c in range(3):
         (root / f"class{c}").mkdir(parents=True)
-        for i in range(6):
+        for i in range(per_class):
             a = (rng.random((8, 8)) * 50).astype(np.uint8)
             a[:, 2 * c : 2 * c + 2] = 255
             Image.fromarray(a, mode="L").save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def folder_data(tmp_path):
+    """folder:PATH dataset: 3 classes x 6 grayscale 8x8 PNGs."""
+    return image_folder(tmp_path / "folder", 6)
 
 
 def tiny_config(**train_overrides) -> RunConfig:

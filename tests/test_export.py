@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import image_folder
 from safetensors import safe_open
 
 from cfgdiff import checkpoint as ckpt_io
@@ -15,18 +16,8 @@ from cfgdiff.errors import CheckpointError
 
 @pytest.fixture
 def folder(tmp_path):
-    """3 classes x 40 grayscale 8x8 PNGs: enough held-out images for a 10-sample sweep."""
-    from PIL import Image
-
-    root = tmp_path / "folder"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(40):
-            a = (rng.random((8, 8)) * 50).astype(np.uint8)
-            a[:, 2 * c : 2 * c + 2] = 255
-            Image.fromarray(a, mode="L").save(root / f"class{c}" / f"{i}.png")
-    return root
+    """3 classes x 40 images: enough held-out images for a 10-sample sweep."""
+    return image_folder(tmp_path / "folder", 40)
 
 
 @pytest.fixture
