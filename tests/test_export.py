@@ -106,3 +106,37 @@ def test_export_bad_input(run, tmp_path, out, message, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", "x.safetensors"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_info_on_checkpoints_and_model_files(run, tmp_path, capsys):
+    f = tmp_path / "m.safetensors"
+    ckpt_io.export_model(run, f)
+    assert main(["info", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "step-0000004 (checkpoint, step 4; SHA-256 verified)" in out
+    assert "3 classes: class0, class1, class2" in out and "1 x 8 x 8" in out
+    assert main(["info", "--checkpoint", str(f)]) == 0
+    assert f"{f} (model file; SHA-256 verified)" in capsys.readouterr().out
+    assert main(["info", "--checkpoint", str(f), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kind"] == "model file" and d["class_names"] == ["class0", "class1", "class2"]
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x01  # damaged: info is also the integrity check
+    f.write_bytes(bytes(raw))
+    assert main(["info", "--checkpoint", str(f)]) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_output_to_a_closed_pipe_is_quiet(run):
+    """`cfgdiff info ... | head -0`: no traceback and no error line, exit status 141."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cfgdiff", "info", "--checkpoint", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == b""

@@ -5,11 +5,12 @@
     cfgdiff eval    --checkpoint PATH (--scale S | --w W) [--n N]   (class accuracy)
     cfgdiff sweep   --checkpoint PATH [--scales S,S,...] [--n N]   (metrics across scales)
     cfgdiff export  --checkpoint PATH --out FILE.safetensors        (one model file to ship)
+    cfgdiff info    --checkpoint PATH                              (what a checkpoint holds)
     cfgdiff data    fetch NAME | info NAME
 
 Exit status: 0 success; 2 bad input (one line on stderr, no traceback); 1 a run that could not go
 on (non-finite loss, out of memory, disk full: one line saying what to change); 130 interrupted
-twice.
+twice; 141 the reader of its output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -373,6 +374,16 @@ def build_parser() -> Parser:
     sw.add_argument("--n", type=_int_in(10, 1_000_000), default=5000, help="samples per scale")
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     eval_opts(sw)
+
+    inf_ = sub.add_parser(
+        "info",
+        help="what a checkpoint or model file holds (and verify it)",
+        description="cfgdiff info --checkpoint PATH [--json]",
+    )
+    inf_.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint folder, run folder or model file"
+    )
+    inf_.add_argument("--json", action="store_true", help="print the whole config as JSON")
 
     ex = sub.add_parser(
         "export",
@@ -1056,6 +1067,41 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(a: argparse.Namespace) -> int:
+    """Load (and so verify) a checkpoint or model file and say what it is."""
+    from cfgdiff.checkpoint import PREFIX, load_for_sampling
+    from cfgdiff.unet import count_parameters
+
+    loaded = load_for_sampling(a.checkpoint)
+    cfg, m, d, t = loaded.cfg, loaded.cfg.model, loaded.cfg.diffusion, loaded.cfg.train
+    kind = "model file" if loaded.path.is_file() else "checkpoint"
+    if a.json:
+        print(json.dumps({"path": str(loaded.path), "kind": kind, **cfg.to_dict()}, indent=1))
+        return 0
+    names = cfg.label_names()
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    name = loaded.path.name
+    at = f", step {int(name[len(PREFIX) :])}" if kind == "checkpoint" and name[5:].isdigit() else ""
+    print(f"{loaded.path} ({kind}{at}; SHA-256 verified)")
+    print(f"  data:      {cfg.dataset}, {m.num_classes} classes: {shown}")
+    print(f"  images:    {m.in_channels} x {m.image_size} x {m.image_size}")
+    print(
+        f"  network:   {count_parameters(loaded.net) / 1e6:.2f} M parameters, base channels "
+        f"{m.base_channels}, mult {m.channel_mult}, {m.num_res_blocks} res blocks per level, "
+        f"attention at levels {m.attn_levels}"
+    )
+    print(
+        f"  diffusion: {d.schedule} schedule, T = {d.timesteps}, {d.prediction}-prediction, "
+        f"label dropout {d.label_dropout:g}"
+    )
+    print(
+        f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "
+        f"({t.lr_schedule}), EMA {t.ema_decay:g}"
+    )
+    print(f"  guidance:  {GUIDANCE_CONVENTION}; null label {m.num_classes}")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import export_model
 
@@ -1115,6 +1161,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "eval": cmd_eval,
     "sweep": cmd_sweep,
+    "info": cmd_info,
     "export": cmd_export,
     "data": cmd_data,
 }
@@ -1144,6 +1191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cfgdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cfgdiff ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         print(f"cfgdiff: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
