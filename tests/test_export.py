@@ -140,3 +140,14 @@ def test_output_to_a_closed_pipe_is_quiet(run):
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and err == b""
+
+
+def test_the_training_summary_names_a_working_export_command(run):
+    line = next(x for x in (run / "SUMMARY.txt").read_text().splitlines() if "model file:" in x)
+    argv = line.split("model file:")[1].split()
+    assert argv[0] == "cfgdiff" and main(argv[1:]) == 0
+    assert ckpt_io.load_for_sampling(run / "model.safetensors").cfg.class_names == (
+        "class0",
+        "class1",
+        "class2",
+    )

@@ -578,6 +578,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
         f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
         f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
+        f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
     ]
     print("\n".join(lines))
     from cfgdiff.data.download import atomic_write_bytes
