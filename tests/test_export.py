@@ -108,6 +108,16 @@ def test_export_bad_input(run, tmp_path, out, message, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_export_never_writes_into_a_checkpoint(run, capsys):
+    ckpt = ckpt_io.latest_checkpoint(run / "checkpoints")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    for name in ("model.safetensors", "ema.safetensors", "new.safetensors"):
+        assert main(["export", "--checkpoint", str(run), "--out", str(ckpt / name)]) == 2
+        assert "inside a checkpoint folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    ckpt_io.load_for_sampling(ckpt)  # still verifies
+
+
 def test_info_on_checkpoints_and_model_files(run, tmp_path, capsys):
     f = tmp_path / "m.safetensors"
     ckpt_io.export_model(run, f)

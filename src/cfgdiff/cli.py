@@ -1110,6 +1110,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .safetensors, got {a.out}")
     if a.out.is_dir():
         raise ConfigError(f"--out {a.out}: is a directory")
+    if (a.out.parent / "MANIFEST.json").is_file() or (a.out.parent / "config.json").is_file():
+        raise ConfigError(
+            f"--out {a.out}: inside a checkpoint folder, whose files it could overwrite; write "
+            "it elsewhere (e.g. the run folder)"
+        )
     if Path(a.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {a.checkpoint}: expected a checkpoint or run folder")
     meta = export_model(a.checkpoint, a.out, ema=not a.raw)
