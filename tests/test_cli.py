@@ -207,6 +207,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert "Traceback" not in err
 
 
+def test_out_that_is_a_file_is_refused_and_kept(run, folder_data, tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", str(f)]
+    assert main(argv) == 2
+    argv = ["sweep", "--checkpoint", str(run), "--scales", "0,1", "--n", "10", "--out", str(f)]
+    assert main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == 2 * f"cfgdiff: error: --out {f}: is a file; --out names a folder here\n"
+    )
+    assert f.read_text() == "mine"
+
+
 def test_sample_class_out_of_range(run, tmp_path, capsys):
     assert (
         main(

@@ -440,6 +440,13 @@ class StopFlag:
         return self.requested
 
 
+def _out_folder(path: Path) -> Path:
+    """--out of a command that writes a folder: refuse an existing file before any work."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file; --out names a folder here")
+    return path
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from cfgdiff import checkpoint as ckpt_io
     from cfgdiff.config import get_preset
@@ -448,6 +455,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cfgdiff.train import config_for_dataset, train
 
     check_name(a.dataset)
+    _out_folder(a.out)
     device = resolve_device(a.device)
     if a.resume:
         found = ckpt_io.latest_checkpoint(a.out / "checkpoints")
@@ -943,7 +951,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     if a.out is not None:
-        out = a.out
+        out = _out_folder(a.out)
     elif loaded.path.is_file():  # a model file: FILE-sweep beside it
         out = loaded.path.with_name(loaded.path.stem + "-sweep")
     else:  # RUN/checkpoints/step-N -> RUN/sweep
