@@ -47,7 +47,7 @@ section() {
     python3 -m cfgdiff sample --checkpoint /tmp/smoke --scale 3 --out /tmp/smoke/s.npz --device $DEV \
       --sampler dpmpp-2m --steps 10 --compile off"
   section 200 "train throughput, $BIG preset, its batch" python3 bench/train_throughput.py \
-      --device $DEV --presets $BIG $Q --variants fp32,bf16,bf16-cl,bf16-compile-cl \
+      --device $DEV --presets $BIG $Q --variants fp32,bf16,bf16-cl,bf16-compile-cl,bf16-compile-cl-bm \
       --json "$OUT/train_35m.json"
   section 240 "time to 98 % at s = 3, $MNIST preset, compiled, against fp32 eager" \
       python3 bench/time_to_quality.py --device $DEV $TTQ --compile
@@ -55,7 +55,7 @@ section() {
       python3 bench/sample_throughput.py --device $DEV --preset $MNIST $Q --compile \
       --n $N --runs $RUNS
   section 150 "train throughput, $BIG preset, batch $B256" python3 bench/train_throughput.py \
-      --device $DEV --presets $BIG --batch $B256 $Q --variants fp32,bf16-compile-cl \
+      --device $DEV --presets $BIG --batch $B256 $Q --variants fp32,bf16-compile-cl-bm \
       --json "$OUT/train_35m_b256.json"
   echo "== done (t=$(el)s)"
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -48,8 +48,10 @@ def measure(
     warmup: int,
     compile: bool = False,
     channels_last: bool = False,
+    cudnn_benchmark: bool = False,
 ) -> tuple[float, GradientCheck | None]:
     """(images/s, the compiled step's gradient check or None when not compiled)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
     if channels_last:
@@ -107,10 +109,15 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="fp32,bf16",
-        help="comma-separated: fp32, bf16, bf16-cl (channels_last), bf16-compile, "
-        "bf16-compile-cl, fp32-compile; the first is the baseline of the ratio column",
+        help="comma-separated PRECISION[-compile][-cl][-bm]: fp32 or bf16, torch.compile, "
+        "channels_last, cudnn.benchmark (as cfgdiff runs on CUDA); e.g. fp32, bf16-compile-cl-bm. "
+        "The first is the baseline of the ratio column",
     )
     a = p.parse_args()
+    for v in a.variants.split(","):
+        prec, *opts = v.split("-")
+        if prec not in ("fp32", "bf16") or not set(opts) <= {"compile", "cl", "bm"}:
+            p.error(f"--variants: {v!r} is not PRECISION[-compile][-cl][-bm]")
     device = torch.device(a.device)
     steps, warmup = (2, 1) if a.quick else (8, 3)
     results: dict = {}
@@ -146,8 +153,9 @@ def main() -> int:
                     v.split("-")[0],
                     steps,
                     warmup,
-                    compile="compile" in v,
-                    channels_last=v.endswith("-cl"),
+                    compile="compile" in v.split("-"),
+                    channels_last="cl" in v.split("-"),
+                    cudnn_benchmark="bm" in v.split("-"),
                 )
                 if check is not None and not check.ok:
                     bad[v] = check.describe()

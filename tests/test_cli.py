@@ -207,6 +207,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert "Traceback" not in err
 
 
+def test_network_commands_turn_on_cudnn_autotuning(run, monkeypatch):
+    """cudnn.benchmark (no effect on the CPU) is set by every command that runs a network."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert main(["info", "--checkpoint", str(run)]) == 0
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_out_that_is_a_file_is_refused_and_kept(run, folder_data, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("mine")

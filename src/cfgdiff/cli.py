@@ -1187,9 +1187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command != "data":  # every command that runs a network
-            from cfgdiff.runtime import configure_cpu_threads
+            from cfgdiff.runtime import configure_cpu_threads, configure_cuda
 
             configure_cpu_threads()
+            configure_cuda()
         return COMMANDS[args.command](args)
     except SystemExit as e:  # --help / --version
         return int(e.code or 0)

@@ -59,6 +59,15 @@ def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
         return None
 
 
+def configure_cuda() -> None:
+    """Process-wide CUDA setting for cfgdiff's fixed-shape work: cuDNN autotunes each convolution
+    shape on first use and keeps the fastest algorithm (cudnn.benchmark; EDM2 trains this way).
+    Training batches and compiled sampling batches never change shape, so the one-off search is
+    repaid; eager sampling adds one search for a short last batch. No effect on the CPU. Its gain
+    on these networks is not measured yet (bench/train_throughput.py variant suffix "-bm")."""
+    torch.backends.cudnn.benchmark = True
+
+
 def configure_cpu_threads(quota_path: str = "/sys/fs/cgroup/cpu.max") -> int:
     """Cap torch's intra-op threads at the CPUs this process may really use (affinity and cgroup
     quota): torch sizes its pool from the cores it sees, and oversubscribing a 2-CPU quota with a
