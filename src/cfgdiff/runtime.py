@@ -62,10 +62,9 @@ def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
 def configure_cuda() -> None:
     """Process-wide CUDA setting for cfgdiff's fixed-shape work: cuDNN autotunes each convolution
     shape on first use and keeps the fastest algorithm (cudnn.benchmark, the EDM training loop's
-    default).
-    Training batches and compiled sampling batches never change shape, so the one-off search is
-    repaid; eager sampling adds one search for a short last batch. No effect on the CPU. Its gain
-    on these networks is not measured yet (bench/train_throughput.py variant suffix "-bm")."""
+    default). Training batches and compiled sampling batches never change shape, so the one-off
+    search is repaid; eager sampling adds one search for a short last batch. No effect on the
+    CPU. Its gain on these networks is not measured yet (bench/train_throughput.py, "-bm")."""
     torch.backends.cudnn.benchmark = True
 
 
