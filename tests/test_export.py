@@ -53,6 +53,7 @@ def test_exported_file_samples_like_the_checkpoint(run, tmp_path, capsys):
         assert sorted(sf.keys()) == sorted(ema.keys())
         assert all((sf.get_tensor(k) == ema.get_tensor(k)).all() for k in sf.keys())
     assert meta["format"] == "cfgdiff-model-1" and meta["weights"] == "ema"
+    assert meta["source"] == "run/step-0000004"  # no local path in a file meant to be shipped
     assert json.loads(meta["config"])["model"]["num_classes"] == 3
     assert f.stat().st_size < sum(p.stat().st_size for p in ckpt.iterdir()) / 2
 

@@ -264,7 +264,7 @@ def export_model(path: Path, out: Path, *, ema: bool = True) -> dict[str, str]:
         "format": MODEL_FILE_FORMAT,
         "config": config_json,
         "weights": which,
-        "source": str(ckpt),
+        "source": f"{ckpt.parent.parent.name}/{ckpt.name}",  # RUN/step-N, no local path
         "sha256": _model_file_sha256(config_json, tensors),
     }
     out = Path(out)
