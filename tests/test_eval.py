@@ -132,6 +132,9 @@ def test_sweep_writes_all_files(run, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["scale"] for r in rows] == ["0.0", "1.0", "3.0", "real"]
     assert json.loads((out / "sweep.json").read_text())["scales"] == [0.0, 1.0, 3.0]
+    table = capsys.readouterr().out.splitlines()
+    first = next(i for i, x in enumerate(table) if x.split()[:2] == ["s", "w"])
+    assert [x.split()[0] for x in table[first + 1 : first + 5]] == ["0", "1", "3", "real"]
 
 
 def test_sweep_matches_separate_evals(run, tmp_path):

@@ -1064,9 +1064,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         f"{a.features} features; real floor in the last row"
     )
     print(f"{'s':>6s} {'w':>6s} {'FID':>9s} {'IS':>7s} {'acc':>7s} {'prec':>6s} {'recall':>6s}")
-    for r in rows + [{"scale": float("nan"), "w": float("nan"), **real}]:
+    for r in rows + [{"scale": "real", "w": "", **real}]:
+        s_, w_ = (
+            f"{v:6g}" if isinstance(v, int | float) else f"{v:>6}" for v in (r["scale"], r["w"])
+        )
         print(
-            f"{r['scale']:6g} {r['w']:6g} {r['fid']:9.3f} {r['is']:7.3f} "
+            f"{s_} {w_} {r['fid']:9.3f} {r['is']:7.3f} "
             f"{r['class_accuracy']:7.4f} {r['precision']:6.3f} {r['recall']:6.3f}"
         )
     print(
