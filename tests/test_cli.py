@@ -292,7 +292,13 @@ def test_help_exits_zero(capsys):
     assert "train" in capsys.readouterr().out
 
 
-def test_sample_steps_above_T(run, tmp_path, capsys):
+def test_sample_steps_above_T(run, tmp_path, capsys, monkeypatch):
+    """Refused before anything is compiled (6 x 5000 image-steps would compile on the CPU)."""
+
+    def no_compile(*a, **k):
+        raise AssertionError("torch.compile called before --steps was checked")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
     assert (
         main(
             [

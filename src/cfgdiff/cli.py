@@ -711,8 +711,9 @@ def _generate(a: argparse.Namespace, loaded, labels, guidance, device, indices=N
     sampling retried: images do not depend on the batch size (sample.py), so the result is the
     same. A --batch-size the user gave is kept, and running out of memory is an error."""
     from cfgdiff.runtime import CompiledForward, is_out_of_memory, resolve_precision
-    from cfgdiff.sample import generate
+    from cfgdiff.sample import check_steps, generate
 
+    check_steps(a.steps, loaded.cfg)  # before any compilation or batch-size probe
     precision = resolve_precision(a.precision, device)
     batch_size = _sampling_batch(a.batch_size, loaded.net, loaded.cfg, device, precision)
     compiled = _compile_sampling(a.compile, device, len(labels), a.steps)

@@ -24,6 +24,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def check_steps(steps: int, cfg: RunConfig) -> None:
+    """Sampler steps must be in [1, T] for the checkpoint's T."""
+    if steps < 1 or steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"--steps must be in [1, {cfg.diffusion.timesteps}], got {steps}")
+
+
 @torch.inference_mode()
 def generate(
     net: torch.nn.Module,
@@ -62,8 +68,7 @@ def generate(
         )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if steps < 1 or steps > cfg.diffusion.timesteps:
-        raise ConfigError(f"--steps must be in [1, {cfg.diffusion.timesteps}], got {steps}")
+    check_steps(steps, cfg)
     if guidance is None:
         guidance = Guidance(scale=scale)
     guidance.validate(m.num_classes)
