@@ -293,7 +293,7 @@ def test_help_exits_zero(capsys):
 
 
 def test_sample_steps_above_T(run, tmp_path, capsys, monkeypatch):
-    """Refused before anything is compiled (6 x 5000 image-steps would compile on the CPU)."""
+    """Refused before anything is compiled (24 images x 5000 steps would compile on the CPU)."""
 
     def no_compile(*a, **k):
         raise AssertionError("torch.compile called before --steps was checked")
