@@ -368,3 +368,19 @@ def test_eval_of_a_folder_of_mixed_sizes(tmp_path):
     r = _train_and_eval(tmp_path, dataset, dd, ["--image-size", "8"], 10)
     assert r["n"] == 10 and len(r["generated"]["per_class_accuracy"]) == 3
     assert r["classifier_test_accuracy"] == meta["test_accuracy"]
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_bad_options_are_refused_before_any_classifier_training(run, tmp_path, command, capsys):
+    """Building the reference can train a classifier for minutes: options are checked first, and
+    a refused sweep leaves no folder behind."""
+    dd = tmp_path / "fresh-data-dir"
+    argv = [command, "--checkpoint", str(run), "--n", "12", "--data-dir", str(dd)]
+    argv += ["--scale", "3"] if command == "eval" else ["--out", str(tmp_path / "sw")]
+    for bad, message in (
+        (["--negative-class", "7"], "negative"),
+        (["--steps", "5000"], "--steps must be in [1, 1000]"),
+    ):
+        assert main([*argv, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (dd / "classifiers").exists() and not (tmp_path / "sw").exists()

@@ -880,6 +880,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device
+    from cfgdiff.sample import check_steps
 
     if a.action == "train-classifier":
         return cmd_train_classifier(a)
@@ -894,9 +895,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ConfigError("eval: one of --scale or --w is required")
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
-    ref = _reference(a, loaded, device)
     scale, _ = _scale(a)
+    # The options first: building the reference may train a classifier for minutes.
     guidance, record = _guidance(a, loaded, scale, device)
+    check_steps(a.steps, loaded.cfg)
+    ref = _reference(a, loaded, device)
     labels = torch.arange(a.n) % loaded.cfg.model.num_classes
     t0 = time.perf_counter()
     images = _generate(a, loaded, labels, guidance, device)
@@ -945,6 +948,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from cfgdiff.data.download import atomic_write_bytes
     from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device, resolve_precision
+    from cfgdiff.sample import check_steps
     from cfgdiff.train import guidance_strip
     from cfgdiff.viz import line_plot, save_png
 
@@ -957,10 +961,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         out = loaded.path.with_name(loaded.path.stem + "-sweep")
     else:  # RUN/checkpoints/step-N -> RUN/sweep
         out = loaded.path.parent.parent / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    ref = _reference(a, loaded, device)
-    k = loaded.cfg.model.num_classes
+    # The options first: building the reference may train a classifier for minutes.
     g, record = _guidance(a, loaded, 1.0, device)
+    check_steps(a.steps, loaded.cfg)
+    ref = _reference(a, loaded, device)
+    out.mkdir(parents=True, exist_ok=True)
+    k = loaded.cfg.model.num_classes
     per_sample = torch.tensor([s for s in scales for _ in range(a.n)], dtype=torch.float32)
     labels = (torch.arange(a.n) % k).repeat(len(scales))
     indices = list(range(a.n)) * len(scales)  # the same noise at every scale
