@@ -162,3 +162,18 @@ def test_the_training_summary_names_a_working_export_command(run):
         "class1",
         "class2",
     )
+
+
+def test_eval_of_a_shipped_file_whose_folder_is_elsewhere(run, folder, tmp_path, capsys):
+    import shutil
+
+    f = tmp_path / "m.safetensors"
+    ckpt_io.export_model(run, f)
+    moved = shutil.move(folder, tmp_path / "moved")
+    argv = ["eval", "--checkpoint", str(f), "--scale", "3", "--n", "10", "--steps", "2"]
+    argv += ["--data-dir", str(tmp_path / "dd")]
+    assert main(argv) == 2
+    assert f"trained on folder:{folder}, which is not on this machine; pass --dataset" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--dataset", f"folder:{moved}"]) == 0

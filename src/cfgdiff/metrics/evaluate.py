@@ -66,9 +66,14 @@ def build_reference(
 ) -> Reference:
     """Real reference for comparing n generated samples of a model with config `cfg`.
     n_arg: the option that set n, for the message when the data is too small for it."""
-    dataset = dataset or cfg.dataset
+    given, dataset = dataset, dataset or cfg.dataset
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
+    if given is None and dataset.startswith("folder:") and not Path(dataset[7:]).is_dir():
+        raise ConfigError(
+            f"the checkpoint was trained on {dataset}, which is not on this machine; pass "
+            "--dataset folder:PATH (the same class sub-folders) to evaluate against it"
+        )
     # The checkpoint's own dataset is read as training read it, at the model's size and channels
     # (`train --channels 3` on MNIST converts it); another dataset must have the model's channels.
     # Folders are resized by Pillow while reading, as in training, so mixed sizes are fine.
