@@ -63,6 +63,14 @@ def test_train_resume_extends(run, folder_data, capsys):
     assert (run / "checkpoints" / "step-0000012").is_dir()
 
 
+def test_resume_takes_the_runs_dataset(run, folder_data):
+    """`train --out RUN --resume` without --dataset continues on the run's own data (a folder
+    here; the default for a new run is mnist)."""
+    argv = ["train", "--out", str(run), "--resume", "--steps", "12", "--no-progress"]
+    assert main([*argv, "--precision", "fp32"]) == 0
+    assert (run / "checkpoints" / "step-0000012").is_dir()
+
+
 @pytest.mark.parametrize("faithful", [True, False])
 def test_train_reports_the_compiled_gradient_check(
     tmp_path, folder_data, capsys, monkeypatch, faithful

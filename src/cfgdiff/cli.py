@@ -281,7 +281,9 @@ def build_parser() -> Parser:
 
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument(
-        "--dataset", default="mnist", help="mnist | fashion-mnist | cifar10 | folder:PATH"
+        "--dataset",
+        help="mnist | fashion-mnist | cifar10 | folder:PATH (default: mnist; with --resume, the "
+        "run's)",
     )
     data_opts(tr)
     tr.add_argument("--out", type=Path, required=True, help="run folder")
@@ -454,7 +456,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cfgdiff.runtime import resolve_device, resolve_precision
     from cfgdiff.train import config_for_dataset, train
 
-    check_name(a.dataset)
+    if a.dataset is not None:
+        check_name(a.dataset)
     _out_folder(a.out)
     device = resolve_device(a.device)
     if a.resume:
@@ -464,8 +467,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         base = ckpt_io.read_config(found)
         if a.preset is not None and a.preset != base.preset:
             raise ConfigError(f"--preset {a.preset}: the run was trained with preset {base.preset}")
+        a.dataset = a.dataset or base.dataset
     else:
         base = get_preset(a.preset or "cpu-demo")
+        a.dataset = a.dataset or "mnist"
     overrides = {
         k: getattr(a, k)
         for k in (
