@@ -419,6 +419,7 @@ def test_guide_checkpoint_must_match(run, tmp_path, folder_data, capsys):
         (["--negative-class", "7"], "--negative-class must be in [0, 2]"),
         (["--apg", "--rescale", "0.5"], "cannot be combined"),
         (["--spacing", "cubic"], "invalid choice"),
+        (["--guide-checkpoint", "/nonexistent"], "--guide-checkpoint /nonexistent: no such file"),
     ],
 )
 def test_bad_guidance_options(run, tmp_path, extra, message, capsys):

@@ -171,8 +171,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def resolve(path: Path) -> Path:
-    """Accept a checkpoint folder, a run folder or a checkpoints folder."""
+def resolve(path: Path, arg: str = "--checkpoint") -> Path:
+    """Accept a checkpoint folder, a run folder or a checkpoints folder. arg: the option that
+    named the path, for messages."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
@@ -181,9 +182,9 @@ def resolve(path: Path) -> Path:
         if found is not None:
             return found
     if not path.exists():
-        raise CheckpointError(f"--checkpoint {path}: no such file or directory")
+        raise CheckpointError(f"{arg} {path}: no such file or directory")
     raise CheckpointError(
-        f"--checkpoint {path}: no checkpoint found (expected a folder with config.json, "
+        f"{arg} {path}: no checkpoint found (expected a folder with config.json, "
         "or a run folder with checkpoints/)"
     )
 
@@ -304,14 +305,17 @@ def _load_model_file(path: Path) -> tuple[RunConfig, UNet]:
     return cfg, net
 
 
-def load_for_sampling(path: Path, device: torch.device | str = "cpu", ema: bool = True) -> Loaded:
+def load_for_sampling(
+    path: Path, device: torch.device | str = "cpu", ema: bool = True, arg: str = "--checkpoint"
+) -> Loaded:
     """A checkpoint (folder, run folder) or a model file, verified, on `device` in eval mode.
-    ema picks the weights of a checkpoint; a model file holds the ones it was exported with."""
+    ema picks the weights of a checkpoint; a model file holds the ones it was exported with.
+    arg: the option that named the path, for messages."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         cfg, net = _load_model_file(path)
         return Loaded(path, cfg, net.to(device).eval())
-    ckpt = resolve(path)
+    ckpt = resolve(path, arg)
     verify(ckpt)
     cfg = read_config(ckpt)
     net = UNet(cfg.model)

@@ -658,7 +658,7 @@ def _guidance(a: argparse.Namespace, loaded, scale: float, device):
 
     guide_net = None
     if a.guide_checkpoint is not None:
-        guide = load_for_sampling(a.guide_checkpoint, device)
+        guide = load_for_sampling(a.guide_checkpoint, device, arg="--guide-checkpoint")
         m, gm = loaded.cfg, guide.cfg
         for field in ("in_channels", "image_size", "num_classes"):
             if getattr(m.model, field) != getattr(gm.model, field):
