@@ -116,6 +116,7 @@ OPTION_VALUES = {
     "--seed": ["0", "-5"],
     "--features": ["classifier", "inception", "vgg"],
     "--compile": ["off", "sometimes"],
+    "--dtype": ["fp16", "int8"],
     "--inception": ["/nonexistent.pt", "FOLDER"],
 }
 FLAGS = ["--raw", "--resume", "--apg", "--no-progress", "--help", "mnist", "fashion-mnist"]
@@ -216,4 +217,4 @@ def test_any_argv_exits_0_or_2_and_writes_only_its_output(world, monkeypatch, ar
 
 def test_the_fuzzer_reached_successful_commands_too():
     """Guard against a generator that only ever produces errors."""
-    assert OUTCOMES.count(0) >= 8, (OUTCOMES.count(0), len(OUTCOMES))  # 26 of the fixed 200
+    assert OUTCOMES.count(0) >= 8, (OUTCOMES.count(0), len(OUTCOMES))  # 22 of the fixed 200

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import image_folder
 from safetensors import safe_open
 
@@ -177,3 +178,17 @@ def test_eval_of_a_shipped_file_whose_folder_is_elsewhere(run, folder, tmp_path,
         capsys.readouterr().err
     )
     assert main([*argv, "--dataset", f"folder:{moved}"]) == 0
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_files_are_half_the_size_and_sample_alike(run, tmp_path, dtype):
+    full, half = tmp_path / "f.safetensors", tmp_path / "h.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(full)]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(half), "--dtype", dtype]) == 0
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    with safe_open(str(half), "pt") as sf:
+        assert sf.metadata()["dtype"] == dtype
+    a = _sample(half, tmp_path / "a.npz")[0].astype(int)
+    b = _sample(full, tmp_path / "b.npz")[0].astype(int)
+    assert np.abs(a - b).mean() < 2  # uint8 levels; weights rounded, not changed
+    assert next(ckpt_io.load_for_sampling(half).net.parameters()).dtype == torch.float32

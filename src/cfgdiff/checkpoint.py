@@ -250,21 +250,31 @@ def _model_file_sha256(config_json: str, tensors: dict[str, torch.Tensor]) -> st
     return h.hexdigest()
 
 
-def export_model(path: Path, out: Path, *, ema: bool = True) -> dict[str, str]:
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32") -> dict[str, str]:
     """Write the checkpoint at `path` (folder, run folder) as one model file `out` (atomically):
-    its EMA weights (or the raw ones, ema=False) and the metadata load_for_sampling needs.
-    Returns the metadata."""
+    its EMA weights (or the raw ones, ema=False), stored as `dtype` (fp16 or bf16 halve the file;
+    loading casts them back to fp32), and the metadata load_for_sampling needs. Returns the
+    metadata."""
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     ckpt = resolve(path)
     verify(ckpt)
     cfg = read_config(ckpt)
     which = "ema" if ema else "model"
     load_weights(ckpt, which, UNet(cfg.model))  # refuses weights that do not fit the config
-    tensors = load_file(str(ckpt / f"{which}.safetensors"))
+    tensors = {
+        k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v
+        for k, v in load_file(str(ckpt / f"{which}.safetensors")).items()
+    }
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     metadata = {
         "format": MODEL_FILE_FORMAT,
         "config": config_json,
         "weights": which,
+        "dtype": dtype,
         "source": f"{ckpt.parent.parent.name}/{ckpt.name}",  # RUN/step-N, no local path
         "sha256": _model_file_sha256(config_json, tensors),
     }

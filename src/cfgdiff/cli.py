@@ -397,6 +397,12 @@ def build_parser() -> Parser:
     ex.add_argument(
         "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
     )
+    ex.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="storage type of the weights (fp16/bf16: half the file; loaded back as fp32)",
+    )
 
     da = sub.add_parser("data", help="obtain datasets and show where they are")
     dsub = da.add_subparsers(dest="data_command", parser_class=Parser, metavar="ACTION")
@@ -1140,10 +1146,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         )
     if Path(a.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {a.checkpoint}: expected a checkpoint or run folder")
-    meta = export_model(a.checkpoint, a.out, ema=not a.raw)
+    meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
     size = a.out.stat().st_size / 2**20
     print(
-        f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']}, config "
+        f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']} in "
+        f"{meta['dtype']}, config "
         f"embedded); sample with: cfgdiff sample --checkpoint {a.out} --scale 3 --out grid.png"
     )
     return 0
