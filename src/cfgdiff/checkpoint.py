@@ -10,9 +10,9 @@ pointer file is replaced atomically afterwards and old checkpoints are pruned la
 unpickles code: tensors come from safetensors, the rest from JSON and weights_only torch.load.
 
 A model file (`cfgdiff export`) is the one file to ship for sampling: a .safetensors holding the
-EMA weights, with the config JSON, the source checkpoint and a SHA-256 of config and tensors in
-its metadata header. Any safetensors reader opens it; load_for_sampling takes it wherever it
-takes a checkpoint.
+EMA weights (or the raw ones; fp32, fp16 or bf16), with the config JSON, the source RUN/step-N
+and a SHA-256 of config and tensors in its metadata header. Any safetensors reader opens it;
+load_for_sampling takes it wherever it takes a checkpoint and loads it as fp32.
 """
 
 from __future__ import annotations
