@@ -658,9 +658,11 @@ def _scale(a: argparse.Namespace) -> tuple[float, str]:
 
 
 def _guidance(a: argparse.Namespace, loaded, scale: float, device):
-    """The Guidance the options ask for, and a plain-data record of it for output files."""
+    """The Guidance the options ask for, and a plain-data record of it for output files; also
+    checks --steps against the checkpoint, so that every sampling option is checked here."""
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.guidance import APG, Guidance
+    from cfgdiff.sample import check_steps
 
     guide_net = None
     if a.guide_checkpoint is not None:
@@ -694,6 +696,7 @@ def _guidance(a: argparse.Namespace, loaded, scale: float, device):
         apg=apg,
     )
     g.validate(loaded.cfg.model.num_classes)
+    check_steps(a.steps, loaded.cfg)  # before any compilation, batch-size probe or reference
     record = {
         "scale": scale,
         "w": scale - 1,
@@ -722,9 +725,8 @@ def _generate(a: argparse.Namespace, loaded, labels, guidance, device, indices=N
     sampling retried: images do not depend on the batch size (sample.py), so the result is the
     same. A --batch-size the user gave is kept, and running out of memory is an error."""
     from cfgdiff.runtime import CompiledForward, is_out_of_memory, resolve_precision
-    from cfgdiff.sample import check_steps, generate
+    from cfgdiff.sample import generate
 
-    check_steps(a.steps, loaded.cfg)  # before any compilation or batch-size probe
     precision = resolve_precision(a.precision, device)
     batch_size = _sampling_batch(a.batch_size, loaded.net, loaded.cfg, device, precision)
     compiled = _compile_sampling(a.compile, device, len(labels), a.steps)
@@ -891,7 +893,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device
-    from cfgdiff.sample import check_steps
 
     if a.action == "train-classifier":
         return cmd_train_classifier(a)
@@ -909,7 +910,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     scale, _ = _scale(a)
     # The options first: building the reference may train a classifier for minutes.
     guidance, record = _guidance(a, loaded, scale, device)
-    check_steps(a.steps, loaded.cfg)
     ref = _reference(a, loaded, device)
     labels = torch.arange(a.n) % loaded.cfg.model.num_classes
     t0 = time.perf_counter()
@@ -959,7 +959,6 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from cfgdiff.data.download import atomic_write_bytes
     from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device, resolve_precision
-    from cfgdiff.sample import check_steps
     from cfgdiff.train import guidance_strip
     from cfgdiff.viz import line_plot, save_png
 
@@ -974,7 +973,6 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         out = loaded.path.parent.parent / "sweep"
     # The options first: building the reference may train a classifier for minutes.
     g, record = _guidance(a, loaded, 1.0, device)
-    check_steps(a.steps, loaded.cfg)
     ref = _reference(a, loaded, device)
     out.mkdir(parents=True, exist_ok=True)
     k = loaded.cfg.model.num_classes
@@ -1111,7 +1109,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     names = cfg.label_names()
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     name = loaded.path.name
-    at = f", step {int(name[len(PREFIX) :])}" if kind == "checkpoint" and name[5:].isdigit() else ""
+    step = name[len(PREFIX) :] if kind == "checkpoint" and name.startswith(PREFIX) else ""
+    at = f", step {int(step)}" if step.isdigit() else ""
     print(f"{loaded.path} ({kind}{at}; SHA-256 verified)")
     print(f"  data:      {cfg.dataset}, {m.num_classes} classes: {shown}")
     print(f"  images:    {m.in_channels} x {m.image_size} x {m.image_size}")

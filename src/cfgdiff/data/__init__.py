@@ -233,14 +233,6 @@ def load_dataset(
     return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
 
 
-def adapt(data: Dataset, image_size: int | None, channels: int | None) -> Dataset:
-    """The dataset at another size / channel count (as load_dataset would return it)."""
-    images = convert_images(data.images, image_size, channels)
-    return (
-        data if images is data.images else Dataset(data.name, images, data.labels, data.class_names)
-    )
-
-
 def convert_images(
     images: torch.Tensor, image_size: int | None, channels: int | None
 ) -> torch.Tensor:
@@ -275,7 +267,8 @@ def _folder_info(name: str) -> dict:
     saying what training needs (--image-size)."""
     from collections import Counter
 
-    scan = sources.scan_folder(Path(name[7:]))
+    root = Path(name[7:])
+    scan = sources.scan_folder(root)
     counts = Counter(k for _, k in scan.files)
     train: dict = {"counts": [counts[k] for k in range(len(scan.class_names))]}
     out = {
@@ -286,14 +279,14 @@ def _folder_info(name: str) -> dict:
         "modes": dict(Counter(m for m, _ in scan.headers)),
         "splits": {"train": train},
     }
-    try:
-        ds = load_dataset(name)
+    try:  # decoded as load_dataset reads it, from the same scan
+        x, y, _ = sources.folder_dataset(root, None, None, scan=scan)
     except DataError as e:
         out["note"] = str(e)
         return out
-    train["shape"] = list(ds.images.shape)
-    train["images_sha256"] = _sha(ds.images.numpy())
-    train["labels_sha256"] = _sha(ds.labels.numpy())
+    train["shape"] = list(x.shape)
+    train["images_sha256"] = _sha(x)
+    train["labels_sha256"] = _sha(y)
     return out
 
 

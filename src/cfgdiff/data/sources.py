@@ -325,16 +325,17 @@ def scan_folder(root: Path) -> FolderScan:
 
 
 def folder_dataset(
-    root: Path, image_size: int | None, channels: int | None
+    root: Path, image_size: int | None, channels: int | None, *, scan: FolderScan | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One sub-folder per class (sorted by name), images read with Pillow.
 
     Images are resized to image_size when given; otherwise all must share one square size.
     channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
+    scan: scan_folder(root) if the caller has it already.
     """
     from PIL import Image
 
-    scan = scan_folder(root)
+    scan = scan or scan_folder(root)
     files, headers = scan.files, scan.headers
     if channels is None:
         channels = 1 if all(m in ("L", "1", "I;16", "I") for m, _ in headers) else 3
