@@ -84,6 +84,14 @@ def folder_data(tmp_path):
     return image_folder(tmp_path / "folder", 6)
 
 
+# The allocation failures torch raises: CUDA's, the CPU allocator's plain RuntimeError, Python's.
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+    MemoryError(),
+]
+
+
 def tiny_config(**train_overrides) -> RunConfig:
     base = PRESETS["tiny"]
     model = dataclasses.replace(base.model, in_channels=1, image_size=8, num_classes=3)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import OUT_OF_MEMORY
 
 from cfgdiff.cli import main
 
@@ -447,14 +448,7 @@ def _sample_npz(run, path, *extra):
         return z["images"]
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
-    ],
-    ids=type,
-)
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
 def test_sample_out_of_memory_is_one_line_and_exit_1(run, tmp_path, capsys, monkeypatch, error):
     import cfgdiff.sample
 

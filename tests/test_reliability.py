@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import OUT_OF_MEMORY, tiny_config
 
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.data import load_dataset
@@ -77,13 +77,7 @@ def test_out_of_memory_message(tmp_path, data, monkeypatch):
         train(tiny_config(), tmp_path / "r", data)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
-    ],
-)
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
 def test_out_of_memory_while_checking_the_compiled_step(tmp_path, data, monkeypatch, error):
     """Running out of memory in the compiled step's gradient check is not a compile failure to
     fall back from: it gets the same message as in the training loop."""

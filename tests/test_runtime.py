@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import OUT_OF_MEMORY, tiny_config
 
 from cfgdiff.diffusion import training_loss
 from cfgdiff.runtime import (
@@ -123,13 +123,6 @@ def test_compiled_forward_within_tolerance_is_kept(tiny_net, monkeypatch):
     for _ in range(2):
         assert torch.allclose(f(x, t, y), tiny_net(x, t, y) * 1.01)
     assert f.checked and f.fallback_reason is None and f.compiled is not None
-
-
-OUT_OF_MEMORY = [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
-    MemoryError(),
-]
 
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
