@@ -1,10 +1,13 @@
 """Time to quality: wall-clock seconds and steps of training until class accuracy at s = 3
 reaches 95 % and 98 %, and the FID (classifier features) reached at a fixed time budget.
 
-Evaluation time is excluded from the training clock. Every --every steps the EMA network draws
---n samples at s = 3 (DPM-Solver++ 20 steps) and the dataset's classifier judges them. Unless
---no-baseline, the same network is then trained again in plain fp32 eager with the same budget,
-and the table gives both and the ratio of their times to each target.
+Evaluation time is excluded from the training clock. The LR schedule is sized to the budget as
+`cfgdiff train --time` sizes it (--schedule budget), or held at its peak after warm-up
+(--schedule held); --schedule budget,held compares the two in one run. Every --every steps
+the EMA network draws --n samples at s = 3 (DPM-Solver++ 20 steps) and the dataset's
+classifier judges them. Unless --no-baseline, the same network is then trained again in plain
+fp32 eager with the same budget, and the table gives both and the ratio of their times to each
+target.
 
     python bench/time_to_quality.py --device cpu --preset cpu-demo --budget 420
     python bench/time_to_quality.py --device cuda --preset mnist --budget 60 --every 100
@@ -64,6 +67,13 @@ def main() -> int:
         default=True,
         help="also run fp32 eager with the same budget and print the ratio (default on)",
     )
+    p.add_argument(
+        "--schedule",
+        default="budget",
+        help="LR schedule: budget (sized to --budget as `cfgdiff train --time` does: the step "
+        "count from the speed of steps 5-25), held (the LR held after warm-up: a schedule far "
+        "longer than the budget), or both, comma-separated, to compare them in one run",
+    )
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -83,33 +93,38 @@ def main() -> int:
         ),
     )
     ref = build_reference(cfg, a.n, data_dir=a.data_dir, device=device)
-    variants = [(precision, a.compile)]
-    if a.baseline and variants[0] != ("fp32", False):
-        variants.append(("fp32", False))  # the plain baseline, same network, same budget
+    schedules = a.schedule.split(",")
+    if not schedules or any(s not in ("budget", "held") for s in schedules):
+        p.error(f"--schedule: expected budget, held or both comma-separated, got {a.schedule!r}")
+    variants = [(precision, a.compile, s) for s in schedules]
+    if a.baseline and (precision, a.compile) != ("fp32", False):
+        # the plain baseline: same network, same budget, the first schedule
+        variants.append(("fp32", False, schedules[0]))
     results = {}
-    for i, (prec, compiled) in enumerate(variants):
+    for prec, compiled, sched in variants:
         # ours runs as `cfgdiff train` does (cudnn.benchmark on CUDA); the baseline plainly
-        torch.backends.cudnn.benchmark = i == 0
-        name = f"{prec}{' + compile' if compiled else ''}"
+        torch.backends.cudnn.benchmark = (prec, compiled) == (precision, a.compile)
+        name = f"{prec}{' + compile' if compiled else ''}{', held LR' if sched == 'held' else ''}"
         print(
             f"preset {preset} on {device} ({name}), budget {a.budget:.0f} s of training, "
             f"{a.n} samples per evaluation",
             flush=True,
         )
-        results[name] = time_to_quality(cfg, data, ref, device, prec, compiled, a, tmp.name)
+        results[name] = time_to_quality(cfg, data, ref, device, prec, compiled, sched, a, tmp.name)
     names = list(results)
+    ratio = a.baseline and (precision, a.compile) != ("fp32", False)
     print(
-        f"\n{'target':>8s}" + "".join(f"{n + ' steps':>22s}{n + ' s':>18s}" for n in names), end=""
+        f"\n{'target':>8s}" + "".join(f"{n + ' steps':>28s}{n + ' s':>24s}" for n in names), end=""
     )
-    print(f"{'baseline s / ours':>19s}" if len(names) == 2 else "")
+    print(f"{'baseline s / ours':>19s}" if ratio else "")
     for target in (0.95, 0.98):
         hits = [next((r for r in results[n] if r["acc"] >= target), None) for n in names]
         line = f"{target:8.2f}"
         for h in hits:
-            line += f"{h['step'] if h else '-':>22}{h['seconds'] if h else float('nan'):18.1f}"
-        if len(names) == 2:
-            ratio = hits[1]["seconds"] / hits[0]["seconds"] if all(hits) else float("nan")
-            line += f"{ratio:19.2f}"
+            line += f"{h['step'] if h else '-':>28}{h['seconds'] if h else float('nan'):24.1f}"
+        if ratio:
+            r = hits[-1]["seconds"] / hits[0]["seconds"] if hits[0] and hits[-1] else float("nan")
+            line += f"{r:19.2f}"
         print(line)
     for n in names:
         if results[n]:
@@ -121,8 +136,10 @@ def main() -> int:
     return 0
 
 
-def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list[dict]:
-    """Train for a.budget seconds (evaluation excluded), evaluating every a.every steps."""
+def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) -> list[dict]:
+    """Train for a.budget seconds (evaluation excluded), evaluating every a.every steps; with
+    sched "budget" the step count is sized to the budget (train's time_budget), with "held" it
+    is far longer, so the LR stays at its peak."""
     labels = torch.arange(a.n) % cfg.model.num_classes
     clock = {"eval": 0.0, "start": time.perf_counter()}
     rows: list[dict] = []
@@ -168,7 +185,7 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list
         return {"fid": m["fid"], "class_accuracy": m["class_accuracy"]}
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=10_000_000))
-    run = Path(tmp) / f"run-{precision}-{int(compiled)}"
+    run = Path(tmp) / f"run-{precision}-{int(compiled)}-{sched}"
     train(
         cfg,
         run,
@@ -179,13 +196,17 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, a, tmp) -> list
         evaluator=evaluator,
         final_strip=False,
         compile=compiled,
-        on_event=_print_compile_event,
+        on_event=_print_event,
+        time_budget=a.budget if sched == "budget" else None,
     )
     return rows
 
 
-def _print_compile_event(name: str, info: dict) -> None:
-    """Whether the compiled step passed the gradient check (train falls back to eager if not)."""
+def _print_event(name: str, info: dict) -> None:
+    """Whether the compiled step passed the gradient check (train falls back to eager if not),
+    and the step count a budget schedule was given."""
+    if name == "schedule":
+        print(f"schedule: {info['total']} steps ({info['steps_per_s']:.2f} steps/s)", flush=True)
     if name == "compile":
         print(
             f"compile: {'used, ' + info['check'] if info['ok'] else 'not used, ' + info['error']}"

@@ -110,6 +110,10 @@ def test_compile_auto_rules():
     assert _compile_training("auto", cpu, 3125, 64)  # 200,000 images
     assert not _compile_training("off", cuda, 10**6, 128)
     assert _compile_training("on", cpu, 1, 1)
+    assert not _compile_training("auto", cpu, 10**6, 64, seconds=300)  # --time 5m: too short
+    assert _compile_training("auto", cpu, 1, 1, seconds=3600) and _compile_training(
+        "auto", cuda, 1, 1, seconds=10
+    )
     assert not _compile_sampling("auto", cuda, 10**6, 20)
     assert not _compile_sampling("auto", cpu, 500, 20)  # an eval: 10,000 image-steps
     assert _compile_sampling("auto", cpu, 5000, 20)
@@ -546,3 +550,53 @@ def test_sample_compiled_matches_eager(run, tmp_path, capsys):
     assert "torch.compile not used" not in capsys.readouterr().err
     diff = np.abs(compiled.astype(int) - eager.astype(int))
     assert compiled.shape == eager.shape and diff.max() <= 2 and diff.mean() < 0.01
+
+
+def test_train_time_sizes_the_run(tmp_path, folder_data, capsys):
+    """--time: the schedule event fixes the step count, which the checkpoint records."""
+    out = tmp_path / "t"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", str(out)]
+    rc = main(
+        argv + ["--time", "2s", "--sample-every", "0", "--no-progress", "--precision", "fp32"]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "step 0 -> sized to --time 2 s after 25 steps" in err
+    total = int(err.split("--time 2 s: ")[1].split(" steps")[0])
+    ckpt = ckpt_io_latest(out)
+    assert ckpt.name == f"step-{total:07d}" and total >= 25
+    assert json.loads((ckpt / "config.json").read_text())["train"]["steps"] == total
+
+
+def ckpt_io_latest(out):
+    from cfgdiff import checkpoint as ckpt_io
+
+    return ckpt_io.latest_checkpoint(out / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--time", "5x"],
+            "--time: expected seconds or a duration such as 90s, 5m, 1.5h; got '5x'",
+        ),
+        (["--time", "0"], "--time: must be more than 0 s and at most 7 days, got 0"),
+        (["--time", "8d"], "--time: expected seconds or a duration"),
+        (["--time", "1m", "--steps", "5"], "--time 60 s: not with --steps"),
+        (["--time", "90", "--resume"], "--time 90 s: not with --resume"),
+    ],
+)
+def test_train_time_refusals(tmp_path, folder_data, capsys, extra, message):
+    out = tmp_path / "t"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", str(out)]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_duration_parser():
+    from cfgdiff.cli import _duration
+
+    assert [_duration(s) for s in ("90", "90s", "5m", "1.5h", "0.5")] == [90, 90, 300, 5400, 0.5]

@@ -304,3 +304,72 @@ def test_channels_last_trains(tmp_path, data):
     )
     assert res.step == 4 and math.isfinite(res.last_loss)
     ckpt_io.load_for_sampling(tmp_path / "r")
+
+
+class _StepClock:
+    """Stands in for the time module in cfgdiff.train: a step takes `per_step` seconds and a
+    preview `per_preview` (driven by the training events, so the run is deterministic)."""
+
+    def __init__(self, per_step: float, per_preview: float = 0.0):
+        self.now, self.per_step, self.per_preview = 0.0, per_step, per_preview
+        self.events: list[tuple[str, dict]] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_event(self, name: str, info: dict) -> None:
+        self.events.append((name, info))
+        self.now += {"step": self.per_step, "sample": self.per_preview}.get(name, 0.0)
+
+
+def test_time_budget_sizes_the_schedule_like_a_run_given_the_count(tmp_path, data, monkeypatch):
+    """Steps 5-25 take 0.5 s each: 2 steps/s; at step 25, 12 s of the 30 s budget are spent
+    (the 200 s of previews do not count), so 36 more steps: 61. The LR warms up past step 25,
+    so the run equals, loss for loss, one given 61 steps up front."""
+    import importlib
+    import types
+
+    train_mod = importlib.import_module("cfgdiff.train")  # the package exports train()
+
+    clock = _StepClock(per_step=0.5, per_preview=100.0)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    kw = dict(lr_schedule="cosine", warmup_steps=30, log_every=1, sample_every=10)
+    cfg = tiny_config(steps=20, checkpoint_every=0, **kw)
+    res = train(cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=30.0)
+    schedule = [info for name, info in clock.events if name == "schedule"]
+    assert schedule == [{"total": 61, "steps_per_s": 2.0, "budget_s": 30.0}]
+    assert clock.events[0][1]["total"] is None  # the start event: not known yet
+    assert res.step == 61 and not res.stopped_early
+    assert ckpt_io.read_config(res.checkpoint).train.steps == 61
+    train(tiny_config(steps=61, checkpoint_every=0, **kw), tmp_path / "s", data)
+    assert _losses(tmp_path / "t") == _losses(tmp_path / "s")
+
+
+def test_time_budget_spent_before_the_probe_ends_stops_at_it(tmp_path, data, monkeypatch):
+    import importlib
+    import types
+
+    train_mod = importlib.import_module("cfgdiff.train")  # the package exports train()
+
+    clock = _StepClock(per_step=1.0)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    cfg = tiny_config(sample_every=0, checkpoint_every=0)
+    res = train(
+        cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=3.0, final_strip=False
+    )
+    assert res.step == 25
+
+
+def test_time_budget_refusals(tmp_path, data):
+    with pytest.raises(ConfigError, match="--time must be > 0 seconds, got 0"):
+        train(tiny_config(), tmp_path / "r", data, time_budget=0)
+    with pytest.raises(ConfigError, match="--time sizes a new run's schedule"):
+        train(tiny_config(), tmp_path / "r", data, time_budget=10, resume=True)
+
+
+def test_steps_for_budget():
+    from cfgdiff.train import MAX_STEPS, steps_for_budget
+
+    assert steps_for_budget(25, 18.0, 2.0) == 61
+    assert steps_for_budget(25, -4.0, 2.0) == 25
+    assert steps_for_budget(25, 1e9, 1e3) == MAX_STEPS

@@ -72,6 +72,21 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
+def _duration(s: str) -> float:
+    """Seconds from "90", "90s", "5m", "1.5h" (more than 0, at most a week)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    body, unit = (s[:-1], units[s[-1]]) if s[-1:] in units else (s, 1.0)
+    try:
+        v = float(body) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds or a duration such as 90s, 5m, 1.5h; got {s!r}"
+        ) from None
+    if not 0 < v <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 s and at most 7 days, got {s}")
+    return v
+
+
 def _classes(s: str) -> list[str]:
     """Comma-separated class names or indices; resolved against a checkpoint by _resolve_classes."""
     out = [p.strip() for p in s.split(",") if p.strip() != ""]
@@ -139,12 +154,23 @@ def _compile_sampling(choice: str, device, n_images: int, steps: int) -> bool:
 COMPILE_MIN_TRAIN_IMAGES = 200_000
 
 
-def _compile_training(choice: str, device, steps: int, batch_size: int) -> bool:
+# ... which the cpu-demo network trains in ~800 s on the 2-core CPU (~250 images/s): the
+# threshold for a run given --time instead of --steps.
+COMPILE_MIN_TRAIN_SECONDS = 800
+
+
+def _compile_training(
+    choice: str, device, steps: int, batch_size: int, seconds: float | None = None
+) -> bool:
     """--compile for train: auto is on for CUDA, and on the CPU for runs long enough to repay
-    the compilation (not the 1400-step demo)."""
+    the compilation (not the 1400-step demo); `seconds` is a --time budget."""
     if choice != "auto":
         return choice == "on"
-    return device.type == "cuda" or steps * batch_size >= COMPILE_MIN_TRAIN_IMAGES
+    if device.type == "cuda":
+        return True
+    if seconds is not None:
+        return seconds >= COMPILE_MIN_TRAIN_SECONDS
+    return steps * batch_size >= COMPILE_MIN_TRAIN_IMAGES
 
 
 def _log(msg: str) -> None:
@@ -294,6 +320,13 @@ def build_parser() -> Parser:
         help="named configuration (default cpu-demo; on --resume the checkpoint's)",
     )
     tr.add_argument("--steps", type=_int_in(1, 10_000_000))
+    tr.add_argument(
+        "--time",
+        type=_duration,
+        help="train for about this long instead of --steps (90, 90s, 5m, 1.5h): the step count, "
+        "and so the LR schedule, is sized to it from the speed of the first 25 steps; previews, "
+        "evaluations and checkpoints come on top",
+    )
     tr.add_argument("--batch-size", type=_int_in(1, 65536))
     tr.add_argument("--lr", type=_float_in(0, 1, lo_open=True, hi_open=True))
     tr.add_argument("--label-dropout", type=_float_in(0, 1, hi_open=True))
@@ -464,6 +497,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.dataset is not None:
         check_name(a.dataset)
+    if a.time is not None and (a.steps is not None or a.resume):
+        other = "--steps" if a.steps is not None else "--resume"
+        raise ConfigError(
+            f"--time {a.time:g} s: not with {other} (--time sizes a new run's step count; a "
+            "resumed run keeps its own, and --steps extends it)"
+        )
     _out_folder(a.out)
     device = resolve_device(a.device)
     if a.resume:
@@ -510,14 +549,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     )
     cfg = config_for_dataset(cfg, data, a.dataset)
     bar = None
+    total: list[int | str] = ["?" if a.time is not None else cfg.train.steps]  # for log lines
     show = not a.no_progress and sys.stderr.isatty()
 
     def on_event(name: str, info: dict) -> None:
         nonlocal bar
         if name == "start":
+            end = info["total"] or f"sized to --time {a.time:g} s after 25 steps"
             _log(
                 f"training {info['params'] / 1e6:.2f}M parameters on {info['device']} "
-                f"({info['precision']}), {len(data)} images, step {info['step']} -> {info['total']}"
+                f"({info['precision']}), {len(data)} images, step {info['step']} -> {end}"
             )
             if show:
                 from tqdm import tqdm
@@ -529,6 +570,17 @@ def cmd_train(a: argparse.Namespace) -> int:
                     dynamic_ncols=True,
                     file=sys.stderr,
                 )
+        elif name == "schedule":
+            total[0] = info["total"]
+            msg = (
+                f"--time {info['budget_s']:g} s: {info['total']} steps "
+                f"({info['steps_per_s']:.2f} steps/s over steps 5-25)"
+            )
+            if bar is not None:
+                bar.total = info["total"]
+                bar.write(f"cfgdiff: {msg}")
+            else:
+                _log(msg)
         elif name == "step":
             if bar is not None:
                 bar.update(1)
@@ -540,7 +592,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                     )
             elif not show and info["step"] % cfg.train.log_every == 0 and info["loss"] is not None:
                 _log(
-                    f"step {info['step']}/{cfg.train.steps} loss {info['loss']:.4f} "
+                    f"step {info['step']}/{total[0]} loss {info['loss']:.4f} "
                     f"{info['images_per_s']:.0f} img/s"
                 )
         elif name in ("sample", "checkpoint", "strip") and bar is None:
@@ -577,8 +629,11 @@ def cmd_train(a: argparse.Namespace) -> int:
                 on_event=on_event,
                 should_stop=stop,
                 evaluator=evaluator,
-                compile=_compile_training(a.compile, device, cfg.train.steps, cfg.train.batch_size),
+                compile=_compile_training(
+                    a.compile, device, cfg.train.steps, cfg.train.batch_size, a.time
+                ),
                 channels_last=a.channels_last,
+                time_budget=a.time,
             )
         finally:
             if bar is not None:

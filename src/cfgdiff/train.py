@@ -39,6 +39,11 @@ from cfgdiff.unet import UNet, count_parameters
 from cfgdiff.viz import labelled_grid, line_plot, save_png
 
 Event = Callable[[str, dict[str, Any]], None]
+# time_budget: steps [5, 25) of a run are timed to size its schedule (the first steps warm up
+# caches and cuDNN autotuning); presets warm the LR up for longer than that, so the LR of every
+# step equals that of a run given the final step count up front.
+BUDGET_PROBE = (5, 25)
+MAX_STEPS = 10_000_000
 STRIP_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
@@ -63,6 +68,13 @@ def config_for_dataset(cfg: RunConfig, data: Dataset, dataset_name: str) -> RunC
     )
     names = tuple(str(c) for c in data.class_names)
     return dataclasses.replace(cfg, model=model, dataset=dataset_name, class_names=names)
+
+
+def steps_for_budget(step: int, seconds_left: float, steps_per_s: float) -> int:
+    """The step count of a time-budgeted run: the steps done plus those that fit in the time
+    left at the measured rate (at least the steps done, at most MAX_STEPS)."""
+    more = max(0, math.floor(seconds_left * steps_per_s))
+    return int(min(MAX_STEPS, step + more))
 
 
 def lr_at(step: int, t: Any) -> float:
@@ -245,6 +257,7 @@ def train(
     evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     compile: bool = False,
     channels_last: bool = False,
+    time_budget: float | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in run_dir. See the module docstring for the files it writes.
 
@@ -252,8 +265,19 @@ def train(
     eval.csv (e.g. a small-N FID and class accuracy, see cli.py).
     compile: torch.compile the network for the training step, if it compiles and its gradients
     match the eager network's on one batch; otherwise training goes on eagerly. A "compile"
-    event says which, and why. channels_last: NHWC memory format."""
+    event says which, and why. channels_last: NHWC memory format.
+    time_budget: seconds of training (setup and compilation included; previews, evaluations
+    and checkpoints not) that size a new run's step count, and so its LR schedule, in place of
+    cfg.train.steps: steps BUDGET_PROBE are timed, the count is fixed from their rate (a
+    "schedule" event gives it) and the run then trains that many steps, like one given the count
+    up front, without looking at the clock again."""
     cfg.validate()
+    if time_budget is not None and resume:
+        raise ConfigError(
+            "--time sizes a new run's schedule; a resumed run keeps its own (--steps extends it)"
+        )
+    if time_budget is not None and not time_budget > 0:
+        raise ConfigError(f"--time must be > 0 seconds, got {time_budget}")
     device = torch.device(device)
     m = cfg.model
     if (data.channels, data.image_size, data.num_classes) != (
@@ -282,6 +306,7 @@ def train(
             evaluator,
             compile,
             channels_last,
+            time_budget,
         )
 
 
@@ -298,7 +323,9 @@ def _train_locked(
     evaluator,
     compile,
     channels_last,
+    time_budget,
 ):
+    began = time.perf_counter()
     emit = on_event or (lambda name, info: None)
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
@@ -360,7 +387,7 @@ def _train_locked(
         "start",
         {
             "step": start,
-            "total": t.steps,
+            "total": None if time_budget is not None else t.steps,
             "params": count_parameters(net),
             "device": str(device),
             "precision": precision,
@@ -449,6 +476,21 @@ def _train_locked(
                 f"lower --batch-size (last checkpoint: {last_ckpt or 'none'})"
             ) from None
 
+    # A time budget counts training, not previews, evaluations and checkpoints ("aside").
+    aside_s = [0.0]
+
+    @contextlib.contextmanager
+    def aside():
+        t_aside = time.perf_counter()
+        try:
+            yield
+        finally:
+            aside_s[0] += time.perf_counter() - t_aside
+
+    probe: list[float] = []  # clock minus aside time at the BUDGET_PROBE steps
+    if time_budget is not None:
+        t = dataclasses.replace(t, steps=MAX_STEPS)  # until the probe fixes the count
+
     if compile:  # timed with the run: compiling is part of what it costs
         with out_of_memory_as_fault(step):
             forward = _compiled_or_eager(
@@ -482,6 +524,16 @@ def _train_locked(
         first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
         ema.update(net)
         step += 1
+        if time_budget is not None and step in BUDGET_PROBE:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # two host syncs in a budgeted run, no more
+            probe.append(time.perf_counter() - aside_s[0])
+            if step == BUDGET_PROBE[1]:
+                rate = (BUDGET_PROBE[1] - BUDGET_PROBE[0]) / max(probe[1] - probe[0], 1e-9)
+                total = steps_for_budget(step, time_budget - (probe[1] - began), rate)
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total))
+                t = cfg.train
+                emit("schedule", {"total": total, "steps_per_s": rate, "budget_s": time_budget})
         loss_acc += loss.detach()
         acc_n += 1
         images_window += x.shape[0]
@@ -507,13 +559,16 @@ def _train_locked(
         emit("step", {"step": step, "loss": last_loss, "images_per_s": ips, "lr": lr})
         if t.sample_every and step % t.sample_every == 0:
             check_finite()
-            write_preview(step)
+            with aside():
+                write_preview(step)
         if evaluator is not None and t.eval_every and step % t.eval_every == 0:
             check_finite()
-            write_eval(step)
+            with aside():
+                write_eval(step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             check_finite()
-            last_ckpt = save(step)
+            with aside():
+                last_ckpt = save(step)
         if should_stop is not None and should_stop() and step < t.steps:
             stopped = True
             break
