@@ -19,7 +19,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         (["sample_throughput.py", "--quick", "--preset", "tiny"], "dpmpp-2m"),
         (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),
-        (["time_to_quality.py", "--quick"], "at the budget"),
+        (["time_to_quality.py", "--quick"], "at the end"),
+        (["time_to_quality.py", "--quick", "--schedule", "budget,held"], "schedule: "),
     ],
 )
 def test_quick_benchmarks(script, expect):
