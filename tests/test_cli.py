@@ -600,3 +600,20 @@ def test_duration_parser():
     from cfgdiff.cli import _duration
 
     assert [_duration(s) for s in ("90", "90s", "5m", "1.5h", "0.5")] == [90, 90, 300, 5400, 0.5]
+
+
+def test_train_progress_bar_takes_the_time_budgets_count(
+    tmp_path, folder_data, capsys, monkeypatch
+):
+    """On a terminal the bar starts without a total and gets the count when --time fixes it."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    out = tmp_path / "t"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", str(out)]
+    assert main(argv + ["--time", "2", "--sample-every", "0", "--precision", "fp32"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err
+    total = int(err.split("cfgdiff: --time 2 s: ")[1].split(" steps")[0])
+    assert f"{total}/{total} [" in err  # tqdm's finished bar, with the total it was given
+    assert "cfgdiff:" not in captured.out  # notes go above the bar on stderr, not to stdout

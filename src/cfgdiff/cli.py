@@ -552,6 +552,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     total: list[int | str] = ["?" if a.time is not None else cfg.train.steps]  # for log lines
     show = not a.no_progress and sys.stderr.isatty()
 
+    def note(msg: str) -> None:
+        """A line on stderr above the progress bar (tqdm.write defaults to stdout)."""
+        bar.write(f"cfgdiff: {msg}", file=sys.stderr) if bar is not None else _log(msg)
+
     def on_event(name: str, info: dict) -> None:
         nonlocal bar
         if name == "start":
@@ -578,9 +582,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             )
             if bar is not None:
                 bar.total = info["total"]
-                bar.write(f"cfgdiff: {msg}")
-            else:
-                _log(msg)
+            note(msg)
         elif name == "step":
             if bar is not None:
                 bar.update(1)
@@ -606,11 +608,11 @@ def cmd_train(a: argparse.Namespace) -> int:
                 if info["ok"]
                 else f"torch.compile not used, training eagerly: {info['error']}"
             )
-            bar.write(f"cfgdiff: {msg}") if bar is not None else _log(msg)
+            note(msg)
         elif name == "eval":
             msg = f"eval at step {info['step']}: FID {info['fid']:.3f}, class accuracy "
             msg += f"{info['class_accuracy']:.4f} (s={cfg.train.preview_scale:g})"
-            bar.write(f"cfgdiff: {msg}") if bar is not None else _log(msg)
+            note(msg)
 
     precision = resolve_precision(a.precision, device)
     evaluator = None
