@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cfgdiff.config import PRESETS, RunConfig  # noqa: E402
 from cfgdiff.data import load_dataset  # noqa: E402
 from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict  # noqa: E402
+from cfgdiff.runtime import sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
 from cfgdiff.train import config_for_dataset, train  # noqa: E402
 
@@ -126,7 +127,7 @@ def main() -> int:
                 sampler="dpmpp-2m",
                 steps=20,
                 seed=0,
-                batch_size=1000,
+                batch_size=sampling_batch_size(net, cfg.model, device, "bf16"),
                 device=device,
                 precision="bf16",
             )
