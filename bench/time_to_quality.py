@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cfgdiff.checkpoint import load_for_sampling  # noqa: E402
-from cfgdiff.config import get_preset  # noqa: E402
+from cfgdiff.config import MAX_STEPS, get_preset  # noqa: E402
 from cfgdiff.data import load_dataset  # noqa: E402
 from cfgdiff.metrics.evaluate import build_reference, measure  # noqa: E402
 from cfgdiff.runtime import resolve_device, resolve_precision, sampling_batch_size  # noqa: E402
@@ -186,7 +186,7 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) 
         clock["eval"] += time.perf_counter() - t0
         return {"fid": m["fid"], "class_accuracy": m["class_accuracy"]}
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=10_000_000))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=MAX_STEPS))
     run = Path(tmp) / f"run-{precision}-{int(compiled)}-{sched}"
     res = train(
         cfg,

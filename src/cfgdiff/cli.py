@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cfgdiff.config import GUIDANCE_CONVENTION
+from cfgdiff.config import GUIDANCE_CONVENTION, MAX_STEPS
 from cfgdiff.errors import CfgDiffError, ConfigError, RuntimeFault
 
 
@@ -319,7 +319,7 @@ def build_parser() -> Parser:
         choices=list(PRESETS),
         help="named configuration (default cpu-demo; on --resume the checkpoint's)",
     )
-    tr.add_argument("--steps", type=_int_in(1, 10_000_000))
+    tr.add_argument("--steps", type=_int_in(1, MAX_STEPS))
     tr.add_argument(
         "--time",
         type=_duration,

@@ -13,6 +13,8 @@ from typing import Any
 
 from cfgdiff.errors import ConfigError
 
+MAX_STEPS = 10_000_000  # the most optimizer steps a run may ask for (--steps; --time caps at it)
+
 FORMAT_VERSION = 1  # bump when checkpoint layout or config meaning changes
 
 # The guidance convention used everywhere in the library (see docs/DESIGN.md):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cfgdiff import checkpoint as ckpt_io
-from cfgdiff.config import RunConfig
+from cfgdiff.config import MAX_STEPS, RunConfig
 from cfgdiff.data import Dataset
 from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.data.download import atomic_write_bytes
@@ -43,7 +43,6 @@ Event = Callable[[str, dict[str, Any]], None]
 # caches and cuDNN autotuning); presets warm the LR up for longer than that, so the LR of every
 # step equals that of a run given the final step count up front.
 BUDGET_PROBE = (5, 25)
-MAX_STEPS = 10_000_000
 STRIP_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
