@@ -105,6 +105,9 @@ def main() -> int:
         action="store_true",
         help="measure bf16 throughput of bench/tune_demo.py's candidates instead",
     )
+    p.add_argument(
+        "--only", default=None, help="with --tune-candidates: comma-separated candidate names"
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--variants",
@@ -124,7 +127,12 @@ def main() -> int:
     if a.tune_candidates:
         from tune_demo import apply, candidates
 
-        for name, ov in candidates().items():
+        names = a.only.split(",") if a.only else list(candidates())
+        unknown = sorted(set(names) - set(candidates()))
+        if unknown:
+            p.error(f"--only: unknown candidates {', '.join(unknown)}")
+        for name in names:
+            ov = candidates()[name]
             cfg = apply(PRESETS["cpu-demo"], ov)
             ips, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
             results[name] = round(ips, 1)

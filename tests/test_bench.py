@@ -32,3 +32,45 @@ def test_quick_benchmarks(script, expect):
     )
     assert out.returncode == 0, out.stderr
     assert expect in out.stdout
+
+
+def _tune_demo():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tune_demo
+    finally:
+        sys.path.remove(str(BENCH))
+    return tune_demo
+
+
+def test_tune_candidates_build_and_run():
+    """Every tuning candidate is a valid change of cpu-demo whose network maps its (padded)
+    input shape to itself."""
+    import torch
+
+    from cfgdiff.config import PRESETS
+    from cfgdiff.unet import UNet
+
+    td = _tune_demo()
+    for name, ov in td.candidates().items():
+        cfg = td.apply(PRESETS["cpu-demo"], ov)
+        size = 28 + 2 * ov.get("pad", 0)
+        assert cfg.model.image_size == size, name
+        net = UNet(cfg.model)
+        x = torch.zeros(2, 1, size, size)
+        out = net(x, torch.tensor([0, 999]), torch.tensor([3, 10]))
+        assert out.shape == x.shape, name
+
+
+def test_tune_padding_round_trip():
+    import torch
+
+    td = _tune_demo()
+    images = torch.randint(1, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    padded = td.pad_images(images, 2)
+    assert padded.shape == (3, 1, 32, 32)
+    border = padded.clone()
+    border[..., 2:30, 2:30] = 0
+    assert int(border.abs().sum()) == 0  # the border is MNIST's background (0)
+    assert torch.equal(td.crop_images(padded, 2), images)
+    assert td.crop_images(images, 0) is images
