@@ -51,8 +51,10 @@ section() {
       --no-progress --image-size 28 --compile off 2>&1 | grep -E 'done|error' &&
     python3 -m cfgdiff sample --checkpoint /tmp/smoke --scale 3 --out /tmp/smoke/s.npz --device $DEV \
       --sampler dpmpp-2m --steps 10 --compile off"
+  # bf16-compile-bm is what `cfgdiff train` does on CUDA by default (channels_last is opt-in);
+  # beside it, whether channels_last pays off once compiled, and what cudnn.benchmark is worth.
   section 200 "train throughput, $BIG preset, its batch" python3 bench/train_throughput.py \
-      --device $DEV --presets $BIG $Q --variants fp32,bf16,bf16-cl,bf16-compile-cl,bf16-compile-cl-bm \
+      --device $DEV --presets $BIG $Q --variants fp32,bf16,bf16-compile-bm,bf16-compile-cl,bf16-compile-cl-bm \
       --json "$OUT/train_35m.json"
   section 240 "time to 98 % at s = 3, $MNIST preset, compiled, against fp32 eager" \
       python3 bench/time_to_quality.py --device $DEV $TTQ --compile
