@@ -617,3 +617,6 @@ def test_train_progress_bar_takes_the_time_budgets_count(
     total = int(err.split("cfgdiff: --time 2 s: ")[1].split(" steps")[0])
     assert f"{total}/{total} [" in err  # tqdm's finished bar, with the total it was given
     assert "cfgdiff:" not in captured.out  # notes go above the bar on stderr, not to stdout
+    # the done lines split the wall time into what the budget counts and what it does not
+    assert " s training (--time 2 s), " in captured.out
+    assert " s previews, checkpoints and evaluations, " in captured.out

@@ -341,6 +341,9 @@ def test_time_budget_sizes_the_schedule_like_a_run_given_the_count(tmp_path, dat
     assert clock.events[0][1]["total"] is None  # the start event: not known yet
     assert res.step == 61 and not res.stopped_early
     assert ckpt_io.read_config(res.checkpoint).train.steps == 61
+    # what the budget counts (61 steps of 0.5 s) and what it does not (previews at steps 10,
+    # 20, ..., 60 and the last one at 61, 100 s each)
+    assert (res.train_s, res.aside_s) == (30.5, 700.0)
     train(tiny_config(steps=61, checkpoint_every=0, **kw), tmp_path / "s", data)
     assert _losses(tmp_path / "t") == _losses(tmp_path / "s")
 

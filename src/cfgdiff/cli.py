@@ -645,9 +645,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
         print(f"resume with: cfgdiff train --out {out} --resume")
         return 0
+    total = time.perf_counter() - t0
     lines = [
-        f"done: {res.step} steps in {time.perf_counter() - t0:.0f} s "
+        f"done: {res.step} steps in {total:.0f} s "
         f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}",
+        f"  time:            {res.train_s:.0f} s training"
+        f"{f' (--time {a.time:g} s)' if a.time is not None else ''}, "
+        f"{res.aside_s:.0f} s previews, checkpoints and evaluations, "
+        f"{max(0.0, total - res.train_s - res.aside_s):.0f} s loading data",
         f"  checkpoint:      {res.checkpoint}",
         f"  sample grids:    {out / 'samples'}/step-*.png  "
         f"(rows = classes, s={cfg.train.preview_scale:g})",
