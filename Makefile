@@ -39,6 +39,15 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# Every benchmark's quick mode (CPU, about a minute; the full modes are run by hand, see README).
+bench-quick: install
+	$(BIN)/python bench/train_throughput.py --quick --presets tiny --device cpu
+	$(BIN)/python bench/sample_throughput.py --quick --preset tiny --device cpu
+	$(BIN)/python bench/samplers.py --quick --device cpu
+	$(BIN)/python bench/time_to_quality.py --quick --device cpu
+	$(BIN)/python bench/tune_demo.py --quick --throughput bench/results/cpu_throughput.json \
+	  --only base,pad32 --device cpu
+
 lint: install-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -54,7 +54,7 @@ def test_tune_candidates_build_and_run():
     td = _tune_demo()
     for name, ov in td.candidates().items():
         cfg = td.apply(PRESETS["cpu-demo"], ov)
-        size = 28 + 2 * ov.get("pad", 0)
+        size = 28 + 2 * ov.get("pad", 0)  # pad32 is MNIST padded from 28x28 to 32x32
         assert cfg.model.image_size == size, name
         net = UNet(cfg.model)
         x = torch.zeros(2, 1, size, size)
@@ -74,3 +74,25 @@ def test_tune_padding_round_trip():
     assert int(border.abs().sum()) == 0  # the border is MNIST's background (0)
     assert torch.equal(td.crop_images(padded, 2), images)
     assert td.crop_images(images, 0) is images
+
+
+def test_tune_demo_quick_uses_each_candidates_own_speed():
+    """The quick mode runs end to end, and a candidate with another network (pad32: a larger
+    input) is sized by its own CPU speed, not the base network's."""
+    import json
+
+    speeds = BENCH / "results" / "cpu_throughput.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "tune_demo.py"), "--quick", "--throughput", str(speeds)]
+        + ["--only", "base,pad32,lr1e-3", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines()[2:] if ln.strip()}
+    ips = json.loads(speeds.read_text())
+    assert set(rows) == {"base", "pad32", "lr1e-3"}
+    assert float(rows["pad32"][1]) == round(ips["pad32"])
+    assert float(rows["lr1e-3"][1]) == round(ips["base"])  # same network: the base's speed
+    assert ips["pad32"] < ips["base"]

@@ -384,3 +384,83 @@ def test_bad_options_are_refused_before_any_classifier_training(run, tmp_path, c
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err
     assert not (dd / "classifiers").exists() and not (tmp_path / "sw").exists()
+
+
+def test_classifier_step_floor_and_shift():
+    from cfgdiff.metrics.classifier import max_shift_for
+
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset(
+        "t",
+        (torch.rand(32, 1, 8, 8, generator=g) * 255).to(torch.uint8),
+        torch.arange(32) % 2,
+        ("a", "b"),
+    )
+    epochs: list[int] = []
+    train_classifier(
+        ds, ds, epochs=3, batch_size=16, width=8, on_epoch=lambda e, a: epochs.append(e)
+    )
+    assert epochs == [1, 2, 3]
+    epochs.clear()  # 2 steps per epoch: a floor of 11 steps needs 6 epochs
+    train_classifier(
+        ds,
+        ds,
+        epochs=3,
+        min_steps=11,
+        batch_size=16,
+        width=8,
+        on_epoch=lambda e, a: epochs.append(e),
+    )
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    epochs.clear()  # 40 epochs: test accuracy every 4th
+    train_classifier(
+        ds,
+        ds,
+        epochs=3,
+        min_steps=80,
+        batch_size=16,
+        width=8,
+        on_epoch=lambda e, a: epochs.append(e),
+    )
+    assert epochs == list(range(4, 41, 4))
+    # the built-in datasets keep the shift of 2 their cached classifiers were trained with
+    assert [max_shift_for(s) for s in (8, 16, 27, 28, 32, 64)] == [1, 1, 1, 2, 2, 4]
+
+
+def test_small_folder_gets_a_trained_judge(tmp_path):
+    """180 8x8 images in 3 classes: 3 epochs were 6 optimizer steps with shifts of 2 pixels,
+    which left the judge at chance (0.33); the step floor and the 1-pixel shift train it."""
+    from conftest import image_folder
+
+    from cfgdiff.metrics.classifier import get_classifier
+
+    folder = image_folder(tmp_path / "f", 60)
+    _, meta = get_classifier(f"folder:{folder}", tmp_path / "dd")
+    assert meta["test_accuracy"] >= 0.9
+    assert (meta["min_steps"], meta["max_shift"]) == (300, 1)
+    assert meta["epochs_trained"] == 150  # 162 training images: 2 steps per epoch
+
+
+def test_classifier_of_an_earlier_recipe_is_trained_again(tmp_path):
+    import json
+
+    from conftest import image_folder
+
+    from cfgdiff.metrics.classifier import _same_recipe, classifier_path, get_classifier
+
+    name = f"folder:{image_folder(tmp_path / 'f', 6)}"
+    _, meta = get_classifier(name, tmp_path / "dd")
+    path = classifier_path(tmp_path / "dd", name).with_suffix(".json")
+    old = {k: v for k, v in meta.items() if k not in ("min_steps", "max_shift")}
+    path.write_text(json.dumps(old))  # as cached before the step floor
+    notes: list[str] = []
+    _, again = get_classifier(name, tmp_path / "dd", log=notes.append)
+    assert any("earlier recipe" in n for n in notes)
+    assert json.loads(path.read_text())["min_steps"] == 300 and again["min_steps"] == 300
+    notes.clear()
+    get_classifier(name, tmp_path / "dd", log=notes.append)  # now current: loaded, not trained
+    assert notes == []
+    # a cached MNIST classifier (recipe v2: no floor, shift 2 recorded nowhere) stays valid
+    mnist_meta = {"epochs": 2, "flip": False, "image_size": 28}
+    assert _same_recipe(mnist_meta, {"epochs": 2, "flip": False})
+    assert not _same_recipe(mnist_meta, {"epochs": 3, "flip": False})

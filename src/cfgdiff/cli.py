@@ -919,9 +919,10 @@ def cmd_train_classifier(a: argparse.Namespace) -> int:
         a.dataset, a.data_dir, device=device, log=_log, image_size=a.image_size
     )
     path = classifier_path(a.data_dir or _default_data_dir(), a.dataset)
+    epochs = meta.get("epochs_trained", meta["epochs"])  # (cached before the step floor: epochs)
     print(
         f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, trained in "
-        f"{meta['train_seconds']} s ({meta['precision']}, {meta['epochs']} epochs), weights "
+        f"{meta['train_seconds']} s ({meta['precision']}, {epochs} epochs), weights "
         f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"
     )
     return 0

@@ -58,14 +58,28 @@ class SmallCNN(nn.Module):
         return f, self.head(f)
 
 
-# Per-dataset training recipe: epochs and whether horizontal flips are label-preserving
-# (true for clothes and CIFAR objects, false for digits and unknown folders).
+# Per-dataset training recipe: epochs, whether horizontal flips are label-preserving (true for
+# clothes and CIFAR objects, false for digits and unknown folders) and, for folders, a floor on
+# optimizer steps: 3 epochs of a folder of 180 images are 6 steps, which left a 40x40 3-class
+# folder's judge at 72 % held-out accuracy; 300 steps (38,400 images) reach 100 % there.
 RECIPES = {
     "mnist": {"epochs": 2, "flip": False},
     "fashion-mnist": {"epochs": 6, "flip": True},
     "cifar10": {"epochs": 8, "flip": True},
 }
-DEFAULT_RECIPE = {"epochs": 3, "flip": False}
+DEFAULT_RECIPE = {"epochs": 3, "flip": False, "min_steps": 300}
+
+
+def epochs_for(n: int, epochs: int, min_steps: int = 0, batch_size: int = 128) -> int:
+    """`epochs` over n images, or more if that is fewer than `min_steps` optimizer steps."""
+    return max(epochs, -(-min_steps // -(-n // batch_size)))
+
+
+def max_shift_for(image_size: int) -> int:
+    """Random translation range of the augmentation: 2 pixels at 28 and 32 (the built-in
+    datasets), 1 at 8-27 (2 of 8 pixels moved an 8x8 class cue onto another class's), a
+    fourteenth of the size above."""
+    return max(1, image_size // 14)
 
 
 class ClassifierFeatures:
@@ -121,6 +135,7 @@ def train_classifier(
     *,
     epochs: int = 3,
     flip: bool = False,
+    min_steps: int = 0,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
@@ -129,8 +144,9 @@ def train_classifier(
     precision: str = "fp32",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[SmallCNN, float]:
-    """Train deterministically under `seed` (for a given device and precision); returns
-    (model in eval mode, test accuracy measured in fp32)."""
+    """Train deterministically under `seed` (for a given device and precision) for `epochs`
+    epochs, or more if that is fewer than `min_steps` optimizer steps; returns (model in eval
+    mode, test accuracy measured in fp32)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -138,6 +154,9 @@ def train_classifier(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     n = len(train)
     steps_per_epoch = (n + batch_size - 1) // batch_size
+    epochs = epochs_for(n, epochs, min_steps, batch_size)
+    shift = max_shift_for(train.image_size)
+    report_every = max(1, epochs // 10)  # test accuracy (and on_epoch) at most ~10 times
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
     x_all, y_all = train.images.to(device), train.labels.to(device)
     for ep in range(epochs):
@@ -145,7 +164,7 @@ def train_classifier(
         perm = torch.randperm(n, generator=g).to(device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = _augment(_to_input(x_all[idx]), g, flip)
+            x = _augment(_to_input(x_all[idx]), g, flip, shift)
             with autocast(device, precision):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y_all[idx], label_smoothing=0.05)
@@ -153,6 +172,8 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+        if (ep + 1) % report_every and ep + 1 < epochs:
+            continue  # (evaluation changes no weight and draws no random number)
         acc = accuracy(net, test.images, test.labels, device=device)
         if on_epoch is not None:
             on_epoch(ep + 1, acc)
@@ -204,8 +225,9 @@ def get_classifier(
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     base = classifier_path(data_dir, dataset)
     meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
-    if meta_path.is_file() and weights_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is not None and weights_path.is_file() and _same_recipe(meta, recipe):
         net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
         try:
             net.load_state_dict(load_file(str(weights_path)))
@@ -231,8 +253,9 @@ def get_classifier(
         if log is not None:
             log(f"classifier epoch {ep}: test accuracy {acc:.4f}")
 
+    if meta is not None and weights_path.is_file() and log is not None:  # an earlier recipe's
+        log(f"{meta_path}: trained with an earlier recipe; training it again")
     precision = resolve_precision("auto", torch.device(device))
-    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
     net, acc = train_classifier(
         train, test, device=device, precision=precision, on_epoch=epoch_note, **recipe
     )
@@ -247,12 +270,22 @@ def get_classifier(
         "train_seconds": round(time.perf_counter() - t0, 1),
         "precision": precision,
         **recipe,
+        "max_shift": max_shift_for(train.image_size),
+        "epochs_trained": epochs_for(len(train), recipe["epochs"], recipe.get("min_steps", 0)),
         "weights_sha256": _weights_sha(net),
     }
     base.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(weights_path))
     atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     return net.to(device).eval(), meta
+
+
+def _same_recipe(meta: dict, recipe: dict) -> bool:
+    """Whether a cached classifier was trained with `recipe` (classifiers cached before the
+    step floor and the size-dependent shift had neither: no floor, a shift of 2)."""
+    if any(meta.get(k, 0) != v for k, v in recipe.items()):
+        return False
+    return meta.get("max_shift", 2) == max_shift_for(meta["image_size"])
 
 
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
