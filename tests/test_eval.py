@@ -464,3 +464,30 @@ def test_classifier_of_an_earlier_recipe_is_trained_again(tmp_path):
     mnist_meta = {"epochs": 2, "flip": False, "image_size": 28}
     assert _same_recipe(mnist_meta, {"epochs": 2, "flip": False})
     assert not _same_recipe(mnist_meta, {"epochs": 3, "flip": False})
+
+
+def test_folder_judge_follows_the_folders_classes_and_images(tmp_path):
+    """The judge is cached by the folder's path: a class or an image added afterwards trains it
+    again (before, a 3-class judge silently judged a 4-class model); another model size with
+    the same images keeps it."""
+    import shutil
+
+    from conftest import image_folder
+
+    from cfgdiff.metrics.classifier import get_classifier
+
+    folder = image_folder(tmp_path / "f", 6)
+    name, dd = f"folder:{folder}", tmp_path / "dd"
+    _, meta = get_classifier(name, dd)
+    assert meta["num_classes"] == 3
+    notes: list[str] = []
+    get_classifier(name, dd, log=notes.append, image_size=16)  # same images, another size
+    assert notes == []
+    shutil.copytree(folder / "class0", folder / "class3")
+    _, meta = get_classifier(name, dd, log=notes.append)
+    assert meta["num_classes"] == 4
+    assert any("other classes or images" in n for n in notes)
+    notes.clear()
+    (folder / "class3" / "0.png").unlink()
+    _, meta = get_classifier(name, dd, log=notes.append)
+    assert any("other classes or images" in n for n in notes) and meta["num_classes"] == 4

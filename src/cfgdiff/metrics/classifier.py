@@ -220,14 +220,30 @@ def get_classifier(
     log: Callable[[str], None] | None = None,
     image_size: int | None = None,
     channels: int | None = None,
+    data: Dataset | None = None,
 ) -> tuple[SmallCNN, dict]:
-    """Load the cached classifier for `dataset`, training and caching it first if needed."""
+    """Load the cached classifier for `dataset`, training and caching it first if needed.
+
+    A folder's judge is cached by path, so the folder's classes and labels are fingerprinted
+    (not its pixels: models of any size share the judge trained at the first one's size) and
+    a judge of other classes or images is trained again. data: the folder as loaded with
+    image_size and channels, if the caller has it (else it is read)."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     base = classifier_path(data_dir, dataset)
     meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
     recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta is not None and weights_path.is_file() and _same_recipe(meta, recipe):
+    folder = dataset.startswith("folder:")
+    if folder and data is None:
+        data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
+    content = {"labels_sha256": _labels_sha(data)} if folder else {}
+    stale = None
+    if meta is not None and weights_path.is_file():
+        if not _same_recipe(meta, recipe):
+            stale = "trained with an earlier recipe"
+        elif folder and meta.get("labels_sha256") != content["labels_sha256"]:
+            stale = "trained on other classes or images of the folder"
+    if meta is not None and weights_path.is_file() and stale is None:
         net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
         try:
             net.load_state_dict(load_file(str(weights_path)))
@@ -238,8 +254,12 @@ def get_classifier(
         if _weights_sha(net) != meta["weights_sha256"]:
             raise CheckpointError(f"{weights_path}: weights hash mismatch; delete it to retrain")
         return net.to(device).eval(), meta
-    train = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
-    if dataset.startswith("folder:"):  # no test split: hold out every 10th image
+    if stale is not None and log is not None:
+        log(f"{meta_path}: {stale}; training it again")
+    if not folder:
+        data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
+    train = data
+    if folder:  # no test split: hold out every 10th image
         held = torch.arange(len(train)) % 10 == 0
         test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
         train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
@@ -253,8 +273,6 @@ def get_classifier(
         if log is not None:
             log(f"classifier epoch {ep}: test accuracy {acc:.4f}")
 
-    if meta is not None and weights_path.is_file() and log is not None:  # an earlier recipe's
-        log(f"{meta_path}: trained with an earlier recipe; training it again")
     precision = resolve_precision("auto", torch.device(device))
     net, acc = train_classifier(
         train, test, device=device, precision=precision, on_epoch=epoch_note, **recipe
@@ -271,6 +289,7 @@ def get_classifier(
         "precision": precision,
         **recipe,
         "max_shift": max_shift_for(train.image_size),
+        **content,
         "epochs_trained": epochs_for(len(train), recipe["epochs"], recipe.get("min_steps", 0)),
         "weights_sha256": _weights_sha(net),
     }
@@ -278,6 +297,14 @@ def get_classifier(
     save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(weights_path))
     atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     return net.to(device).eval(), meta
+
+
+def _labels_sha(data: Dataset) -> str:
+    """SHA-256 of a dataset's class names and labels in order: it changes when a class or an
+    image is added or removed (an image replaced by another of the same class goes unseen)."""
+    h = hashlib.sha256("\n".join(data.class_names).encode())
+    h.update(data.labels.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
 
 
 def _same_recipe(meta: dict, recipe: dict) -> bool:

@@ -86,6 +86,7 @@ def build_reference(
         log=log,
     )
     check_compatible(cfg, dataset, train)
+    whole = train
     if folder:  # no test split: hold out every 10th image
         held = torch.arange(len(train)) % 10 == 0
         test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
@@ -108,6 +109,7 @@ def build_reference(
         log=log,
         image_size=m.image_size if folder else None,
         channels=m.in_channels if folder else None,
+        data=whole if folder else None,
     )
     clf = ClassifierFeatures(
         clf_net, device, image_size=clf_meta["image_size"], channels=clf_meta["in_channels"]
