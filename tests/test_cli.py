@@ -72,6 +72,21 @@ def test_resume_takes_the_runs_dataset(run, folder_data):
     assert (run / "checkpoints" / "step-0000012").is_dir()
 
 
+def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_data, capsys):
+    """Told in terms of the data (the classes), not the network field it implies."""
+    import shutil
+
+    shutil.copytree(folder_data / "class0", folder_data / "class3")
+    argv = ["train", "--out", str(run), "--resume", "--steps", "12", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--resume: checkpoint's classes are ['class0', 'class1', 'class2'], this data's are "
+        "['class0', 'class1', 'class2', 'class3']" in err
+    )
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("faithful", [True, False])
 def test_train_reports_the_compiled_gradient_check(
     tmp_path, folder_data, capsys, monkeypatch, faithful

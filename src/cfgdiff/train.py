@@ -119,14 +119,7 @@ class RunLock:
 
 
 def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
-    for section in ("model", "diffusion"):
-        a, b = getattr(saved, section), getattr(cfg, section)
-        for f in dataclasses.fields(a):
-            va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va != vb:
-                raise CheckpointError(
-                    f"--resume: checkpoint has {section}.{f.name}={va}, this run asks for {vb}"
-                )
+    # the data first: a folder that gained a class is better told so than "num_classes=3 vs 4"
     if saved.dataset != cfg.dataset:
         raise CheckpointError(
             f"--resume: checkpoint was trained on {saved.dataset!r}, "
@@ -137,6 +130,14 @@ def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
             f"--resume: checkpoint's classes are {list(saved.class_names)}, this data's are "
             f"{list(cfg.class_names)}"
         )
+    for section in ("model", "diffusion"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if va != vb:
+                raise CheckpointError(
+                    f"--resume: checkpoint has {section}.{f.name}={va}, this run asks for {vb}"
+                )
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
