@@ -125,13 +125,9 @@ def main() -> int:
     steps, warmup = (2, 1) if a.quick else (8, 3)
     results: dict = {}
     if a.tune_candidates:
-        from tune_demo import apply, candidates
+        from tune_demo import apply, candidates, select
 
-        names = a.only.split(",") if a.only else list(candidates())
-        unknown = sorted(set(names) - set(candidates()))
-        if unknown:
-            p.error(f"--only: unknown candidates {', '.join(unknown)}")
-        for name in names:
+        for name in select(a.only, p.error):
             ov = candidates()[name]
             cfg = apply(PRESETS["cpu-demo"], ov)
             ips, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)

@@ -58,6 +58,15 @@ def candidates() -> dict[str, dict]:
     }
 
 
+def select(only: str | None, error) -> list[str]:
+    """The candidates named by --only (all if None); `error` (argparse's) for unknown names."""
+    names = only.split(",") if only else list(candidates())
+    unknown = sorted(set(names) - set(candidates()))
+    if unknown:
+        error(f"--only: unknown candidates {', '.join(unknown)}")
+    return names
+
+
 def apply(base: RunConfig, ov: dict) -> RunConfig:
     parts = {}
     for section in ("model", "diffusion", "train"):
@@ -100,19 +109,16 @@ def main() -> int:
     ips = json.loads(a.throughput.read_text())
     device = torch.device(a.device)
     dataset = "mnist"
-    tmp = tempfile.TemporaryDirectory()
     if a.quick:
         from time_to_quality import synthetic_folder
 
-        dataset = synthetic_folder(Path(tmp.name) / "data")
-        a.data_dir, a.steps_cap, a.n = Path(tmp.name) / "dd", 3, 12
+        quick_dir = tempfile.TemporaryDirectory()  # kept until the end of main
+        dataset = synthetic_folder(Path(quick_dir.name) / "data")
+        a.data_dir, a.steps_cap, a.n = Path(quick_dir.name) / "dd", 3, 12
     data = load_dataset(dataset, a.data_dir)
     clf, meta = get_classifier(dataset, a.data_dir, device=device)
     base = config_for_dataset(PRESETS["cpu-demo"], data, dataset)
-    names = a.only.split(",") if a.only else list(candidates())
-    unknown = sorted(set(names) - set(candidates()))
-    if unknown:
-        p.error(f"--only: unknown candidates {', '.join(unknown)}")
+    names = select(a.only, p.error)
     results = []
     print(f"classifier test accuracy {meta['test_accuracy']:.4f}; budget {a.budget:.0f} CPU-s")
     print(
