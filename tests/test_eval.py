@@ -396,33 +396,24 @@ def test_classifier_step_floor_and_shift():
         torch.arange(32) % 2,
         ("a", "b"),
     )
-    epochs: list[int] = []
-    train_classifier(
-        ds, ds, epochs=3, batch_size=16, width=8, on_epoch=lambda e, a: epochs.append(e)
-    )
-    assert epochs == [1, 2, 3]
-    epochs.clear()  # 2 steps per epoch: a floor of 11 steps needs 6 epochs
-    train_classifier(
-        ds,
-        ds,
-        epochs=3,
-        min_steps=11,
-        batch_size=16,
-        width=8,
-        on_epoch=lambda e, a: epochs.append(e),
-    )
-    assert epochs == [1, 2, 3, 4, 5, 6]
-    epochs.clear()  # 40 epochs: test accuracy every 4th
-    train_classifier(
-        ds,
-        ds,
-        epochs=3,
-        min_steps=80,
-        batch_size=16,
-        width=8,
-        on_epoch=lambda e, a: epochs.append(e),
-    )
-    assert epochs == list(range(4, 41, 4))
+
+    def reported(min_steps: int) -> list[int]:
+        """The epochs after which test accuracy was reported (2 steps per epoch)."""
+        epochs: list[int] = []
+        train_classifier(
+            ds,
+            ds,
+            epochs=3,
+            min_steps=min_steps,
+            batch_size=16,
+            width=8,
+            on_epoch=lambda e, a: epochs.append(e),
+        )
+        return epochs
+
+    assert reported(0) == [1, 2, 3]
+    assert reported(11) == [1, 2, 3, 4, 5, 6]  # a floor of 11 steps needs 6 epochs
+    assert reported(80) == list(range(4, 41, 4))  # 40 epochs: test accuracy every 4th
     # the built-in datasets keep the shift of 2 their cached classifiers were trained with
     assert [max_shift_for(s) for s in (8, 16, 27, 28, 32, 64)] == [1, 1, 1, 2, 2, 4]
 

@@ -237,13 +237,12 @@ def get_classifier(
     if folder and data is None:
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     content = {"labels_sha256": _labels_sha(data)} if folder else {}
-    stale = None
-    if meta is not None and weights_path.is_file():
-        if not _same_recipe(meta, recipe):
-            stale = "trained with an earlier recipe"
-        elif folder and meta.get("labels_sha256") != content["labels_sha256"]:
-            stale = "trained on other classes or images of the folder"
-    if meta is not None and weights_path.is_file() and stale is None:
+    cached, stale = meta is not None and weights_path.is_file(), None
+    if cached and not _same_recipe(meta, recipe):
+        stale = "trained with an earlier recipe"
+    elif cached and folder and meta.get("labels_sha256") != content["labels_sha256"]:
+        stale = "trained on other classes or images of the folder"
+    if cached and stale is None:
         net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
         try:
             net.load_state_dict(load_file(str(weights_path)))
