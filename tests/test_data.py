@@ -180,6 +180,56 @@ def test_folder_errors(folder_data):
         load_dataset(f"folder:{folder_data}/nope")
 
 
+def test_folder_image_modes(tmp_path):
+    """What photo and scan folders hold: 16-bit grayscale scaled (not clipped) to 8 bits,
+    gray+alpha counted as grayscale, EXIF orientation applied, and macOS '._' files and other
+    hidden files skipped rather than failing the scan."""
+    from PIL import Image
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040).astype(np.uint16)
+    Image.fromarray(ramp16).save(a / "ramp16.png")
+    assert Image.open(a / "ramp16.png").mode == "I;16"
+    Image.fromarray(np.full((8, 8, 2), 77, np.uint8), "LA").save(b / "gray_alpha.png")
+    (a / "._ramp16.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble
+    (b / ".hidden.png").write_bytes(b"not a png")
+
+    ds = load_dataset(f"folder:{tmp_path}")
+    images = ds.images.numpy()
+    assert images.shape == (2, 1, 8, 8)
+    expect = np.round(ramp16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(images[0, 0], expect)
+    assert images[0, 0].max() == 255 and len(np.unique(images[0, 0])) == 64
+    assert (images[1] == 77).all()
+
+    # a JPEG whose EXIF says "rotate 90° clockwise to display" (orientation 6) is read upright
+    c = tmp_path / "c"
+    c.mkdir()
+    stored = np.zeros((8, 8, 3), np.uint8)
+    stored[:, :2] = 255  # a white band on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(c / "phone.jpg", exif=exif, quality=100)
+    x = load_dataset(f"folder:{tmp_path}", channels=3).images[2].numpy().astype(float)
+    assert x[:, :2, :].mean() > 200 and x[:, 2:, :].mean() < 40  # displayed: band along the top
+
+
+def test_folder_non_square_is_centre_cropped(folder_data):
+    """--image-size on a wide image keeps its centre square (no squashing): a 32x16 image whose
+    outer quarters are white comes out all black at 16x16 and at 8x8."""
+    from PIL import Image
+
+    wide = np.zeros((16, 32), np.uint8)
+    wide[:, :8] = wide[:, 24:] = 255
+    Image.fromarray(wide).save(folder_data / "class0" / "zz_wide.png")
+    for size in (16, 8):
+        images = load_dataset(f"folder:{folder_data}", image_size=size).images
+        assert images.shape == (19, 1, size, size)
+        assert int(images[6].max()) == 0  # class0's 7th file, sorted by name
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError, match="--dataset must be one of"):
         load_dataset("imagenet")

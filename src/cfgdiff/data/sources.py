@@ -282,6 +282,29 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
 # ---------------------------------------------------------------- image folders
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def _decode(im, mode: str) -> np.ndarray:
+    """One opened image as uint8 (H, W) for mode "L" or (H, W, 3) for "RGB", upright.
+
+    EXIF orientation is applied (phone photos are stored sideways). 16-bit and 32-bit grayscale
+    are scaled to 8 bits: Pillow's convert("L") clips them at 255, which turns a 16-bit scan white.
+    "I" (32-bit int) holds 16-bit PNGs in some Pillow versions, so it is read as 16-bit when any
+    value exceeds 255; "F" as [0, 1] when it fits there, else as 0..255.
+    """
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a * (255 / 65535)
+        elif im.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+            a = a * 255
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return g if mode == "L" else np.repeat(g[..., None], 3, axis=2)
+    return np.asarray(im.convert(mode), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -308,7 +331,11 @@ def scan_folder(root: Path) -> FolderScan:
         )
     files: list[tuple[Path, int]] = []
     for k, c in enumerate(classes):
-        imgs = sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        imgs = sorted(
+            p
+            for p in c.iterdir()
+            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")  # ._x.png: macOS
+        )
         if not imgs:
             raise DataError(
                 f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
@@ -329,7 +356,8 @@ def folder_dataset(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One sub-folder per class (sorted by name), images read with Pillow.
 
-    Images are resized to image_size when given; otherwise all must share one square size.
+    Images are cropped to their centre square and resized to image_size when given; otherwise all
+    must share one square size.
     channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
     scan: scan_folder(root) if the caller has it already.
     """
@@ -338,7 +366,7 @@ def folder_dataset(
     scan = scan or scan_folder(root)
     files, headers = scan.files, scan.headers
     if channels is None:
-        channels = 1 if all(m in ("L", "1", "I;16", "I") for m, _ in headers) else 3
+        channels = 1 if all(m in GRAY_MODES for m, _ in headers) else 3
     if image_size is None:
         w, h = headers[0][1]
         for (p, _), (_, size) in zip(files, headers, strict=True):
@@ -349,7 +377,7 @@ def folder_dataset(
                 )
         if w != h:
             raise DataError(
-                f"{files[0][0]}: image is {w}x{h}, not square; pass --image-size to resize"
+                f"{files[0][0]}: image is {w}x{h}, not square; pass --image-size to crop and resize"
             )
         image_size = w
     mode = "L" if channels == 1 else "RGB"
@@ -357,10 +385,16 @@ def folder_dataset(
     for i, (p, _) in enumerate(files):
         try:
             with Image.open(p) as im:
-                im = im.convert(mode)
-                if im.size != (image_size, image_size):
-                    im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                a = np.asarray(im, dtype=np.uint8)
+                a = _decode(im, mode)
+            h, w = a.shape[:2]
+            if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
+                top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+                a = a[top : top + min(h, w), left : left + min(h, w)]
+            if a.shape[:2] != (image_size, image_size):
+                resized = Image.fromarray(a).resize(
+                    (image_size, image_size), Image.Resampling.BICUBIC
+                )
+                a = np.asarray(resized, dtype=np.uint8)
         except OSError as e:
             raise DataError(f"{p}: cannot decode image ({e})") from None
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
