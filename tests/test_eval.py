@@ -215,7 +215,7 @@ def test_classifier_training_is_deterministic():
     "extra,message",
     [
         (["--dataset", "imagenet"], "--dataset must be one of"),
-        (["--n", "1000"], "--n must be <= 12"),
+        (["--n", "1000"], "--n must be <= 60 for folder:"),
         (["--image-size", "16"], "--image-size 16: only for eval train-classifier"),
         (["--dataset", "cifar10"], "has 3 channel(s); the checkpoint has 1"),
         (["--dataset", "FOLDER2"], "has 2 classes; the checkpoint has 3"),
@@ -296,14 +296,34 @@ def test_evaluation_during_training(big_folder, tmp_path):
     assert {"fid", "class_accuracy", "precision", "recall", "is"} <= set(rows[0])
 
 
+def test_folder_reference_holds_out_enough_for_n(big_folder, tmp_path):
+    """A folder has no test split: the floor's held-out images are every 10th, or more of them
+    when N needs it, down to halves (120 images: N up to 60), disjoint from the reference and
+    drawn from every class."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from cfgdiff.metrics.evaluate import build_reference
+
+    cfg = dataclasses.replace(tiny_config(), dataset=f"folder:{big_folder}")
+    for n in (12, 40, 60):
+        ref = build_reference(cfg, n, data_dir=tmp_path / "dd")
+        held = ref.held_out.images.flatten(1)
+        assert len(held) == n and set(ref.held_out.labels.tolist()) == {0, 1, 2}
+        reference = ref.train_pixels.flatten(1)
+        assert len(reference) == 120 - n  # every 10th, 3rd and 2nd image held out
+        assert not (held[:, None] == reference[None]).all(-1).any()
+
+
 def test_evaluation_during_training_too_large_is_refused_before_training(
     big_folder, tmp_path, capsys
 ):
     out = tmp_path / "run"
     argv = ["train", "--dataset", f"folder:{big_folder}", "--preset", "tiny", "--out", str(out)]
-    argv += ["--eval-every", "5", "--eval-n", "100", "--data-dir", str(tmp_path / "dd")]
+    argv += ["--eval-every", "5", "--eval-n", "61", "--data-dir", str(tmp_path / "dd")]
     assert main(argv) == 2
-    assert "--eval-n must be <= 12 for folder:" in capsys.readouterr().err
+    assert "--eval-n must be <= 60 for folder:" in capsys.readouterr().err
     assert not out.exists()
 
 

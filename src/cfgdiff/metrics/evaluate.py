@@ -87,8 +87,16 @@ def build_reference(
     )
     check_compatible(cfg, dataset, train)
     whole = train
-    if folder:  # no test split: hold out every 10th image
-        held = torch.arange(len(train)) % 10 == 0
+    if folder:
+        # No test split: every k-th image (classes are contiguous, so each class is represented)
+        # is held out of the reference, k = 10 unless that leaves fewer than n, down to halves.
+        # The generator saw them all; the floor only needs two disjoint sets of real images.
+        if n > len(train) // 2:
+            raise ConfigError(
+                f"{n_arg} must be <= {len(train) // 2} for {dataset} ({len(train)} images: the "
+                f"real-vs-real floor compares N of them with N others), got {n}"
+            )
+        held = torch.arange(len(train)) % max(2, min(10, len(train) // n)) == 0
         test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
         train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
     else:
