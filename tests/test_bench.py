@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         (["sample_throughput.py", "--quick", "--preset", "tiny"], "dpmpp-2m"),
         (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),
+        (["folder_load.py", "--quick"], "speed-up"),
         (["time_to_quality.py", "--quick"], "at the end"),
         (["time_to_quality.py", "--quick", "--schedule", "budget,held"], "schedule: "),
     ],

@@ -230,6 +230,46 @@ def test_folder_non_square_is_centre_cropped(folder_data):
         assert int(images[6].max()) == 0  # class0's 7th file, sorted by name
 
 
+def test_folder_large_jpeg_decoded_small_matches_full_decode(tmp_path, monkeypatch):
+    """Large JPEGs are decoded at reduced scale (draft) before the crop and resize; the pixels
+    stay within a few levels of a full decode, centre crop and bicubic resize."""
+    from PIL import Image, JpegImagePlugin
+
+    decoded = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(im, mode, size, *args):
+        out = draft(im, mode, size, *args)
+        decoded.append(im.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 256)[None, :, None] * np.ones((192, 1, 3))
+    photo = (ramp + rng.normal(0, 20, (192, 256, 3))).clip(0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "a" / "photo.jpg", quality=90)
+    for size, channels in ((16, 3), (40, 3), (16, 1)):
+        got = load_dataset(f"folder:{tmp_path}", image_size=size, channels=channels).images[0]
+        full = Image.open(tmp_path / "a" / "photo.jpg").convert("RGB" if channels == 3 else "L")
+        full = full.crop((32, 0, 224, 192)).resize((size, size), Image.Resampling.BICUBIC)
+        want = np.asarray(full, dtype=np.float64).reshape(size, size, channels).transpose(2, 0, 1)
+        diff = np.abs(got.numpy().astype(np.float64) - want)
+        assert diff.mean() < 1.5 and diff.max() <= 8, (size, channels, diff.mean(), diff.max())
+    assert decoded == [(32, 24), (64, 48), (32, 24)]  # 1/8 and 1/4 of 256x192
+
+
+def test_folder_decode_error_names_the_first_bad_file(folder_data):
+    """Images are decoded on several threads; a truncated file (whose header reads fine) is
+    reported by name, the first in sorted order, whichever thread meets it."""
+    good = (folder_data / "class1" / "0.png").read_bytes()
+    for name in ("3.png", "5.png"):
+        (folder_data / "class1" / name).write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"class1/3\.png: cannot decode image"):
+        load_dataset(f"folder:{folder_data}")
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError, match="--dataset must be one of"):
         load_dataset("imagenet")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import tarfile
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,9 +287,13 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def _decode(im, mode: str) -> np.ndarray:
+def _decode(im, mode: str, size: int) -> np.ndarray:
     """One opened image as uint8 (H, W) for mode "L" or (H, W, 3) for "RGB", upright.
 
+    A JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides >= size
+    (libjpeg's DCT scaling, Pillow's draft): a folder of camera photos trained at 64x64 loads
+    several times faster, and the pixels are the ones a full decode and resize gives, within a
+    few levels (tested).
     EXIF orientation is applied (phone photos are stored sideways). 16-bit and 32-bit grayscale
     are scaled to 8 bits: Pillow's convert("L") clips them at 255, which turns a 16-bit scan white.
     "I" (32-bit int) holds 16-bit PNGs in some Pillow versions, so it is read as 16-bit when any
@@ -295,6 +301,8 @@ def _decode(im, mode: str) -> np.ndarray:
     """
     from PIL import ImageOps
 
+    if im.format == "JPEG":
+        im.draft(mode, (size, size))
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
@@ -352,7 +360,12 @@ def scan_folder(root: Path) -> FolderScan:
 
 
 def folder_dataset(
-    root: Path, image_size: int | None, channels: int | None, *, scan: FolderScan | None = None
+    root: Path,
+    image_size: int | None,
+    channels: int | None,
+    *,
+    scan: FolderScan | None = None,
+    workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One sub-folder per class (sorted by name), images read with Pillow.
 
@@ -360,6 +373,7 @@ def folder_dataset(
     must share one square size.
     channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
     scan: scan_folder(root) if the caller has it already.
+    workers: decoding threads (default: the cores, at most 8).
     """
     from PIL import Image
 
@@ -382,10 +396,12 @@ def folder_dataset(
         image_size = w
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    for i, (p, _) in enumerate(files):
+
+    def read(i: int) -> None:
+        p = files[i][0]
         try:
             with Image.open(p) as im:
-                a = _decode(im, mode)
+                a = _decode(im, mode, image_size)
             h, w = a.shape[:2]
             if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
                 top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
@@ -398,5 +414,17 @@ def folder_dataset(
         except OSError as e:
             raise DataError(f"{p}: cannot decode image ({e})") from None
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+    # Pillow releases the GIL while decoding and resizing, so threads use every core. Each image
+    # lands at its own index: the array is the same whatever the order the threads finish in, and
+    # the first file (in sorted order) that fails is the one reported.
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(read, i) for i in range(len(files))]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:  # a bad file or Ctrl-C: do not decode the rest first
+            pool.shutdown(cancel_futures=True)
+            raise
     labels = np.array([k for _, k in files], dtype=np.int64)
     return out, labels, scan.class_names
