@@ -72,6 +72,35 @@ def test_resume_takes_the_runs_dataset(run, folder_data):
     assert (run / "checkpoints" / "step-0000012").is_dir()
 
 
+def test_relative_and_home_folder_paths_are_recorded_absolute(tmp_path, folder_data, monkeypatch):
+    """folder:images (relative) and folder:~/images are recorded as absolute paths, so the run
+    resumes, samples and is evaluated from another directory; a run recorded with a relative
+    path still resumes with the same folder given absolute."""
+    from cfgdiff.checkpoint import latest_checkpoint, read_config
+
+    monkeypatch.chdir(folder_data.parent)
+    monkeypatch.setenv("HOME", str(folder_data.parent))
+    argv = ["--preset", "tiny", "--steps", "2", "--no-progress", "--precision", "fp32"]
+    for given, out in ((f"folder:{folder_data.name}", "a"), (f"folder:~/{folder_data.name}", "b")):
+        assert main(["train", "--dataset", given, "--out", str(tmp_path / out), *argv]) == 0
+        cfg = read_config(latest_checkpoint(tmp_path / out / "checkpoints"))
+        assert cfg.dataset == f"folder:{folder_data}"
+    monkeypatch.chdir(tmp_path.parent)
+    argv = ["train", "--out", str(tmp_path / "a"), "--resume", "--steps", "3", "--no-progress"]
+    assert main(argv) == 0
+    info = ["data", "info", f"folder:~/{folder_data.name}"]
+    assert main(info) == 0
+
+    # an older run that recorded folder:RELATIVE, resumed from its directory with --dataset ABS
+    import dataclasses
+
+    from cfgdiff.train import _check_resume_compatible
+
+    old = dataclasses.replace(cfg, dataset=f"folder:{folder_data.name}")
+    monkeypatch.chdir(folder_data.parent)
+    _check_resume_compatible(old, cfg)
+
+
 def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_data, capsys):
     """Told in terms of the data (the classes), not the network field it implies."""
     import shutil

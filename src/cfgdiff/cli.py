@@ -246,9 +246,17 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
     v.add_argument("--apg-momentum", type=_float_in(-1, 1), default=0.0)
 
 
+def _dataset_name(name: str) -> str:
+    """--dataset as given, but folder:~/x and folder:x made absolute (checked later)."""
+    from cfgdiff.data import canonical_name
+
+    return canonical_name(name)
+
+
 def eval_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--dataset",
+        type=_dataset_name,
         help="reference data (default: the checkpoint's; for train-classifier: required)",
     )
     sp.add_argument(
@@ -308,6 +316,7 @@ def build_parser() -> Parser:
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument(
         "--dataset",
+        type=_dataset_name,
         help="mnist | fashion-mnist | cifar10 | folder:PATH (default: mnist; with --resume, the "
         "run's)",
     )
@@ -444,7 +453,9 @@ def build_parser() -> Parser:
     fe.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
     data_opts(fe)
     inf = dsub.add_parser("info", help="files, counts per class and checksums")
-    inf.add_argument("name", help="mnist | fashion-mnist | cifar10 | folder:PATH")
+    inf.add_argument(
+        "name", type=_dataset_name, help="mnist | fashion-mnist | cifar10 | folder:PATH"
+    )
     data_opts(inf)
     return p
 

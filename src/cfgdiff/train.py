@@ -25,7 +25,7 @@ import torch
 
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.config import MAX_STEPS, RunConfig
-from cfgdiff.data import Dataset
+from cfgdiff.data import Dataset, canonical_name
 from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.data.download import atomic_write_bytes
 from cfgdiff.diffusion import training_loss
@@ -120,7 +120,7 @@ class RunLock:
 
 def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
     # the data first: a folder that gained a class is better told so than "num_classes=3 vs 4"
-    if saved.dataset != cfg.dataset:
+    if canonical_name(saved.dataset) != canonical_name(cfg.dataset):
         raise CheckpointError(
             f"--resume: checkpoint was trained on {saved.dataset!r}, "
             f"this run asks for {cfg.dataset!r}"

@@ -61,6 +61,15 @@ def check_name(name: str) -> None:
     raise DataError(f"--dataset must be one of {', '.join(KNOWN)} or folder:PATH, got {name!r}")
 
 
+def canonical_name(name: str) -> str:
+    """folder:PATH with ~ expanded and PATH made absolute, so that a run records where its data
+    is, and can be resumed, evaluated and have its judge found from any directory; other names
+    unchanged. Symbolic links are kept as given."""
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        return "folder:" + os.path.abspath(os.path.expanduser(name[len("folder:") :]))
+    return name
+
+
 def _sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -314,4 +323,5 @@ __all__ = [
     "info",
     "default_data_dir",
     "check_name",
+    "canonical_name",
 ]
