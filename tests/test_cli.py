@@ -164,6 +164,48 @@ def test_compile_auto_rules():
     assert _compile_sampling("on", cuda, 1, 1) and not _compile_sampling("off", cpu, 10**6, 20)
 
 
+def test_sample_to_a_folder_of_pngs(run, tmp_path, capsys):
+    """--out FOLDER: one PNG per image in FOLDER/CLASS/NNNNN.png, the same pixels as the .npz of
+    the same settings, plus settings.json; the folder reads back as folder:FOLDER. A folder that
+    is not empty is refused and left as it was."""
+    from PIL import Image
+
+    from cfgdiff.data import load_dataset
+
+    argv = ["sample", "--checkpoint", str(run), "--scale", "2", "--per-class", "3"]
+    argv += ["--classes", "class2,class0", "--steps", "4"]
+    out = tmp_path / "gen"
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(tmp_path / "same.npz")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["class0", "class2", "settings.json"]
+    z = np.load(tmp_path / "same.npz")
+    for i, label in enumerate(z["labels"]):
+        png = out / f"class{label}" / f"{i % 3:05d}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(png))[None], z["images"][i])
+    meta = json.loads((out / "settings.json").read_text())
+    assert (
+        meta["scale"] == 2 and meta["steps"] == 4 and meta["counts"] == {"class2": 3, "class0": 3}
+    )
+    back = load_dataset(f"folder:{out}")
+    assert back.class_names == ("class0", "class2") and back.images.shape == (6, 1, 8, 8)
+    assert not list(tmp_path.glob(".gen.*"))  # no temporary folder left
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*argv, "--out", str(empty)]) == 0 and (empty / "class0" / "00002.png").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "--out " + str(out) + ": folder is not empty" in capsys.readouterr().err
+    assert json.loads((out / "settings.json").read_text()) == meta
+
+
+def test_class_folder_names_are_safe_and_distinct():
+    from cfgdiff.viz import class_folder_names
+
+    names = ["T-shirt/top", "a\\b", ".hidden", "", "x", "x"]
+    assert class_folder_names(names) == ["T-shirt_top", "a_b", "hidden_2", "_3", "x", "x_5"]
+
+
 def test_sample_png_and_npz(run, tmp_path, capsys):
     png = tmp_path / "g.png"
     assert (
@@ -245,7 +287,7 @@ def test_data_fetch_and_info(idx_dir, capsys):
         (["sample", "--checkpoint", "nowhere", "--scale", "3", "--out", "a.png"], "no such file"),
         (
             ["sample", "--checkpoint", "x", "--scale", "3", "--out", "a.jpg"],
-            "--out must end in .png or .npz",
+            "--out must end in .png (grid) or .npz (arrays), or name a new or empty folder",
         ),
         (["sample", "--checkpoint", "x", "--scale", "3"], "required: --out"),
         (["data", "fetch", "imagenet"], "invalid choice"),

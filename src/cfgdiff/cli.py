@@ -390,7 +390,13 @@ def build_parser() -> Parser:
         help="comma-separated class names or indices, one grid row each (default: all)",
     )
     sa.add_argument("--per-class", type=_int_in(1, 100_000), default=8)
-    sa.add_argument("--out", type=Path, required=True, help="FILE.png (grid) or FILE.npz (arrays)")
+    sa.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="FILE.png (grid), FILE.npz (arrays) or a new or empty FOLDER (FOLDER/CLASS/NNNNN.png, "
+        "one PNG per image, plus settings.json)",
+    )
 
     ev = sub.add_parser(
         "eval",
@@ -849,13 +855,20 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from cfgdiff.data.download import atomic_write_bytes
     from cfgdiff.runtime import resolve_device
     from cfgdiff.sample import class_grid_labels
-    from cfgdiff.viz import labelled_grid, save_png
+    from cfgdiff.viz import labelled_grid, save_png, write_image_folder
 
     suffix = a.out.suffix.lower()
-    if suffix not in (".png", ".npz"):
-        raise ConfigError(f"--out must end in .png or .npz, got {a.out}")
-    if a.out.exists() and a.out.is_dir():
-        raise ConfigError(f"--out {a.out}: is a directory")
+    to_folder = a.out.is_dir() or (suffix == "" and not a.out.exists())
+    if to_folder and a.out.is_dir() and any(a.out.iterdir()):
+        raise ConfigError(
+            f"--out {a.out}: folder is not empty (a folder of images is written only into a new "
+            "or empty one)"
+        )
+    if not to_folder and suffix not in (".png", ".npz"):
+        raise ConfigError(
+            f"--out must end in .png (grid) or .npz (arrays), or name a new or empty folder "
+            f"(one PNG per image), got {a.out}"
+        )
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     k = loaded.cfg.model.num_classes
@@ -867,7 +880,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
     images = _generate(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
+    if to_folder:
+        settings = {**record, "given": given}
+        write_image_folder(images, labels.tolist(), loaded.cfg.label_names(), a.out, settings)
+    elif suffix == ".png":
         names = loaded.cfg.label_names()
         save_png(labelled_grid(images, a.per_class, [names[c][:12] for c in classes]), a.out)
     else:  # labels are class indices; class_names[i] names index i
@@ -889,8 +905,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
             settings=np.str_(json.dumps(record)),  # everything, guidance variants included
         )
         atomic_write_bytes(a.out, buf.getvalue())
+    where = f"{a.out}/CLASS/NNNNN.png" if to_folder else a.out
     print(
-        f"wrote {len(labels)} images to {a.out} (s={scale:g}, w={scale - 1:g}, {a.sampler} "
+        f"wrote {len(labels)} images to {where} (s={scale:g}, w={scale - 1:g}, {a.sampler} "
         f"{a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)"
     )
     return 0

@@ -1,9 +1,14 @@
-"""Pictures: image grids, guidance strips and line plots, written as PNG with Pillow only."""
+"""Pictures: image grids, guidance strips, line plots and folders of single images, written as
+PNG with Pillow only."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,3 +126,50 @@ def line_plot(
                 draw.text((p[0] + 4, p[1] - 12), text, fill=color, font=font)
         draw.text((ml + pw - 150, mt + 6 + 12 * k), name, fill=color, font=font)
     return img
+
+
+def class_folder_names(names: Sequence[str]) -> list[str]:
+    """A file-system-safe, distinct folder name for each class name ("T-shirt/top" ->
+    "T-shirt_top"; a name that is empty, hidden or taken gets its index appended)."""
+    out: list[str] = []
+    for i, name in enumerate(names):
+        safe = name.replace("/", "_").replace("\\", "_").strip()
+        if not safe or safe.startswith(".") or safe in out:
+            safe = f"{safe}_{i}".lstrip(".")
+        out.append(safe)
+    return out
+
+
+def write_image_folder(
+    images: torch.Tensor, labels: Sequence[int], names: Sequence[str], out: Path, settings: dict
+) -> dict[str, int]:
+    """One PNG per image in out/CLASS/NNNNN.png (numbered per class, in order), and
+    out/settings.json: the layout `--dataset folder:PATH` reads, for other tools and for eval.
+
+    The folder is written beside `out` under a temporary name and renamed into place, so a
+    failure leaves nothing half-written; `out` must not exist or be an empty folder.
+    Returns the number of images written per class folder."""
+    out = Path(out)
+    folders = class_folder_names(names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        counts: dict[str, int] = {}
+        for img, label in zip(images, labels, strict=True):
+            folder = folders[int(label)]
+            j = counts.get(folder, 0)
+            counts[folder] = j + 1
+            (tmp / folder).mkdir(exist_ok=True)
+            arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(tmp / folder / f"{j:05d}.png")
+        meta = {**settings, "class_folders": dict(zip(names, folders, strict=True))}
+        meta["counts"] = counts
+        (tmp / "settings.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.is_dir():
+            out.rmdir()  # empty (checked by the caller; rmdir refuses otherwise)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
