@@ -101,6 +101,39 @@ def test_relative_and_home_folder_paths_are_recorded_absolute(tmp_path, folder_d
     _check_resume_compatible(old, cfg)
 
 
+def test_hflip_is_recorded_and_defaults_by_dataset(tmp_path, folder_data, capsys):
+    """--hflip / --no-hflip are recorded in the checkpoint; unset, the dataset decides (off for a
+    folder and MNIST, on for CIFAR-10) and the decision is recorded, so a resumed run keeps it."""
+    import dataclasses
+
+    from cfgdiff.checkpoint import latest_checkpoint, read_config
+    from cfgdiff.config import PRESETS
+    from cfgdiff.data import Dataset
+    from cfgdiff.train import config_for_dataset
+
+    argv = ["--preset", "tiny", "--steps", "2", "--no-progress", "--precision", "fp32"]
+    base = ["train", "--dataset", f"folder:{folder_data}", *argv]
+    for extra, want in (([], False), (["--hflip"], True)):
+        out = tmp_path / f"run{want}"
+        assert main([*base, "--out", str(out), *extra]) == 0
+        assert read_config(latest_checkpoint(out / "checkpoints")).train.hflip is want
+        capsys.readouterr()
+        assert main(["info", "--checkpoint", str(out)]) == 0
+        assert ("random horizontal flips" in capsys.readouterr().out) is want
+    resumed = ["train", "--out", str(tmp_path / "runTrue"), "--resume", "--no-progress"]
+    assert main([*resumed, "--steps", "3"]) == 0
+    assert read_config(latest_checkpoint(tmp_path / "runTrue" / "checkpoints")).train.hflip
+    assert main([*resumed, "--steps", "4", "--no-hflip"]) == 0
+    assert not read_config(latest_checkpoint(tmp_path / "runTrue" / "checkpoints")).train.hflip
+
+    data = Dataset("x", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.arange(2), ("a", "b"))
+    cfg = PRESETS["tiny"]
+    assert config_for_dataset(cfg, data, "cifar10").train.hflip is True
+    assert config_for_dataset(cfg, data, "mnist").train.hflip is False
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, hflip=False))
+    assert config_for_dataset(off, data, "cifar10").train.hflip is False
+
+
 def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_data, capsys):
     """Told in terms of the data (the classes), not the network field it implies."""
     import shutil

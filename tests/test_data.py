@@ -293,6 +293,34 @@ def test_device_batches_cover_each_epoch_and_resume():
     assert xb.dtype == torch.float32 and xb.min() >= -1 and xb.max() <= 1
 
 
+def test_device_batches_hflip_mirrors_about_half_and_resumes():
+    """hflip: the same order as without it, each image either itself or its mirror (about half
+    mirrored over 25 epochs), a fresh coin per epoch, and the same flips after a resume."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(10, 1, 3, 4, generator=g) * 255).to(torch.uint8)
+    y = torch.arange(10)
+    plain = DeviceBatches(x, y, batch_size=4, seed=1, device="cpu")
+    b = DeviceBatches(x, y, batch_size=4, seed=1, device="cpu", hflip=True)
+    as_float = x.float() / 127.5 - 1
+    mirrored = []
+    for _ in range(63):  # 252 images, batches spanning epoch boundaries included
+        (xp, yp), (xf, yf) = plain.next(), b.next()
+        assert torch.equal(yp, yf) and torch.equal(xp, as_float[yp])
+        same = (xf == as_float[yf]).flatten(1).all(1)
+        flipped = (xf == as_float[yf].flip(-1)).flatten(1).all(1)
+        assert (same | flipped).all() and not (same & flipped).any()
+        mirrored += flipped.tolist()
+    assert 0.4 < sum(mirrored) / len(mirrored) < 0.6
+    per_epoch = [sum(mirrored[e * 10 : e * 10 + 10]) for e in range(25)]
+    assert len(set(per_epoch)) > 1  # a fresh coin each epoch, not one fixed mirror set
+
+    state = b.state()
+    after = [b.next()[0] for _ in range(4)]
+    b2 = DeviceBatches(x, y, batch_size=4, seed=1, device="cpu", hflip=True)
+    b2.load_state(state)
+    assert all(torch.equal(p, b2.next()[0]) for p in after)
+
+
 def test_fashion_mnist_from_system_dir(tmp_path, monkeypatch):
     """Debian's package location is searched; content checksums are of uncompressed data."""
     sysdir = tmp_path / "usr-share"

@@ -94,6 +94,11 @@ def test_memorisation():
     fresh = torch.rand(50, 1, 6, 6, generator=g)
     res = memorisation(fresh, train)
     assert res["fraction"] < 0.1 and math.isfinite(res["threshold"])
+    # mirrored copies of training images: missed unless the model trained with flips
+    mirrors = train[:50].flip(-1)
+    assert memorisation(mirrors, train)["fraction"] < 0.1
+    assert memorisation(mirrors, train, mirrored=True)["fraction"] == 1.0
+    assert memorisation(fresh, train, mirrored=True)["fraction"] < 0.1
 
 
 def test_class_accuracy_overall_and_per_class():

@@ -340,6 +340,13 @@ def build_parser() -> Parser:
     tr.add_argument("--lr", type=_float_in(0, 1, lo_open=True, hi_open=True))
     tr.add_argument("--label-dropout", type=_float_in(0, 1, hi_open=True))
     tr.add_argument("--ema-decay", type=_float_in(0, 1, hi_open=True))
+    tr.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        help="mirror training images at random (default: on for cifar10, off for digits, "
+        "clothes and folders: for a folder of photos, where left and right mean the same, pass "
+        "--hflip)",
+    )
     tr.add_argument("--sample-every", type=_int_in(0), help="steps between preview grids (0: off)")
     tr.add_argument("--checkpoint-every", type=_int_in(0), help="steps between checkpoints")
     tr.add_argument("--keep", type=_int_in(1), help="checkpoints kept on disk")
@@ -547,6 +554,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             "checkpoint_every",
             "keep",
             "seed",
+            "hflip",
         )
         if getattr(a, k) is not None
     }
@@ -1216,7 +1224,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     )
     print(
         f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "
-        f"({t.lr_schedule}), EMA {t.ema_decay:g}"
+        f"({t.lr_schedule}), EMA {t.ema_decay:g}" + (", random horizontal flips" if t.hflip else "")
     )
     print(f"  guidance:  {GUIDANCE_CONVENTION}; null label {m.num_classes}")
     return 0

@@ -122,6 +122,9 @@ class TrainConfig:
     preview_sampler: str = "dpmpp-2m"  # sampler of preview grids and the guidance strip
     preview_steps: int = 20  # sampler steps of preview grids
     preview_per_class: int = 8  # samples per class in preview grids
+    # random horizontal flips of training images (DDPM's CIFAR-10 recipe); None: the dataset's
+    # default (on for cifar10, off for digits, clothes and folders), resolved when a run starts
+    hflip: bool | None = None
 
     def validate(self) -> None:
         checks = [

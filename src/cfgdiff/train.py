@@ -61,16 +61,27 @@ class TrainResult:
     train_s: float = 0.0
 
 
+# Datasets whose images mean the same mirrored, so training flips them by default: CIFAR-10 as
+# DDPM (Ho et al. 2020, Appendix B) trains it. Digits are not; a folder's owner decides (--hflip).
+HFLIP_BY_DEFAULT = ("cifar10",)
+
+
 def config_for_dataset(cfg: RunConfig, data: Dataset, dataset_name: str) -> RunConfig:
-    """Fill the data-dependent model fields from the dataset."""
+    """Fill the data-dependent fields from the dataset: the model's channels, size and classes,
+    and horizontal flips where the run leaves them to the dataset (train.hflip None)."""
     model = dataclasses.replace(
         cfg.model,
         in_channels=data.channels,
         image_size=data.image_size,
         num_classes=data.num_classes,
     )
+    train = cfg.train
+    if train.hflip is None:
+        train = dataclasses.replace(train, hflip=dataset_name in HFLIP_BY_DEFAULT)
     names = tuple(str(c) for c in data.class_names)
-    return dataclasses.replace(cfg, model=model, dataset=dataset_name, class_names=names)
+    return dataclasses.replace(
+        cfg, model=model, train=train, dataset=dataset_name, class_names=names
+    )
 
 
 def steps_for_budget(step: int, seconds_left: float, steps_per_s: float) -> int:
@@ -351,7 +362,9 @@ def _train_locked(
         net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused
     )
     gen = torch.Generator(device=device).manual_seed(t.seed)
-    batches = DeviceBatches(data.images, data.labels, t.batch_size, t.seed, device)
+    batches = DeviceBatches(
+        data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
+    )
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     start = 0
     loss_acc = torch.zeros((), device=device)

@@ -2,7 +2,9 @@
 drawn there by index. No DataLoader, no workers.
 
 The order is a sequence of seeded permutations, one per epoch; the position (epoch, offset) is
-plain data, so a resumed run draws exactly the batches the uninterrupted run would have.
+plain data, so a resumed run draws exactly the batches the uninterrupted run would have. Random
+horizontal flips (hflip) are drawn the same way: one seeded coin per image and epoch, applied on
+the device with no host sync.
 """
 
 from __future__ import annotations
@@ -18,40 +20,52 @@ class DeviceBatches:
         batch_size: int,
         seed: int,
         device: torch.device | str,
+        hflip: bool = False,
     ):
         self.images = images.to(device)  # uint8 (N, C, H, W)
         self.labels = labels.to(device)
         self.n = images.shape[0]
         self.batch_size = batch_size
         self.seed = seed
+        self.hflip = hflip
         self.epoch = 0
         self.offset = 0
-        self._perm = self._permutation(0)
+        self._perm, self._flip = self._permutation(0)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _permutation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The epoch's order, and whether the image at each position of it is mirrored."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).to(self.images.device)
+        perm = torch.randperm(self.n, generator=g).to(self.images.device)
+        if not self.hflip:
+            return perm, None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 0x5EED_F11B)
+        return perm, (torch.rand(self.n, generator=g) < 0.5).to(self.images.device)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._perm = self._permutation(self.epoch)
+        self._perm, self._flip = self._permutation(self.epoch)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x in [-1, 1] float32 (B, C, H, W), y int64 (B,)); batches may span epochs."""
-        idx = []
+        idx, flips = [], []
         need = self.batch_size
         while need > 0:
             take = self._perm[self.offset : self.offset + need]
             idx.append(take)
+            if self._flip is not None:
+                flips.append(self._flip[self.offset : self.offset + need])
             need -= take.shape[0]
             self.offset += take.shape[0]
             if self.offset >= self.n:
                 self.epoch += 1
                 self.offset = 0
-                self._perm = self._permutation(self.epoch)
+                self._perm, self._flip = self._permutation(self.epoch)
         i = torch.cat(idx) if len(idx) > 1 else idx[0]
         x = self.images[i].float().div_(127.5).sub_(1.0)
+        if flips:
+            f = torch.cat(flips).view(-1, 1, 1, 1)
+            x = torch.where(f, x.flip(-1), x)
         return x, self.labels[i]

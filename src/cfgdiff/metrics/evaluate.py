@@ -35,6 +35,7 @@ class Reference:
     train_pixels: torch.Tensor  # all training images, uint8 (for memorisation)
     held_out: Dataset  # n real images not in the reference, for the floor
     n: int
+    mirrored: bool = False  # trained with hflip: a mirrored training image counts as memorised
 
 
 def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
@@ -135,7 +136,10 @@ def build_reference(
     test_idx = torch.randperm(len(test), generator=g)[:n]
     real_features, _ = extractor(train.images[train_idx])
     held = Dataset(dataset, test.images[test_idx], test.labels[test_idx], test.class_names)
-    return Reference(dataset, clf, clf_meta, extractor, real_features, train.images, held, n)
+    mirrored = bool(cfg.train.hflip)
+    return Reference(
+        dataset, clf, clf_meta, extractor, real_features, train.images, held, n, mirrored
+    )
 
 
 def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -147,7 +151,7 @@ def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
     is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(labels) // 100)))
     kid_mean, kid_std = kid(ref.real_features, feats, subsets=50, subset_size=min(1000, len(feats)))
     p, r = precision_recall(ref.real_features, feats, k=3)
-    mem = memorisation(images.float() / 255, ref.train_pixels.float() / 255)
+    mem = memorisation(images.float() / 255, ref.train_pixels.float() / 255, ref.mirrored)
     return {
         "fid": fid(ref.real_features, feats),
         "kid": kid_mean,

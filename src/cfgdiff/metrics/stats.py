@@ -122,16 +122,23 @@ def nearest_distance(query, ref, chunk: int = 1024, exclude=None) -> torch.Tenso
     return torch.cat(out)
 
 
-def memorisation(generated, train, probe: int = 2000, seed: int = 0) -> dict:
+def memorisation(
+    generated, train, mirrored: bool = False, probe: int = 2000, seed: int = 0
+) -> dict:
     """Fraction of generated samples closer to a training image than the 1st percentile of
-    training images' nearest-other-training-image distances (pixel space, flattened)."""
-    gen = torch.as_tensor(generated).flatten(1).float()
+    training images' nearest-other-training-image distances (pixel space, flattened).
+    mirrored: the model was trained on mirrored images too (hflip), so a sample's distance is to
+    the nearest training image or mirror image (images (N, C, H, W))."""
+    images = torch.as_tensor(generated).float()
+    gen = images.flatten(1)
     tr = torch.as_tensor(train).flatten(1).float()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(tr.shape[0], generator=g)[: min(probe, tr.shape[0])]
     train_nn = nearest_distance(tr[idx], tr, exclude=idx)
     threshold = float(torch.quantile(train_nn, 0.01))
     gen_nn = nearest_distance(gen, tr)
+    if mirrored:  # |flip(g) - t| = |g - flip(t)|
+        gen_nn = torch.minimum(gen_nn, nearest_distance(images.flip(-1).flatten(1), tr))
     return {
         "fraction": float((gen_nn < threshold).float().mean()),
         "threshold": threshold,
