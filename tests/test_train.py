@@ -119,6 +119,9 @@ def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, f
     d = cfg.to_dict()
     del d["class_names"]
     assert RunConfig.from_dict(d).label_names() == ["0", "1", "2"]
+    # and configs written before hflip existed trained without flips, whatever the dataset
+    del d["train"]["hflip"]
+    assert RunConfig.from_dict({**d, "dataset": "cifar10"}).train.hflip is False
     with pytest.raises(ConfigError, match="class_names has 1 names for 3 classes"):
         dataclasses.replace(cfg, class_names=("a",)).validate()
 

@@ -201,7 +201,8 @@ class RunConfig:
             return cls(
                 model=_build(ModelConfig, d["model"]),
                 diffusion=_build(DiffusionConfig, d["diffusion"]),
-                train=_build(TrainConfig, d["train"]),
+                # written before hflip existed: those runs trained without flips
+                train=_build(TrainConfig, {"hflip": False, **d["train"]}),
                 dataset=str(d["dataset"]),
                 preset=str(d.get("preset", "custom")),
                 class_names=tuple(str(c) for c in d.get("class_names", ())),
