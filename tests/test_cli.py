@@ -233,7 +233,7 @@ def test_sample_to_a_folder_of_pngs(run, tmp_path, capsys):
 
 
 def test_class_folder_names_are_safe_and_distinct():
-    from cfgdiff.viz import class_folder_names
+    from cfgdiff.data.sources import class_folder_names
 
     names = ["T-shirt/top", "a\\b", ".hidden", "", "x", "x"]
     assert class_folder_names(names) == ["T-shirt_top", "a_b", "hidden_2", "_3", "x", "x_5"]

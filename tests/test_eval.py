@@ -316,6 +316,75 @@ def test_folder_reference_holds_out_enough_for_n(big_folder, tmp_path):
         assert not (held[:, None] == reference[None]).all(-1).any()
 
 
+def test_eval_samples_from_npz_and_folder(run, big_folder, tmp_path, capsys):
+    """eval --samples measures images made elsewhere: the .npz and the folder that `sample`
+    writes for the same settings give the same report; real images, labelled by class name,
+    are judged as well as the real floor."""
+    dd = ["--data-dir", str(tmp_path / "dd"), "--dataset", f"folder:{big_folder}"]
+    argv = ["sample", "--checkpoint", str(run), "--scale", "2", "--per-class", "6", "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "s.npz")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    reports = []
+    for samples in ("s.npz", "s"):
+        js = tmp_path / f"{samples}.json"
+        assert main(["eval", "--samples", str(tmp_path / samples), *dd, "--json", str(js)]) == 0
+        reports.append(json.loads(js.read_text()))
+    a, b = reports
+    assert a["n"] == b["n"] == 18 and a["generated"] == b["generated"]
+    out = capsys.readouterr().out
+    assert "18 samples from" in out and "class accuracy per class: c0" in out
+
+    # real images, in folders named by class index: judged like the floor
+    from PIL import Image
+
+    real = tmp_path / "real"
+    for c in range(3):
+        (real / str(c)).mkdir(parents=True)
+        for i in range(0, 40, 4):
+            Image.open(big_folder / f"c{c}" / f"{i}.png").save(real / str(c) / f"{i}.png")
+    js = tmp_path / "real.json"
+    assert main(["eval", "--samples", str(real), *dd, "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["n"] == 30 and r["class_accuracy"] == r["real_floor"]["class_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "make,extra,message",
+    [
+        ("npz", ["--checkpoint", "x"], "--samples: not with --checkpoint, --scale or --w"),
+        ("npz", ["--n", "20"], "--samples: not with --n"),
+        ("npz", ["--no-dataset"], "--samples: --dataset is required"),
+        ("txt", [], "--samples must be an .npz file or a folder of class folders"),
+        ("badnpz", [], "not an .npz with images and labels"),
+        ("zebra", [], "classes ['zebra'] are not classes of the dataset (c0, c1, c2)"),
+        ("few", [], "at least 10 samples are needed, got 3"),
+        ("many", [], "the number of --samples must be <= 60 for folder:"),
+    ],
+)
+def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, message):
+    import numpy as np
+
+    x = np.zeros((3, 1, 8, 8), np.uint8)
+    path = tmp_path / "s.npz"
+    if make in ("npz", "few", "zebra", "many"):
+        n = {"many": 61, "npz": 12}.get(make, 3 if make == "few" else 12)
+        x = np.zeros((n, 1, 8, 8), np.uint8)
+        names = ["c0", "c1", "zebra"] if make == "zebra" else ["c0", "c1", "c2"]
+        np.savez(path, images=x, labels=np.arange(n) % 3, class_names=np.array(names))
+    elif make == "txt":
+        path = tmp_path / "s.txt"
+        path.write_text("hi")
+    else:
+        path.write_bytes(b"not a zip")
+    dd = ["--data-dir", str(tmp_path / "dd")]
+    if "--no-dataset" not in extra:
+        dd += ["--dataset", f"folder:{big_folder}"]
+    extra = [e for e in extra if e != "--no-dataset"]
+    assert main(["eval", "--samples", str(path), *dd, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 def test_evaluation_during_training_too_large_is_refused_before_training(
     big_folder, tmp_path, capsys
 ):

@@ -409,11 +409,21 @@ def build_parser() -> Parser:
         "eval",
         help="FID, KID, IS, precision/recall, class accuracy and memorisation of samples",
         description="cfgdiff eval --checkpoint PATH (--scale S | --w W) [--n N]  or  "
+        "cfgdiff eval --samples FILE.npz|FOLDER --dataset NAME  or  "
         "cfgdiff eval train-classifier --dataset NAME",
     )
     ev.add_argument("action", nargs="?", choices=["train-classifier"], help=argparse.SUPPRESS)
     sampling_opts(ev, required=False)
-    ev.add_argument("--n", type=_int_in(10, 1_000_000), default=1000, help="samples in total")
+    ev.add_argument(
+        "--samples",
+        type=Path,
+        help="measure these samples instead of sampling a checkpoint: an .npz (images, labels, "
+        "class_names, as `cfgdiff sample` writes) or a folder of class sub-folders of images; "
+        "needs --dataset (the real data to compare with)",
+    )
+    ev.add_argument(
+        "--n", type=_int_in(10, 1_000_000), help="samples in total (default 1000; --samples: all)"
+    )
     ev.add_argument("--json", type=Path, help="also write the results here")
     ev.add_argument(
         "--image-size",
@@ -1000,6 +1010,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"--image-size {a.image_size}: only for eval train-classifier (samples are judged "
             "at the classifier's size)"
         )
+    if a.samples is not None:
+        return _eval_samples(a)
+    a.n = a.n or 1000
     if a.checkpoint is None:
         raise ConfigError("eval: --checkpoint is required (or use: eval train-classifier)")
     if a.scale is None and a.w is None:
@@ -1038,6 +1051,77 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(
         "class accuracy per class: "
         + ", ".join(f"{names[c]} {v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
+    )
+    print(
+        f"(judge: {ref.dataset} classifier, test accuracy {result['classifier_test_accuracy']:.4f})"
+    )
+    if a.json is not None:
+        from cfgdiff.data.download import atomic_write_bytes
+
+        atomic_write_bytes(a.json, json.dumps(result, indent=1).encode())
+    return 0
+
+
+def _eval_samples(a: argparse.Namespace) -> int:
+    """eval --samples: the same report for images made elsewhere (another sampler, another
+    tool's model), against --dataset, at the samples' size and channels."""
+    import dataclasses
+
+    from cfgdiff.config import PRESETS
+    from cfgdiff.data import load_dataset
+    from cfgdiff.metrics.evaluate import build_reference, floor, measure, read_samples
+    from cfgdiff.runtime import resolve_device
+    from cfgdiff.train import config_for_dataset
+
+    if a.checkpoint is not None or a.scale is not None or a.w is not None:
+        raise ConfigError("--samples: not with --checkpoint, --scale or --w (nothing is sampled)")
+    if a.n is not None:
+        raise ConfigError("--samples: not with --n (every sample in the file or folder is used)")
+    if a.dataset is None:
+        raise ConfigError("--samples: --dataset is required (the real data to compare with)")
+    device = resolve_device(a.device)
+    data = load_dataset(a.dataset, a.data_dir, log=_log)
+    images, labels = read_samples(a.samples, data.class_names)
+    n, c, h, w = images.shape
+    if h != w or c not in (1, 3):
+        raise ConfigError(f"--samples {a.samples}: images must be square with 1 or 3 channels")
+    if n < 10:
+        raise ConfigError(f"--samples {a.samples}: at least 10 samples are needed, got {n}")
+    # A stand-in config: the reference is read at the samples' size and channels, as it would be
+    # for a model that made them; hflip as the dataset's default (for memorisation).
+    cfg = config_for_dataset(PRESETS["tiny"], data, a.dataset)
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, in_channels=c, image_size=h)
+    )
+    ref = build_reference(
+        cfg,
+        n,
+        features=a.features,
+        data_dir=a.data_dir,
+        inception=a.inception,
+        device=device,
+        log=_log,
+        n_arg="the number of --samples",
+    )
+    gen = measure(ref, images, labels)
+    real = floor(ref)
+    result = {
+        "samples": str(a.samples),
+        "n": n,
+        "dataset": ref.dataset,
+        "features": a.features,
+        "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
+        "generated": gen,
+        "real_floor": real,
+        "class_accuracy": gen["class_accuracy"],
+        "fid": gen["fid"],
+    }
+    print(f"{n} samples from {a.samples}; real floor: {n} held-out vs {n} training images")
+    print(_metrics_table({"generated": gen, "real floor": real}, a.features))
+    names = data.class_names
+    print(
+        "class accuracy per class: "
+        + ", ".join(f"{names[k]} {v:.3f}" for k, v in enumerate(gen["per_class_accuracy"]))
     )
     print(
         f"(judge: {ref.dataset} classifier, test accuracy {result['classifier_test_accuracy']:.4f})"

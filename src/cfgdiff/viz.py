@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.data.sources import class_folder_names
 
 
 def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1) -> Image.Image:
@@ -126,18 +127,6 @@ def line_plot(
                 draw.text((p[0] + 4, p[1] - 12), text, fill=color, font=font)
         draw.text((ml + pw - 150, mt + 6 + 12 * k), name, fill=color, font=font)
     return img
-
-
-def class_folder_names(names: Sequence[str]) -> list[str]:
-    """A file-system-safe, distinct folder name for each class name ("T-shirt/top" ->
-    "T-shirt_top"; a name that is empty, hidden or taken gets its index appended)."""
-    out: list[str] = []
-    for i, name in enumerate(names):
-        safe = name.replace("/", "_").replace("\\", "_").strip()
-        if not safe or safe.startswith(".") or safe in out:
-            safe = f"{safe}_{i}".lstrip(".")
-        out.append(safe)
-    return out
 
 
 def write_image_folder(

@@ -13,7 +13,7 @@ import hashlib
 import os
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +313,18 @@ def _decode(im, mode: str, size: int) -> np.ndarray:
         g = np.clip(np.round(a), 0, 255).astype(np.uint8)
         return g if mode == "L" else np.repeat(g[..., None], 3, axis=2)
     return np.asarray(im.convert(mode), dtype=np.uint8)
+
+
+def class_folder_names(names: Sequence[str]) -> list[str]:
+    """A file-system-safe, distinct folder name for each class name ("T-shirt/top" ->
+    "T-shirt_top"; a name that is empty, hidden or taken gets its index appended)."""
+    out: list[str] = []
+    for i, name in enumerate(names):
+        safe = name.replace("/", "_").replace("\\", "_").strip()
+        if not safe or safe.startswith(".") or safe in out:
+            safe = f"{safe}_{i}".lstrip(".")
+        out.append(safe)
+    return out
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ sampling: it is given images and their requested labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,63 @@ def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
         "memorisation": mem["fraction"],
         "memorisation_detail": mem,
     }
+
+
+def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples made elsewhere, as uint8 images (N, C, H, W) and the label each was asked for, in
+    the reference dataset's class order.
+
+    path: an .npz with `images` (uint8 N x C x H x W) and `labels` (as `cfgdiff sample` writes;
+    its `class_names`, when present, are matched by name), or a folder of class sub-folders of
+    images (as `cfgdiff sample --out FOLDER` writes), named as the dataset's classes, as their
+    folder-safe forms ("T-shirt_top") or as class indices.
+    """
+    import numpy as np
+
+    from cfgdiff.data.sources import class_folder_names, folder_dataset
+    from cfgdiff.errors import CfgDiffError
+
+    path = Path(path)
+    k = len(class_names)
+    if path.is_dir():
+        try:
+            x, y, folders = folder_dataset(path, None, None)
+        except CfgDiffError as e:
+            raise ConfigError(f"--samples {path}: {e}") from None
+        names = list(folders)
+    elif path.suffix.lower() == ".npz" and path.is_file():
+        try:
+            with np.load(path) as z:
+                x, y = z["images"], z["labels"]
+                names = [str(c) for c in z["class_names"]] if "class_names" in z else None
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(
+                f"--samples {path}: not an .npz with images and labels ({e})"
+            ) from None
+        if x.dtype != np.uint8 or x.ndim != 4 or y.shape != (x.shape[0],):
+            raise ConfigError(
+                f"--samples {path}: images must be uint8 (N, C, H, W) and labels (N,), got "
+                f"{x.dtype} {tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        if names is None:
+            names = [str(c) for c in range(k)]
+    else:
+        raise ConfigError(f"--samples must be an .npz file or a folder of class folders: {path}")
+    # each sample's class name -> the dataset's index: by name, folder-safe name or index
+    lookup = {str(i): i for i in range(k)}
+    lookup.update({n: i for i, n in enumerate(class_folder_names(class_names))})
+    lookup.update({n: i for i, n in enumerate(class_names)})
+    used = sorted({int(c) for c in np.unique(y)})
+    if used and (used[0] < 0 or used[-1] >= len(names)):
+        raise ConfigError(f"--samples {path}: labels must be in [0, {len(names) - 1}]")
+    unknown = [names[c] for c in used if names[c] not in lookup]
+    if unknown:
+        raise ConfigError(
+            f"--samples {path}: classes {unknown} are not classes of the dataset "
+            f"({', '.join(class_names)}) or their indices"
+        )
+    index = torch.tensor([lookup[n] for n in names])
+    return torch.as_tensor(x), index[torch.as_tensor(y, dtype=torch.long)]
 
 
 def floor(ref: Reference) -> dict:
