@@ -173,7 +173,8 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     the reference dataset's class order.
 
     path: an .npz with `images` (uint8 N x C x H x W) and `labels` (as `cfgdiff sample` writes;
-    its `class_names`, when present, are matched by name), or a folder of class sub-folders of
+    its `class_names`, when present, are matched by name) or `arr_0` (N x H x W x C) and `arr_1`
+    (as guided-diffusion's samplers write), or a folder of class sub-folders of
     images (as `cfgdiff sample --out FOLDER` writes), named as the dataset's classes, as their
     folder-safe forms ("T-shirt_top") or as class indices.
     """
@@ -193,12 +194,17 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     elif path.suffix.lower() == ".npz" and path.is_file():
         try:
             with np.load(path) as z:
-                x, y = z["images"], z["labels"]
+                if "images" in z:
+                    x, y = z["images"], z["labels"]
+                else:  # guided-diffusion / ADM evaluation format: arr_0 NHWC, arr_1 labels
+                    x, y = z["arr_0"], z["arr_1"]
                 names = [str(c) for c in z["class_names"]] if "class_names" in z else None
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(
                 f"--samples {path}: not an .npz with images and labels ({e})"
             ) from None
+        if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
         if x.dtype != np.uint8 or x.ndim != 4 or y.shape != (x.shape[0],):
             raise ConfigError(
                 f"--samples {path}: images must be uint8 (N, C, H, W) and labels (N,), got "
