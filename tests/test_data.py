@@ -163,6 +163,17 @@ def test_folder_dataset(folder_data):
     assert rgb.images.shape == (18, 3, 16, 16)
 
 
+def test_folder_decoding_is_announced_when_large(folder_data, monkeypatch):
+    from cfgdiff.data import sources
+
+    said = []
+    load_dataset(f"folder:{folder_data}", log=said.append)
+    assert said == []  # 18 images: nothing to wait for
+    monkeypatch.setattr(sources, "LOG_DECODING_FROM", 10)
+    load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
+    assert said == [f"{folder_data}: decoding 18 images of 3 classes to 1x16x16"]
+
+
 def test_folder_errors(folder_data):
     from PIL import Image
 
@@ -192,7 +203,9 @@ def test_folder_image_modes(tmp_path):
     ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040).astype(np.uint16)
     Image.fromarray(ramp16).save(a / "ramp16.png")
     assert Image.open(a / "ramp16.png").mode == "I;16"
-    Image.fromarray(np.full((8, 8, 2), 77, np.uint8), "LA").save(b / "gray_alpha.png")
+    gray_alpha = np.full((8, 8, 2), 77, np.uint8)
+    gray_alpha[..., 1] = 255  # opaque; transparency is tested below
+    Image.fromarray(gray_alpha, "LA").save(b / "gray_alpha.png")
     (a / "._ramp16.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble
     (b / ".hidden.png").write_bytes(b"not a png")
 
@@ -214,6 +227,24 @@ def test_folder_image_modes(tmp_path):
     Image.fromarray(stored).save(c / "phone.jpg", exif=exif, quality=100)
     x = load_dataset(f"folder:{tmp_path}", channels=3).images[2].numpy().astype(float)
     assert x[:, :2, :].mean() > 200 and x[:, 2:, :].mean() < 40  # displayed: band along the top
+
+
+def test_folder_transparency_is_composited_over_black(tmp_path):
+    """What a PNG stores under alpha 0 is undefined (here a stray red); it is composited over
+    black, so transparent backgrounds come out black and half-transparent pixels at half value."""
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, but only the centre is visible
+    rgba[2:6, 2:6] = (200, 100, 50, 255)
+    rgba[0, 0, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a" / "sprite.png")
+    x = load_dataset(f"folder:{tmp_path}").images[0].numpy()
+    assert x.shape == (3, 8, 8)
+    assert (x[:, 2:6, 2:6] == np.array([200, 100, 50])[:, None, None]).all()
+    assert x[:, 6:, :].max() == 0 and x[:, 0, 1:].max() == 0
+    assert x[0, 0, 0] == 128 and x[1:, 0, 0].max() == 0
 
 
 def test_folder_non_square_is_centre_cropped(folder_data):

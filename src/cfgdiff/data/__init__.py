@@ -230,7 +230,7 @@ def load_dataset(
     if name.startswith("folder:"):
         if split != "train":
             raise DataError(f"{name}: folder datasets have only a train split")
-        x, y, class_names = sources.folder_dataset(Path(name[7:]), image_size, channels)
+        x, y, class_names = sources.folder_dataset(Path(name[7:]), image_size, channels, log=log)
         return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
     meta = obtain(name, data_dir, log)
     got = read_cache(data_dir, name, split)

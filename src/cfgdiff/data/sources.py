@@ -284,6 +284,7 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
 # ---------------------------------------------------------------- image folders
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LOG_DECODING_FROM = 1000  # images: a folder this large is announced before it is decoded
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
@@ -294,16 +295,24 @@ def _decode(im, mode: str, size: int) -> np.ndarray:
     (libjpeg's DCT scaling, Pillow's draft): a folder of camera photos trained at 64x64 loads
     several times faster, and the pixels are the ones a full decode and resize gives, within a
     few levels (tested).
-    EXIF orientation is applied (phone photos are stored sideways). 16-bit and 32-bit grayscale
+    EXIF orientation is applied (phone photos are stored sideways); transparency is composited
+    over black. 16-bit and 32-bit grayscale
     are scaled to 8 bits: Pillow's convert("L") clips them at 255, which turns a 16-bit scan white.
     "I" (32-bit int) holds 16-bit PNGs in some Pillow versions, so it is read as 16-bit when any
     value exceeds 255; "F" as [0, 1] when it fits there, else as 0..255.
     """
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     if im.format == "JPEG":
         im.draft(mode, (size, size))
     im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
+        # over black: what a transparent pixel stores under alpha 0 is undefined (often a stray
+        # colour), so it is composited rather than kept
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
@@ -378,6 +387,7 @@ def folder_dataset(
     *,
     scan: FolderScan | None = None,
     workers: int | None = None,
+    log: Log | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One sub-folder per class (sorted by name), images read with Pillow.
 
@@ -386,6 +396,7 @@ def folder_dataset(
     channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
     scan: scan_folder(root) if the caller has it already.
     workers: decoding threads (default: the cores, at most 8).
+    log: told once what is being decoded, for folders large enough to take a while.
     """
     from PIL import Image
 
@@ -408,6 +419,11 @@ def folder_dataset(
         image_size = w
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
+    if log is not None and len(files) >= LOG_DECODING_FROM:
+        log(
+            f"{root}: decoding {len(files):,} images of {len(scan.class_names)} classes to "
+            f"{channels}x{image_size}x{image_size}"
+        )
 
     def read(i: int) -> None:
         p = files[i][0]
