@@ -690,7 +690,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         f"{max(0.0, total - res.train_s - res.aside_s):.0f} s loading data",
         f"  checkpoint:      {res.checkpoint}",
         f"  sample grids:    {out / 'samples'}/step-*.png  "
-        f"(rows = classes, s={cfg.train.preview_scale:g})",
+        f"(rows = classes, s={cfg.train.preview_scale:g}; real images in {out / 'real.png'})",
         f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
         f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
         f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",

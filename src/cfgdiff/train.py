@@ -1,9 +1,10 @@
 """The training loop as an importable function.
 
 Owns: the optimisation loop (AdamW, warmup + optional cosine decay, gradient clipping, EMA),
-the run folder's files (loss.csv, loss.png, samples/, checkpoints/, guidance_strip.png), resume
-and stop-on-request. Nothing here prints or exits: progress goes to the `on_event` callback, and a
-stop is requested through `should_stop` (the CLI wires both to the terminal and to signals).
+the run folder's files (loss.csv, loss.png, real.png, samples/, checkpoints/,
+guidance_strip.png), resume and stop-on-request. Nothing here prints or exits: progress goes to
+the `on_event` callback, and a stop is requested through `should_stop` (the CLI wires both to
+the terminal and to signals).
 """
 
 from __future__ import annotations
@@ -190,6 +191,20 @@ def preview_grid(net, cfg: RunConfig, class_names, device, precision: str, seed:
         precision=precision,
     )
     return labelled_grid(imgs, t.preview_per_class, [str(c)[:12] for c in class_names])
+
+
+def real_grid(data: Dataset, per_class: int):
+    """The first `per_class` training images of each class as training reads them (size,
+    channels), laid out like the preview grids: the baseline to hold them against."""
+    rows = []
+    for c in range(len(data.class_names)):
+        idx = (data.labels == c).nonzero().flatten()[:per_class]
+        row = data.images[idx]
+        if len(row) < per_class:  # a class with fewer images: blank (white) cells
+            pad = torch.full((per_class - len(row), *row.shape[1:]), 255, dtype=torch.uint8)
+            row = torch.cat([row, pad])
+        rows.append(row)
+    return labelled_grid(torch.cat(rows), per_class, [str(c)[:12] for c in data.class_names])
 
 
 def guidance_strip(
@@ -400,6 +415,8 @@ def _train_locked(
     _write_csv(run_dir / "loss.csv", rows, LOSS_FIELDS)
 
     ema_net = UNet(cfg.model).to(device).eval()
+    if not (run_dir / "real.png").exists():
+        save_png(real_grid(data, t.preview_per_class), run_dir / "real.png")
     emit(
         "start",
         {
