@@ -398,6 +398,29 @@ def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, mess
     assert message in err and err.count("\n") == 1, err
 
 
+def test_reference_for_a_run_recorded_with_a_relative_folder_path(
+    big_folder, tmp_path, monkeypatch
+):
+    """A run recorded folder:RELATIVE (before paths were made absolute) and trained with
+    --channels 3 is evaluated against --dataset folder:ABSOLUTE as its own data: converted to
+    its 3 channels, not compared as another dataset of 1 channel."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from cfgdiff.metrics.evaluate import build_reference
+
+    monkeypatch.chdir(big_folder.parent)
+    cfg = tiny_config()
+    cfg = dataclasses.replace(
+        cfg,
+        dataset=f"folder:{big_folder.name}",
+        model=dataclasses.replace(cfg.model, in_channels=3),
+    )
+    ref = build_reference(cfg, 12, dataset=f"folder:{big_folder}", data_dir=tmp_path / "dd")
+    assert ref.held_out.images.shape[1] == 3
+
+
 def test_evaluation_during_training_too_large_is_refused_before_training(
     big_folder, tmp_path, capsys
 ):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data import Dataset, default_data_dir, load_dataset
+from cfgdiff.data import Dataset, canonical_name, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
 from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
 from cfgdiff.metrics.stats import fid, inception_score, kid, memorisation, precision_recall
@@ -79,7 +79,9 @@ def build_reference(
     # The checkpoint's own dataset is read as training read it, at the model's size and channels
     # (`train --channels 3` on MNIST converts it); another dataset must have the model's channels.
     # Folders are resized by Pillow while reading, as in training, so mixed sizes are fine.
-    own, folder = dataset == cfg.dataset, dataset.startswith("folder:")
+    # (compared as absolute paths: runs recorded before folder paths were made absolute)
+    own = canonical_name(dataset) == canonical_name(cfg.dataset)
+    folder = dataset.startswith("folder:")
     train = load_dataset(
         dataset,
         data_dir,
