@@ -67,7 +67,19 @@ def test_inception_score_extremes():
     assert inception_score(uniform, splits=5)[0] == pytest.approx(1.0)
     confident = torch.full((1000, k), -50.0)
     confident[torch.arange(1000), torch.arange(1000) % k] = 50.0
-    assert inception_score(confident, splits=5)[0] == pytest.approx(k, rel=1e-6)
+    assert inception_score(confident, splits=1)[0] == pytest.approx(k, rel=1e-6)
+    # per split, a perfect classifier scores exp(entropy of the split's class histogram); the
+    # splits are of the rows shuffled with the seed
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    want = []
+    for part in (torch.arange(1000) % k)[perm].chunk(5):
+        q = torch.bincount(part, minlength=k).double() / len(part)
+        want.append(float(torch.exp(-(q * q.clamp_min(1e-30).log()).sum())))
+    assert inception_score(confident, splits=5)[0] == pytest.approx(sum(want) / 5, rel=1e-6)
+    # samples sorted by class (a folder, a class grid) are split like any other order: unsorted,
+    # 5 splits of this sorted input would each hold 2 classes and score 2
+    by_class = confident[(torch.arange(1000) % k).argsort(stable=True)]
+    assert inception_score(by_class, splits=5)[0] > 0.9 * k
     one_class = torch.full((1000, k), -50.0)
     one_class[:, 3] = 50.0
     assert inception_score(one_class, splits=5)[0] == pytest.approx(1.0, abs=1e-6)
