@@ -118,8 +118,10 @@ OPTION_VALUES = {
     "--compile": ["off", "sometimes"],
     "--dtype": ["fp16", "int8"],
     "--inception": ["/nonexistent.pt", "FOLDER"],
+    "--samples": ["FOLDER", "OUT/b.npz", "/nonexistent", "RUN"],
 }
 FLAGS = ["--raw", "--resume", "--apg", "--no-progress", "--help", "mnist", "fashion-mnist"]
+FLAGS += ["--hflip", "--no-hflip"]
 
 
 VALID = [
