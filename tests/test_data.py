@@ -391,8 +391,15 @@ def test_folder_info_from_headers(folder_data, tmp_path, capsys):
     assert train["counts"] == [6, 6, 6] and train["shape"] == [18, 1, 8, 8]
     assert len(train["images_sha256"]) == 64 and "note" not in meta
 
+    assert meta["skipped"] == []
+    (folder_data / "class0" / "notes.txt").write_text("labels from the camera")
+    (folder_data / "class2" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
     Image.new("RGB", (10, 8)).save(folder_data / "class1" / "wide.png")
     meta = info(f"folder:{folder_data}")
+    assert meta["skipped"] == [
+        str(folder_data / "class0" / "notes.txt"),
+        str(folder_data / "class2" / "._0.png"),
+    ]
     assert meta["image_sizes"] == {"8x8": 18, "10x8": 1} and meta["modes"] == {"L": 18, "RGB": 1}
     assert meta["splits"]["train"] == {"counts": [6, 7, 6]}
     assert "pass --image-size" in meta["note"]
@@ -400,3 +407,4 @@ def test_folder_info_from_headers(folder_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "image sizes: 8x8 (18), 10x8 (1)" in out and "modes: L (18), RGB (1)" in out
     assert "class1=7" in out and "note: " in out and "--image-size" in out
+    assert "skipped: 2 hidden or non-image files (" in out and "notes.txt" in out

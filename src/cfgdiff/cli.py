@@ -1360,6 +1360,9 @@ def cmd_data(a: argparse.Namespace) -> int:
         more = f", and {len(sizes) - 8} more sizes" if len(sizes) > 8 else ""
         print(f"  image sizes: {shown}{more}")
         print("  modes: " + ", ".join(f"{m} ({n})" for m, n in meta["modes"].items()))
+        if meta["skipped"]:
+            first = ", ".join(meta["skipped"][:3])
+            print(f"  skipped: {len(meta['skipped'])} hidden or non-image files ({first}, ...)")
     for split, s in meta["splits"].items():
         print(f"  {split}: shape {tuple(s['shape'])}" if "shape" in s else f"  {split}:")
         print(

@@ -286,6 +286,7 @@ def _folder_info(name: str) -> dict:
         "class_names": scan.class_names,
         "image_sizes": {f"{w}x{h}": n for (w, h), n in Counter(s for _, s in scan.headers).items()},
         "modes": dict(Counter(m for m, _ in scan.headers)),
+        "skipped": [str(p) for p in scan.skipped],
         "splits": {"train": train},
     }
     try:  # decoded as load_dataset reads it, from the same scan

@@ -343,6 +343,7 @@ class FolderScan:
     class_names: list[str]
     files: list[tuple[Path, int]]  # (path, class index), classes sorted by name
     headers: list[tuple[str, tuple[int, int]]]  # (Pillow mode, (width, height)) per file
+    skipped: tuple[Path, ...] = ()  # files in class folders that are hidden or not images
 
 
 def scan_folder(root: Path) -> FolderScan:
@@ -359,12 +360,14 @@ def scan_folder(root: Path) -> FolderScan:
             f"folder dataset {root}: no class sub-folders (expected {root}/CLASS/*.png)"
         )
     files: list[tuple[Path, int]] = []
+    skipped: list[Path] = []
     for k, c in enumerate(classes):
-        imgs = sorted(
-            p
-            for p in c.iterdir()
-            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")  # ._x.png: macOS
-        )
+        imgs = []
+        for p in sorted(c.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):  # ._x.png: macOS
+                imgs.append(p)
+            elif not p.is_dir():
+                skipped.append(p)
         if not imgs:
             raise DataError(
                 f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
@@ -377,7 +380,7 @@ def scan_folder(root: Path) -> FolderScan:
                 headers.append((im.mode, im.size))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{p}: cannot read image ({e})") from None
-    return FolderScan([c.name for c in classes], files, headers)
+    return FolderScan([c.name for c in classes], files, headers, tuple(skipped))
 
 
 def folder_dataset(
