@@ -421,6 +421,35 @@ def test_reference_for_a_run_recorded_with_a_relative_folder_path(
     assert ref.held_out.images.shape[1] == 3
 
 
+def test_folder_judge_of_a_flip_trained_model_is_trained_with_flips(big_folder, tmp_path):
+    """A model trained with --hflip says mirrored images are the same class: its folder judge is
+    trained with flips, cached beside the plain one, and neither replaces the other."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from cfgdiff.metrics.classifier import classifier_path
+    from cfgdiff.metrics.evaluate import build_reference
+
+    dd = tmp_path / "dd"
+    plain = dataclasses.replace(tiny_config(), dataset=f"folder:{big_folder}")
+    flipped = dataclasses.replace(plain, train=dataclasses.replace(plain.train, hflip=True))
+    for cfg, flip in ((plain, False), (flipped, True)):
+        said: list[str] = []
+        assert (
+            build_reference(cfg, 12, data_dir=dd, log=said.append).classifier_meta["flip"] is flip
+        )
+        assert any("classifier epoch" in m for m in said)  # trained
+    for cfg, flip in ((plain, False), (flipped, True)):
+        said = []
+        assert (
+            build_reference(cfg, 12, data_dir=dd, log=said.append).classifier_meta["flip"] is flip
+        )
+        assert not any("classifier" in m for m in said)  # loaded from its own cache
+    for flip in (False, True):
+        assert classifier_path(dd, f"folder:{big_folder}", flip).with_suffix(".json").is_file()
+
+
 def test_evaluation_during_training_too_large_is_refused_before_training(
     big_folder, tmp_path, capsys
 ):

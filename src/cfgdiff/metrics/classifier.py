@@ -207,9 +207,9 @@ def _weights_sha(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def classifier_path(data_dir: Path, dataset: str) -> Path:
+def classifier_path(data_dir: Path, dataset: str, flip: bool = False) -> Path:
     safe = dataset.replace("/", "_").replace(":", "_")
-    return data_dir / "classifiers" / f"{safe}-v{CLASSIFIER_VERSION}"
+    return data_dir / "classifiers" / f"{safe}{'-flip' if flip else ''}-v{CLASSIFIER_VERSION}"
 
 
 def get_classifier(
@@ -221,19 +221,25 @@ def get_classifier(
     image_size: int | None = None,
     channels: int | None = None,
     data: Dataset | None = None,
+    flip: bool = False,
 ) -> tuple[SmallCNN, dict]:
     """Load the cached classifier for `dataset`, training and caching it first if needed.
 
     A folder's judge is cached by path, so the folder's classes and labels are fingerprinted
     (not its pixels: models of any size share the judge trained at the first one's size) and
     a judge of other classes or images is trained again. data: the folder as loaded with
-    image_size and channels, if the caller has it (else it is read)."""
+    image_size and channels, if the caller has it (else it is read). flip (folders only): the
+    judge of a model trained with --hflip, for which mirrored images are the same class; it is
+    trained with flips and cached beside the plain one."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    base = classifier_path(data_dir, dataset)
+    folder = dataset.startswith("folder:")
+    flip = flip and folder  # the built-ins' recipes say whether they flip
+    base = classifier_path(data_dir, dataset, flip)
     meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
     recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    if flip:
+        recipe = {**recipe, "flip": True}
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    folder = dataset.startswith("folder:")
     if folder and data is None:
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     content = {"labels_sha256": _labels_sha(data)} if folder else {}

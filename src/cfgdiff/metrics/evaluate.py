@@ -122,6 +122,7 @@ def build_reference(
         image_size=m.image_size if folder else None,
         channels=m.in_channels if folder else None,
         data=whole if folder else None,
+        flip=folder and bool(cfg.train.hflip),
     )
     clf = ClassifierFeatures(
         clf_net, device, image_size=clf_meta["image_size"], channels=clf_meta["in_channels"]
