@@ -1000,7 +1000,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.metrics.evaluate import floor, measure
     from cfgdiff.runtime import resolve_device
 
     if a.action == "train-classifier":
@@ -1027,27 +1026,35 @@ def cmd_eval(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = _generate(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
+    head = (
+        f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
+        f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
+    )
+    record = {**record, "n": a.n, "sampling_images_per_s": a.n / dt}
+    _eval_report(a, ref, images, labels, loaded.cfg.label_names(), head, record)
+    return 0
+
+
+def _eval_report(a, ref, images, labels, names, head: str, record: dict) -> None:
+    """Measure `images` (asked for `labels`) and the real floor against `ref`; print the table,
+    the per-class accuracy and the judge; write --json (`record` first, then the results)."""
+    from cfgdiff.metrics.evaluate import floor, measure
+
     gen = measure(ref, images, labels)
     real = floor(ref)
     result = {
         **record,
-        "n": a.n,
         "dataset": ref.dataset,
         "features": a.features,
         "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
-        "sampling_images_per_s": a.n / dt,
         "generated": gen,
         "real_floor": real,
         # flat copies of the headline numbers
         "class_accuracy": gen["class_accuracy"],
         "fid": gen["fid"],
     }
-    print(
-        f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
-        f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
-    )
+    print(head)
     print(_metrics_table({"generated": gen, "real floor": real}, a.features))
-    names = loaded.cfg.label_names()
     print(
         "class accuracy per class: "
         + ", ".join(f"{names[c]} {v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
@@ -1059,7 +1066,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
         from cfgdiff.data.download import atomic_write_bytes
 
         atomic_write_bytes(a.json, json.dumps(result, indent=1).encode())
-    return 0
 
 
 def _eval_samples(a: argparse.Namespace) -> int:
@@ -1069,7 +1075,7 @@ def _eval_samples(a: argparse.Namespace) -> int:
 
     from cfgdiff.config import PRESETS
     from cfgdiff.data import load_dataset
-    from cfgdiff.metrics.evaluate import build_reference, floor, measure, read_samples
+    from cfgdiff.metrics.evaluate import build_reference, read_samples
     from cfgdiff.runtime import resolve_device
     from cfgdiff.train import config_for_dataset
 
@@ -1103,33 +1109,9 @@ def _eval_samples(a: argparse.Namespace) -> int:
         log=_log,
         n_arg="the number of --samples",
     )
-    gen = measure(ref, images, labels)
-    real = floor(ref)
-    result = {
-        "samples": str(a.samples),
-        "n": n,
-        "dataset": ref.dataset,
-        "features": a.features,
-        "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
-        "generated": gen,
-        "real_floor": real,
-        "class_accuracy": gen["class_accuracy"],
-        "fid": gen["fid"],
-    }
-    print(f"{n} samples from {a.samples}; real floor: {n} held-out vs {n} training images")
-    print(_metrics_table({"generated": gen, "real floor": real}, a.features))
-    names = data.class_names
-    print(
-        "class accuracy per class: "
-        + ", ".join(f"{names[k]} {v:.3f}" for k, v in enumerate(gen["per_class_accuracy"]))
-    )
-    print(
-        f"(judge: {ref.dataset} classifier, test accuracy {result['classifier_test_accuracy']:.4f})"
-    )
-    if a.json is not None:
-        from cfgdiff.data.download import atomic_write_bytes
-
-        atomic_write_bytes(a.json, json.dumps(result, indent=1).encode())
+    head = f"{n} samples from {a.samples}; real floor: {n} held-out vs {n} training images"
+    record = {"samples": str(a.samples), "n": n}
+    _eval_report(a, ref, images, labels, data.class_names, head, record)
     return 0
 
 

@@ -7,6 +7,7 @@ diffusion; turning uint8 into [-1, 1] floats happens where batches are drawn (`b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,6 +48,13 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def hold_out(self, every: int) -> tuple[Dataset, Dataset]:
+        """(the rest, every `every`-th image from the first): a held-out split for data that has
+        no test split (a folder; its classes are contiguous, so each is represented)."""
+        held = torch.arange(len(self)) % every == 0
+        rest = dataclasses.replace(self, images=self.images[~held], labels=self.labels[~held])
+        return rest, dataclasses.replace(self, images=self.images[held], labels=self.labels[held])
 
 
 def default_data_dir() -> Path:

@@ -265,9 +265,7 @@ def get_classifier(
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     train = data
     if folder:  # no test split: hold out every 10th image
-        held = torch.arange(len(train)) % 10 == 0
-        test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
-        train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
+        train, test = train.hold_out(10)
     else:
         test = load_dataset(
             dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log

@@ -100,9 +100,7 @@ def build_reference(
                 f"{n_arg} must be <= {len(train) // 2} for {dataset} ({len(train)} images: the "
                 f"real-vs-real floor compares N of them with N others), got {n}"
             )
-        held = torch.arange(len(train)) % max(2, min(10, len(train) // n)) == 0
-        test = Dataset(dataset, train.images[held], train.labels[held], train.class_names)
-        train = Dataset(dataset, train.images[~held], train.labels[~held], train.class_names)
+        train, test = train.hold_out(max(2, min(10, len(train) // n)))
     else:
         test = load_dataset(
             dataset, data_dir, split="test", image_size=m.image_size, channels=m.in_channels
