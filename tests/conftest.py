@@ -27,6 +27,14 @@ def _no_network(monkeypatch):
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path_factory, monkeypatch):
+    """Each test has its own default data directory, so that what a test caches there (decoded
+    folders, trained judges) neither lands in the user's ~/.cache nor leaks into another test.
+    (Not under tmp_path, which some tests use as a folder dataset's root.)"""
+    monkeypatch.setenv("CFGDIFF_DATA_DIR", str(tmp_path_factory.mktemp("default-data")))
+
+
 def fake_digits(n: int, seed: int, size: int = 28, classes: int = 10):
     """Images whose class is visible: a bright square at a class-dependent place."""
     rng = np.random.default_rng(seed)

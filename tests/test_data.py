@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 
@@ -171,7 +172,121 @@ def test_folder_decoding_is_announced_when_large(folder_data, monkeypatch):
     assert said == []  # 18 images: nothing to wait for
     monkeypatch.setattr(sources, "LOG_DECODING_FROM", 10)
     load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
-    assert said == [f"{folder_data}: decoding 18 images of 3 classes to 1x16x16"]
+    assert said[0] == f"{folder_data}: decoding 18 images of 3 classes to 1x16x16"
+    assert said[1].startswith(f"{folder_data}: decoded images cached in ") and len(said) == 2
+    load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
+    assert said[2].startswith(f"{folder_data}: 18 images as decoded before, from ")
+
+
+def _decoding_refused(monkeypatch):
+    """Make decoding a folder fail, so that a load that succeeds came from the cache."""
+
+    def refuse(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(sources, "folder_dataset", refuse)
+
+
+def test_folder_decoded_once_then_read_from_cache(folder_data, tmp_path, monkeypatch):
+    """The second load of a folder at a size reads the decoded images from the data directory,
+    the same to the bit; another size or channel count is decoded (and cached) on its own."""
+    dd = tmp_path / "dd"
+    first = load_dataset(f"folder:{folder_data}", dd, image_size=16)
+    rgb = load_dataset(f"folder:{folder_data}", dd, channels=3)
+    _decoding_refused(monkeypatch)
+    again = load_dataset(f"folder:{folder_data}", dd, image_size=16)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert again.class_names == first.class_names
+    assert torch.equal(load_dataset(f"folder:{folder_data}", dd, channels=3).images, rgb.images)
+    with pytest.raises(AssertionError, match="decoded again"):  # not decoded at this size yet
+        load_dataset(f"folder:{folder_data}", dd, image_size=12)
+    with pytest.raises(AssertionError, match="decoded again"):  # another data directory
+        load_dataset(f"folder:{folder_data}", tmp_path / "other", image_size=16)
+
+
+@pytest.mark.parametrize("change", ["rewrite", "add", "remove", "move", "rename-class"])
+def test_folder_cache_follows_the_files(folder_data, tmp_path, change):
+    """Any change to the folder's images means decoding it again: the cache never gives stale
+    pixels, labels or classes, and only the latest decoding of a folder at a size is kept."""
+    from PIL import Image
+
+    dd = tmp_path / "dd"
+    load_dataset(f"folder:{folder_data}", dd)
+    f = folder_data / "class1" / "2.png"
+    if change == "rewrite":  # same size, same name, other pixels
+        Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L").save(f)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    elif change == "add":
+        Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L").save(f.with_name("new.png"))
+    elif change == "remove":
+        f.unlink()
+    elif change == "move":
+        f.rename(folder_data / "class2" / "moved.png")
+    else:
+        (folder_data / "class2").rename(folder_data / "zebra")
+    want = sources.folder_dataset(folder_data, None, None)
+    got = load_dataset(f"folder:{folder_data}", dd)
+    assert np.array_equal(got.images.numpy(), want[0])
+    assert np.array_equal(got.labels.numpy(), want[1]) and list(got.class_names) == want[2]
+    (slot,) = (dd / "cache" / "folders").iterdir()
+    assert len(list(slot.iterdir())) == 1  # the decoding of the earlier files is gone
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-meta"])
+def test_damaged_folder_cache_is_decoded_again(folder_data, tmp_path, damage):
+    dd = tmp_path / "dd"
+    want = load_dataset(f"folder:{folder_data}", dd).images
+    (entry,) = (dd / "cache" / "folders").glob("*/*")
+    images = entry / "images.npy"
+    intact = hashlib.sha256(images.read_bytes()).hexdigest()
+    if damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-10])
+    elif damage == "flip":
+        b = bytearray(images.read_bytes())
+        b[-1] ^= 0xFF
+        images.write_bytes(bytes(b))
+    else:
+        (entry / "meta.json").unlink()
+    assert torch.equal(load_dataset(f"folder:{folder_data}", dd).images, want)
+    assert hashlib.sha256(images.read_bytes()).hexdigest() == intact  # rewritten whole
+
+
+def test_folder_cache_that_cannot_be_written_is_skipped(folder_data, tmp_path, monkeypatch):
+    """No room on the disk (or a read-only data directory): the folder loads, decoded, the log
+    says so once, and nothing partial is left behind."""
+    from cfgdiff import data as data_mod
+
+    monkeypatch.setattr(data_mod, "FOLDER_CACHE_HEADROOM", 1 << 60)
+    dd = tmp_path / "dd"
+    said: list[str] = []
+    ds = load_dataset(f"folder:{folder_data}", dd, log=said.append)
+    assert ds.images.shape == (18, 1, 8, 8)
+    assert len(said) == 1 and "decoded images not cached (" in said[0] and "MiB free" in said[0]
+    assert not list((dd / "cache" / "folders").rglob("*.npy"))
+
+    monkeypatch.setattr(data_mod, "FOLDER_CACHE_HEADROOM", 0)
+
+    def no_space(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_mod, "atomic_write_with", no_space)
+    said.clear()
+    assert torch.equal(load_dataset(f"folder:{folder_data}", dd, log=said.append).images, ds.images)
+    assert "No space left on device" in said[0]
+    assert not list((dd / "cache" / "folders").rglob("*.npy"))
+
+
+def test_folder_info_lists_caches_and_writes_none(folder_data, tmp_path, capsys):
+    from cfgdiff.cli import main
+
+    dd = tmp_path / "dd"
+    assert info(f"folder:{folder_data}", dd)["caches"] == []
+    assert not (dd / "cache").exists()  # data info reads a folder, it does not cache it
+    load_dataset(f"folder:{folder_data}", dd, image_size=16, channels=3)
+    (c,) = info(f"folder:{folder_data}", dd)["caches"]
+    assert c["shape"] == [18, 3, 16, 16] and c["bytes"] > 18 * 3 * 16 * 16
+    assert main(["data", "info", f"folder:{folder_data}", "--data-dir", str(dd)]) == 0
+    assert f"decoded at 3x16x16: {c['path']} (" in capsys.readouterr().out
 
 
 def test_folder_errors(folder_data):

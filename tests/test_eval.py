@@ -372,6 +372,8 @@ def test_eval_samples_from_npz_and_folder(run, big_folder, tmp_path, capsys):
         ("zebra", [], "classes ['zebra'] are not classes of the dataset (c0, c1, c2)"),
         ("few", [], "at least 10 samples are needed, got 3"),
         ("many", [], "the number of --samples must be <= 60 for folder:"),
+        ("small", [], "must be square, 8 to 1024 pixels, with 1 or 3 channels, got 1x4x4"),
+        ("wide", [], "must be square, 8 to 1024 pixels, with 1 or 3 channels, got 1x8x6"),
     ],
 )
 def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, message):
@@ -379,9 +381,9 @@ def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, mess
 
     x = np.zeros((3, 1, 8, 8), np.uint8)
     path = tmp_path / "s.npz"
-    if make in ("npz", "few", "zebra", "many"):
+    if make in ("npz", "few", "zebra", "many", "small", "wide"):
         n = {"many": 61, "npz": 12}.get(make, 3 if make == "few" else 12)
-        x = np.zeros((n, 1, 8, 8), np.uint8)
+        x = np.zeros((n, 1, *{"small": (4, 4), "wide": (8, 6)}.get(make, (8, 8))), np.uint8)
         names = ["c0", "c1", "zebra"] if make == "zebra" else ["c0", "c1", "c2"]
         np.savez(path, images=x, labels=np.arange(n) % 3, class_names=np.array(names))
     elif make == "txt":
@@ -522,6 +524,14 @@ def test_eval_of_a_folder_of_mixed_sizes(tmp_path):
     r = _train_and_eval(tmp_path, dataset, dd, ["--image-size", "8"], 10)
     assert r["n"] == 10 and len(r["generated"]["per_class_accuracy"]) == 3
     assert r["classifier_test_accuracy"] == meta["test_accuracy"]
+    # and so are 8x8 samples made elsewhere: the folder is read at the samples' size
+    x = np.random.default_rng(1).integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
+    names = np.array(["c0", "c1", "c2"])
+    np.savez(tmp_path / "s.npz", images=x, labels=np.arange(12) % 3, class_names=names)
+    js = tmp_path / "s.json"
+    argv = ["eval", "--samples", str(tmp_path / "s.npz"), "--dataset", dataset, "--json", str(js)]
+    assert main([*argv, "--data-dir", str(dd)]) == 0
+    assert json.loads(js.read_text())["n"] == 12
 
 
 @pytest.mark.parametrize("command", ["eval", "sweep"])

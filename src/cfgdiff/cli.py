@@ -1071,10 +1071,8 @@ def _eval_report(a, ref, images, labels, names, head: str, record: dict) -> None
 def _eval_samples(a: argparse.Namespace) -> int:
     """eval --samples: the same report for images made elsewhere (another sampler, another
     tool's model), against --dataset, at the samples' size and channels."""
-    import dataclasses
-
     from cfgdiff.config import PRESETS
-    from cfgdiff.data import load_dataset
+    from cfgdiff.data import class_names_of, load_dataset
     from cfgdiff.metrics.evaluate import build_reference, read_samples
     from cfgdiff.runtime import resolve_device
     from cfgdiff.train import config_for_dataset
@@ -1086,19 +1084,21 @@ def _eval_samples(a: argparse.Namespace) -> int:
     if a.dataset is None:
         raise ConfigError("--samples: --dataset is required (the real data to compare with)")
     device = resolve_device(a.device)
-    data = load_dataset(a.dataset, a.data_dir, log=_log)
-    images, labels = read_samples(a.samples, data.class_names)
+    images, labels = read_samples(a.samples, class_names_of(a.dataset, a.data_dir, log=_log))
     n, c, h, w = images.shape
-    if h != w or c not in (1, 3):
-        raise ConfigError(f"--samples {a.samples}: images must be square with 1 or 3 channels")
+    if h != w or c not in (1, 3) or not 8 <= h <= 1024:
+        raise ConfigError(
+            f"--samples {a.samples}: images must be square, 8 to 1024 pixels, with 1 or 3 "
+            f"channels, got {c}x{h}x{w}"
+        )
     if n < 10:
         raise ConfigError(f"--samples {a.samples}: at least 10 samples are needed, got {n}")
     # A stand-in config: the reference is read at the samples' size and channels, as it would be
-    # for a model that made them; hflip as the dataset's default (for memorisation).
+    # for a model that made them (so a folder of mixed sizes is fine, as in training, and
+    # build_reference's own read of it hits the decoded-folder cache); hflip as the dataset's
+    # default (for memorisation).
+    data = load_dataset(a.dataset, a.data_dir, image_size=h, channels=c, log=_log)
     cfg = config_for_dataset(PRESETS["tiny"], data, a.dataset)
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, in_channels=c, image_size=h)
-    )
     ref = build_reference(
         cfg,
         n,
@@ -1354,6 +1354,9 @@ def cmd_data(a: argparse.Namespace) -> int:
         if "images_sha256" in s:
             print(f"    images sha256 {s['images_sha256']}")
             print(f"    labels sha256 {s['labels_sha256']}")
+    for c in meta.get("caches", []):  # a folder, as decoded at a size by earlier commands
+        shape = "x".join(map(str, c["shape"][1:]))
+        print(f"  decoded at {shape}: {c['path']} ({c['bytes'] / 2**20:,.1f} MiB)")
     if "note" in meta:
         print(f"  note: {meta['note']}")
     return 0

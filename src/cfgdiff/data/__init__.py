@@ -1,8 +1,9 @@
 """Datasets as uint8 tensors: obtain (local files, mirrors, offline fallbacks), verify, cache.
 
-Owns: dataset names (mnist, fashion-mnist, cifar10, folder:PATH), the uint8 cache under the data
-directory and the `Dataset` object (images uint8 (N, C, H, W) + labels). Knows nothing about
-diffusion; turning uint8 into [-1, 1] floats happens where batches are drawn (`batches.py`).
+Owns: dataset names (mnist, fashion-mnist, cifar10, folder:PATH), the uint8 caches under the data
+directory (of the known datasets, and of folders as decoded at a size) and the `Dataset` object
+(images uint8 (N, C, H, W) + labels). Knows nothing about diffusion; turning uint8 into [-1, 1]
+floats happens where batches are drawn (`batches.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from cfgdiff.data import sources
-from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.data.download import atomic_write_bytes, atomic_write_with
 from cfgdiff.errors import DataError
 
 Log = Callable[[str], None]
@@ -238,7 +240,7 @@ def load_dataset(
     if name.startswith("folder:"):
         if split != "train":
             raise DataError(f"{name}: folder datasets have only a train split")
-        x, y, class_names = sources.folder_dataset(Path(name[7:]), image_size, channels, log=log)
+        x, y, class_names = load_folder(Path(name[7:]), image_size, channels, data_dir, log=log)
         return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
     meta = obtain(name, data_dir, log)
     got = read_cache(data_dir, name, split)
@@ -248,6 +250,144 @@ def load_dataset(
     images = torch.from_numpy(x)
     images = convert_images(images, image_size, channels)
     return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
+
+
+def folder_caches(data_dir: Path) -> Path:
+    return data_dir / "cache" / "folders"
+
+
+def _folder_cache_key(root: Path, image_size: int | None, channels: int | None) -> str:
+    """One cache slot per folder, size, channel count (as asked: None is "as the data is") and
+    decoder version; it holds the latest decoding only."""
+    key = [os.path.abspath(root), image_size, channels, sources.DECODE_VERSION]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+# Space left free on the data directory's disk after writing a folder cache; a cache that would
+# not leave it is not written (the folder is decoded by every command instead).
+FOLDER_CACHE_HEADROOM = 512 << 20
+
+
+def load_folder(
+    root: Path,
+    image_size: int | None,
+    channels: int | None,
+    data_dir: Path,
+    *,
+    listing: sources.FolderListing | None = None,
+    write: bool = True,
+    log: Log | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """sources.folder_dataset(root, image_size, channels), through a cache of the decoded images
+    in data_dir/cache/folders/KEY/FINGERPRINT: the fingerprint (names, sizes and modification
+    times of the files) is checked on every load, so an added, removed or rewritten image means
+    decoding again, never stale pixels. A cache that cannot be written (read-only or full disk)
+    is skipped, said through `log`; one that cannot be read is rebuilt.
+    listing: list_folder(root) or scan_folder(root) if the caller has it already.
+    write: False to read a cache but not write one."""
+    listing = listing or sources.list_folder(root)
+    fingerprint = listing.fingerprint()
+    slot = folder_caches(data_dir) / _folder_cache_key(root, image_size, channels)
+    entry = slot / fingerprint[:16]
+    large = len(listing.files) >= sources.LOG_DECODING_FROM
+    got = _read_folder_cache(entry, fingerprint)
+    if got is not None:
+        if log is not None and large:
+            log(f"{root}: {len(listing.files):,} images as decoded before, from {entry}")
+        return got
+    scan = listing if isinstance(listing, sources.FolderScan) else None
+    scan = scan or sources.scan_folder(root, listing)
+    x, y, class_names = sources.folder_dataset(root, image_size, channels, scan=scan, log=log)
+    if not write:
+        return x, y, class_names
+    meta = {
+        "version": CACHE_VERSION,
+        "root": os.path.abspath(root),
+        "image_size": image_size,
+        "channels": channels,
+        "decode_version": sources.DECODE_VERSION,
+        "fingerprint": fingerprint,
+        "class_names": class_names,
+        "shape": list(x.shape),
+        "images_sha256": _sha(x),
+        "labels_sha256": _sha(y),
+    }
+    try:
+        _write_folder_cache(slot, entry, meta, x, y)
+    except OSError as e:
+        if log is not None:
+            log(f"{root}: decoded images not cached ({e}); every command decodes the folder")
+    else:
+        if log is not None and large:
+            log(f"{root}: decoded images cached in {entry} ({x.nbytes / 2**20:,.0f} MiB)")
+    return x, y, class_names
+
+
+def _read_folder_cache(entry: Path, fingerprint: str):
+    """(images, labels, class names) of a complete, intact cache entry for these files; None
+    otherwise (absent, written by another version, torn or corrupted: the caller decodes)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
+            return None
+        x = np.load(entry / "images.npy", allow_pickle=False)
+        y = np.load(entry / "labels.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if _sha(x) != meta["images_sha256"] or _sha(y) != meta["labels_sha256"]:
+        return None
+    return x, y, list(meta["class_names"])
+
+
+def _write_folder_cache(slot: Path, entry: Path, meta: dict, x: np.ndarray, y: np.ndarray):
+    """Arrays first, meta.json last (an entry without it is incomplete), then the slot's older
+    entries are removed. Raises OSError (no space, read-only, ...) with nothing partial left."""
+    need = x.nbytes + y.nbytes + FOLDER_CACHE_HEADROOM
+    probe = entry
+    while not probe.exists():  # the nearest existing folder is on the disk it would go to
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise OSError(
+            f"{x.nbytes / 2**20:,.0f} MiB would leave under "
+            f"{FOLDER_CACHE_HEADROOM >> 20} MiB free on {probe}"
+        )
+    try:
+        for name, a in (("images.npy", x), ("labels.npy", y)):
+            atomic_write_with(entry / name, lambda f, a=a: np.save(f, a, allow_pickle=False))
+        atomic_write_bytes(entry / "meta.json", json.dumps(meta, indent=1).encode())
+    except OSError:
+        shutil.rmtree(entry, ignore_errors=True)
+        raise
+    for old in slot.iterdir():
+        if old != entry and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def cached_folder_entries(data_dir: Path, root: Path) -> list[dict]:
+    """The caches of folder `root` in data_dir: [{path, shape, bytes}], one per size decoded."""
+    out = []
+    want = os.path.abspath(root)
+    for meta_path in sorted(folder_caches(data_dir).glob("*/*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("root") == want:
+            d = meta_path.parent
+            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            out.append({"path": str(d), "shape": meta["shape"], "bytes": size})
+    return out
+
+
+def class_names_of(name: str, data_dir: Path | None = None, log: Log | None = None) -> list[str]:
+    """A dataset's class names, without decoding it: a folder's from its sub-folder names (at
+    any image size, mixed or not), a built-in's from its cache (obtained first if needed)."""
+    check_name(name)
+    if name.startswith("folder:"):
+        return sources.list_folder(Path(name[7:])).class_names
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    return list(obtain(name, data_dir, log)["class_names"])
 
 
 def convert_images(
@@ -278,7 +418,7 @@ def convert_images(
     return images
 
 
-def _folder_info(name: str) -> dict:
+def _folder_info(name: str, data_dir: Path) -> dict:
     """A folder's classes, counts, image sizes and modes from the image headers; shape and
     checksums of the decoded images where it loads as it is (one square size), else a note
     saying what training needs (--image-size)."""
@@ -297,8 +437,9 @@ def _folder_info(name: str) -> dict:
         "skipped": [str(p) for p in scan.skipped],
         "splits": {"train": train},
     }
-    try:  # decoded as load_dataset reads it, from the same scan
-        x, y, _ = sources.folder_dataset(root, None, None, scan=scan)
+    out["caches"] = cached_folder_entries(data_dir, root)
+    try:  # decoded as load_dataset reads it, from the same scan (and cache, not written here)
+        x, y, _ = load_folder(root, None, None, data_dir, listing=scan, write=False)
     except DataError as e:
         out["note"] = str(e)
         return out
@@ -313,7 +454,7 @@ def info(name: str, data_dir: Path | None = None) -> dict:
     check_name(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if name.startswith("folder:"):
-        return _folder_info(name)
+        return _folder_info(name, data_dir)
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())
@@ -333,4 +474,6 @@ __all__ = [
     "default_data_dir",
     "check_name",
     "canonical_name",
+    "class_names_of",
+    "load_folder",
 ]

@@ -285,6 +285,9 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LOG_DECODING_FROM = 1000  # images: a folder this large is announced before it is decoded
+# The version of the pixels folder_dataset makes from a folder: bump it when _decode or the crop
+# and resize change them, so that caches of decoded folders (data/__init__.py) are rebuilt.
+DECODE_VERSION = 1
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
@@ -337,21 +340,38 @@ def class_folder_names(names: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class FolderScan:
-    """A folder dataset's layout from image headers only (no pixels decoded)."""
+class FolderListing:
+    """A folder dataset's files, from directory listings only (nothing opened)."""
 
     class_names: list[str]
     files: list[tuple[Path, int]]  # (path, class index), classes sorted by name
-    headers: list[tuple[str, tuple[int, int]]]  # (Pillow mode, (width, height)) per file
     skipped: tuple[Path, ...] = ()  # files in class folders that are hidden or not images
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the class names and every image's path, size and modification time: it
+        changes when an image is added, removed, renamed, moved to another class or rewritten,
+        so a cache of the decoded folder keyed by it is never stale."""
+        h = hashlib.sha256()
+        h.update("\0".join(self.class_names).encode())
+        for p, k in self.files:
+            try:
+                st = p.stat()
+            except OSError as e:
+                raise DataError(f"{p}: cannot read image ({e})") from None
+            h.update(f"\0{k}\0{p.parent.name}/{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        return h.hexdigest()
 
-def scan_folder(root: Path) -> FolderScan:
-    """One sub-folder per class (sorted by name); every image's mode and size, read from its
-    header. Raises DataError for a missing folder, no classes, an empty class or an unreadable
-    image."""
-    from PIL import Image, UnidentifiedImageError
 
+@dataclass(frozen=True)
+class FolderScan(FolderListing):
+    """A folder dataset's layout from image headers only (no pixels decoded)."""
+
+    headers: Sequence[tuple[str, tuple[int, int]]] = ()  # (Pillow mode, (width, height)) per file
+
+
+def list_folder(root: Path) -> FolderListing:
+    """One sub-folder per class (sorted by name) and its images (sorted by name). Raises
+    DataError for a missing folder, no classes or an empty class."""
     if not root.is_dir():
         raise DataError(f"folder dataset {root}: not a directory")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -373,14 +393,23 @@ def scan_folder(root: Path) -> FolderScan:
                 f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
             )
         files += [(p, k) for p in imgs]
+    return FolderListing([c.name for c in classes], files, tuple(skipped))
+
+
+def scan_folder(root: Path, listing: FolderListing | None = None) -> FolderScan:
+    """list_folder(root) (or `listing`, already made) and every image's mode and size, read from
+    its header. Raises DataError as list_folder does, and for an unreadable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    listing = listing or list_folder(root)
     headers = []
-    for p, _ in files:
+    for p, _ in listing.files:
         try:
             with Image.open(p) as im:
                 headers.append((im.mode, im.size))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{p}: cannot read image ({e})") from None
-    return FolderScan([c.name for c in classes], files, headers, tuple(skipped))
+    return FolderScan(listing.class_names, listing.files, listing.skipped, headers)
 
 
 def folder_dataset(
