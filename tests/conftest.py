@@ -27,8 +27,17 @@ def _no_network(monkeypatch):
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_data_dir(tmp_path_factory):
+    """The default data directory of module- and session-scoped fixtures (which run before any
+    function-scoped one): never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CFGDIFF_DATA_DIR", str(tmp_path_factory.mktemp("session-data")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _own_data_dir(tmp_path_factory, monkeypatch):
+def _own_data_dir(_session_data_dir, tmp_path_factory, monkeypatch):
     """Each test has its own default data directory, so that what a test caches there (decoded
     folders, trained judges) neither lands in the user's ~/.cache nor leaks into another test.
     (Not under tmp_path, which some tests use as a folder dataset's root.)"""
