@@ -8,14 +8,26 @@ does: a variant whose gradients differ from eager is printed with "!" and left o
     python bench/train_throughput.py --device cpu [--quick] [--json out.json]
     python bench/train_throughput.py --device cpu --tune-candidates \
         --json bench/results/cpu_throughput.json
+    python bench/train_throughput.py --device cuda --presets lesson-35m \
+        --variants fp32,bf16-compile-cl-bm --profile bf16-compile-cl-bm
+
+--profile VARIANT runs that variant's steps once more under torch.profiler, right after timing
+them (the same compiled step, so nothing is compiled twice), and prints where a step's time
+goes: kernel time per step by kind (convolution, matmul, attention, normalisation, fused
+kernels, optimizer, copies, other), the number of kernels a step launches, and the
+device's busy share of the step time measured without the profiler (low: the step is bound by
+launches or the host, which CUDA graphs address; high: by the kernels themselves). On the CPU
+the same table is made from operator self-times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -39,6 +51,107 @@ def forward_flops(net: torch.nn.Module, x, t, y) -> float:
     return float(fc.get_total_flops())
 
 
+# Kernel (CUDA) or operator (CPU) names to the kind of work, first match wins.
+KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
+    ("convolution", r"conv|cudnn|implicit_gemm|xmma|wgrad|dgrad|fprop|winograd"),
+    ("matmul", r"gemm|cutlass|matmul|addmm|\bmm\b|aten::mm|bmm|linear"),
+    ("normalisation", r"norm"),
+    ("optimizer", r"adam|multi_tensor|foreach|lerp"),
+    ("fused (compiled)", r"^triton_|compiledfxgraph|torch-compiled"),
+    ("copies", r"copy|memcpy|memset|contiguous|clone|cat"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def profile_steps(step, device, steps: int, step_s: float) -> dict:
+    """Run `steps` steps under torch.profiler; per-step time by kind of kernel (CUDA) or operator
+    self-time (CPU), kernels per step, and the busy share of `step_s` (a step's unprofiled time).
+    A profiler failure is returned as {"error": ...}: the timings measured before stand."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        if cuda:
+            return summarise(kernel_times(prof.events()), steps, step_s, launches=True)
+        times = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+        return summarise(times, steps, step_s, launches=False)
+    except Exception as e:  # noqa: BLE001 - a benchmark's diagnostics must not lose its figures
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def kernel_times(events) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every device-side event of a profile."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        out.append((e.name, us if us is not None else e.self_cuda_time_total))
+    return out
+
+
+def summarise(times: list[tuple[str, float]], steps: int, step_s: float, launches: bool) -> dict:
+    """Per-step milliseconds by kind and the top names, from (name, microseconds) pairs."""
+    by_kind: dict[str, float] = defaultdict(float)
+    top: dict[str, float] = defaultdict(float)
+    for name, us in times:
+        by_kind[kind_of(name)] += us
+        top[name] += us
+    busy_ms = sum(by_kind.values()) / 1e3 / steps
+    return {
+        "step_ms": step_s * 1e3,
+        "busy_ms": busy_ms,
+        "busy_share": busy_ms / (step_s * 1e3),
+        "kernels_per_step": len(times) / steps if launches else None,
+        "ms_per_step_by_kind": {
+            k: v / 1e3 / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            (name[:70], us / 1e3 / steps)
+            for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:12]
+        ],
+    }
+
+
+def print_profile(label: str, prof: dict, device) -> None:
+    if "error" in prof:
+        print(f"  profile of {label}: the profiler failed ({prof['error']})")
+        return
+    if device.type == "cuda":
+        print(
+            f"  profile of {label}: {prof['step_ms']:.1f} ms per step unprofiled, "
+            f"{prof['busy_ms']:.1f} ms of kernel time in it ({100 * prof['busy_share']:.0f} % "
+            f"busy), {prof['kernels_per_step']:.0f} kernels per step"
+        )
+    else:  # self-times of operators on several threads: no busy share
+        print(
+            f"  profile of {label}: {prof['step_ms']:.1f} ms per step unprofiled, "
+            f"{prof['busy_ms']:.1f} ms of operator self-time profiled"
+        )
+    total = sum(prof["ms_per_step_by_kind"].values()) or 1.0
+    for kind, ms in prof["ms_per_step_by_kind"].items():
+        print(f"    {kind:16s} {ms:9.2f} ms/step  {100 * ms / total:5.1f} %")
+    print("    top:")
+    for name, ms in prof["top"]:
+        print(f"      {ms:9.3f} ms/step  {name}")
+
+
 def measure(
     model_cfg,
     batch: int,
@@ -49,8 +162,10 @@ def measure(
     compile: bool = False,
     channels_last: bool = False,
     cudnn_benchmark: bool = False,
-) -> tuple[float, GradientCheck | None]:
-    """(images/s, the compiled step's gradient check or None when not compiled)."""
+    profile: bool = False,
+) -> tuple[float, GradientCheck | None, dict | None]:
+    """(images/s, the compiled step's gradient check or None when not compiled, the profile of
+    the same step when asked, see profile_steps)."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
@@ -91,7 +206,9 @@ def measure(
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0), check
+    elapsed = time.perf_counter() - t0
+    prof = profile_steps(step, device, steps, elapsed / steps) if profile else None
+    return batch * steps / elapsed, check, prof
 
 
 def main() -> int:
@@ -116,7 +233,15 @@ def main() -> int:
         "channels_last, cudnn.benchmark (as cfgdiff runs on CUDA); e.g. fp32, bf16-compile-cl-bm. "
         "The first is the baseline of the ratio column",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="VARIANT",
+        help="one of --variants: profile its steps after timing them (where a step's time goes)",
+    )
     a = p.parse_args()
+    if a.profile is not None and a.profile not in a.variants.split(","):
+        p.error(f"--profile: {a.profile!r} is not one of --variants {a.variants}")
     for v in a.variants.split(","):
         prec, *opts = v.split("-")
         if prec not in ("fp32", "bf16") or not set(opts) <= {"compile", "cl", "bm"}:
@@ -130,7 +255,7 @@ def main() -> int:
         for name in select(a.only, p.error):
             ov = candidates()[name]
             cfg = apply(PRESETS["cpu-demo"], ov)
-            ips, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
+            ips, _, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
             results[name] = round(ips, 1)
             print(f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s", flush=True)
     else:
@@ -148,9 +273,9 @@ def main() -> int:
             fl = forward_flops(
                 net, torch.zeros(1, c, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
             )
-            ips, bad = {}, {}
+            ips, bad, profiles = {}, {}, {}
             for v in variants:
-                ips[v], check = measure(
+                ips[v], check, profiles[v] = measure(
                     cfg.model,
                     batch,
                     device,
@@ -160,9 +285,15 @@ def main() -> int:
                     compile="compile" in v.split("-"),
                     channels_last="cl" in v.split("-"),
                     cudnn_benchmark="bm" in v.split("-"),
+                    profile=v == a.profile,
                 )
                 if check is not None and not check.ok:
                     bad[v] = check.describe()
+                # as it is measured, so that a run cut off by a time limit keeps its figures
+                note = "" if check is None else f" ({'!' if v in bad else ''}{check.describe()})"
+                print(f"  {name} {v}: {ips[v]:.1f} img/s{note}", file=sys.stderr, flush=True)
+                if v == a.profile:
+                    print_profile(f"{name} {a.profile}", profiles[a.profile], device)
             best = max((ips[v] for v in variants if v not in bad), default=float("nan"))
             tflops = 3 * fl * best / 1e12  # forward + backward ~ 3x forward
             results[name] = {
@@ -172,6 +303,7 @@ def main() -> int:
                 "images_per_s": ips,
                 "best_tflops": tflops,
                 "wrong_gradients": bad,
+                "profile": profiles.get(a.profile),
             }
             print(
                 f"{name:10s} {count_parameters(net) / 1e6:6.2f}M {batch:5d} {fl / 1e9:9.3f} "

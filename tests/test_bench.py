@@ -16,6 +16,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     "script,expect",
     [
         (["train_throughput.py", "--quick", "--presets", "tiny"], "bf16 img/s"),
+        (
+            ["train_throughput.py", "--quick", "--presets", "tiny", "--profile", "bf16"],
+            "profile of tiny bf16: ",
+        ),
         (["sample_throughput.py", "--quick", "--preset", "tiny"], "dpmpp-2m"),
         (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),
@@ -97,3 +101,53 @@ def test_tune_demo_quick_uses_each_candidates_own_speed():
     assert float(rows["pad32"][1]) == round(ips["pad32"])
     assert float(rows["lr1e-3"][1]) == round(ips["base"])  # same network: the base's speed
     assert ips["pad32"] < ips["base"]
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_profile_summary_of_cuda_kernels():
+    """The GPU profile's arithmetic, on kernel events as torch.profiler gives them (CPU-side
+    events are left out; a kernel is classified by its name)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    tt = _bench_module("train_throughput")
+
+    def ev(name, us, dev=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=dev, self_device_time_total=us)
+
+    events = [
+        ev("sm90_xmma_fprop_implicit_gemm_bf16", 3000),
+        ev("sm90_xmma_wgrad_bf16", 1000),
+        ev("triton_red_fused_native_group_norm_silu_3", 1200),  # norm first, fused or not
+        ev("triton_poi_fused_add_mul_silu_5", 800),
+        ev("pytorch_flash::flash_fwd_kernel", 500),
+        ev("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 400),
+        ev("ampere_bf16_s16816gemm_bf16_128x64", 600),
+        ev("Memcpy DtoD (Device -> Device)", 100),
+        ev("aten::convolution", 99999, DeviceType.CPU),  # host side: not kernel time
+    ]
+    times = tt.kernel_times(events)
+    assert len(times) == 8
+    prof = tt.summarise(times, steps=2, step_s=0.005, launches=True)
+    assert prof["kernels_per_step"] == 4
+    assert prof["busy_ms"] == 3.8 and prof["busy_share"] == 3.8 / 5
+    assert prof["ms_per_step_by_kind"] == {
+        "convolution": 2.0,
+        "normalisation": 0.6,
+        "fused (compiled)": 0.4,
+        "matmul": 0.3,
+        "attention": 0.25,
+        "optimizer": 0.2,
+        "copies": 0.05,
+    }
+    assert prof["top"][0] == ("sm90_xmma_fprop_implicit_gemm_bf16", 1.5)

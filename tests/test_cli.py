@@ -170,6 +170,30 @@ def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_da
     assert err.count("\n") == 1
 
 
+def test_resume_says_when_the_folder_changed(tmp_path, folder_data, capsys):
+    """Images added to (or rewritten in) a folder between a run and its resume: the resume goes
+    on with the folder as it is, and says that it cannot be exact; an unchanged folder says
+    nothing."""
+    from PIL import Image
+
+    out = str(tmp_path / "run")
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", out]
+    argv += ["--no-progress", "--precision", "fp32", "--sample-every", "0"]
+    assert main([*argv, "--steps", "4"]) == 0
+    assert main([*argv, "--resume", "--steps", "6"]) == 0
+    assert "training data changed" not in capsys.readouterr().err
+    Image.fromarray(np.full((8, 8), 9, np.uint8), mode="L").save(folder_data / "class1" / "n.png")
+    assert main([*argv, "--resume", "--steps", "8"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "--resume: the training data changed since the checkpoint (18 images then, 19 now)" in err
+    )
+    assert (tmp_path / "run" / "checkpoints" / "step-0000008").is_dir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8), mode="L").save(folder_data / "class1" / "n.png")
+    assert main([*argv, "--resume", "--steps", "10"]) == 0  # same count, other pixels
+    assert "(19 images then, 19 now)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("faithful", [True, False])
 def test_train_reports_the_compiled_gradient_check(
     tmp_path, folder_data, capsys, monkeypatch, faithful

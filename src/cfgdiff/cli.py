@@ -644,6 +644,12 @@ def cmd_train(a: argparse.Namespace) -> int:
                 else f"torch.compile not used, training eagerly: {info['error']}"
             )
             note(msg)
+        elif name == "data_changed":
+            note(
+                f"--resume: the training data changed since the checkpoint ({info['was']:,} "
+                f"images then, {info['now']:,} now); training goes on with the data as it is "
+                "now, so the run will not repeat an uninterrupted one exactly"
+            )
         elif name == "eval":
             msg = f"eval at step {info['step']}: FID {info['fid']:.3f}, class accuracy "
             msg += f"{info['class_accuracy']:.4f} (s={cfg.train.preview_scale:g})"

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import hashlib
 import io
 import math
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cfgdiff import checkpoint as ckpt_io
@@ -83,6 +85,16 @@ def config_for_dataset(cfg: RunConfig, data: Dataset, dataset_name: str) -> RunC
     return dataclasses.replace(
         cfg, model=model, train=train, dataset=dataset_name, class_names=names
     )
+
+
+def data_identity(data: Dataset) -> dict:
+    """The training images and labels as a checkpoint records them (count and SHA-256), so that
+    a resume can tell when a folder changed in between: training then goes on with the data as
+    it is now, which cannot repeat the uninterrupted run exactly (the "data_changed" event)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(data.images.numpy()))
+    h.update(np.ascontiguousarray(data.labels.numpy()))
+    return {"n": len(data), "sha256": h.hexdigest()}
 
 
 def steps_for_budget(step: int, seconds_left: float, steps_per_s: float) -> int:
@@ -381,6 +393,7 @@ def _train_locked(
         data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
     )
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    data_id = data_identity(data)
     start = 0
     loss_acc = torch.zeros((), device=device)
     acc_n = 0
@@ -403,6 +416,9 @@ def _train_locked(
             if device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"])
             batches.load_state(state["data"])
+            was = state.get("data_identity")  # absent in checkpoints of earlier versions
+            if was is not None and was != data_id:
+                emit("data_changed", {"was": int(was["n"]), "now": data_id["n"]})
             start = int(state["step"])
             loss_acc += float(state["loss_acc"])
             acc_n = int(state["loss_acc_n"])
@@ -438,6 +454,7 @@ def _train_locked(
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
             "data": batches.state(),
+            "data_identity": data_id,
             "loss_acc": float(loss_acc),
             "loss_acc_n": acc_n,
         }
