@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -232,7 +233,7 @@ def test_folder_cache_follows_the_files(folder_data, tmp_path, change):
     assert len(list(slot.iterdir())) == 1  # the decoding of the earlier files is gone
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no-meta"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-meta", "meta-list", "meta-keys"])
 def test_damaged_folder_cache_is_decoded_again(folder_data, tmp_path, damage):
     dd = tmp_path / "dd"
     want = load_dataset(f"folder:{folder_data}", dd).images
@@ -245,8 +246,14 @@ def test_damaged_folder_cache_is_decoded_again(folder_data, tmp_path, damage):
         b = bytearray(images.read_bytes())
         b[-1] ^= 0xFF
         images.write_bytes(bytes(b))
-    else:
+    elif damage == "no-meta":
         (entry / "meta.json").unlink()
+    elif damage == "meta-list":
+        (entry / "meta.json").write_text("[1, 2]")
+    else:  # right version and fingerprint, the rest missing
+        meta = json.loads((entry / "meta.json").read_text())
+        keep = ("version", "fingerprint")
+        (entry / "meta.json").write_text(json.dumps({k: meta[k] for k in keep}))
     assert torch.equal(load_dataset(f"folder:{folder_data}", dd).images, want)
     assert hashlib.sha256(images.read_bytes()).hexdigest() == intact  # rewritten whole
 

@@ -332,11 +332,11 @@ def _read_folder_cache(entry: Path, fingerprint: str):
             return None
         x = np.load(entry / "images.npy", allow_pickle=False)
         y = np.load(entry / "labels.npy", allow_pickle=False)
-    except (OSError, ValueError):
+        if _sha(x) != meta["images_sha256"] or _sha(y) != meta["labels_sha256"]:
+            return None
+        return x, y, [str(c) for c in meta["class_names"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage: a miss
         return None
-    if _sha(x) != meta["images_sha256"] or _sha(y) != meta["labels_sha256"]:
-        return None
-    return x, y, list(meta["class_names"])
 
 
 def _write_folder_cache(slot: Path, entry: Path, meta: dict, x: np.ndarray, y: np.ndarray):
@@ -369,14 +369,14 @@ def cached_folder_entries(data_dir: Path, root: Path) -> list[dict]:
     out = []
     want = os.path.abspath(root)
     for meta_path in sorted(folder_caches(data_dir).glob("*/*/meta.json")):
-        try:
+        d = meta_path.parent
+        try:  # an entry being replaced or removed by another command is left out
             meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+            if meta.get("root") == want:
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                out.append({"path": str(d), "shape": list(meta["shape"]), "bytes": size})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if meta.get("root") == want:
-            d = meta_path.parent
-            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-            out.append({"path": str(d), "shape": meta["shape"], "bytes": size})
     return out
 
 
