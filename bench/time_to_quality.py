@@ -114,15 +114,21 @@ def main() -> int:
         results[name] = time_to_quality(cfg, data, ref, device, prec, compiled, sched, a, tmp.name)
     names = list(results)
     ratio = a.baseline and (precision, a.compile) != ("fp32", False)
+    # columns as wide as their names ("bf16 + compile, held LR steps"), one space apart at least
+    wide = {n: (max(28, len(n) + 8), max(24, len(n) + 4)) for n in names}
     print(
-        f"\n{'target':>8s}" + "".join(f"{n + ' steps':>28s}{n + ' s':>24s}" for n in names), end=""
+        f"\n{'target':>8s}"
+        + "".join(f"{n + ' steps':>{wide[n][0]}s}{n + ' s':>{wide[n][1]}s}" for n in names),
+        end="",
     )
     print(f"{'baseline s / ours':>19s}" if ratio else "")
     for target in (0.95, 0.98):
         hits = [next((r for r in results[n] if r["acc"] >= target), None) for n in names]
         line = f"{target:8.2f}"
-        for h in hits:
-            line += f"{h['step'] if h else '-':>28}{h['seconds'] if h else float('nan'):24.1f}"
+        for n, h in zip(names, hits, strict=True):
+            w_steps, w_s = wide[n]
+            line += f"{h['step'] if h else '-':>{w_steps}}"
+            line += f"{h['seconds'] if h else float('nan'):{w_s}.1f}"
         if ratio:
             r = hits[-1]["seconds"] / hits[0]["seconds"] if hits[0] and hits[-1] else float("nan")
             line += f"{r:19.2f}"
