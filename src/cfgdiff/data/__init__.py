@@ -281,8 +281,9 @@ def load_folder(
     """sources.folder_dataset(root, image_size, channels), through a cache of the decoded images
     in data_dir/cache/folders/KEY/FINGERPRINT: the fingerprint (names, sizes and modification
     times of the files) is checked on every load, so an added, removed or rewritten image means
-    decoding again, never stale pixels. A cache that cannot be written (read-only or full disk)
-    is skipped, said through `log`; one that cannot be read is rebuilt.
+    decoding again (see FolderListing.fingerprint for its one blind spot). A cache that cannot
+    be written (read-only or full disk) is skipped, said through `log`; one that cannot be read
+    is rebuilt.
     listing: list_folder(root) or scan_folder(root) if the caller has it already.
     write: False to read a cache but not write one."""
     listing = listing or sources.list_folder(root)

@@ -349,8 +349,9 @@ class FolderListing:
 
     def fingerprint(self) -> str:
         """SHA-256 of the class names and every image's path, size and modification time: it
-        changes when an image is added, removed, renamed, moved to another class or rewritten,
-        so a cache of the decoded folder keyed by it is never stale."""
+        changes when an image is added, removed, renamed, moved to another class or rewritten
+        (unless by a file of the same byte size with its old modification time restored, as
+        `cp -p` can do), so a cache of the decoded folder keyed by it does not go stale."""
         h = hashlib.sha256()
         h.update("\0".join(self.class_names).encode())
         for p, k in self.files:
