@@ -177,6 +177,15 @@ def test_folder_decoding_is_announced_when_large(folder_data, monkeypatch):
     assert said[1].startswith(f"{folder_data}: decoded images cached in ") and len(said) == 2
     load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
     assert said[2].startswith(f"{folder_data}: 18 images as decoded before, from ")
+    # a long decoding says how far it has got (every image here, with no pause between lines)
+    monkeypatch.setattr(sources, "LOG_PROGRESS_EVERY", 0.0)
+    said.clear()
+    load_dataset(f"folder:{folder_data}", image_size=12, log=said.append)
+    progress = [m for m in said if " images decoded (" in m]
+    assert len(progress) == 17  # after images 1 to 17 of 18: none once it is done
+    assert progress[0].startswith(f"{folder_data}: 1 of 18 images decoded (")
+    assert progress[-1].startswith(f"{folder_data}: 17 of 18 images decoded (")
+    assert progress[-1].endswith(" s left)")
 
 
 def _decoding_refused(monkeypatch):

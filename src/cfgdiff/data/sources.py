@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -285,6 +286,7 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LOG_DECODING_FROM = 1000  # images: a folder this large is announced before it is decoded
+LOG_PROGRESS_EVERY = 15.0  # seconds between progress lines while such a folder is decoded
 # The version of the pixels folder_dataset makes from a folder: bump it when _decode or the crop
 # and resize change them, so that caches of decoded folders (data/__init__.py) are rebuilt.
 DECODE_VERSION = 1
@@ -429,7 +431,8 @@ def folder_dataset(
     channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
     scan: scan_folder(root) if the caller has it already.
     workers: decoding threads (default: the cores, at most 8).
-    log: told once what is being decoded, for folders large enough to take a while.
+    log: told what is being decoded, for folders large enough to take a while, and then how far
+    it has got every LOG_PROGRESS_EVERY seconds.
     """
     from PIL import Image
 
@@ -481,9 +484,19 @@ def folder_dataset(
     # the first file (in sorted order) that fails is the one reported.
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         futures = [pool.submit(read, i) for i in range(len(files))]
+        announced = log is not None and len(files) >= LOG_DECODING_FROM
+        t0 = last = time.monotonic()
         try:
-            for f in futures:
+            for i, f in enumerate(futures):
                 f.result()
+                now = time.monotonic()
+                if announced and now - last >= LOG_PROGRESS_EVERY and i + 1 < len(files):
+                    last = now
+                    rate = (i + 1) / (now - t0)
+                    log(
+                        f"{root}: {i + 1:,} of {len(files):,} images decoded "
+                        f"({rate:,.0f}/s, about {(len(files) - i - 1) / rate:,.0f} s left)"
+                    )
         except BaseException:  # a bad file or Ctrl-C: do not decode the rest first
             pool.shutdown(cancel_futures=True)
             raise
