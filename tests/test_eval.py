@@ -374,6 +374,7 @@ def test_eval_samples_from_npz_and_folder(run, big_folder, tmp_path, capsys):
         ("many", [], "the number of --samples must be <= 60 for folder:"),
         ("small", [], "must be square, 8 to 1024 pixels, with 1 or 3 channels, got 1x4x4"),
         ("wide", [], "must be square, 8 to 1024 pixels, with 1 or 3 channels, got 1x8x6"),
+        ("mixed", [], "the images must all be one size, found 8x8 (0.png) and 10x8 (1.png)"),
     ],
 )
 def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, message):
@@ -389,6 +390,13 @@ def test_eval_samples_bad_inputs(big_folder, tmp_path, capsys, make, extra, mess
     elif make == "txt":
         path = tmp_path / "s.txt"
         path.write_text("hi")
+    elif make == "mixed":  # a folder of samples of two sizes: not resized to one, refused
+        from PIL import Image
+
+        path = tmp_path / "mixed"
+        (path / "c0").mkdir(parents=True)
+        for i, w in enumerate((8, 10, 8, 10)):
+            Image.new("L", (w, 8)).save(path / "c0" / f"{i}.png")
     else:
         path.write_bytes(b"not a zip")
     dd = ["--data-dir", str(tmp_path / "dd")]

@@ -181,14 +181,26 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     """
     import numpy as np
 
-    from cfgdiff.data.sources import class_folder_names, folder_dataset
+    from cfgdiff.data.sources import class_folder_names, folder_dataset, scan_folder
     from cfgdiff.errors import CfgDiffError
 
     path = Path(path)
     k = len(class_names)
     if path.is_dir():
         try:
-            x, y, folders = folder_dataset(path, None, None)
+            scan = scan_folder(path)
+            sizes: dict = {}  # each size -> its first file
+            for (p, _), (_, size) in zip(scan.files, scan.headers, strict=True):
+                sizes.setdefault(size, p)
+            if len(sizes) > 1:  # samples are measured as made: never resized to one size here
+                (a, pa), (b, pb) = list(sizes.items())[:2]
+                raise ConfigError(
+                    f"--samples {path}: the images must all be one size, found "
+                    f"{a[0]}x{a[1]} ({pa.name}) and {b[0]}x{b[1]} ({pb.name})"
+                )
+            x, y, folders = folder_dataset(path, None, None, scan=scan)
+        except ConfigError:
+            raise
         except CfgDiffError as e:
             raise ConfigError(f"--samples {path}: {e}") from None
         names = list(folders)
