@@ -292,11 +292,14 @@ def test_folder_cache_that_cannot_be_written_is_skipped(folder_data, tmp_path, m
     assert not list((dd / "cache" / "folders").rglob("*.npy"))
 
 
-def test_folder_info_lists_caches_and_writes_none(folder_data, tmp_path, capsys):
+def test_folder_info_lists_caches_and_writes_none(folder_data, tmp_path, capsys, monkeypatch):
     from cfgdiff.cli import main
 
     dd = tmp_path / "dd"
-    assert info(f"folder:{folder_data}", dd)["caches"] == []
+    monkeypatch.setattr(sources, "LOG_DECODING_FROM", 10)  # as large folders are: said
+    said: list[str] = []
+    assert info(f"folder:{folder_data}", dd, log=said.append)["caches"] == []
+    assert said == [f"{folder_data}: decoding 18 images of 3 classes to 1x8x8"]
     assert not (dd / "cache").exists()  # data info reads a folder, it does not cache it
     load_dataset(f"folder:{folder_data}", dd, image_size=16, channels=3)
     (c,) = info(f"folder:{folder_data}", dd)["caches"]

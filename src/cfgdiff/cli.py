@@ -1338,7 +1338,7 @@ def cmd_data(a: argparse.Namespace) -> int:
             f"(source: {meta['source']})"
         )
         return 0
-    meta = info(a.name, data_dir)
+    meta = info(a.name, data_dir, log=_log)
     print(f"{a.name}: {meta['path']}")
     if "source" in meta:
         print(f"  source: {meta['source']}")

@@ -419,7 +419,7 @@ def convert_images(
     return images
 
 
-def _folder_info(name: str, data_dir: Path) -> dict:
+def _folder_info(name: str, data_dir: Path, log: Log | None = None) -> dict:
     """A folder's classes, counts, image sizes and modes from the image headers; shape and
     checksums of the decoded images where it loads as it is (one square size), else a note
     saying what training needs (--image-size)."""
@@ -440,7 +440,7 @@ def _folder_info(name: str, data_dir: Path) -> dict:
     }
     out["caches"] = cached_folder_entries(data_dir, root)
     try:  # decoded as load_dataset reads it, from the same scan (and cache, not written here)
-        x, y, _ = load_folder(root, None, None, data_dir, listing=scan, write=False)
+        x, y, _ = load_folder(root, None, None, data_dir, listing=scan, write=False, log=log)
     except DataError as e:
         out["note"] = str(e)
         return out
@@ -450,12 +450,13 @@ def _folder_info(name: str, data_dir: Path) -> dict:
     return out
 
 
-def info(name: str, data_dir: Path | None = None) -> dict:
-    """Where the cached files are, counts per class and checksums (does not download)."""
+def info(name: str, data_dir: Path | None = None, log: Log | None = None) -> dict:
+    """Where the cached files are, counts per class and checksums (does not download).
+    log: told about a large folder's decoding (to checksum it) as it goes."""
     check_name(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if name.startswith("folder:"):
-        return _folder_info(name, data_dir)
+        return _folder_info(name, data_dir, log)
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())
