@@ -55,9 +55,13 @@ section() {
     python3 -m cfgdiff sample --checkpoint /tmp/smoke --scale 3 --out /tmp/smoke/s.npz --device $DEV \
       --sampler dpmpp-2m --steps 10 --compile off"
   # bf16-compile-bm is what `cfgdiff train` does on CUDA by default (channels_last is opt-in);
-  # beside it, whether channels_last pays off once compiled, and what cudnn.benchmark is worth.
+  # beside it, whether channels_last pays off once compiled; where that step's time goes (kernel
+  # kinds, launches, busy share: what to try next for the 4,500 img/s target); and the same step
+  # replayed as CUDA graphs (-cg: compile mode reduce-overhead), the fix if the GPU idles. Most
+  # telling first; each variant's figure is printed as it is measured (stderr), so a section cut
+  # off by its cap keeps what it measured, and a variant that fails does not stop the others.
   section 200 "train throughput, $BIG preset, its batch" python3 bench/train_throughput.py \
-      --device $DEV --presets $BIG $Q --variants fp32,bf16-compile-cl-bm,bf16-compile-bm,bf16-compile-cl,bf16 \
+      --device $DEV --presets $BIG $Q --variants fp32,bf16-compile-cl-bm,bf16-compile-cg-cl-bm,bf16-compile-bm,bf16 \
       --profile bf16-compile-cl-bm --json "$OUT/train_35m.json"
   section 240 "time to 98 % at s = 3, $MNIST preset, compiled, against fp32 eager" \
       python3 bench/time_to_quality.py --device $DEV $TTQ --compile

@@ -163,15 +163,26 @@ def measure(
     channels_last: bool = False,
     cudnn_benchmark: bool = False,
     profile: bool = False,
+    cudagraphs: bool = False,
 ) -> tuple[float, GradientCheck | None, dict | None]:
     """(images/s, the compiled step's gradient check or None when not compiled, the profile of
-    the same step when asked, see profile_steps)."""
+    the same step when asked, see profile_steps). cudagraphs: compile with
+    mode="reduce-overhead" (forward and backward replayed as CUDA graphs; a plain compile on the
+    CPU), each step marked as a new iteration for cudagraph trees."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    fwd = torch.compile(net) if compile else net
+    if compile:
+        fwd = torch.compile(net, mode="reduce-overhead" if cudagraphs else None)
+    else:
+        fwd = net
+
+    def begin_step() -> None:
+        if cudagraphs:  # the previous step's graph outputs are no longer needed
+            torch.compiler.cudagraph_mark_step_begin()
+
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     sch = make_schedule("cosine", 1000)
     dcfg = DiffusionConfig(schedule="cosine", prediction="v")
@@ -184,6 +195,7 @@ def measure(
     if compile:
 
         def loss_of(f):
+            begin_step()
             gen = torch.Generator(device=device).manual_seed(0)
             with autocast(device, precision):
                 return training_loss(f, x, y, sch, dcfg, model_cfg.num_classes, gen)
@@ -191,6 +203,7 @@ def measure(
         check = check_compiled_gradients(net, fwd, loss_of, precision)
 
     def step():
+        begin_step()
         with autocast(device, precision):
             loss = training_loss(fwd, x, y, sch, dcfg, model_cfg.num_classes)
         opt.zero_grad(set_to_none=True)
@@ -229,8 +242,9 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="fp32,bf16",
-        help="comma-separated PRECISION[-compile][-cl][-bm]: fp32 or bf16, torch.compile, "
-        "channels_last, cudnn.benchmark (as cfgdiff runs on CUDA); e.g. fp32, bf16-compile-cl-bm. "
+        help="comma-separated PRECISION[-compile[-cg]][-cl][-bm]: fp32 or bf16, torch.compile "
+        "(-cg: in mode reduce-overhead, CUDA graphs), channels_last, cudnn.benchmark (as cfgdiff "
+        "runs on CUDA); e.g. fp32, bf16-compile-cl-bm. "
         "The first is the baseline of the ratio column",
     )
     p.add_argument(
@@ -244,8 +258,12 @@ def main() -> int:
         p.error(f"--profile: {a.profile!r} is not one of --variants {a.variants}")
     for v in a.variants.split(","):
         prec, *opts = v.split("-")
-        if prec not in ("fp32", "bf16") or not set(opts) <= {"compile", "cl", "bm"}:
-            p.error(f"--variants: {v!r} is not PRECISION[-compile][-cl][-bm]")
+        if (
+            prec not in ("fp32", "bf16")
+            or not set(opts) <= {"compile", "cg", "cl", "bm"}
+            or ("cg" in opts and "compile" not in opts)
+        ):
+            p.error(f"--variants: {v!r} is not PRECISION[-compile[-cg]][-cl][-bm]")
     device = torch.device(a.device)
     steps, warmup = (2, 1) if a.quick else (8, 3)
     results: dict = {}
@@ -275,18 +293,29 @@ def main() -> int:
             )
             ips, bad, profiles = {}, {}, {}
             for v in variants:
-                ips[v], check, profiles[v] = measure(
-                    cfg.model,
-                    batch,
-                    device,
-                    v.split("-")[0],
-                    steps,
-                    warmup,
-                    compile="compile" in v.split("-"),
-                    channels_last="cl" in v.split("-"),
-                    cudnn_benchmark="bm" in v.split("-"),
-                    profile=v == a.profile,
-                )
+                opts = v.split("-")
+                try:
+                    ips[v], check, profiles[v] = measure(
+                        cfg.model,
+                        batch,
+                        device,
+                        opts[0],
+                        steps,
+                        warmup,
+                        compile="compile" in opts,
+                        cudagraphs="cg" in opts,
+                        channels_last="cl" in opts,
+                        cudnn_benchmark="bm" in opts,
+                        profile=v == a.profile,
+                    )
+                except Exception as e:  # noqa: BLE001 - one variant failing (a compile mode on
+                    # an untried stack) must not lose the others' figures
+                    ips[v], check, profiles[v] = float("nan"), None, None
+                    bad[v] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    print(f"  {name} {v}: {bad[v]}", file=sys.stderr, flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 if check is not None and not check.ok:
                     bad[v] = check.describe()
                 # as it is measured, so that a run cut off by a time limit keeps its figures
@@ -312,7 +341,10 @@ def main() -> int:
                 flush=True,
             )
             for v, why in bad.items():
-                print(f"  ! {name} {v}: compiled gradients differ from eager: {why}")
+                what = (
+                    "" if why.startswith("failed: ") else "compiled gradients differ from eager: "
+                )
+                print(f"  ! {name} {v}: {what}{why}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(results, indent=1))

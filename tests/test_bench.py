@@ -151,3 +151,34 @@ def test_profile_summary_of_cuda_kernels():
         "copies": 0.05,
     }
     assert prof["top"][0] == ("sm90_xmma_fprop_implicit_gemm_bf16", 1.5)
+
+
+def test_a_failing_variant_keeps_the_others_figures(monkeypatch, capsys):
+    """A variant that raises (a compile mode on a stack that cannot run it) is reported as
+    failed and left out of "best"; the other variants are still measured and printed."""
+    tt = _bench_module("train_throughput")
+    real = tt.measure
+
+    def measure(*args, **kw):
+        if kw.get("cudagraphs"):
+            raise RuntimeError("CUDA graphs are not supported here\nsecond line")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tt, "measure", measure)
+    argv = [
+        "--quick",
+        "--presets",
+        "tiny",
+        "--device",
+        "cpu",
+        "--variants",
+        "fp32,bf16-compile-cg,bf16",
+    ]
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", *argv])
+    assert tt.main() == 0
+    out, err = capsys.readouterr()
+    assert "tiny bf16-compile-cg: failed: RuntimeError: CUDA graphs are not supported here\n" in err
+    assert "tiny bf16: " in err and "second line" not in err
+    assert "! tiny bf16-compile-cg: failed: RuntimeError" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("tiny ")]
+    assert "nan!" in row and "nan " not in row.split("nan!")[1]  # best/base and TFLOP/s measured
