@@ -373,6 +373,14 @@ def test_data_fetch_and_info(idx_dir, capsys):
             ["data", "info", "mnist", "--data-dir", "/nonexistent-dir"],
             "run `cfgdiff data fetch mnist`",
         ),
+        (
+            ["train", "--out", "r", "--data-dir", "/dev/null"],
+            "argument --data-dir: not a directory: /dev/null",
+        ),
+        (
+            ["eval", "--checkpoint", "x", "--scale", "3", "--data-dir", "/dev/null"],
+            "argument --data-dir: not a directory: /dev/null",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -784,3 +792,12 @@ def test_train_progress_bar_takes_the_time_budgets_count(
     # the done lines split the wall time into what the budget counts and what it does not
     assert " s training (--time 2 s), " in captured.out
     assert " s previews, checkpoints and evaluations, " in captured.out
+
+
+def test_a_data_dir_from_the_environment_that_is_a_file_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("CFGDIFF_DATA_DIR", "/dev/null")
+    assert main(["data", "info", "mnist"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "cfgdiff: error: $CFGDIFF_DATA_DIR: not a directory: /dev/null (pass --data-dir DIR)\n"
+    )

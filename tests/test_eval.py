@@ -654,3 +654,19 @@ def test_folder_judge_follows_the_folders_classes_and_images(tmp_path):
     (folder / "class3" / "0.png").unlink()
     _, meta = get_classifier(name, dd, log=notes.append)
     assert any("other classes or images" in n for n in notes) and meta["num_classes"] == 4
+
+
+def test_a_judge_that_cannot_be_cached_still_judges(big_folder, tmp_path):
+    """A data directory where the judge cannot be saved (here: classifiers/ is a file): the
+    evaluation goes on with the judge it trained, says it is not cached, and leaves no file."""
+    from cfgdiff.metrics.classifier import get_classifier
+
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    (dd / "classifiers").write_text("not a folder")
+    said: list[str] = []
+    net, meta = get_classifier(f"folder:{big_folder}", dd, log=said.append)
+    assert meta["test_accuracy"] > 0.9 and net(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+    (note,) = [m for m in said if "not cached" in m]
+    assert note.startswith("the judge is not cached (") and "trains it again" in note
+    assert (dd / "classifiers").read_text() == "not a folder"

@@ -246,6 +246,15 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
     v.add_argument("--apg-momentum", type=_float_in(-1, 1), default=0.0)
 
 
+def _data_dir(s: str) -> Path:
+    """--data-dir: a directory, or a path where one can be made (checked before any work: a file
+    there would fail only when something is first cached, after a judge's training)."""
+    path = Path(s)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {s}")
+    return path
+
+
 def _dataset_name(name: str) -> str:
     """--dataset as given, but folder:~/x and folder:x made absolute (checked later)."""
     from cfgdiff.data import canonical_name
@@ -269,7 +278,7 @@ def eval_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--inception", type=Path, help="a local copy of the FID Inception network")
     sp.add_argument(
         "--data-dir",
-        type=Path,
+        type=_data_dir,
         default=None,
         help="where datasets, classifiers and models are cached",
     )
@@ -307,7 +316,7 @@ def build_parser() -> Parser:
     def data_opts(sp):
         sp.add_argument(
             "--data-dir",
-            type=Path,
+            type=_data_dir,
             default=None,
             help="where datasets are found and cached (default $CFGDIFF_DATA_DIR or "
             "~/.cache/cfgdiff/data)",
@@ -1384,6 +1393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "data_dir", "absent") is None:  # the default: $CFGDIFF_DATA_DIR or ~
+            import os
+
+            from cfgdiff.data import default_data_dir
+
+            d = default_data_dir()
+            if d.exists() and not d.is_dir():
+                what = "$CFGDIFF_DATA_DIR" if os.environ.get("CFGDIFF_DATA_DIR") else "data dir"
+                raise UsageError(f"{what}: not a directory: {d} (pass --data-dir DIR)")
         if args.command != "data":  # every command that runs a network
             from cfgdiff.runtime import configure_cpu_threads, configure_cuda
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from cfgdiff.data import Dataset, convert_images, default_data_dir, load_dataset
@@ -296,9 +296,17 @@ def get_classifier(
         "epochs_trained": epochs_for(len(train), recipe["epochs"], recipe.get("min_steps", 0)),
         "weights_sha256": _weights_sha(net),
     }
-    base.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(weights_path))
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    try:
+        # the old meta first (its weights are being replaced), each file atomically, the new
+        # meta last: a judge on disk is whole or absent, never weights of one and meta of another
+        base.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)
+        state = {k: v.cpu().contiguous() for k, v in net.state_dict().items()}
+        atomic_write_bytes(weights_path, save(state))
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    except OSError as e:  # the evaluation goes on with the judge it has trained
+        if log is not None:
+            log(f"the judge is not cached ({e}); the next evaluation trains it again")
     return net.to(device).eval(), meta
 
 
