@@ -192,3 +192,45 @@ def test_half_precision_files_are_half_the_size_and_sample_alike(run, tmp_path, 
     b = _sample(full, tmp_path / "b.npz")[0].astype(int)
     assert np.abs(a - b).mean() < 2  # uint8 levels; weights rounded, not changed
     assert next(ckpt_io.load_for_sampling(half).net.parameters()).dtype == torch.float32
+
+
+def test_the_training_data_identity_travels_with_checkpoint_and_model_file(
+    run, folder, tmp_path, capsys
+):
+    """info says how many images a model was trained on and their SHA-256, from the checkpoint's
+    training state or the model file's metadata (covered by the file's hash); files and
+    checkpoints from before it was recorded still load, without the line."""
+    from cfgdiff.data import load_dataset
+    from cfgdiff.train import data_identity as identity_of_data
+
+    want = identity_of_data(load_dataset(f"folder:{folder}"))
+    assert want["n"] == 120
+    latest = ckpt_io.resolve(run)
+    assert ckpt_io.data_identity(latest) == want
+    f = tmp_path / "m.safetensors"
+    ckpt_io.export_model(run, f)
+    assert ckpt_io.load_for_sampling(f).data == want
+    line = f"             120 training images, SHA-256 {want['sha256'][:16]}..."
+    for path in (run, f):
+        assert main(["info", "--checkpoint", str(path)]) == 0
+        assert line in capsys.readouterr().out.splitlines()
+        assert main(["info", "--checkpoint", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["data_identity"] == want
+
+    # a model file whose recorded data was edited fails its check
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    edited = {**meta, "data": json.dumps({"n": 7, "sha256": "0" * 64}, sort_keys=True)}
+    save_file(load_file(str(f)), str(tmp_path / "edited.safetensors"), metadata=edited)
+    with pytest.raises(CheckpointError, match="does not match"):
+        ckpt_io.load_for_sampling(tmp_path / "edited.safetensors")
+    # one exported before the identity was recorded: no "data", the old hash
+    old = {k: v for k, v in meta.items() if k != "data"}
+    tensors = load_file(str(f))
+    old["sha256"] = ckpt_io._model_file_sha256(old["config"], tensors)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
+    assert ckpt_io.load_for_sampling(tmp_path / "old.safetensors").data is None
+    assert main(["info", "--checkpoint", str(tmp_path / "old.safetensors")]) == 0
+    assert "training images" not in capsys.readouterr().out

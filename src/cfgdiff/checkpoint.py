@@ -230,19 +230,35 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__})") from None
 
 
+def data_identity(ckpt: Path) -> dict | None:
+    """{"n", "sha256"} of the images the checkpoint's run trained on (its training state);
+    None for checkpoints written before it was recorded, or without a training state."""
+    if not (ckpt / "state.pt").is_file():
+        return None
+    got = load_state(ckpt).get("data_identity")
+    return {"n": int(got["n"]), "sha256": str(got["sha256"])} if got else None
+
+
 @dataclass
 class Loaded:
     path: Path
     cfg: RunConfig
     net: UNet  # EMA weights unless asked otherwise, in eval mode
+    data: dict | None = None  # a model file's training-data identity (see data_identity)
 
 
 MODEL_FILE_FORMAT = "cfgdiff-model-1"
 
 
-def _model_file_sha256(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the config JSON and every tensor's name, dtype, shape and bytes."""
+def _model_file_sha256(
+    config_json: str, tensors: dict[str, torch.Tensor], data_json: str | None = None
+) -> str:
+    """SHA-256 over the config JSON, the training-data identity when the file records one
+    (files exported before it was recorded have none, and keep their hash), and every tensor's
+    name, dtype, shape and bytes."""
     h = hashlib.sha256(config_json.encode())
+    if data_json is not None:
+        h.update(b"|data|" + data_json.encode())
     for name in sorted(tensors):
         v = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{v.dtype}|{tuple(v.shape)}".encode())
@@ -270,14 +286,18 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
         for k, v in load_file(str(ckpt / f"{which}.safetensors")).items()
     }
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    data = data_identity(ckpt)
+    data_json = json.dumps(data, sort_keys=True) if data is not None else None
     metadata = {
         "format": MODEL_FILE_FORMAT,
         "config": config_json,
         "weights": which,
         "dtype": dtype,
         "source": f"{ckpt.parent.parent.name}/{ckpt.name}",  # RUN/step-N, no local path
-        "sha256": _model_file_sha256(config_json, tensors),
+        "sha256": _model_file_sha256(config_json, tensors, data_json),
     }
+    if data_json is not None:
+        metadata["data"] = data_json
     out = Path(out)
     try:
         atomic_write_bytes(out, save(tensors, metadata))
@@ -286,7 +306,7 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     return metadata
 
 
-def _load_model_file(path: Path) -> tuple[RunConfig, UNet]:
+def _load_model_file(path: Path) -> tuple[RunConfig, UNet, dict | None]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -299,11 +319,12 @@ def _load_model_file(path: Path) -> tuple[RunConfig, UNet]:
             "make one with cfgdiff export)"
         )
     config_json = meta.get("config", "")
-    if _model_file_sha256(config_json, tensors) != meta.get("sha256"):
+    if _model_file_sha256(config_json, tensors, meta.get("data")) != meta.get("sha256"):
         raise CheckpointError(f"{path}: SHA-256 of config and weights does not match (corrupted)")
     try:
         cfg = RunConfig.from_dict(json.loads(config_json))
         cfg.validate()
+        data = json.loads(meta["data"]) if "data" in meta else None
     except (CfgDiffError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     net = UNet(cfg.model)
@@ -312,7 +333,7 @@ def _load_model_file(path: Path) -> tuple[RunConfig, UNet]:
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: weights do not match the config ({first[-1]})") from None
-    return cfg, net
+    return cfg, net, data
 
 
 def load_for_sampling(
@@ -323,8 +344,8 @@ def load_for_sampling(
     arg: the option that named the path, for messages."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        cfg, net = _load_model_file(path)
-        return Loaded(path, cfg, net.to(device).eval())
+        cfg, net, data = _load_model_file(path)
+        return Loaded(path, cfg, net.to(device).eval(), data)
     ckpt = resolve(path, arg)
     verify(ckpt)
     cfg = read_config(ckpt)

@@ -1277,14 +1277,16 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     """Load (and so verify) a checkpoint or model file and say what it is."""
-    from cfgdiff.checkpoint import PREFIX, load_for_sampling
+    from cfgdiff.checkpoint import PREFIX, data_identity, load_for_sampling
     from cfgdiff.unet import count_parameters
 
     loaded = load_for_sampling(a.checkpoint)
     cfg, m, d, t = loaded.cfg, loaded.cfg.model, loaded.cfg.diffusion, loaded.cfg.train
     kind = "model file" if loaded.path.is_file() else "checkpoint"
+    data = loaded.data if kind == "model file" else data_identity(loaded.path)
     if a.json:
-        print(json.dumps({"path": str(loaded.path), "kind": kind, **cfg.to_dict()}, indent=1))
+        out = {"path": str(loaded.path), "kind": kind, **cfg.to_dict(), "data_identity": data}
+        print(json.dumps(out, indent=1))
         return 0
     names = cfg.label_names()
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
@@ -1293,6 +1295,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     at = f", step {int(step)}" if step.isdigit() else ""
     print(f"{loaded.path} ({kind}{at}; SHA-256 verified)")
     print(f"  data:      {cfg.dataset}, {m.num_classes} classes: {shown}")
+    if data is not None:  # absent from checkpoints and files made before it was recorded
+        print(f"             {data['n']:,} training images, SHA-256 {data['sha256'][:16]}...")
     print(f"  images:    {m.in_channels} x {m.image_size} x {m.image_size}")
     print(
         f"  network:   {count_parameters(loaded.net) / 1e6:.2f} M parameters, base channels "
