@@ -201,12 +201,12 @@ def test_the_training_data_identity_travels_with_checkpoint_and_model_file(
     training state or the model file's metadata (covered by the file's hash); files and
     checkpoints from before it was recorded still load, without the line."""
     from cfgdiff.data import load_dataset
-    from cfgdiff.train import data_identity as identity_of_data
+    from cfgdiff.train import data_identity
 
-    want = identity_of_data(load_dataset(f"folder:{folder}"))
+    want = data_identity(load_dataset(f"folder:{folder}"))
     assert want["n"] == 120
     latest = ckpt_io.resolve(run)
-    assert ckpt_io.data_identity(latest) == want
+    assert ckpt_io.recorded_data_identity(latest) == want
     f = tmp_path / "m.safetensors"
     ckpt_io.export_model(run, f)
     assert ckpt_io.load_for_sampling(f).data == want

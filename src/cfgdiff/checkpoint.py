@@ -230,7 +230,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__})") from None
 
 
-def data_identity(ckpt: Path) -> dict | None:
+def recorded_data_identity(ckpt: Path) -> dict | None:
     """{"n", "sha256"} of the images the checkpoint's run trained on (its training state);
     None for checkpoints written before it was recorded, or without a training state."""
     if not (ckpt / "state.pt").is_file():
@@ -244,7 +244,7 @@ class Loaded:
     path: Path
     cfg: RunConfig
     net: UNet  # EMA weights unless asked otherwise, in eval mode
-    data: dict | None = None  # a model file's training-data identity (see data_identity)
+    data: dict | None = None  # a model file's training-data identity (recorded_data_identity)
 
 
 MODEL_FILE_FORMAT = "cfgdiff-model-1"
@@ -286,7 +286,7 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
         for k, v in load_file(str(ckpt / f"{which}.safetensors")).items()
     }
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    data = data_identity(ckpt)
+    data = recorded_data_identity(ckpt)
     data_json = json.dumps(data, sort_keys=True) if data is not None else None
     metadata = {
         "format": MODEL_FILE_FORMAT,

@@ -246,15 +246,6 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
     v.add_argument("--apg-momentum", type=_float_in(-1, 1), default=0.0)
 
 
-def _data_dir(s: str) -> Path:
-    """--data-dir: a directory, or a path where one can be made (checked before any work: a file
-    there would fail only when something is first cached, after a judge's training)."""
-    path = Path(s)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"not a directory: {s}")
-    return path
-
-
 def _dataset_name(name: str) -> str:
     """--dataset as given, but folder:~/x and folder:x made absolute (checked later)."""
     from cfgdiff.data import canonical_name
@@ -278,7 +269,7 @@ def eval_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--inception", type=Path, help="a local copy of the FID Inception network")
     sp.add_argument(
         "--data-dir",
-        type=_data_dir,
+        type=Path,
         default=None,
         help="where datasets, classifiers and models are cached",
     )
@@ -316,7 +307,7 @@ def build_parser() -> Parser:
     def data_opts(sp):
         sp.add_argument(
             "--data-dir",
-            type=_data_dir,
+            type=Path,
             default=None,
             help="where datasets are found and cached (default $CFGDIFF_DATA_DIR or "
             "~/.cache/cfgdiff/data)",
@@ -1277,13 +1268,13 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     """Load (and so verify) a checkpoint or model file and say what it is."""
-    from cfgdiff.checkpoint import PREFIX, data_identity, load_for_sampling
+    from cfgdiff.checkpoint import PREFIX, load_for_sampling, recorded_data_identity
     from cfgdiff.unet import count_parameters
 
     loaded = load_for_sampling(a.checkpoint)
     cfg, m, d, t = loaded.cfg, loaded.cfg.model, loaded.cfg.diffusion, loaded.cfg.train
     kind = "model file" if loaded.path.is_file() else "checkpoint"
-    data = loaded.data if kind == "model file" else data_identity(loaded.path)
+    data = loaded.data if kind == "model file" else recorded_data_identity(loaded.path)
     if a.json:
         out = {"path": str(loaded.path), "kind": kind, **cfg.to_dict(), "data_identity": data}
         print(json.dumps(out, indent=1))
@@ -1392,20 +1383,30 @@ COMMANDS = {
 }
 
 
+def _check_data_dir(given: Path | None) -> None:
+    """The data directory (--data-dir, else $CFGDIFF_DATA_DIR or ~/.cache/cfgdiff/data) must be a
+    directory or not exist yet: checked before any work, since a file there would fail only when
+    something is first cached, after a judge's training."""
+    import os
+
+    from cfgdiff.data import default_data_dir
+
+    d = given if given is not None else default_data_dir()
+    if not d.exists() or d.is_dir():
+        return
+    if given is not None:
+        raise UsageError(f"argument --data-dir: not a directory: {d}")
+    what = "$CFGDIFF_DATA_DIR" if os.environ.get("CFGDIFF_DATA_DIR") else "data dir"
+    raise UsageError(f"{what}: not a directory: {d} (pass --data-dir DIR)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (tests call this directly)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if getattr(args, "data_dir", "absent") is None:  # the default: $CFGDIFF_DATA_DIR or ~
-            import os
-
-            from cfgdiff.data import default_data_dir
-
-            d = default_data_dir()
-            if d.exists() and not d.is_dir():
-                what = "$CFGDIFF_DATA_DIR" if os.environ.get("CFGDIFF_DATA_DIR") else "data dir"
-                raise UsageError(f"{what}: not a directory: {d} (pass --data-dir DIR)")
+        if hasattr(args, "data_dir"):
+            _check_data_dir(args.data_dir)
         if args.command != "data":  # every command that runs a network
             from cfgdiff.runtime import configure_cpu_threads, configure_cuda
 

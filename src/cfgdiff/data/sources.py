@@ -455,7 +455,8 @@ def folder_dataset(
         image_size = w
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    if log is not None and len(files) >= LOG_DECODING_FROM:
+    announced = log is not None and len(files) >= LOG_DECODING_FROM
+    if announced:
         log(
             f"{root}: decoding {len(files):,} images of {len(scan.class_names)} classes to "
             f"{channels}x{image_size}x{image_size}"
@@ -484,7 +485,6 @@ def folder_dataset(
     # the first file (in sorted order) that fails is the one reported.
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         futures = [pool.submit(read, i) for i in range(len(files))]
-        announced = log is not None and len(files) >= LOG_DECODING_FROM
         t0 = last = time.monotonic()
         try:
             for i, f in enumerate(futures):
