@@ -45,6 +45,7 @@ bench-quick: install
 	$(BIN)/python bench/sample_throughput.py --quick --preset tiny --device cpu
 	$(BIN)/python bench/samplers.py --quick --device cpu
 	$(BIN)/python bench/folder_load.py --quick
+	$(BIN)/python bench/upsample.py --quick --device cpu
 	$(BIN)/python bench/time_to_quality.py --quick --device cpu
 	$(BIN)/python bench/tune_demo.py --quick --throughput bench/results/cpu_throughput.json \
 	  --only base,pad32 --device cpu
