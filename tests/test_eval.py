@@ -180,6 +180,32 @@ def test_sweep_matches_separate_evals(run, tmp_path):
         assert single["fid"] == pytest.approx(row["fid"], rel=1e-4, abs=1e-6)
 
 
+def test_reference_measures_memorisation_against_one_yardstick(run, tmp_path, monkeypatch):
+    """The training images' nearest-neighbour distances are computed by the first measure and
+    kept (a sweep measures every scale and the floor against them); the reports are those of a
+    reference that computes them afresh each time."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics import evaluate
+
+    cfg = load_for_sampling(run).cfg
+    calls = []
+    real = evaluate.train_nn_distances
+    monkeypatch.setattr(
+        evaluate, "train_nn_distances", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    ref = evaluate.build_reference(cfg, 12, data_dir=tmp_path / "dd")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (12, 1, 8, 8), generator=g, dtype=torch.uint8) for _ in "ab"]
+    labels = torch.arange(12) % 3
+    kept = [evaluate.measure(ref, x, labels) for x in images] + [evaluate.floor(ref)]
+    assert len(calls) == 1
+    for i, x in enumerate([*images, None]):
+        ref.train_nn = None
+        again = evaluate.floor(ref) if x is None else evaluate.measure(ref, x, labels)
+        assert again["memorisation_detail"] == kept[i]["memorisation_detail"]
+    assert len(calls) == 4
+
+
 def test_train_classifier_command(big_folder, tmp_path, capsys):
     rc = main(
         [

@@ -113,6 +113,23 @@ def test_memorisation():
     assert memorisation(fresh, train, mirrored=True)["fraction"] < 0.1
 
 
+def test_memorisation_with_its_yardstick_computed_once():
+    """A reference passes train_nn_distances' result to every measure: the same report as
+    computing it inside, for plain and mirrored models."""
+    from cfgdiff.metrics.stats import train_nn_distances
+
+    g = torch.Generator().manual_seed(5)
+    train = torch.rand(400, 1, 6, 6, generator=g)
+    samples = torch.cat([train[:20], torch.rand(30, 1, 6, 6, generator=g)])
+    nn_train = train_nn_distances(train)
+    assert nn_train.shape == (400,)  # every image when there are fewer than the 2000 probed
+    for mirrored in (False, True):
+        assert memorisation(samples, train, mirrored, train_nn=nn_train) == memorisation(
+            samples, train, mirrored
+        )
+    assert memorisation(samples, train)["fraction"] == pytest.approx(0.4)  # the 20 copies
+
+
 def test_class_accuracy_overall_and_per_class():
     from cfgdiff.metrics.classifier import class_accuracy
 

@@ -19,7 +19,14 @@ from cfgdiff.config import RunConfig
 from cfgdiff.data import Dataset, canonical_name, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
 from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
-from cfgdiff.metrics.stats import fid, inception_score, kid, memorisation, precision_recall
+from cfgdiff.metrics.stats import (
+    fid,
+    inception_score,
+    kid,
+    memorisation,
+    precision_recall,
+    train_nn_distances,
+)
 
 METRIC_KEYS = ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation")
 
@@ -37,6 +44,9 @@ class Reference:
     held_out: Dataset  # n real images not in the reference, for the floor
     n: int
     mirrored: bool = False  # trained with hflip: a mirrored training image counts as memorised
+    # memorisation's yardstick (stats.train_nn_distances of train_pixels), computed by the first
+    # measure() and kept: a sweep measures 9 sets of samples against the same training images
+    train_nn: torch.Tensor | None = None
 
 
 def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
@@ -153,7 +163,10 @@ def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
     is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(labels) // 100)))
     kid_mean, kid_std = kid(ref.real_features, feats, subsets=50, subset_size=min(1000, len(feats)))
     p, r = precision_recall(ref.real_features, feats, k=3)
-    mem = memorisation(images.float() / 255, ref.train_pixels.float() / 255, ref.mirrored)
+    train = ref.train_pixels.float() / 255
+    if ref.train_nn is None:
+        ref.train_nn = train_nn_distances(train)
+    mem = memorisation(images.float() / 255, train, ref.mirrored, train_nn=ref.train_nn)
     return {
         "fid": fid(ref.real_features, feats),
         "kid": kid_mean,

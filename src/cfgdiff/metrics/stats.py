@@ -127,19 +127,34 @@ def nearest_distance(query, ref, chunk: int = 1024, exclude=None) -> torch.Tenso
     return torch.cat(out)
 
 
+def train_nn_distances(train, probe: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Distance from `probe` random training images to their nearest other training image (pixel
+    space, flattened): the yardstick of memorisation(). It depends only on the training images,
+    so a reference computes it once for every set of samples it measures."""
+    tr = torch.as_tensor(train).flatten(1).float()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(tr.shape[0], generator=g)[: min(probe, tr.shape[0])]
+    return nearest_distance(tr[idx], tr, exclude=idx)
+
+
 def memorisation(
-    generated, train, mirrored: bool = False, probe: int = 2000, seed: int = 0
+    generated,
+    train,
+    mirrored: bool = False,
+    probe: int = 2000,
+    seed: int = 0,
+    train_nn: torch.Tensor | None = None,
 ) -> dict:
     """Fraction of generated samples closer to a training image than the 1st percentile of
     training images' nearest-other-training-image distances (pixel space, flattened).
     mirrored: the model was trained on mirrored images too (hflip), so a sample's distance is to
-    the nearest training image or mirror image (images (N, C, H, W))."""
+    the nearest training image or mirror image (images (N, C, H, W)).
+    train_nn: train_nn_distances(train, probe, seed), when already computed."""
     images = torch.as_tensor(generated).float()
     gen = images.flatten(1)
     tr = torch.as_tensor(train).flatten(1).float()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(tr.shape[0], generator=g)[: min(probe, tr.shape[0])]
-    train_nn = nearest_distance(tr[idx], tr, exclude=idx)
+    if train_nn is None:
+        train_nn = train_nn_distances(tr, probe, seed)
     threshold = float(torch.quantile(train_nn, 0.01))
     gen_nn = nearest_distance(gen, tr)
     if mirrored:  # |flip(g) - t| = |g - flip(t)|
