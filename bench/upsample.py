@@ -1,7 +1,9 @@
 """The UNet's 2x nearest upsampling: autograd's own backward of expand + reshape (a sum over two
 strided axes) against the native upsample_nearest2d_backward kernel that layers.upsample_nearest2x
-uses eagerly, in the same run: the op alone (forward + backward, per shape and dtype), then
-whole training steps of a preset with each form, interleaved.
+uses eagerly, in the same run: the op alone (forward + backward, and forward alone as in
+sampling, per shape and dtype; F.interpolate beside them, whose backward is the same native
+kernel but whose forward is slower in fp32), then whole training steps of a preset with the
+first two forms, interleaved.
 
     python bench/upsample.py --device cpu [--quick] [--preset cpu-demo]
 """
@@ -24,11 +26,20 @@ from cfgdiff.config import PRESETS  # noqa: E402
 FORMS = {"autograd": layers._expand2x, "native": layers.upsample_nearest2x}
 
 
-def op_ms(form, x: torch.Tensor, grad: torch.Tensor, reps: int) -> float:
-    """Median milliseconds of forward + backward of one upsampling."""
+def interpolate(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def op_ms(form, x: torch.Tensor, grad: torch.Tensor | None, reps: int) -> float:
+    """Median milliseconds of forward + backward of one upsampling (forward alone, without
+    autograd, when grad is None)."""
 
     def once() -> None:
-        torch.autograd.grad(form(x), x, grad)
+        if grad is None:
+            with torch.no_grad():
+                form(x)
+        else:
+            torch.autograd.grad(form(x), x, grad)
 
     once()
     times = []
@@ -96,19 +107,26 @@ def main() -> int:
     p.add_argument("--preset", default="cpu-demo", help="the training step of this preset")
     a = p.parse_args()
     device = torch.device(a.device)
-    reps = 3 if a.quick else 15
+    reps = 3 if a.quick else 21
     shapes = [(4, 8, 4, 4), (4, 8, 8, 8)] if a.quick else [(64, 64, 7, 7), (64, 64, 14, 14)]
-    print("upsampling, forward + backward, median ms")
-    print(f"{'shape (in)':18s} {'dtype':9s} {'autograd':>9s} {'native':>9s} {'speed-up':>8s}")
+    ops = {**FORMS, "interpolate": interpolate}
+    print("upsampling, median ms: forward + backward (training), forward alone (sampling)")
+    print(
+        f"{'shape (in)':15s} {'dtype':9s} "
+        + " ".join(f"{k + ' ' + m:>16s}" for m in ("f+b", "fwd") for k in ops)
+        + f" {'f+b speed-up':>12s}"
+    )
     for shape in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
             b, c, h, w = shape
             grad = torch.randn(b, c, 2 * h, 2 * w, dtype=dtype, device=device)
-            ms = {k: op_ms(f, x, grad, reps) for k, f in FORMS.items()}
+            fb = {k: op_ms(f, x, grad, reps) for k, f in ops.items()}
+            fw = {k: op_ms(f, x, None, reps) for k, f in ops.items()}
             print(
-                f"{'x'.join(map(str, shape)):18s} {str(dtype)[6:]:9s} {ms['autograd']:9.2f} "
-                f"{ms['native']:9.2f} {ms['autograd'] / ms['native']:7.2f}x",
+                f"{'x'.join(map(str, shape)):15s} {str(dtype)[6:]:9s} "
+                + " ".join(f"{v:16.2f}" for v in [*fb.values(), *fw.values()])
+                + f" {fb['autograd'] / fb['native']:11.2f}x",
                 flush=True,
             )
 
