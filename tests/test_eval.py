@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,7 +57,25 @@ def run(big_folder, tmp_path_factory):
     return out
 
 
-def test_eval_reports_every_metric_and_the_floor(run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def judged(run, tmp_path_factory):
+    """A data directory holding the run's folder judge (and the folder's decoded cache), trained
+    once for the module: tests that are not about the judge start from a copy of it (a judge
+    that does not fit their settings would still be trained again, as for a user)."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics.evaluate import build_reference
+
+    dd = tmp_path_factory.mktemp("judged") / "dd"
+    build_reference(load_for_sampling(run).cfg, 12, data_dir=dd)
+    return dd
+
+
+def _dd(tmp_path, judged):
+    """This test's own --data-dir, starting as a copy of the module's judged one."""
+    return shutil.copytree(judged, tmp_path / "dd")
+
+
+def test_eval_reports_every_metric_and_the_floor(run, judged, tmp_path, capsys):
     js = tmp_path / "e.json"
     rc = main(
         [
@@ -70,7 +89,7 @@ def test_eval_reports_every_metric_and_the_floor(run, tmp_path, capsys):
             "--steps",
             "3",
             "--data-dir",
-            str(tmp_path / "dd"),
+            str(_dd(tmp_path, judged)),
             "--json",
             str(js),
             "--precision",
@@ -97,7 +116,7 @@ def test_eval_reports_every_metric_and_the_floor(run, tmp_path, capsys):
     assert r["scale"] == 2 and r["n"] == 12
 
 
-def test_sweep_writes_all_files(run, tmp_path, capsys):
+def test_sweep_writes_all_files(run, judged, tmp_path, capsys):
     out = tmp_path / "sw"
     rc = main(
         [
@@ -113,7 +132,7 @@ def test_sweep_writes_all_files(run, tmp_path, capsys):
             "--out",
             str(out),
             "--data-dir",
-            str(tmp_path / "dd"),
+            str(_dd(tmp_path, judged)),
             "--precision",
             "fp32",
         ]
@@ -137,10 +156,10 @@ def test_sweep_writes_all_files(run, tmp_path, capsys):
     assert [x.split()[0] for x in table[first + 1 : first + 5]] == ["0", "1", "3", "real"]
 
 
-def test_sweep_matches_separate_evals(run, tmp_path):
+def test_sweep_matches_separate_evals(run, judged, tmp_path):
     """Batching scales together gives the same metrics as one eval per scale."""
     out = tmp_path / "sw"
-    dd = str(tmp_path / "dd")
+    dd = str(_dd(tmp_path, judged))
     common = [
         "--n",
         "12",
@@ -180,7 +199,7 @@ def test_sweep_matches_separate_evals(run, tmp_path):
         assert single["fid"] == pytest.approx(row["fid"], rel=1e-4, abs=1e-6)
 
 
-def test_reference_measures_memorisation_against_one_yardstick(run, tmp_path, monkeypatch):
+def test_reference_measures_memorisation_against_one_yardstick(run, judged, tmp_path, monkeypatch):
     """The training images' nearest-neighbour distances are computed by the first measure and
     kept (a sweep measures every scale and the floor against them); the reports are those of a
     reference that computes them afresh each time."""
@@ -193,7 +212,7 @@ def test_reference_measures_memorisation_against_one_yardstick(run, tmp_path, mo
     monkeypatch.setattr(
         evaluate, "train_nn_distances", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    ref = evaluate.build_reference(cfg, 12, data_dir=tmp_path / "dd")
+    ref = evaluate.build_reference(cfg, 12, data_dir=_dd(tmp_path, judged))
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (12, 1, 8, 8), generator=g, dtype=torch.uint8) for _ in "ab"]
     labels = torch.arange(12) % 3
@@ -322,7 +341,7 @@ def test_evaluation_during_training(big_folder, tmp_path):
     assert {"fid", "class_accuracy", "precision", "recall", "is"} <= set(rows[0])
 
 
-def test_folder_reference_holds_out_enough_for_n(big_folder, tmp_path):
+def test_folder_reference_holds_out_enough_for_n(big_folder, judged, tmp_path):
     """A folder has no test split: the floor's held-out images are every 10th, or more of them
     when N needs it, down to halves (120 images: N up to 60), disjoint from the reference and
     drawn from every class."""
@@ -333,8 +352,9 @@ def test_folder_reference_holds_out_enough_for_n(big_folder, tmp_path):
     from cfgdiff.metrics.evaluate import build_reference
 
     cfg = dataclasses.replace(tiny_config(), dataset=f"folder:{big_folder}")
+    dd = _dd(tmp_path, judged)
     for n in (12, 40, 60):
-        ref = build_reference(cfg, n, data_dir=tmp_path / "dd")
+        ref = build_reference(cfg, n, data_dir=dd)
         held = ref.held_out.images.flatten(1)
         assert len(held) == n and set(ref.held_out.labels.tolist()) == {0, 1, 2}
         reference = ref.train_pixels.flatten(1)
@@ -342,11 +362,11 @@ def test_folder_reference_holds_out_enough_for_n(big_folder, tmp_path):
         assert not (held[:, None] == reference[None]).all(-1).any()
 
 
-def test_eval_samples_from_npz_and_folder(run, big_folder, tmp_path, capsys):
+def test_eval_samples_from_npz_and_folder(run, judged, big_folder, tmp_path, capsys):
     """eval --samples measures images made elsewhere: the .npz and the folder that `sample`
     writes for the same settings give the same report; real images, labelled by class name,
     are judged as well as the real floor."""
-    dd = ["--data-dir", str(tmp_path / "dd"), "--dataset", f"folder:{big_folder}"]
+    dd = ["--data-dir", str(_dd(tmp_path, judged)), "--dataset", f"folder:{big_folder}"]
     argv = ["sample", "--checkpoint", str(run), "--scale", "2", "--per-class", "6", "--steps", "3"]
     assert main([*argv, "--out", str(tmp_path / "s.npz")]) == 0
     assert main([*argv, "--out", str(tmp_path / "s")]) == 0
