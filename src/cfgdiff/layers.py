@@ -90,6 +90,7 @@ class Downsample(nn.Module):
 
 
 def _expand2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling as expand + reshape: the form traced under torch.compile."""
     b, c, h, w = x.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
@@ -101,9 +102,10 @@ def _expand2x(x: torch.Tensor) -> torch.Tensor:
 
 class _NearestUp2x(torch.autograd.Function):
     """expand + reshape forward, the native nearest-upsampling kernel backward: autograd's own
-    backward of the expand is a sum over two strided axes, 8x slower on the CPU than
-    upsample_nearest2d_backward (23 ms against 2.8 ms for 64x64x28x28 bf16 gradients, about 7 %
-    of a cpu-demo training step; bench/upsample.py). Both sum the same four values."""
+    backward of the expand is a sum over two strided axes, ~8x slower on the CPU than
+    upsample_nearest2d_backward (23 against 2.8 ms for 64x64x28x28 bf16 gradients; forward +
+    backward 2.5-3.3x, a cpu-demo bf16 training step 1.03-1.09x: bench/upsample.py). Both sum
+    the same four values (rounded in another order in fp32)."""
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
