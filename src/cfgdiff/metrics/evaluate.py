@@ -43,10 +43,10 @@ class Reference:
     train_pixels: torch.Tensor  # all training images, uint8 (for memorisation)
     held_out: Dataset  # n real images not in the reference, for the floor
     n: int
-    mirrored: bool = False  # trained with hflip: a mirrored training image counts as memorised
-    # memorisation's yardstick (stats.train_nn_distances of train_pixels), computed by the first
-    # measure() and kept: a sweep measures 9 sets of samples against the same training images
-    train_nn: torch.Tensor | None = None
+    mirrored: bool  # trained with hflip: a mirrored training image counts as memorised
+    # memorisation's yardstick (stats.train_nn_distances of train_pixels), computed once: a
+    # sweep measures 9 sets of samples against the same training images
+    train_nn: torch.Tensor
 
 
 def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
@@ -149,8 +149,9 @@ def build_reference(
     real_features, _ = extractor(train.images[train_idx])
     held = Dataset(dataset, test.images[test_idx], test.labels[test_idx], test.class_names)
     mirrored = bool(cfg.train.hflip)
+    train_nn = train_nn_distances(train.images.float() / 255)
     return Reference(
-        dataset, clf, clf_meta, extractor, real_features, train.images, held, n, mirrored
+        dataset, clf, clf_meta, extractor, real_features, train.images, held, n, mirrored, train_nn
     )
 
 
@@ -164,8 +165,6 @@ def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
     kid_mean, kid_std = kid(ref.real_features, feats, subsets=50, subset_size=min(1000, len(feats)))
     p, r = precision_recall(ref.real_features, feats, k=3)
     train = ref.train_pixels.float() / 255
-    if ref.train_nn is None:
-        ref.train_nn = train_nn_distances(train)
     mem = memorisation(images.float() / 255, train, ref.mirrored, train_nn=ref.train_nn)
     return {
         "fid": fid(ref.real_features, feats),
