@@ -30,6 +30,21 @@ def interpolate(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def timed_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one call of fn, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
 def op_ms(form, x: torch.Tensor, grad: torch.Tensor | None, reps: int) -> float:
     """Median milliseconds of forward + backward of one upsampling (forward alone, without
     autograd, when grad is None)."""
@@ -42,16 +57,7 @@ def op_ms(form, x: torch.Tensor, grad: torch.Tensor | None, reps: int) -> float:
             torch.autograd.grad(form(x), x, grad)
 
     once()
-    times = []
-    for _ in range(reps):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return median([timed_ms(once, x.device) for _ in range(reps)])
 
 
 def paired_steps(cfg, device, batch: int, steps: int) -> dict[str, list[float]]:
@@ -74,19 +80,17 @@ def paired_steps(cfg, device, batch: int, steps: int) -> dict[str, list[float]]:
 
     def step(name: str) -> float:
         net, opt = nets[name]
-        layers.upsample_nearest2x = FORMS[name]
-        try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def once() -> None:
             with autocast(device, "bf16"):
                 loss = training_loss(net, x, y, sch, cfg.diffusion, cfg.model.num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return 1e3 * (time.perf_counter() - t0)
+
+        layers.upsample_nearest2x = FORMS[name]
+        try:
+            return timed_ms(once, device)
         finally:
             layers.upsample_nearest2x = FORMS["native"]
 
@@ -136,10 +140,9 @@ def main() -> int:
     print(f"\ntraining step, {cfg.preset} (bf16, batch {batch}): {steps} steps of each form")
     ms = paired_steps(cfg, device, batch, steps)
     print(f"{'form':9s} {'median ms':>9s} {'min ms':>7s} {'img/s (median)':>14s}")
+    med = {k: median(v) for k, v in ms.items()}
     for name, v in ms.items():
-        med = sorted(v)[len(v) // 2]
-        print(f"{name:9s} {med:9.1f} {min(v):7.1f} {1e3 * batch / med:14.1f}")
-    med = {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+        print(f"{name:9s} {med[name]:9.1f} {min(v):7.1f} {1e3 * batch / med[name]:14.1f}")
     print(f"speed-up of the step (median): {med['autograd'] / med['native']:.3f}x")
     return 0
 
