@@ -42,6 +42,7 @@ test: install-test
 # Every benchmark's quick mode (CPU, about a minute; the full modes are run by hand, see README).
 bench-quick: install
 	$(BIN)/python bench/train_throughput.py --quick --presets tiny --device cpu
+	$(BIN)/python bench/train_throughput.py --quick --presets tiny --device cpu --optimizer
 	$(BIN)/python bench/sample_throughput.py --quick --preset tiny --device cpu
 	$(BIN)/python bench/samplers.py --quick --device cpu
 	$(BIN)/python bench/folder_load.py --quick

@@ -10,6 +10,7 @@ does: a variant whose gradients differ from eager is printed with "!" and left o
         --json bench/results/cpu_throughput.json
     python bench/train_throughput.py --device cuda --presets lesson-35m \
         --variants fp32,bf16-compile-cl-bm --profile bf16-compile-cl-bm
+    python bench/train_throughput.py --device cpu --optimizer --presets cpu-demo,mnist,lesson-35m
 
 --profile VARIANT runs that variant's steps once more under torch.profiler, right after timing
 them (the same compiled step, so nothing is compiled twice), and prints where a step's time
@@ -18,6 +19,9 @@ kernels, optimizer, copies, other), the number of kernels a step launches, and t
 device's busy share of the step time measured without the profiler (low: the step is bound by
 launches or the host, which CUDA graphs address; high: by the kernels themselves). On the CPU
 the same table is made from operator self-times.
+
+--optimizer times the AdamW step alone: train.make_optimizer's fused kernel against the
+per-tensor loop (the variant suffix -adamloop puts that loop into the whole step instead).
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cfgdiff.config import PRESETS, DiffusionConfig  # noqa: E402
+from cfgdiff.config import PRESETS, DiffusionConfig, TrainConfig  # noqa: E402
 from cfgdiff.diffusion import training_loss  # noqa: E402
 from cfgdiff.runtime import GradientCheck, autocast, check_compiled_gradients  # noqa: E402
 from cfgdiff.schedule import make_schedule  # noqa: E402
+from cfgdiff.train import make_optimizer  # noqa: E402
 from cfgdiff.unet import UNet, count_parameters  # noqa: E402
 
 
@@ -164,11 +169,13 @@ def measure(
     cudnn_benchmark: bool = False,
     profile: bool = False,
     cudagraphs: bool = False,
+    adam_loop: bool = False,
 ) -> tuple[float, GradientCheck | None, dict | None]:
     """(images/s, the compiled step's gradient check or None when not compiled, the profile of
     the same step when asked, see profile_steps). cudagraphs: compile with
     mode="reduce-overhead" (forward and backward replayed as CUDA graphs; a plain compile on the
-    CPU), each step marked as a new iteration for cudagraph trees."""
+    CPU), each step marked as a new iteration for cudagraph trees. adam_loop: AdamW as a
+    loop over tensors, the earlier form, for same-run comparisons (train.make_optimizer)."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
     net = UNet(model_cfg).to(device)
@@ -183,7 +190,10 @@ def measure(
         if cudagraphs:  # the previous step's graph outputs are no longer needed
             torch.compiler.cudagraph_mark_step_begin()
 
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if adam_loop:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False, fused=False)
+    else:
+        opt = make_optimizer(net, TrainConfig(lr=1e-4), device)
     sch = make_schedule("cosine", 1000)
     dcfg = DiffusionConfig(schedule="cosine", prediction="v")
     c, s = model_cfg.in_channels, model_cfg.image_size
@@ -224,6 +234,30 @@ def measure(
     return batch * steps / elapsed, check, prof
 
 
+def optimizer_step_ms(model_cfg, device, reps: int) -> dict[str, float]:
+    """Median time of one AdamW step alone (random gradients in place) on a preset's
+    parameters, for train.make_optimizer's form and the per-tensor loop, interleaved."""
+    net = UNet(model_cfg).to(device)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opts = {
+        "loop": torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False, fused=False),
+        "cfgdiff": make_optimizer(net, TrainConfig(lr=1e-4), device),
+    }
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for i in range(reps + 3):
+        for k, opt in opts.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # the first steps allocate the moments
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -240,11 +274,17 @@ def main() -> int:
     )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="time the AdamW step alone instead: cfgdiff's (fused) against a per-tensor loop",
+    )
+    p.add_argument(
         "--variants",
         default="fp32,bf16",
-        help="comma-separated PRECISION[-compile[-cg]][-cl][-bm]: fp32 or bf16, torch.compile "
-        "(-cg: in mode reduce-overhead, CUDA graphs), channels_last, cudnn.benchmark (as cfgdiff "
-        "runs on CUDA); e.g. fp32, bf16-compile-cl-bm. "
+        help="comma-separated PRECISION[-compile[-cg]][-cl][-bm][-adamloop]: fp32 or bf16, "
+        "torch.compile (-cg: in mode reduce-overhead, CUDA graphs), channels_last, "
+        "cudnn.benchmark (as cfgdiff runs on CUDA), AdamW as a per-tensor loop (the form before "
+        "the fused CPU kernel, to compare with); e.g. fp32, bf16-compile-cl-bm, bf16-adamloop. "
         "The first is the baseline of the ratio column",
     )
     p.add_argument(
@@ -260,14 +300,28 @@ def main() -> int:
         prec, *opts = v.split("-")
         if (
             prec not in ("fp32", "bf16")
-            or not set(opts) <= {"compile", "cg", "cl", "bm"}
+            or not set(opts) <= {"compile", "cg", "cl", "bm", "adamloop"}
             or ("cg" in opts and "compile" not in opts)
         ):
-            p.error(f"--variants: {v!r} is not PRECISION[-compile[-cg]][-cl][-bm]")
+            p.error(f"--variants: {v!r} is not PRECISION[-compile[-cg]][-cl][-bm][-adamloop]")
     device = torch.device(a.device)
     steps, warmup = (2, 1) if a.quick else (8, 3)
     results: dict = {}
-    if a.tune_candidates:
+    if a.optimizer:
+        reps = 5 if a.quick else 50
+        head = ("preset", "tensors", "loop ms", "cfgdiff ms", "speed-up")
+        print("{:10s} {:>7s} {:>8s} {:>10s} {:>8s}".format(*head))
+        for name in a.presets.split(","):
+            cfg = PRESETS[name]
+            ms = optimizer_step_ms(cfg.model, device, reps)
+            n = len(list(UNet(cfg.model).parameters()))
+            results[name] = {"tensors": n, "optimizer_step_ms": ms}
+            print(
+                f"{name:10s} {n:7d} {ms['loop']:8.2f} {ms['cfgdiff']:10.2f} "
+                f"{ms['loop'] / ms['cfgdiff']:8.2f}",
+                flush=True,
+            )
+    elif a.tune_candidates:
         from tune_demo import apply, candidates, select
 
         for name in select(a.only, p.error):
@@ -307,6 +361,7 @@ def main() -> int:
                         channels_last="cl" in opts,
                         cudnn_benchmark="bm" in opts,
                         profile=v == a.profile,
+                        adam_loop="adamloop" in opts,
                     )
                 except Exception as e:  # noqa: BLE001 - one variant failing (a compile mode on
                     # an untried stack) must not lose the others' figures

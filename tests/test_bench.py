@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
             ["train_throughput.py", "--quick", "--presets", "tiny", "--profile", "bf16"],
             "profile of tiny bf16: ",
         ),
+        (["train_throughput.py", "--quick", "--presets", "tiny", "--optimizer"], "loop ms"),
         (["sample_throughput.py", "--quick", "--preset", "tiny"], "dpmpp-2m"),
         (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),

@@ -104,6 +104,19 @@ def steps_for_budget(step: int, seconds_left: float, steps_per_s: float) -> int:
     return int(min(MAX_STEPS, step + more))
 
 
+def make_optimizer(net: torch.nn.Module, t: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with its fused kernel on CUDA and on the CPU: one pass over all the parameters
+    instead of a loop of small ops per tensor (on the CPU 2.7 against 10-14 ms a step for the
+    cpu-demo UNet's 167 tensors; the step itself ~400 ms)."""
+    return torch.optim.AdamW(
+        net.parameters(),
+        lr=t.lr,
+        betas=t.adam_betas,
+        weight_decay=t.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )
+
+
 def lr_at(step: int, t: Any) -> float:
     """Linear warmup over warmup_steps, then constant or cosine decay to lr_min_ratio * lr."""
     if t.warmup_steps and step < t.warmup_steps:
@@ -384,10 +397,7 @@ def _train_locked(
     torch.manual_seed(t.seed)
     net = UNet(cfg.model).to(device)
     ema = EMA(net, t.ema_decay)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused
-    )
+    opt = make_optimizer(net, t, device)
     gen = torch.Generator(device=device).manual_seed(t.seed)
     batches = DeviceBatches(
         data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
