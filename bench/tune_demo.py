@@ -55,6 +55,12 @@ def candidates() -> dict[str, dict]:
         "mult124": {"model": {"channel_mult": [1, 2, 4]}},
         "noattn": {"model": {"attn_levels": []}},
         "pad32": {"pad": 2},  # MNIST 28x28 -> 32x32
+        # training timesteps logit-normal (Esser et al. 2024) instead of uniform: centred, and
+        # shifted towards the noisy end, where a sample's class is decided
+        "tln": {"diffusion": {"t_sampling": "logit-normal", "t_mean": 0.0}},
+        "tln-hi": {"diffusion": {"t_sampling": "logit-normal", "t_mean": 0.5}},
+        "tln-hi2": {"diffusion": {"t_sampling": "logit-normal", "t_mean": 1.0}},
+        "tln-hi-wide": {"diffusion": {"t_sampling": "logit-normal", "t_mean": 0.5, "t_std": 1.5}},
     }
 
 

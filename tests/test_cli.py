@@ -155,6 +155,30 @@ def test_hflip_is_recorded_and_defaults_by_dataset(tmp_path, folder_data, capsys
     assert config_for_dataset(off, data, "cifar10").train.hflip is False
 
 
+def test_timestep_sampling_is_recorded_and_kept_on_resume(tmp_path, folder_data, capsys):
+    """--t-sampling / --t-mean / --t-std reach the checkpoint's config; unset, the preset's
+    (uniform for every preset); a resume that asks for another is refused, exit 2."""
+    from cfgdiff.checkpoint import latest_checkpoint, read_config
+    from cfgdiff.config import PRESETS
+
+    assert {p.diffusion.t_sampling for p in PRESETS.values()} == {"uniform"}
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--steps", "2"]
+    argv += ["--no-progress", "--precision", "fp32", "--out", str(out)]
+    assert main([*argv, "--t-sampling", "logit-normal", "--t-mean", "-0.3", "--t-std", "0.7"]) == 0
+    d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
+    assert (d.t_sampling, d.t_mean, d.t_std) == ("logit-normal", -0.3, 0.7)
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(out)]) == 0
+    assert "timesteps logit-normal (-0.3, 0.7)" in capsys.readouterr().out
+    resumed = ["train", "--out", str(out), "--resume", "--no-progress", "--steps", "3"]
+    assert main([*resumed, "--t-mean", "0.5"]) == 2
+    assert "diffusion.t_mean=-0.3, this run asks for 0.5" in capsys.readouterr().err
+    assert main(resumed) == 0  # unset: the checkpoint's own
+    d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
+    assert (d.t_sampling, d.t_mean, d.t_std) == ("logit-normal", -0.3, 0.7)
+
+
 def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_data, capsys):
     """Told in terms of the data (the classes), not the network field it implies."""
     import shutil
@@ -362,6 +386,8 @@ def test_data_fetch_and_info(idx_dir, capsys):
         (["train", "--out", "r", "--lr", "abc"], "--lr: expected a number, got 'abc'"),
         (["train", "--out", "r", "--dataset", "imagenet"], "--dataset must be one of"),
         (["train", "--out", "r", "--label-dropout", "1"], "--label-dropout: must be in [0, 1)"),
+        (["train", "--out", "r", "--t-std", "0"], "--t-std: must be in (0, 5], got 0"),
+        (["train", "--out", "r", "--t-sampling", "normal"], "--t-sampling: invalid choice"),
         (["sample", "--checkpoint", "nowhere", "--scale", "3", "--out", "a.png"], "no such file"),
         (
             ["sample", "--checkpoint", "x", "--scale", "3", "--out", "a.jpg"],

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from cfgdiff.config import DiffusionConfig
@@ -6,10 +9,12 @@ from cfgdiff.diffusion import (
     drop_labels,
     eps_to_x0,
     q_sample,
+    sample_timesteps,
     to_eps,
     training_loss,
     v_target,
 )
+from cfgdiff.errors import ConfigError
 from cfgdiff.schedule import cosine_schedule
 
 
@@ -77,3 +82,39 @@ def test_schedule_values_are_copied_to_a_device_once():
     first = _on(values, meta)
     assert first.device == meta and _on(values, meta) is first
     assert _on(values, values.device) is values
+
+
+def test_uniform_timesteps_are_the_plain_draw():
+    """The default draws exactly what t ~ U{0..T-1} drew before the option existed, so earlier
+    runs (and their resumes) repeat bit for bit."""
+    cfg = DiffusionConfig()
+    got = sample_timesteps(64, 1000, cfg, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(
+        got, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    )
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.5, -1.0])
+def test_logit_normal_timesteps_follow_their_law(mean):
+    """t/T = sigmoid(n), n ~ N(mean, 1): P(t >= T/2) = P(n >= 0) = Phi(mean), and the median
+    of t is T sigmoid(mean); always integers in [0, T-1]."""
+    cfg = DiffusionConfig(t_sampling="logit-normal", t_mean=mean, t_std=1.0)
+    T, n = 1000, 200_000
+    t = sample_timesteps(n, T, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    phi = 0.5 * (1 + math.erf(mean / math.sqrt(2)))
+    assert abs(float((t >= T // 2).float().mean()) - phi) < 0.005
+    assert abs(float(t.float().median()) - T / (1 + math.exp(-mean))) <= 3
+    # the middle is denser than the ends (uniform would put 10 % in each)
+    mid = float(((t - T * torch.sigmoid(torch.tensor(mean))).abs() < 50).float().mean())
+    assert mid > 0.15
+
+
+def test_timestep_sampling_is_validated():
+    for bad in (
+        {"t_sampling": "lognormal"},
+        {"t_sampling": "logit-normal", "t_std": 0.0},
+        {"t_mean": float("nan")},
+    ):
+        with pytest.raises(ConfigError, match="t_sampling|t_mean"):
+            DiffusionConfig(**bad).validate()

@@ -339,6 +339,14 @@ def build_parser() -> Parser:
     tr.add_argument("--batch-size", type=_int_in(1, 65536))
     tr.add_argument("--lr", type=_float_in(0, 1, lo_open=True, hi_open=True))
     tr.add_argument("--label-dropout", type=_float_in(0, 1, hi_open=True))
+    tr.add_argument(
+        "--t-sampling",
+        choices=["uniform", "logit-normal"],
+        help="training timesteps: uniform, or t/T = sigmoid(n), n ~ N(--t-mean, --t-std) "
+        "(default: the preset's, uniform for all of them)",
+    )
+    tr.add_argument("--t-mean", type=_float_in(-5, 5), help="mean of n for logit-normal")
+    tr.add_argument("--t-std", type=_float_in(0, 5, lo_open=True), help="standard deviation of n")
     tr.add_argument("--ema-decay", type=_float_in(0, 1, hi_open=True))
     tr.add_argument(
         "--hflip",
@@ -569,9 +577,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         if getattr(a, k) is not None
     }
     tcfg = dataclasses.replace(base.train, **overrides)
-    dcfg = base.diffusion
-    if a.label_dropout is not None:
-        dcfg = dataclasses.replace(dcfg, label_dropout=a.label_dropout)
+    dcfg = dataclasses.replace(
+        base.diffusion,
+        **{
+            k: getattr(a, k)
+            for k in ("label_dropout", "t_sampling", "t_mean", "t_std")
+            if getattr(a, k) is not None
+        },
+    )
     cfg = dataclasses.replace(base, train=tcfg, diffusion=dcfg)
     # A resumed run reads its data at the checkpoint's size and channels; a new run at the data's
     # own unless --image-size / --channels say otherwise.
@@ -1297,6 +1310,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(
         f"  diffusion: {d.schedule} schedule, T = {d.timesteps}, {d.prediction}-prediction, "
         f"label dropout {d.label_dropout:g}"
+        + (
+            f", timesteps logit-normal ({d.t_mean:g}, {d.t_std:g})"
+            if d.t_sampling == "logit-normal"
+            else ""
+        )
     )
     print(
         f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "

@@ -1,7 +1,8 @@
 """The forward process and the training objective.
 
-Owns: q(x_t | x_0) (DDPM Eq. 4), the conversions between eps, x_0 and v predictions, the label
-dropout that trains the null label, and the per-sample loss. Knows nothing about samplers,
+Owns: q(x_t | x_0) (DDPM Eq. 4), the conversions between eps, x_0 and v predictions, the law
+of the training timesteps, the label dropout that trains the null label, and the per-sample
+loss. Knows nothing about samplers,
 guidance scales or the network's architecture (it is called as a function).
 """
 
@@ -73,6 +74,18 @@ def drop_labels(
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+def sample_timesteps(
+    b: int, T: int, cfg: DiffusionConfig, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """(b,) integer training timesteps in [0, T-1]: uniform, or logit-normal (t/T = sigmoid(n),
+    n ~ N(t_mean, t_std); Esser et al. 2024, Eq. 19), which spends the steps where the density
+    is, with no loss reweighting (the density is the weighting)."""
+    if cfg.t_sampling == "uniform":
+        return torch.randint(0, T, (b,), generator=generator, device=device)
+    n = torch.randn(b, generator=generator, device=device) * cfg.t_std + cfg.t_mean
+    return (torch.sigmoid(n) * T).long().clamp_(0, T - 1)
+
+
 def training_loss(
     net,
     x0: torch.Tensor,
@@ -82,11 +95,11 @@ def training_loss(
     null_label: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Mean loss over the batch: t ~ U{0..T-1}, eps ~ N(0, I), labels dropped with
+    """Mean loss over the batch: t from sample_timesteps, eps ~ N(0, I), labels dropped with
     cfg.label_dropout, target eps or v, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
     b = x0.shape[0]
     dev = x0.device
-    t = torch.randint(0, schedule.T, (b,), generator=generator, device=dev)
+    t = sample_timesteps(b, schedule.T, cfg, generator, dev)
     eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     y_in = drop_labels(y, cfg.label_dropout, null_label, generator)
     a, s = alpha_sigma(schedule, t, x0)
