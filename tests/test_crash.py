@@ -47,6 +47,10 @@ def _train_proc(folder: Path, out: Path, resume: bool, every: int) -> subprocess
         "fp32",
         "--device",
         "cpu",
+        # the step count is a stand-in for "until killed": without this, --compile auto would
+        # compile such a long CPU run first (a minute with a cold inductor cache)
+        "--compile",
+        "off",
     ] + (["--resume"] if resume else [])
     env = {**os.environ, "PYTHONPATH": SRC}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)

@@ -40,6 +40,10 @@ def _start(folder_data: Path, out: Path) -> subprocess.Popen:
         "fp32",
         "--device",
         "cpu",
+        # the step count is a stand-in for "until killed": without this, --compile auto would
+        # compile such a long CPU run first (a minute with a cold inductor cache)
+        "--compile",
+        "off",
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
