@@ -39,6 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from timing import median, timed_ms  # noqa: E402
+
 from cfgdiff.config import PRESETS, DiffusionConfig, TrainConfig  # noqa: E402
 from cfgdiff.diffusion import training_loss  # noqa: E402
 from cfgdiff.runtime import GradientCheck, autocast, check_compiled_gradients  # noqa: E402
@@ -190,10 +192,7 @@ def measure(
         if cudagraphs:  # the previous step's graph outputs are no longer needed
             torch.compiler.cudagraph_mark_step_begin()
 
-    if adam_loop:
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False, fused=False)
-    else:
-        opt = make_optimizer(net, TrainConfig(lr=1e-4), device)
+    opt = loop_adamw(net) if adam_loop else make_optimizer(net, TrainConfig(lr=1e-4), device)
     sch = make_schedule("cosine", 1000)
     dcfg = DiffusionConfig(schedule="cosine", prediction="v")
     c, s = model_cfg.in_channels, model_cfg.image_size
@@ -234,28 +233,27 @@ def measure(
     return batch * steps / elapsed, check, prof
 
 
-def optimizer_step_ms(model_cfg, device, reps: int) -> dict[str, float]:
-    """Median time of one AdamW step alone (random gradients in place) on a preset's
-    parameters, for train.make_optimizer's form and the per-tensor loop, interleaved."""
+def loop_adamw(net: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW as a loop of small ops per tensor: the form before train.make_optimizer."""
+    return torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False, fused=False)
+
+
+def optimizer_step_ms(model_cfg, device, reps: int) -> tuple[int, dict[str, float]]:
+    """(number of parameter tensors, median milliseconds of one AdamW step alone with random
+    gradients in place, for train.make_optimizer's form and the per-tensor loop, interleaved)."""
     net = UNet(model_cfg).to(device)
-    for p in net.parameters():
+    params = list(net.parameters())
+    for p in params:
         p.grad = torch.randn_like(p)
-    opts = {
-        "loop": torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False, fused=False),
-        "cfgdiff": make_optimizer(net, TrainConfig(lr=1e-4), device),
-    }
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for i in range(reps + 3):
-        for k, opt in opts.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    opts = {"loop": loop_adamw(net), "cfgdiff": make_optimizer(net, TrainConfig(lr=1e-4), device)}
+    for opt in opts.values():  # the first steps allocate the moments
+        for _ in range(3):
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # the first steps allocate the moments
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(reps):
+        for k, opt in opts.items():
+            times[k].append(timed_ms(opt.step, device))
+    return len(params), {k: median(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -313,8 +311,7 @@ def main() -> int:
         print("{:10s} {:>7s} {:>8s} {:>10s} {:>8s}".format(*head))
         for name in a.presets.split(","):
             cfg = PRESETS[name]
-            ms = optimizer_step_ms(cfg.model, device, reps)
-            n = len(list(UNet(cfg.model).parameters()))
+            n, ms = optimizer_step_ms(cfg.model, device, reps)
             results[name] = {"tensors": n, "optimizer_step_ms": ms}
             print(
                 f"{name:10s} {n:7d} {ms['loop']:8.2f} {ms['cfgdiff']:10.2f} "

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import median, timed_ms  # noqa: E402
 
 from cfgdiff import layers  # noqa: E402
 from cfgdiff.config import PRESETS  # noqa: E402
@@ -28,21 +29,6 @@ FORMS = {"autograd": layers._expand2x, "native": layers.upsample_nearest2x}
 
 def interpolate(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
-def timed_ms(fn, device: torch.device) -> float:
-    """Milliseconds of one call of fn, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0)
-
-
-def median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
 
 
 def op_ms(form, x: torch.Tensor, grad: torch.Tensor | None, reps: int) -> float:
