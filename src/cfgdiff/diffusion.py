@@ -2,8 +2,8 @@
 
 Owns: q(x_t | x_0) (DDPM Eq. 4), the conversions between eps, x_0 and v predictions, the law
 of the training timesteps, the label dropout that trains the null label, and the per-sample
-loss. Knows nothing about samplers,
-guidance scales or the network's architecture (it is called as a function).
+loss. Knows nothing about samplers, guidance scales or the network's architecture (it is
+called as a function).
 """
 
 from __future__ import annotations
