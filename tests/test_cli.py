@@ -165,18 +165,44 @@ def test_timestep_sampling_is_recorded_and_kept_on_resume(tmp_path, folder_data,
     out = tmp_path / "run"
     argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--steps", "2"]
     argv += ["--no-progress", "--precision", "fp32", "--out", str(out)]
-    assert main([*argv, "--t-sampling", "logit-normal", "--t-mean", "-0.3", "--t-std", "0.7"]) == 0
+    ln = ["--t-sampling", "logit-normal", "--t-mean", "-0.3", "--t-std", "0.7"]
+    assert main([*argv, *ln, "--t-uniform", "0.25"]) == 0
     d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
-    assert (d.t_sampling, d.t_mean, d.t_std) == ("logit-normal", -0.3, 0.7)
+    assert (d.t_sampling, d.t_mean, d.t_std, d.t_uniform) == ("logit-normal", -0.3, 0.7, 0.25)
     capsys.readouterr()
     assert main(["info", "--checkpoint", str(out)]) == 0
-    assert "timesteps logit-normal (-0.3, 0.7)" in capsys.readouterr().out
+    assert "timesteps logit-normal (-0.3, 0.7) with 0.25 uniform" in capsys.readouterr().out
     resumed = ["train", "--out", str(out), "--resume", "--no-progress", "--steps", "3"]
     assert main([*resumed, "--t-mean", "0.5"]) == 2
     assert "diffusion.t_mean=-0.3, this run asks for 0.5" in capsys.readouterr().err
+    assert main([*resumed, "--t-uniform", "0.5"]) == 2
+    assert "diffusion.t_uniform=0.25, this run asks for 0.5" in capsys.readouterr().err
     assert main(resumed) == 0  # unset: the checkpoint's own
     d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
-    assert (d.t_sampling, d.t_mean, d.t_std) == ("logit-normal", -0.3, 0.7)
+    assert (d.t_sampling, d.t_mean, d.t_std, d.t_uniform) == ("logit-normal", -0.3, 0.7, 0.25)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--t-uniform", "0.5"], "--t-uniform 0.5: applies to --t-sampling logit-normal only"),
+        (["--t-mean", "1"], "--t-mean 1: applies to --t-sampling logit-normal only"),
+        (
+            ["--t-sampling", "uniform", "--t-std", "2"],
+            "--t-std 2: applies to --t-sampling logit-normal only",
+        ),
+        (["--t-sampling", "logit-normal", "--t-uniform", "1"], "--t-uniform: "),
+    ],
+)
+def test_logit_normal_options_without_logit_normal_are_refused(
+    tmp_path, folder_data, capsys, extra, message
+):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--steps", "2"]
+    assert main([*argv, "--no-progress", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints").exists()
 
 
 def test_resume_on_a_folder_that_gained_a_class_names_the_classes(run, folder_data, capsys):

@@ -110,11 +110,38 @@ def test_logit_normal_timesteps_follow_their_law(mean):
     assert mid > 0.15
 
 
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_mixture_timesteps_follow_their_law(p):
+    """t_uniform = p: each draw is uniform with probability p, else logit-normal (0.5, 1). The
+    least noisy tenth, t < T/10, gets p * 0.1 + (1 - p) * Phi(logit(0.1) - 0.5) of the draws
+    (0.35 % of the logit-normal ones); at p = 0 the draws are the plain logit-normal's, bit for
+    bit."""
+    T, n = 1000, 200_000
+    cfg = DiffusionConfig(t_sampling="logit-normal", t_mean=0.5, t_std=1.0, t_uniform=p)
+    t = sample_timesteps(n, T, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    z = math.log(0.1 / 0.9) - 0.5
+    low_ln = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    assert abs(low_ln - 0.0035) < 0.0005
+    assert abs(float((t < T // 10).float().mean()) - (p * 0.1 + (1 - p) * low_ln)) < 0.003
+    # P(t >= T/2) = p / 2 + (1 - p) Phi(0.5)
+    high = p / 2 + (1 - p) * 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))
+    assert abs(float((t >= T // 2).float().mean()) - high) < 0.005
+    plain = DiffusionConfig(t_sampling="logit-normal", t_mean=0.5, t_std=1.0)
+    n01 = torch.randn(64, generator=torch.Generator().manual_seed(1)) + 0.5
+    assert torch.equal(
+        sample_timesteps(64, T, plain, torch.Generator().manual_seed(1), "cpu"),
+        (torch.sigmoid(n01) * T).long().clamp(0, T - 1),
+    )
+
+
 def test_timestep_sampling_is_validated():
     for bad in (
         {"t_sampling": "lognormal"},
         {"t_sampling": "logit-normal", "t_std": 0.0},
         {"t_mean": float("nan")},
+        {"t_sampling": "logit-normal", "t_uniform": 1.0},
+        {"t_sampling": "logit-normal", "t_uniform": -0.1},
     ):
-        with pytest.raises(ConfigError, match="t_sampling|t_mean"):
+        with pytest.raises(ConfigError, match="t_sampling|t_mean|t_uniform"):
             DiffusionConfig(**bad).validate()

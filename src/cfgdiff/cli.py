@@ -347,6 +347,12 @@ def build_parser() -> Parser:
     )
     tr.add_argument("--t-mean", type=_float_in(-5, 5), help="mean of n for logit-normal")
     tr.add_argument("--t-std", type=_float_in(0, 5, lo_open=True), help="standard deviation of n")
+    tr.add_argument(
+        "--t-uniform",
+        type=_float_in(0, 1, hi_open=True),
+        help="for logit-normal: the fraction of timesteps drawn uniformly instead (a mixture; "
+        "default 0)",
+    )
     tr.add_argument("--ema-decay", type=_float_in(0, 1, hi_open=True))
     tr.add_argument(
         "--hflip",
@@ -581,10 +587,18 @@ def cmd_train(a: argparse.Namespace) -> int:
         base.diffusion,
         **{
             k: getattr(a, k)
-            for k in ("label_dropout", "t_sampling", "t_mean", "t_std")
+            for k in ("label_dropout", "t_sampling", "t_mean", "t_std", "t_uniform")
             if getattr(a, k) is not None
         },
     )
+    if dcfg.t_sampling == "uniform":
+        given = [f for f in ("t_mean", "t_std", "t_uniform") if getattr(a, f) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(
+                f"{flag} {getattr(a, given[0]):g}: applies to --t-sampling logit-normal only "
+                "(this run's timesteps are uniform)"
+            )
     cfg = dataclasses.replace(base, train=tcfg, diffusion=dcfg)
     # A resumed run reads its data at the checkpoint's size and channels; a new run at the data's
     # own unless --image-size / --channels say otherwise.
@@ -1312,6 +1326,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         f"label dropout {d.label_dropout:g}"
         + (
             f", timesteps logit-normal ({d.t_mean:g}, {d.t_std:g})"
+            + (f" with {d.t_uniform:g} uniform" if d.t_uniform else "")
             if d.t_sampling == "logit-normal"
             else ""
         )

@@ -78,10 +78,13 @@ class DiffusionConfig:
     loss_weighting: str = "none"  # "none" (plain MSE on the target) or "min-snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
     # Training timesteps: "uniform" t ~ U{0..T-1} (DDPM), or "logit-normal": t/T = sigmoid(n),
-    # n ~ N(t_mean, t_std) (Esser et al. 2024, Sec. 3.1), denser in the middle of the process.
+    # n ~ N(t_mean, t_std) (Esser et al. 2024, Sec. 3.1), denser in the middle of the process;
+    # with t_uniform > 0, that fraction of the draws is uniform instead (a mixture, which keeps
+    # every part of the process trained).
     t_sampling: str = "uniform"
     t_mean: float = 0.0
     t_std: float = 1.0
+    t_uniform: float = 0.0
 
     def validate(self) -> None:
         if not 2 <= self.timesteps <= 100_000:
@@ -106,6 +109,8 @@ class DiffusionConfig:
             raise ConfigError(
                 f"t_mean must be finite and t_std finite and > 0, got {self.t_mean}, {self.t_std}"
             )
+        if not 0 <= self.t_uniform < 1:
+            raise ConfigError(f"t_uniform must be in [0, 1), got {self.t_uniform}")
 
 
 @dataclass(frozen=True)

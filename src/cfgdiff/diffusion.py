@@ -79,11 +79,18 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """(b,) integer training timesteps in [0, T-1]: uniform, or logit-normal (t/T = sigmoid(n),
     n ~ N(t_mean, t_std); Esser et al. 2024, Eq. 19), which spends the steps where the density
-    is, with no loss reweighting (the density is the weighting)."""
+    is, with no loss reweighting (the density is the weighting). With t_uniform = p > 0 the
+    law is the mixture p U{0..T-1} + (1 - p) logit-normal: each draw is uniform with
+    probability p."""
     if cfg.t_sampling == "uniform":
         return torch.randint(0, T, (b,), generator=generator, device=device)
     n = torch.randn(b, generator=generator, device=device) * cfg.t_std + cfg.t_mean
-    return (torch.sigmoid(n) * T).long().clamp_(0, T - 1)
+    t = (torch.sigmoid(n) * T).long().clamp_(0, T - 1)
+    if cfg.t_uniform > 0:
+        u = torch.randint(0, T, (b,), generator=generator, device=device)
+        pick = torch.rand(b, generator=generator, device=device) < cfg.t_uniform
+        t = torch.where(pick, u, t)
+    return t
 
 
 def training_loss(
