@@ -55,7 +55,7 @@ def test_tune_candidates_build_and_run():
     input shape to itself."""
     import torch
 
-    from cfgdiff.config import PRESETS
+    from cfgdiff.config import PRESETS, DiffusionConfig
     from cfgdiff.unet import UNet
 
     td = _tune_demo()
@@ -67,6 +67,12 @@ def test_tune_candidates_build_and_run():
         x = torch.zeros(2, 1, size, size)
         out = net(x, torch.tensor([0, 999]), torch.tensor([3, 10]))
         assert out.shape == x.shape, name
+    # the timestep candidates spell their law out in full, so they do not follow the preset
+    demo = PRESETS["cpu-demo"]
+    assert td.apply(demo, td.candidates()["tmix-hi"]) == demo
+    uniform = td.apply(demo, td.candidates()["uniform"]).diffusion
+    assert uniform == DiffusionConfig(schedule="cosine", prediction="v")
+    assert td.apply(demo, td.candidates()["tln-hi"]).diffusion.t_uniform == 0.0
 
 
 def test_tune_padding_round_trip():

@@ -156,12 +156,21 @@ def test_hflip_is_recorded_and_defaults_by_dataset(tmp_path, folder_data, capsys
 
 
 def test_timestep_sampling_is_recorded_and_kept_on_resume(tmp_path, folder_data, capsys):
-    """--t-sampling / --t-mean / --t-std reach the checkpoint's config; unset, the preset's
-    (uniform for every preset); a resume that asks for another is refused, exit 2."""
+    """--t-sampling / --t-mean / --t-std / --t-uniform reach the checkpoint's config; unset, the
+    preset's (the uniform + logit-normal mixture for cpu-demo, uniform for the others); a resume
+    that asks for another is refused, exit 2."""
     from cfgdiff.checkpoint import latest_checkpoint, read_config
     from cfgdiff.config import PRESETS
 
-    assert {p.diffusion.t_sampling for p in PRESETS.values()} == {"uniform"}
+    demo = PRESETS["cpu-demo"].diffusion
+    assert (demo.t_sampling, demo.t_mean, demo.t_std, demo.t_uniform) == (
+        "logit-normal",
+        0.5,
+        1.0,
+        0.5,
+    )
+    others = [p.diffusion.t_sampling for n, p in PRESETS.items() if n != "cpu-demo"]
+    assert set(others) == {"uniform"}
     out = tmp_path / "run"
     argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--steps", "2"]
     argv += ["--no-progress", "--precision", "fp32", "--out", str(out)]
@@ -278,7 +287,8 @@ def test_compile_auto_rules():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert _compile_training("auto", cuda, 10, 8)
-    assert not _compile_training("auto", cpu, 1400, 64)  # the demo: 89,600 images
+    assert not _compile_training("auto", cpu, 1000, 64)  # the demo: 64,000 images
+    assert not _compile_training("auto", cpu, 1400, 64)  # the demo before: 89,600 images
     assert _compile_training("auto", cpu, 3125, 64)  # 200,000 images
     assert not _compile_training("off", cuda, 10**6, 128)
     assert _compile_training("on", cpu, 1, 1)

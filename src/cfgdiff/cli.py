@@ -163,7 +163,7 @@ def _compile_training(
     choice: str, device, steps: int, batch_size: int, seconds: float | None = None
 ) -> bool:
     """--compile for train: auto is on for CUDA, and on the CPU for runs long enough to repay
-    the compilation (not the 1400-step demo); `seconds` is a --time budget."""
+    the compilation (not the 1000-step demo); `seconds` is a --time budget."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":

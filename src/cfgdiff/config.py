@@ -253,21 +253,30 @@ PRESETS: dict[str, RunConfig] = {
             attn_levels=(2,),
             num_heads=4,
         ),
-        # timesteps uniform: logit-normal ones were measured and not adopted (README "Tuning
-        # the demo preset": more accurate at s = 1, worse FID at s = 3, or neither)
-        diffusion=DiffusionConfig(schedule="cosine", prediction="v", loss_weighting="none"),
+        # timesteps: half uniform, half logit-normal (0.5, 1), shifted to the noisy end where the
+        # class is decided. 1000 steps of it match 1400 uniform ones on class accuracy and FID
+        # (n = 2000; README "Training timesteps"); logit-normal alone lost FID at s = 3.
+        diffusion=DiffusionConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="none",
+            t_sampling="logit-normal",
+            t_mean=0.5,
+            t_std=1.0,
+            t_uniform=0.5,
+        ),
         train=TrainConfig(
-            steps=1400,
+            steps=1000,
             batch_size=64,
             lr=2e-3,
             lr_schedule="cosine",
             lr_min_ratio=0.05,
             warmup_steps=100,
-            # never binds in 1400 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
-            # (0.9935 at the end; README "Tuning the demo preset")
+            # never binds in 1000 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
+            # (0.991 at the end; README "Tuning the demo preset")
             ema_decay=0.995,
-            sample_every=350,
-            checkpoint_every=350,
+            sample_every=250,
+            checkpoint_every=250,
         ),
         preset="cpu-demo",
     ),
