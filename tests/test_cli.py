@@ -191,6 +191,20 @@ def test_timestep_sampling_is_recorded_and_kept_on_resume(tmp_path, folder_data,
     assert (d.t_sampling, d.t_mean, d.t_std, d.t_uniform) == ("logit-normal", -0.3, 0.7, 0.25)
 
 
+def test_uniform_timesteps_on_cpu_demo_record_the_old_preset(tmp_path, folder_data):
+    """--t-sampling uniform on cpu-demo (whose timesteps are the mixture) gives the uniform
+    preset it was before: no logit-normal settings left in the recorded config."""
+    from cfgdiff.checkpoint import latest_checkpoint, read_config
+    from cfgdiff.config import DiffusionConfig
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "cpu-demo", "--steps", "1"]
+    argv += ["--no-progress", "--precision", "fp32", "--sample-every", "0", "--out", str(out)]
+    assert main([*argv, "--t-sampling", "uniform"]) == 0
+    d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
+    assert d == DiffusionConfig(schedule="cosine", prediction="v")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

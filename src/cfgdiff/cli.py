@@ -591,6 +591,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             if getattr(a, k) is not None
         },
     )
+    if a.t_sampling == "uniform" and not a.resume:
+        # a new run asking for uniform timesteps records none of the preset's logit-normal
+        # settings (cpu-demo's), so its config is that of a preset that never had them
+        dcfg = dataclasses.replace(dcfg, t_mean=0.0, t_std=1.0, t_uniform=0.0)
     if dcfg.t_sampling == "uniform":
         given = [f for f in ("t_mean", "t_std", "t_uniform") if getattr(a, f) is not None]
         if given:
