@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cfgdiff.config import GUIDANCE_CONVENTION, MAX_STEPS
+from cfgdiff.config import GUIDANCE_CONVENTION, MAX_STEPS, DiffusionConfig
 from cfgdiff.errors import CfgDiffError, ConfigError, RuntimeFault
 
 
@@ -171,6 +171,10 @@ def _compile_training(
     if seconds is not None:
         return seconds >= COMPILE_MIN_TRAIN_SECONDS
     return steps * batch_size >= COMPILE_MIN_TRAIN_IMAGES
+
+
+# The settings of logit-normal training timesteps, which uniform ones ignore.
+LOGIT_NORMAL_FIELDS = ("t_mean", "t_std", "t_uniform")
 
 
 def _log(msg: str) -> None:
@@ -343,7 +347,8 @@ def build_parser() -> Parser:
         "--t-sampling",
         choices=["uniform", "logit-normal"],
         help="training timesteps: uniform, or t/T = sigmoid(n), n ~ N(--t-mean, --t-std) "
-        "(default: the preset's, uniform for all of them)",
+        "(default: the preset's: cpu-demo's is logit-normal (0.5, 1) with 0.5 uniform, every "
+        "other preset's uniform)",
     )
     tr.add_argument("--t-mean", type=_float_in(-5, 5), help="mean of n for logit-normal")
     tr.add_argument("--t-std", type=_float_in(0, 5, lo_open=True), help="standard deviation of n")
@@ -594,9 +599,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.t_sampling == "uniform" and not a.resume:
         # a new run asking for uniform timesteps records none of the preset's logit-normal
         # settings (cpu-demo's), so its config is that of a preset that never had them
-        dcfg = dataclasses.replace(dcfg, t_mean=0.0, t_std=1.0, t_uniform=0.0)
+        unset = DiffusionConfig()
+        dcfg = dataclasses.replace(dcfg, **{f: getattr(unset, f) for f in LOGIT_NORMAL_FIELDS})
     if dcfg.t_sampling == "uniform":
-        given = [f for f in ("t_mean", "t_std", "t_uniform") if getattr(a, f) is not None]
+        given = [f for f in LOGIT_NORMAL_FIELDS if getattr(a, f) is not None]
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise ConfigError(
