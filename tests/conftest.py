@@ -60,10 +60,14 @@ def fake_digits(n: int, seed: int, size: int = 28, classes: int = 10):
 def idx_dir(tmp_path, monkeypatch):
     """A folder with the four MNIST IDX files (train .gz, test raw) of synthetic digits, and the
     MNIST spec's checksums pointed at them."""
-    d = tmp_path / "idx"
-    d.mkdir()
-    xs, ys = fake_digits(200, 0)
-    xt, yt = fake_digits(50, 1)
+    return mnist_idx(tmp_path / "idx", monkeypatch, fake_digits(200, 0), fake_digits(50, 1))
+
+
+def mnist_idx(d, monkeypatch, train, test):
+    """Write (images, labels) arrays as MNIST's four IDX files in d (train .gz, test raw) and
+    point the MNIST spec's checksums at them; returns d."""
+    d.mkdir(parents=True)
+    (xs, ys), (xt, yt) = train, test
     content = {
         "train_images": idx_bytes(xs),
         "train_labels": idx_bytes(ys),

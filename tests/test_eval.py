@@ -243,6 +243,77 @@ def test_train_classifier_command(big_folder, tmp_path, capsys):
     assert "test accuracy" in out and "sha256" in out
 
 
+def test_shipped_mnist_judge_is_the_current_recipes():
+    """The MNIST judge in the package is whole (its weights hash to its meta's SHA-256) and was
+    made by today's recipe and version: a change of either must ship a judge trained again
+    (`cfgdiff eval train-classifier --dataset mnist --retrain`)."""
+    from cfgdiff.metrics.classifier import (
+        CLASSIFIER_VERSION,
+        RECIPES,
+        _same_recipe,
+        shipped_judge,
+    )
+
+    net, meta = shipped_judge("mnist")
+    assert meta["version"] == CLASSIFIER_VERSION and _same_recipe(meta, RECIPES["mnist"])
+    assert (meta["in_channels"], meta["image_size"], meta["num_classes"]) == (1, 28, 10)
+    assert meta["test_accuracy"] >= 0.99 and not net.training
+    assert shipped_judge("fashion-mnist") is None  # trained on first use
+
+
+def _mnist_judged_by_the_shipped_one(d, monkeypatch, wrong: int):
+    """Synthetic MNIST whose 1000 test labels are the shipped judge's own predictions, `wrong`
+    of them changed: the shipped judge scores 1 - wrong/1000 on it."""
+    from conftest import fake_digits, mnist_idx
+
+    from cfgdiff.metrics.classifier import predict, shipped_judge
+
+    net, _ = shipped_judge("mnist")
+    xt, _ = fake_digits(1000, 5)
+    yt = predict(net, torch.from_numpy(xt)[:, None]).argmax(1).numpy().astype(np.uint8)
+    yt[:wrong] = (yt[:wrong] + 1) % 10
+    return mnist_idx(d, monkeypatch, fake_digits(200, 0), (xt, yt))
+
+
+def test_shipped_judge_is_used_where_it_scores_as_recorded(tmp_path, monkeypatch, capsys):
+    """A test split on which the shipped judge scores its recorded 0.9937 (to 0.001) gets it,
+    untrained, cached as shipped; one on which it scores otherwise (another MNIST) gets a judge
+    trained on it; --retrain trains one even where the shipped judge fits."""
+    import cfgdiff.metrics.classifier as clf
+
+    fits = _mnist_judged_by_the_shipped_one(tmp_path / "fits", monkeypatch, wrong=6)  # 0.994
+    trainings = []
+    real_train = clf.train_classifier
+    monkeypatch.setattr(
+        clf, "train_classifier", lambda *a, **k: trainings.append(1) or real_train(*a, **k)
+    )
+    notes: list[str] = []
+    _, meta = clf.get_classifier("mnist", fits, log=notes.append)
+    assert trainings == [] and meta["source"] == "shipped"
+    assert meta["test_accuracy_here"] == pytest.approx(0.994)
+    assert meta["weights_sha256"] == clf.shipped_judge("mnist")[1]["weights_sha256"]
+    assert any("shipped with cfgdiff (test accuracy 0.9940 here)" in n for n in notes)
+    cached = json.loads((fits / "classifiers" / "mnist-v2.json").read_text())
+    assert cached["source"] == "shipped"
+    notes.clear()
+    clf.get_classifier("mnist", fits, log=notes.append)  # now from the cache, silently
+    assert notes == [] and trainings == []
+
+    argv = ["eval", "train-classifier", "--dataset", "mnist", "--data-dir", str(fits)]
+    assert main(argv) == 0
+    assert "0.9940 on this test split; shipped with cfgdiff" in capsys.readouterr().out
+    assert main([*argv, "--retrain"]) == 0 and trainings == [1]
+    assert "trained in" in capsys.readouterr().out
+    retrained = json.loads((fits / "classifiers" / "mnist-v2.json").read_text())
+    assert "source" not in retrained and retrained["weights_sha256"] != cached["weights_sha256"]
+
+    other = _mnist_judged_by_the_shipped_one(tmp_path / "other", monkeypatch, wrong=20)  # 0.98
+    notes.clear()
+    _, meta = clf.get_classifier("mnist", other, log=notes.append)
+    assert trainings == [1, 1] and "source" not in meta
+    assert any("scores 0.9800 on this test split, not 0.9937" in n for n in notes)
+
+
 def test_classifier_training_is_deterministic():
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(60, 1, 8, 8, generator=g) * 255).to(torch.uint8)
@@ -262,6 +333,7 @@ def test_classifier_training_is_deterministic():
         (["--dataset", "imagenet"], "--dataset must be one of"),
         (["--n", "1000"], "--n must be <= 60 for folder:"),
         (["--image-size", "16"], "--image-size 16: only for eval train-classifier"),
+        (["--retrain"], "--retrain: only for eval train-classifier"),
         (["--dataset", "cifar10"], "has 3 channel(s); the checkpoint has 1"),
         (["--dataset", "FOLDER2"], "has 2 classes; the checkpoint has 3"),
     ],
@@ -714,5 +786,8 @@ def test_a_judge_that_cannot_be_cached_still_judges(big_folder, tmp_path):
     net, meta = get_classifier(f"folder:{big_folder}", dd, log=said.append)
     assert meta["test_accuracy"] > 0.9 and net(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
     (note,) = [m for m in said if "not cached" in m]
-    assert note.startswith("the judge is not cached (") and "trains it again" in note
+    assert (
+        note.startswith("the judge is not cached (")
+        and "the next evaluation makes it again" in note
+    )
     assert (dd / "classifiers").read_text() == "not a folder"

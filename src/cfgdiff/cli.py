@@ -450,6 +450,12 @@ def build_parser() -> Parser:
         help="train-classifier only: resize images to this side (default: native; a folder of "
         "mixed sizes needs it)",
     )
+    ev.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train-classifier only: train the judge even if one is cached or ships with "
+        "cfgdiff (MNIST's), replacing the cached one",
+    )
     eval_opts(ev)
 
     sw = sub.add_parser("sweep", help="metrics across guidance scales: CSV, JSON and plots")
@@ -1005,13 +1011,17 @@ def cmd_train_classifier(a: argparse.Namespace) -> int:
     check_name(a.dataset)
     device = resolve_device(a.device)
     _, meta = get_classifier(
-        a.dataset, a.data_dir, device=device, log=_log, image_size=a.image_size
+        a.dataset, a.data_dir, device=device, log=_log, image_size=a.image_size, retrain=a.retrain
     )
     path = classifier_path(a.data_dir or _default_data_dir(), a.dataset)
     epochs = meta.get("epochs_trained", meta["epochs"])  # (cached before the step floor: epochs)
+    how = f"{meta['train_seconds']} s", f"{meta['precision']}, {epochs} epochs"
+    made = f"trained in {how[0]} ({how[1]})"
+    if meta.get("source") == "shipped":
+        here = meta["test_accuracy_here"]
+        made = f"{here:.4f} on this test split; shipped with cfgdiff (trained in {', '.join(how)})"
     print(
-        f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, trained in "
-        f"{meta['train_seconds']} s ({meta['precision']}, {epochs} epochs), weights "
+        f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, {made}, weights "
         f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"
     )
     return 0
@@ -1052,6 +1062,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"--image-size {a.image_size}: only for eval train-classifier (samples are judged "
             "at the classifier's size)"
         )
+    if a.retrain:
+        raise ConfigError("--retrain: only for eval train-classifier")
     if a.samples is not None:
         return _eval_samples(a)
     a.n = a.n or 1000

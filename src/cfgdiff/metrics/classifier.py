@@ -3,6 +3,12 @@
 It answers "does the sample show the requested class?" (class accuracy). Trained with a fixed
 seed, a fixed data order and light random shifts; cached as safetensors + JSON (test accuracy,
 SHA-256 of the weights) under <data_dir>/classifiers/.
+
+MNIST's judge also ships with the package (judges/): the bytes this recipe gives on a 2-core
+CPU. On first use it is checked against the local test split (its test accuracy must come out
+as recorded, to SHIPPED_TOLERANCE) and cached like a trained one; a test split that disagrees
+(another MNIST) gets a judge trained on it instead. So every machine judges MNIST samples with
+the same features, and a first evaluation does not spend minutes training the judge.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast, resolve_precision
 
 CLASSIFIER_VERSION = 2  # 2: MNIST recipe 2 epochs (99.37 % in 70 s; v1: 3 epochs)
+SHIPPED = Path(__file__).parent / "judges"
+# a shipped judge is used where its test accuracy on the local test split is within this of the
+# recorded one (10 images of MNIST's 10,000; fp32 kernels of other machines move a few at most)
+SHIPPED_TOLERANCE = 0.001
 
 
 class SmallCNN(nn.Module):
@@ -222,8 +232,10 @@ def get_classifier(
     channels: int | None = None,
     data: Dataset | None = None,
     flip: bool = False,
+    retrain: bool = False,
 ) -> tuple[SmallCNN, dict]:
-    """Load the cached classifier for `dataset`, training and caching it first if needed.
+    """Load the cached classifier for `dataset`, else the shipped one (checked on the test
+    split), else train one; cache what was not cached. retrain: train even so.
 
     A folder's judge is cached by path, so the folder's classes and labels are fingerprinted
     (not its pixels: models of any size share the judge trained at the first one's size) and
@@ -243,7 +255,7 @@ def get_classifier(
     if folder and data is None:
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     content = {"labels_sha256": _labels_sha(data)} if folder else {}
-    cached, stale = meta is not None and weights_path.is_file(), None
+    cached, stale = meta is not None and weights_path.is_file() and not retrain, None
     if cached and not _same_recipe(meta, recipe):
         stale = "trained with an earlier recipe"
     elif cached and folder and meta.get("labels_sha256") != content["labels_sha256"]:
@@ -261,15 +273,20 @@ def get_classifier(
         return net.to(device).eval(), meta
     if stale is not None and log is not None:
         log(f"{meta_path}: {stale}; training it again")
+    test = None
     if not folder:
+        test = load_dataset(
+            dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log
+        )
+        shipped = None if retrain else _shipped(dataset, recipe, test, device, log)
+        if shipped is not None:
+            net, meta = shipped
+            _cache(net, meta, meta_path, weights_path, log)
+            return net.to(device).eval(), meta
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     train = data
     if folder:  # no test split: hold out every 10th image
         train, test = train.hold_out(10)
-    else:
-        test = load_dataset(
-            dataset, data_dir, split="test", image_size=image_size, channels=channels, log=log
-        )
     t0 = time.perf_counter()
 
     def epoch_note(ep: int, acc: float) -> None:
@@ -296,18 +313,63 @@ def get_classifier(
         "epochs_trained": epochs_for(len(train), recipe["epochs"], recipe.get("min_steps", 0)),
         "weights_sha256": _weights_sha(net),
     }
+    _cache(net, meta, meta_path, weights_path, log)
+    return net.to(device).eval(), meta
+
+
+def _cache(net: nn.Module, meta: dict, meta_path: Path, weights_path: Path, log) -> None:
+    """Write a judge to the cache: the old meta first (its weights are being replaced), each
+    file atomically, the new meta last, so a judge on disk is whole or absent, never weights of
+    one and meta of another. A failure is logged: the evaluation goes on with the judge it has."""
     try:
-        # the old meta first (its weights are being replaced), each file atomically, the new
-        # meta last: a judge on disk is whole or absent, never weights of one and meta of another
-        base.parent.mkdir(parents=True, exist_ok=True)
+        weights_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)
         state = {k: v.cpu().contiguous() for k, v in net.state_dict().items()}
         atomic_write_bytes(weights_path, save(state))
         atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
-    except OSError as e:  # the evaluation goes on with the judge it has trained
+    except OSError as e:
         if log is not None:
-            log(f"the judge is not cached ({e}); the next evaluation trains it again")
-    return net.to(device).eval(), meta
+            log(f"the judge is not cached ({e}); the next evaluation makes it again")
+
+
+def shipped_judge(dataset: str) -> tuple[SmallCNN, dict] | None:
+    """The judge of a built-in dataset that ships with cfgdiff, as (net in eval mode, meta), or
+    None; its weights are checked against the SHA-256 its meta records."""
+    base = SHIPPED / f"{dataset}-v{CLASSIFIER_VERSION}"
+    meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if not (meta_path.is_file() and weights_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
+    net.load_state_dict(load_file(str(weights_path)))
+    if _weights_sha(net) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights_path}: weights hash mismatch (a damaged install)")
+    return net.eval(), meta
+
+
+def _shipped(
+    dataset: str, recipe: dict, test: Dataset, device, log
+) -> tuple[SmallCNN, dict] | None:
+    """The shipped judge of `dataset` if there is one of this recipe, made for images like the
+    test split's, and its test accuracy on that split is the recorded one; else None."""
+    found = shipped_judge(dataset)
+    if found is None:
+        return None
+    net, meta = found
+    like = (meta["image_size"], meta["in_channels"]) == (test.image_size, test.channels)
+    if not (_same_recipe(meta, recipe) and like and meta["num_classes"] == test.num_classes):
+        return None
+    acc = accuracy(net.to(device), test.images, test.labels, device=device)
+    if abs(acc - meta["test_accuracy"]) > SHIPPED_TOLERANCE:
+        if log is not None:
+            log(
+                f"the {dataset} judge shipped with cfgdiff scores {acc:.4f} on this test split, "
+                f"not {meta['test_accuracy']:.4f}: training one on this data"
+            )
+        return None
+    if log is not None:
+        log(f"{dataset} judge: the one shipped with cfgdiff (test accuracy {acc:.4f} here)")
+    return net, {**meta, "source": "shipped", "test_accuracy_here": acc}
 
 
 def _labels_sha(data: Dataset) -> str:
