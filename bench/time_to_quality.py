@@ -34,7 +34,7 @@ from cfgdiff.data import load_dataset  # noqa: E402
 from cfgdiff.metrics.evaluate import build_reference, measure  # noqa: E402
 from cfgdiff.runtime import resolve_device, resolve_precision, sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
-from cfgdiff.train import config_for_dataset, train  # noqa: E402
+from cfgdiff.train import BUDGET_PROBE, config_for_dataset, train  # noqa: E402
 
 
 def synthetic_folder(root: Path) -> str:
@@ -193,6 +193,7 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) 
         return {"fid": m["fid"], "class_accuracy": m["class_accuracy"]}
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=MAX_STEPS))
+    seen: list[str] = []
     run = Path(tmp) / f"run-{precision}-{int(compiled)}-{sched}"
     res = train(
         cfg,
@@ -204,9 +205,15 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) 
         evaluator=evaluator,
         final_strip=False,
         compile=compiled,
-        on_event=_print_event,
+        on_event=lambda name, info: seen.append(name) or _print_event(name, info),
         time_budget=a.budget if sched == "budget" else None,
     )
+    if sched == "budget" and "schedule" not in seen:  # a machine too slow for the budget
+        print(
+            f"schedule: not fixed: the budget ended at step {res.step}, before the rate probe's "
+            f"step {BUDGET_PROBE[1]} (this machine is too slow for the budget: give a longer one)",
+            flush=True,
+        )
     if not rows or rows[-1]["step"] != res.step:  # the last step, at the budget
         seconds = train_seconds()
         evaluator(load_for_sampling(res.checkpoint, device).net, res.step, seconds)
