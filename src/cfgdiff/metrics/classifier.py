@@ -261,16 +261,7 @@ def get_classifier(
     elif cached and folder and meta.get("labels_sha256") != content["labels_sha256"]:
         stale = "trained on other classes or images of the folder"
     if cached and stale is None:
-        net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
-        try:
-            net.load_state_dict(load_file(str(weights_path)))
-        except (SafetensorError, RuntimeError, OSError) as e:
-            raise CheckpointError(
-                f"{weights_path}: cannot load classifier ({e}); delete it"
-            ) from None
-        if _weights_sha(net) != meta["weights_sha256"]:
-            raise CheckpointError(f"{weights_path}: weights hash mismatch; delete it to retrain")
-        return net.to(device).eval(), meta
+        return _load(meta, weights_path, "delete it to retrain").to(device), meta
     if stale is not None and log is not None:
         log(f"{meta_path}: {stale}; training it again")
     test = None
@@ -282,7 +273,7 @@ def get_classifier(
         if shipped is not None:
             net, meta = shipped
             _cache(net, meta, meta_path, weights_path, log)
-            return net.to(device).eval(), meta
+            return net, meta
         data = load_dataset(dataset, data_dir, image_size=image_size, channels=channels, log=log)
     train = data
     if folder:  # no test split: hold out every 10th image
@@ -340,11 +331,20 @@ def shipped_judge(dataset: str) -> tuple[SmallCNN, dict] | None:
     if not (meta_path.is_file() and weights_path.is_file()):
         return None
     meta = json.loads(meta_path.read_text())
+    return _load(meta, weights_path, "a damaged install: reinstall cfgdiff"), meta
+
+
+def _load(meta: dict, weights_path: Path, remedy: str) -> SmallCNN:
+    """A judge's weights, in eval mode, checked against the SHA-256 its meta records; an
+    unreadable or mismatching file is a CheckpointError that ends with `remedy`."""
     net = SmallCNN(meta["in_channels"], meta["num_classes"], meta["width"])
-    net.load_state_dict(load_file(str(weights_path)))
+    try:
+        net.load_state_dict(load_file(str(weights_path)))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: cannot load classifier ({e}); {remedy}") from None
     if _weights_sha(net) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights_path}: weights hash mismatch (a damaged install)")
-    return net.eval(), meta
+        raise CheckpointError(f"{weights_path}: weights hash mismatch; {remedy}")
+    return net.eval()
 
 
 def _shipped(
