@@ -4,11 +4,12 @@ It answers "does the sample show the requested class?" (class accuracy). Trained
 seed, a fixed data order and light random shifts; cached as safetensors + JSON (test accuracy,
 SHA-256 of the weights) under <data_dir>/classifiers/.
 
-MNIST's judge also ships with the package (judges/): the bytes this recipe gives on a 2-core
-CPU. On first use it is checked against the local test split (its test accuracy must come out
-as recorded, to SHIPPED_TOLERANCE) and cached like a trained one; a test split that disagrees
-(another MNIST) gets a judge trained on it instead. So every machine judges MNIST samples with
-the same features, and a first evaluation does not spend minutes training the judge.
+MNIST's and Fashion-MNIST's judges also ship with the package (judges/): the bytes these
+recipes give on a 2-core CPU. On first use one is checked against the local test split (its
+test accuracy must come out as recorded, to SHIPPED_TOLERANCE) and cached like a trained one; a
+test split that disagrees (another MNIST) gets a judge trained on it instead. So every machine
+judges those samples with the same features, and a first evaluation does not spend minutes
+training the judge.
 """
 
 from __future__ import annotations
