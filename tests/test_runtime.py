@@ -295,3 +295,27 @@ def test_gradient_check_allows_other_dropout_masks():
     assert check.ok, check.describe()
     lose = {k for k, _ in net.named_parameters() if k.startswith("up")}
     assert not check_compiled_gradients(net, _with_params_detached(net, lose), loss_of, "fp32").ok
+
+
+def test_fast_bf16_flags_amx_and_avx512_bf16():
+    """bf16 autocast is chosen where oneDNN has native bf16 arithmetic: AMX tiles (Intel Sapphire
+    Rapids) or AVX512-BF16 (AMD Zen 4, Intel Cooper Lake); not on AVX-512 or AVX2 alone."""
+    from cfgdiff.runtime import fast_bf16_in_flags, resolve_precision
+
+    sapphire = "fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+    zen4 = "fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
+    skylake = "fpu sse avx2 avx512f avx512bw avx512_vnni"
+    zen3 = "fpu sse avx2 fma"
+    assert fast_bf16_in_flags(sapphire) and fast_bf16_in_flags(zen4)
+    assert not fast_bf16_in_flags(skylake) and not fast_bf16_in_flags(zen3)
+    assert not fast_bf16_in_flags("avx512_bf16x amx")  # whole names only
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch):
+    import cfgdiff.runtime as rt
+
+    for fast, want in [(True, "bf16"), (False, "fp32")]:
+        monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert rt.resolve_precision("auto", torch.device("cpu")) == want

@@ -230,7 +230,7 @@ def sampling_opts(sp: argparse.ArgumentParser, required: bool = True, scale: boo
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+        help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32",
     )
     v = sp.add_argument_group("guidance variants (see README)")
     v.add_argument(
@@ -387,7 +387,7 @@ def build_parser() -> Parser:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 on CUDA and AMX CPUs, else fp32",
+        help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32",
     )
     tr.add_argument("--seed", type=_int_in(0, 2**31 - 1))
     tr.add_argument(

@@ -244,7 +244,7 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
 # classes) are replaced from the dataset when a run starts.
 PRESETS: dict[str, RunConfig] = {
     # Tuned for quality per CPU-minute on 2 cores at 28x28 (README "Tuning the demo preset"):
-    # ~400 s of bf16 training on a 2-core AMX CPU.
+    # ~400 s of bf16 training on a 2-core AMX CPU at the time (1400 steps; 1000 steps since).
     "cpu-demo": RunConfig(
         model=ModelConfig(
             base_channels=32,
