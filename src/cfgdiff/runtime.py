@@ -3,7 +3,7 @@ passes, the check that a compiled training step computes the eager step's gradie
 sampling batch sizes.
 
 bf16 autocast is used on CUDA and on CPUs with native bf16 arithmetic, AMX or AVX512-BF16 (oneDNN
-runs bf16 convolutions there 1.7-2.5x faster than fp32, measured in bench/train_throughput.py and
+runs bf16 convolutions there 1.4-2.5x faster than fp32, measured in bench/train_throughput.py and
 bench/sample_throughput.py); elsewhere fp32. Loss, EMA, optimizer state and sampler arithmetic
 stay fp32 in every case.
 """
@@ -37,7 +37,8 @@ def resolve_device(name: str) -> torch.device:
 # and matrix products with: AMX tiles (Intel Sapphire Rapids and later) and AVX512-BF16 dot
 # products (Intel Cooper Lake, AMD Zen 4 and later). Measured with bench/train_throughput.py and
 # bench/sample_throughput.py on 2 cores, cpu-demo UNet, bf16 against fp32: Xeon with AMX 2.0x to
-# train and 2.5x to sample; AMD EPYC with AVX512-BF16 (no AMX) 1.70x to train, 1.71x to sample.
+# train and 2.5x to sample; AMD EPYC with AVX512-BF16 (no AMX) 1.4-1.8x to train (four runs),
+# 1.7x to sample (bench/results/precision_avx512bf16_cpu.log).
 # Without either, bf16 is emulated and slower than fp32.
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
