@@ -302,13 +302,13 @@ def test_fast_bf16_flags_amx_and_avx512_bf16():
     Rapids) or AVX512-BF16 (AMD Zen 4, Intel Cooper Lake); not on AVX-512 or AVX2 alone."""
     from cfgdiff.runtime import fast_bf16_in_flags, resolve_precision
 
-    sapphire = "fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
-    zen4 = "fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
-    skylake = "fpu sse avx2 avx512f avx512bw avx512_vnni"
-    zen3 = "fpu sse avx2 fma"
+    sapphire = set("fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
+    zen4 = set("fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni".split())
+    skylake = set("fpu sse avx2 avx512f avx512bw avx512_vnni".split())
+    zen3 = set("fpu sse avx2 fma".split())
     assert fast_bf16_in_flags(sapphire) and fast_bf16_in_flags(zen4)
     assert not fast_bf16_in_flags(skylake) and not fast_bf16_in_flags(zen3)
-    assert not fast_bf16_in_flags("avx512_bf16x amx")  # whole names only
+    assert not fast_bf16_in_flags({"avx512_bf16x", "amx"})  # whole names only
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
@@ -319,3 +319,20 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch):
     for fast, want in [(True, "bf16"), (False, "fp32")]:
         monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert rt.resolve_precision("auto", torch.device("cpu")) == want
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    """The flags are the first "flags" line's names, whole; empty for a file without one (an ARM
+    cpuinfo says "Features") or no file."""
+    from cfgdiff.runtime import cpu_flags, fast_bf16_in_flags
+
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+        "bugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    )
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\n")
+    assert cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert fast_bf16_in_flags(cpu_flags(str(x86)))
+    assert cpu_flags(str(arm)) == frozenset() == cpu_flags(str(tmp_path / "missing"))

@@ -22,7 +22,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from cfgdiff.config import GUIDANCE_CONVENTION, MAX_STEPS, DiffusionConfig
@@ -148,10 +148,14 @@ def _compile_sampling(choice: str, device, n_images: int, steps: int) -> bool:
     return device.type == "cpu" and n_images * steps >= COMPILE_MIN_IMAGE_STEPS
 
 
-# On 2 CPU cores the compiled cpu-demo step is 1.17x (fp32) to 1.23x (bf16) faster, and compiling
-# it plus the gradient check costs ~70 s with a cold cache: break-even near 90,000 training
-# images in bf16 (bench/results/compile_quality_cpu.log). Twice that leaves a clear gain.
+# On 2 cores of an Intel Xeon with AMX the compiled cpu-demo step is 1.17x (fp32) to 1.23x (bf16)
+# faster, and compiling it plus the gradient check costs ~70 s with a cold cache: break-even near
+# 90,000 training images in bf16 (bench/results/compile_quality_cpu.log). Twice that leaves a
+# clear gain. On 2 cores of an AMD EPYC with AVX512-BF16 and no AMX it is not faster (bf16
+# 0.94-1.05x in three runs, fp32 0.89x; bench/results/precision_avx512bf16_cpu.log), so there
+# auto trains eagerly whatever the length.
 COMPILE_MIN_TRAIN_IMAGES = 200_000
+COMPILE_TRAIN_CPU_FLAG = "amx_tile"
 
 
 # ... which the cpu-demo network trains in ~800 s on the 2-core CPU (~250 images/s): the
@@ -160,14 +164,26 @@ COMPILE_MIN_TRAIN_SECONDS = 800
 
 
 def _compile_training(
-    choice: str, device, steps: int, batch_size: int, seconds: float | None = None
+    choice: str,
+    device,
+    steps: int,
+    batch_size: int,
+    seconds: float | None = None,
+    cpu_flags: Collection[str] | None = None,
 ) -> bool:
-    """--compile for train: auto is on for CUDA, and on the CPU for runs long enough to repay
-    the compilation (not the 1000-step demo); `seconds` is a --time budget."""
+    """--compile for train: auto is on for CUDA, and on AMX CPUs for runs long enough to repay
+    the compilation (not the 1000-step demo); `seconds` is a --time budget, `cpu_flags` this
+    CPU's (read from Linux when None)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
         return True
+    if cpu_flags is None:
+        from cfgdiff.runtime import cpu_flags as read_cpu_flags
+
+        cpu_flags = read_cpu_flags()
+    if COMPILE_TRAIN_CPU_FLAG not in cpu_flags:
+        return False
     if seconds is not None:
         return seconds >= COMPILE_MIN_TRAIN_SECONDS
     return steps * batch_size >= COMPILE_MIN_TRAIN_IMAGES
@@ -394,9 +410,10 @@ def build_parser() -> Parser:
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
-        help="torch.compile the training step (auto: on for CUDA; on the CPU for runs of at "
-        f"least {COMPILE_MIN_TRAIN_IMAGES:,} training images, where the ~70 s of compilation "
-        "pays off, so not for the demo); its gradients are checked "
+        help="torch.compile the training step (auto: on for CUDA; on CPUs with AMX for runs of "
+        f"at least {COMPILE_MIN_TRAIN_IMAGES:,} training images, where the ~70 s of compilation "
+        "pays off, so not for the demo; measured not to pay off on AMD's AVX512-BF16 CPUs); "
+        "its gradients are checked "
         "against eager on the first batch, and training falls back to eager if they differ or "
         "compilation fails",
     )

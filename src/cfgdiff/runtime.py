@@ -14,7 +14,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -43,23 +43,28 @@ def resolve_device(name: str) -> torch.device:
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def fast_bf16_in_flags(flags: str) -> bool:
-    """True where a cpuinfo "flags" line names an instruction set with native bf16 arithmetic."""
-    return any(f in FAST_BF16_FLAGS for f in flags.split())
+def fast_bf16_in_flags(flags: Collection[str]) -> bool:
+    """True where a set of CPU flags names an instruction set with native bf16 arithmetic."""
+    return any(f in flags for f in FAST_BF16_FLAGS)
 
 
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True where this CPU has native bf16 arithmetic (FAST_BF16_FLAGS), read from the Linux
-    CPU flags; False where they cannot be read."""
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """This CPU's flags as Linux names them (the first "flags" line of /proc/cpuinfo); empty
+    where there is none (other architectures name theirs "Features") or it cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return fast_bf16_in_flags(line.partition(":")[2])
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where this CPU has native bf16 arithmetic (FAST_BF16_FLAGS)."""
+    return fast_bf16_in_flags(cpu_flags())
 
 
 def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
