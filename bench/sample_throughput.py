@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cfgdiff.config import PRESETS  # noqa: E402
-from cfgdiff.runtime import CompiledForward, sampling_batch_size  # noqa: E402
+from cfgdiff.runtime import CompiledForward, describe_machine, sampling_batch_size  # noqa: E402
 from cfgdiff.sample import generate  # noqa: E402
 from cfgdiff.samplers import SAMPLER_NAMES  # noqa: E402
 from cfgdiff.unet import UNet  # noqa: E402
@@ -54,6 +54,7 @@ def main() -> int:
     )
     a = p.parse_args()
     device = torch.device(a.device)
+    print(f"# {describe_machine(device)}, torch {torch.__version__}", flush=True)
     cfg = PRESETS[a.preset]
     m = cfg.model
     torch.manual_seed(0)

@@ -32,7 +32,12 @@ from cfgdiff.checkpoint import load_for_sampling  # noqa: E402
 from cfgdiff.config import MAX_STEPS, get_preset  # noqa: E402
 from cfgdiff.data import load_dataset  # noqa: E402
 from cfgdiff.metrics.evaluate import build_reference, measure  # noqa: E402
-from cfgdiff.runtime import resolve_device, resolve_precision, sampling_batch_size  # noqa: E402
+from cfgdiff.runtime import (  # noqa: E402
+    describe_machine,
+    resolve_device,
+    resolve_precision,
+    sampling_batch_size,
+)
 from cfgdiff.sample import generate  # noqa: E402
 from cfgdiff.train import BUDGET_PROBE, config_for_dataset, train  # noqa: E402
 
@@ -79,6 +84,7 @@ def main() -> int:
     a = p.parse_args()
     device = resolve_device(a.device)
     precision = resolve_precision(a.precision, device)
+    print(f"# {describe_machine(device)}, torch {torch.__version__}", flush=True)
     tmp = tempfile.TemporaryDirectory()
     if a.quick:
         a.dataset, a.preset = synthetic_folder(Path(tmp.name) / "data"), "tiny"

@@ -43,7 +43,12 @@ from timing import median, timed_ms  # noqa: E402
 
 from cfgdiff.config import PRESETS, DiffusionConfig, TrainConfig  # noqa: E402
 from cfgdiff.diffusion import training_loss  # noqa: E402
-from cfgdiff.runtime import GradientCheck, autocast, check_compiled_gradients  # noqa: E402
+from cfgdiff.runtime import (  # noqa: E402
+    GradientCheck,
+    autocast,
+    check_compiled_gradients,
+    describe_machine,
+)
 from cfgdiff.schedule import make_schedule  # noqa: E402
 from cfgdiff.train import make_optimizer  # noqa: E402
 from cfgdiff.unet import UNet, count_parameters  # noqa: E402
@@ -303,6 +308,7 @@ def main() -> int:
         ):
             p.error(f"--variants: {v!r} is not PRECISION[-compile[-cg]][-cl][-bm][-adamloop]")
     device = torch.device(a.device)
+    print(f"# {describe_machine(device)}, torch {torch.__version__}", flush=True)
     steps, warmup = (2, 1) if a.quick else (8, 3)
     results: dict = {}
     if a.optimizer:

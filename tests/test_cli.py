@@ -45,6 +45,10 @@ def test_train_writes_run(run):
     summary = (run / "SUMMARY.txt").read_text()
     assert "guidance strip" in summary and str(run / "loss.png") in summary
     assert str(run / "real.png") in summary
+    # what it ran on, since its speed depends on it
+    from cfgdiff.runtime import describe_machine
+
+    assert f"machine:         cpu: {describe_machine(torch.device('cpu'))}" in summary
     # real images laid out as the previews are, to hold them against
     real = Image.open(run / "real.png")
     assert real.size == Image.open(run / "samples" / "step-0000010.png").size

@@ -114,6 +114,7 @@ def test_eval_reports_every_metric_and_the_floor(run, judged, tmp_path, capsys):
     for key in ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation"):
         assert key in r["generated"] and key in r["real_floor"]
     assert r["scale"] == 2 and r["n"] == 12
+    assert r["device"] == "cpu" and "threads" in r["machine"]  # what the images/s was on
 
 
 def test_sweep_writes_all_files(run, judged, tmp_path, capsys):

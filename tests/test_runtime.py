@@ -336,3 +336,30 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     assert cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
     assert fast_bf16_in_flags(cpu_flags(str(x86)))
     assert cpu_flags(str(arm)) == frozenset() == cpu_flags(str(tmp_path / "missing"))
+
+
+def test_describe_machine_names_the_cpu_and_its_bf16(tmp_path):
+    import platform
+
+    from cfgdiff.runtime import cpuinfo, describe_machine
+
+    amd = tmp_path / "amd"
+    amd.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: something else\n"
+    )
+    intel = tmp_path / "intel"
+    intel.write_text(
+        "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t: avx512_bf16 amx_bf16\n"
+    )
+    old = tmp_path / "old"
+    old.write_text("model name\t: Intel(R) Xeon(R) E5-2686\nflags\t: fpu avx2\n")
+    threads = torch.get_num_threads()
+    assert cpuinfo(str(amd))["model name"] == "AMD EPYC 9R14"  # the first processor's
+    assert describe_machine(torch.device("cpu"), str(amd)) == (
+        f"AMD EPYC 9R14 ({threads} threads; avx512_bf16)"
+    )
+    assert describe_machine(torch.device("cpu"), str(intel)).endswith("; amx_bf16, avx512_bf16)")
+    assert describe_machine(torch.device("cpu"), str(old)).endswith("; no native bf16)")
+    fallback = platform.processor() or platform.machine() or "unknown CPU"
+    assert describe_machine(torch.device("cpu"), str(tmp_path / "none")).startswith(fallback)

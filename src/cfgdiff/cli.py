@@ -568,7 +568,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cfgdiff import checkpoint as ckpt_io
     from cfgdiff.config import get_preset
     from cfgdiff.data import check_name, load_dataset
-    from cfgdiff.runtime import resolve_device, resolve_precision
+    from cfgdiff.runtime import describe_machine, resolve_device, resolve_precision
     from cfgdiff.train import config_for_dataset, train
 
     if a.dataset is not None:
@@ -581,6 +581,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         )
     _out_folder(a.out)
     device = resolve_device(a.device)
+    machine = describe_machine(device)
     if a.resume:
         found = ckpt_io.latest_checkpoint(a.out / "checkpoints")
         if found is None:
@@ -656,8 +657,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         if name == "start":
             end = info["total"] or f"sized to --time {a.time:g} s after 25 steps"
             _log(
-                f"training {info['params'] / 1e6:.2f}M parameters on {info['device']} "
-                f"({info['precision']}), {len(data)} images, step {info['step']} -> {end}"
+                f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}: "
+                f"{machine}, {info['precision']}, {len(data)} images, step {info['step']} -> {end}"
             )
             if show:
                 from tqdm import tqdm
@@ -754,6 +755,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         f"{f' (--time {a.time:g} s)' if a.time is not None else ''}, "
         f"{res.aside_s:.0f} s previews, checkpoints and evaluations, "
         f"{max(0.0, total - res.train_s - res.aside_s):.0f} s loading data",
+        f"  machine:         {device.type}: {machine}",
         f"  checkpoint:      {res.checkpoint}",
         f"  sample grids:    {out / 'samples'}/step-*.png  "
         f"(rows = classes, s={cfg.train.preview_scale:g}; real images in {out / 'real.png'})",
@@ -1070,7 +1072,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.runtime import resolve_device
+    from cfgdiff.runtime import describe_machine, resolve_device
 
     if a.action == "train-classifier":
         return cmd_train_classifier(a)
@@ -1102,7 +1104,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
         f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
     )
-    record = {**record, "n": a.n, "sampling_images_per_s": a.n / dt}
+    record = {
+        **record,
+        "n": a.n,
+        "sampling_images_per_s": a.n / dt,
+        "device": device.type,
+        "machine": describe_machine(device),
+    }
     _eval_report(a, ref, images, labels, loaded.cfg.label_names(), head, record)
     return 0
 

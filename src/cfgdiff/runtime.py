@@ -14,6 +14,7 @@ import contextlib
 import functools
 import math
 import os
+import platform
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -49,17 +50,28 @@ def fast_bf16_in_flags(flags: Collection[str]) -> bool:
 
 
 @functools.cache
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """This CPU's flags as Linux names them (the first "flags" line of /proc/cpuinfo); empty
-    where there is none (other architectures name theirs "Features") or it cannot be read."""
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo ("model name", "flags", ...); empty
+    where it cannot be read."""
+    fields: dict[str, str] = {}
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """This CPU's flags as Linux names them; empty where there are none (other architectures
+    name theirs "Features") or cpuinfo cannot be read."""
+    return frozenset(cpuinfo(path).get("flags", "").split())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -105,6 +117,18 @@ def configure_cpu_threads(quota_path: str = "/sys/fs/cgroup/cpu.max") -> int:
         torch.set_num_threads(limit)
         n = limit
     return n
+
+
+def describe_machine(device: torch.device, path: str = "/proc/cpuinfo") -> str:
+    """What a run or benchmark ran on, for its logs and records (speed depends on it): "NVIDIA
+    H200", or "AMD EPYC (2 threads; avx512_bf16)" (the CPU's native bf16 instruction sets)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = cpuinfo(path)
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    native = [f for f in FAST_BF16_FLAGS if f in cpu_flags(path)]
+    bf16 = ", ".join(native) if native else "no native bf16"
+    return f"{name} ({torch.get_num_threads()} threads; {bf16})"
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
