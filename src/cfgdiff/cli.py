@@ -412,7 +412,7 @@ def build_parser() -> Parser:
         choices=["auto", "on", "off"],
         help="torch.compile the training step (auto: on for CUDA; on CPUs with AMX for runs of "
         f"at least {COMPILE_MIN_TRAIN_IMAGES:,} training images, where the ~70 s of compilation "
-        "pays off, so not for the demo; measured not to pay off on AMD's AVX512-BF16 CPUs); "
+        "pays off, so not for the demo; it did not pay off on the AVX512-BF16 CPU measured); "
         "its gradients are checked "
         "against eager on the first batch, and training falls back to eager if they differ or "
         "compilation fails",

@@ -39,8 +39,8 @@ def resolve_device(name: str) -> torch.device:
 # products (Intel Cooper Lake, AMD Zen 4 and later). Measured with bench/train_throughput.py and
 # bench/sample_throughput.py on 2 cores, cpu-demo UNet, bf16 against fp32: Xeon with AMX 2.0x to
 # train and 2.5x to sample; AMD EPYC with AVX512-BF16 (no AMX) 1.4-1.8x to train (four runs),
-# 1.7x to sample (bench/results/precision_avx512bf16_cpu.log).
-# Without either, bf16 is emulated and slower than fp32.
+# 1.7-2.1x to sample (bench/results/precision_avx512bf16_cpu.log). Without either, oneDNN has no
+# native bf16 kernels, so fp32 is kept there (no such CPU has been measured here).
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
