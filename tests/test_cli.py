@@ -890,3 +890,26 @@ def test_a_data_dir_from_the_environment_that_is_a_file_is_refused(capsys, monke
     assert err == (
         "cfgdiff: error: $CFGDIFF_DATA_DIR: not a directory: /dev/null (pass --data-dir DIR)\n"
     )
+
+
+def test_resume_keeps_the_runs_precision(tmp_path, folder_data, capsys, monkeypatch):
+    """--precision auto on --resume trains as the run did, even where auto now picks another
+    (a newer policy or another CPU); an explicit --precision still switches."""
+    import cfgdiff.runtime as rt
+    from cfgdiff.checkpoint import latest_checkpoint, recorded_precision
+
+    out = tmp_path / "r"
+    argv = ["train", "--dataset", f"folder:{folder_data}", "--preset", "tiny", "--out", str(out)]
+    argv += ["--device", "cpu", "--no-progress", "--sample-every", "0", "--checkpoint-every", "2"]
+    assert main([*argv, "--steps", "2", "--precision", "fp32"]) == 0
+    assert recorded_precision(latest_checkpoint(out / "checkpoints")) == ("cpu", "fp32")
+    monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda: True)  # auto would now pick bf16
+    capsys.readouterr()
+    assert main([*argv, "--steps", "4", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--precision auto: fp32, as the run trained (auto would pick bf16 here" in err
+    assert recorded_precision(latest_checkpoint(out / "checkpoints")) == ("cpu", "fp32")
+    assert main([*argv, "--steps", "6", "--resume", "--precision", "bf16"]) == 0
+    assert "as the run trained" not in capsys.readouterr().err
+    assert recorded_precision(latest_checkpoint(out / "checkpoints")) == ("cpu", "bf16")
+    assert recorded_precision(tmp_path) is None  # no training state (or one from before)

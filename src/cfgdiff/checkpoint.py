@@ -352,3 +352,16 @@ def load_for_sampling(
     net = UNet(cfg.model)
     load_weights(ckpt, "ema" if ema else "model", net)
     return Loaded(ckpt, cfg, net.to(device).eval())
+
+
+def recorded_precision(ckpt: Path) -> tuple[str, str] | None:
+    """(device type, precision) the checkpoint's run trained with (its training state); None for
+    checkpoints written before it was recorded, or without a readable training state (resume
+    then reports that itself)."""
+    if not (ckpt / "state.pt").is_file():
+        return None
+    try:
+        got = load_state(ckpt).get("precision")
+    except CheckpointError:
+        return None
+    return (str(got["device"]), str(got["precision"])) if got else None

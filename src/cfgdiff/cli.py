@@ -648,6 +648,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     total: list[int | str] = ["?" if a.time is not None else cfg.train.steps]  # for log lines
     show = not a.no_progress and sys.stderr.isatty()
 
+    kept_precision: list[str] = []  # the line for a resume that keeps the run's precision
+
     def note(msg: str) -> None:
         """A line on stderr above the progress bar (tqdm.write defaults to stdout)."""
         bar.write(f"cfgdiff: {msg}", file=sys.stderr) if bar is not None else _log(msg)
@@ -655,6 +657,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     def on_event(name: str, info: dict) -> None:
         nonlocal bar
         if name == "start":
+            for line in kept_precision:
+                _log(line)
             end = info["total"] or f"sized to --time {a.time:g} s after 25 steps"
             _log(
                 f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}: "
@@ -717,6 +721,17 @@ def cmd_train(a: argparse.Namespace) -> int:
             note(msg)
 
     precision = resolve_precision(a.precision, device)
+    if a.resume and a.precision == "auto":
+        # A resumed run keeps the precision it trained with on this kind of device, even where
+        # auto now picks another (a newer policy, another CPU): its loss trace goes on as it was.
+        # Said once training starts (after the resume's own checks).
+        was = ckpt_io.recorded_precision(found)
+        if was is not None and was[0] == device.type and was[1] != precision:
+            kept_precision.append(
+                f"--precision auto: {was[1]}, as the run trained (auto would pick {precision} "
+                f"here; pass --precision {precision} to switch)"
+            )
+            precision = was[1]
     evaluator = None
     if cfg.train.eval_every:
         evaluator = _training_evaluator(cfg, a, device, precision)

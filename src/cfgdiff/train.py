@@ -468,6 +468,8 @@ def _train_locked(
             "data_identity": data_id,
             "loss_acc": float(loss_acc),
             "loss_acc_n": acc_n,
+            # what --precision auto resolved to, so a resume trains as the run did
+            "precision": {"device": device.type, "precision": precision},
         }
         path = ckpt_io.save_checkpoint(
             ckpt_root, step, cfg, net.state_dict(), ema.state_dict(), state, t.keep
