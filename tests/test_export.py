@@ -127,8 +127,14 @@ def test_info_on_checkpoints_and_model_files(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step-0000004 (checkpoint, step 4; SHA-256 verified)" in out
     assert "3 classes: class0, class1, class2" in out and "1 x 8 x 8" in out
+    trained = ckpt_io.recorded_precision(ckpt_io.latest_checkpoint(run / "checkpoints"))
+    assert trained == ("cpu", "fp32") and ", trained in fp32 on cpu" in out  # as the run was
+    assert main(["info", "--checkpoint", str(run), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["trained_with"]
+    assert (got["device"], got["precision"]) == trained
     assert main(["info", "--checkpoint", str(f)]) == 0
-    assert f"{f} (model file; SHA-256 verified)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{f} (model file; SHA-256 verified)" in out and "trained in" not in out
     assert main(["info", "--checkpoint", str(f), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["kind"] == "model file" and d["class_names"] == ["class0", "class1", "class2"]

@@ -1357,15 +1357,24 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     """Load (and so verify) a checkpoint or model file and say what it is."""
-    from cfgdiff.checkpoint import PREFIX, load_for_sampling, recorded_data_identity
+    from cfgdiff.checkpoint import (
+        PREFIX,
+        load_for_sampling,
+        recorded_data_identity,
+        recorded_precision,
+    )
     from cfgdiff.unet import count_parameters
 
     loaded = load_for_sampling(a.checkpoint)
     cfg, m, d, t = loaded.cfg, loaded.cfg.model, loaded.cfg.diffusion, loaded.cfg.train
     kind = "model file" if loaded.path.is_file() else "checkpoint"
     data = loaded.data if kind == "model file" else recorded_data_identity(loaded.path)
+    # a checkpoint's training state says how it trained (absent before it was recorded)
+    trained = recorded_precision(loaded.path) if kind == "checkpoint" else None
     if a.json:
         out = {"path": str(loaded.path), "kind": kind, **cfg.to_dict(), "data_identity": data}
+        if trained is not None:
+            out["trained_with"] = {"device": trained[0], "precision": trained[1]}
         print(json.dumps(out, indent=1))
         return 0
     names = cfg.label_names()
@@ -1395,7 +1404,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     )
     print(
         f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "
-        f"({t.lr_schedule}), EMA {t.ema_decay:g}" + (", random horizontal flips" if t.hflip else "")
+        f"({t.lr_schedule}), EMA {t.ema_decay:g}"
+        + (", random horizontal flips" if t.hflip else "")
+        + (f", trained in {trained[1]} on {trained[0]}" if trained is not None else "")
     )
     print(f"  guidance:  {GUIDANCE_CONVENTION}; null label {m.num_classes}")
     return 0
