@@ -92,7 +92,7 @@ def main() -> int:
         a.data_dir = Path(tmp.name) / "dd"
     preset = a.preset or ("mnist" if device.type == "cuda" else "cpu-demo")
     data = load_dataset(a.dataset, a.data_dir)
-    base = config_for_dataset(get_preset(preset), data, a.dataset)
+    base = config_for_dataset(get_preset(preset, a.dataset), data, a.dataset)  # as train does
     cfg = dataclasses.replace(
         base,
         train=dataclasses.replace(

@@ -140,3 +140,25 @@ def tiny_net():
     # Non-zero output layer so the net is not the constant 0 at init.
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)
     return net
+
+
+def fashion_system_dir(d, monkeypatch, train, test):
+    """Write (images, labels) arrays as Fashion-MNIST's four .gz files in d, as Debian's package
+    lays them out (recompressed: the .gz differs from upstream's, the content checksums do not),
+    and point the Fashion-MNIST spec at d and at their checksums; returns d."""
+    d.mkdir(parents=True)
+    (xs, ys), (xt, yt) = train, test
+    for role, a in (
+        ("train_images", xs),
+        ("train_labels", ys),
+        ("test_images", xt),
+        ("test_labels", yt),
+    ):
+        content = idx_bytes(a)
+        (d / f"{sources.FASHION_MNIST.files[role]}.gz").write_bytes(
+            gzip.compress(content, compresslevel=1)
+        )
+        monkeypatch.setitem(sources.FASHION_MNIST.sha256, role, hashlib.sha256(content).hexdigest())
+    spec = dataclasses.replace(sources.FASHION_MNIST, system_dirs=(str(d),))
+    monkeypatch.setitem(sources.IDX_DATASETS, "fashion-mnist", spec)
+    return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -913,3 +914,41 @@ def test_resume_keeps_the_runs_precision(tmp_path, folder_data, capsys, monkeypa
     assert "as the run trained" not in capsys.readouterr().err
     assert recorded_precision(latest_checkpoint(out / "checkpoints")) == ("cpu", "bf16")
     assert recorded_precision(tmp_path) is None  # no training state (or one from before)
+
+
+def test_cpu_demo_on_fashion_mnist_takes_uniform_timesteps(tmp_path, monkeypatch, capsys):
+    """cpu-demo's timestep mixture was tuned on MNIST and measured worse on Fashion-MNIST, so a
+    new Fashion-MNIST run of it draws t uniformly (said in one line) unless the user chooses the
+    law, which then starts from the preset's own, as on MNIST."""
+    from conftest import fake_digits, fashion_system_dir
+
+    from cfgdiff.checkpoint import latest_checkpoint, read_config
+    from cfgdiff.config import PRESETS, get_preset
+
+    demo = PRESETS["cpu-demo"].diffusion
+    assert get_preset("cpu-demo", "mnist") == PRESETS["cpu-demo"] == get_preset("cpu-demo")
+    fashion = get_preset("cpu-demo", "fashion-mnist").diffusion
+    assert (fashion.t_sampling, fashion.t_uniform) == ("uniform", 0.0) != (demo.t_sampling, 0.0)
+    assert (
+        dataclasses.replace(
+            fashion, t_sampling=demo.t_sampling, t_mean=demo.t_mean, t_uniform=demo.t_uniform
+        )
+        == demo
+    )  # nothing else differs
+    assert get_preset("mnist", "fashion-mnist") == PRESETS["mnist"]
+
+    fashion_system_dir(tmp_path / "sys", monkeypatch, fake_digits(64, 0), fake_digits(16, 1))
+    argv = ["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data")]
+    argv += ["--steps", "1", "--sample-every", "0", "--precision", "fp32", "--no-progress"]
+
+    def law(out):
+        d = read_config(latest_checkpoint(out / "checkpoints")).diffusion
+        return d.t_sampling, d.t_mean, d.t_uniform
+
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert law(tmp_path / "a") == ("uniform", 0.0, 0.0)
+    err = capsys.readouterr().err
+    assert "cpu-demo on fashion-mnist: uniform timesteps, measured better there" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--t-sampling", "logit-normal"]) == 0
+    assert law(tmp_path / "b") == (demo.t_sampling, demo.t_mean, demo.t_uniform)
+    assert "measured better there" not in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import io
@@ -14,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import fake_digits
+from conftest import fake_digits, fashion_system_dir
 
 from cfgdiff.data import info, load_dataset, obtain, sources
 from cfgdiff.data.batches import DeviceBatches
@@ -488,24 +487,7 @@ def test_device_batches_hflip_mirrors_about_half_and_resumes():
 
 def test_fashion_mnist_from_system_dir(tmp_path, monkeypatch):
     """Debian's package location is searched; content checksums are of uncompressed data."""
-    sysdir = tmp_path / "usr-share"
-    sysdir.mkdir()
-    xs, ys = fake_digits(20, 0)
-    xt, yt = fake_digits(10, 1)
-    for role, a in (
-        ("train_images", xs),
-        ("train_labels", ys),
-        ("test_images", xt),
-        ("test_labels", yt),
-    ):
-        content = idx_bytes(a)
-        # recompressed with another level: the .gz differs, the content does not
-        (sysdir / f"{sources.FASHION_MNIST.files[role]}.gz").write_bytes(
-            gzip.compress(content, compresslevel=1)
-        )
-        monkeypatch.setitem(sources.FASHION_MNIST.sha256, role, hashlib.sha256(content).hexdigest())
-    spec = dataclasses.replace(sources.FASHION_MNIST, system_dirs=(str(sysdir),))
-    monkeypatch.setitem(sources.IDX_DATASETS, "fashion-mnist", spec)
+    fashion_system_dir(tmp_path / "usr-share", monkeypatch, fake_digits(20, 0), fake_digits(10, 1))
     ds = load_dataset("fashion-mnist", tmp_path / "empty-data-dir")
     assert ds.class_names[0] == "T-shirt/top" and len(ds) == 20
     assert "usr-share" in info("fashion-mnist", tmp_path / "empty-data-dir")["source"]
