@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import fake_digits, fashion_system_dir
+from conftest import fake_digits, fashion_system_dir, mnist_idx
 
 from cfgdiff.data import info, load_dataset, obtain, sources
 from cfgdiff.data.batches import DeviceBatches
@@ -72,20 +72,11 @@ def _fake_mnist_pickle():
 
 def test_pickle_source_gives_the_same_cache_as_idx(tmp_path, monkeypatch):
     data, (xs, ys, xt, yt) = _fake_mnist_pickle()
-    pkl_dir, idx_dir = tmp_path / "p", tmp_path / "i"
+    pkl_dir = tmp_path / "p"
     pkl_dir.mkdir()
-    idx_dir.mkdir()
     (pkl_dir / "mnist.pkl.gz").write_bytes(data)
     monkeypatch.setattr(sources, "MNIST_PICKLE_SHA256", hashlib.sha256(data).hexdigest())
-    for role, a in (
-        ("train_images", xs),
-        ("train_labels", ys),
-        ("test_images", xt),
-        ("test_labels", yt),
-    ):
-        content = idx_bytes(a)
-        (idx_dir / sources.MNIST.files[role]).write_bytes(content)
-        monkeypatch.setitem(sources.MNIST.sha256, role, hashlib.sha256(content).hexdigest())
+    idx_dir = mnist_idx(tmp_path / "i", monkeypatch, (xs, ys), (xt, yt))
     obtain("mnist", pkl_dir)
     obtain("mnist", idx_dir)
     for name in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"):
