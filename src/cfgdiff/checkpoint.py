@@ -230,13 +230,29 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__})") from None
 
 
-def recorded_data_identity(ckpt: Path) -> dict | None:
-    """{"n", "sha256"} of the images the checkpoint's run trained on (its training state);
-    None for checkpoints written before it was recorded, or without a training state."""
+def training_record(ckpt: Path) -> dict[str, Any]:
+    """What the checkpoint's training state records of its run, read once: "data_identity",
+    {"n", "sha256"} of the images it trained on, and "precision", the (device type, precision)
+    it trained in; each None for checkpoints written before it was recorded, or without a
+    training state."""
     if not (ckpt / "state.pt").is_file():
-        return None
-    got = load_state(ckpt).get("data_identity")
-    return {"n": int(got["n"]), "sha256": str(got["sha256"])} if got else None
+        return {"data_identity": None, "precision": None}
+    state = load_state(ckpt)
+    data, prec = state.get("data_identity"), state.get("precision")
+    return {
+        "data_identity": {"n": int(data["n"]), "sha256": str(data["sha256"])} if data else None,
+        "precision": (str(prec["device"]), str(prec["precision"])) if prec else None,
+    }
+
+
+def recorded_data_identity(ckpt: Path) -> dict | None:
+    """training_record's "data_identity"."""
+    return training_record(ckpt)["data_identity"]
+
+
+def recorded_precision(ckpt: Path) -> tuple[str, str] | None:
+    """training_record's "precision"."""
+    return training_record(ckpt)["precision"]
 
 
 @dataclass
@@ -352,16 +368,3 @@ def load_for_sampling(
     net = UNet(cfg.model)
     load_weights(ckpt, "ema" if ema else "model", net)
     return Loaded(ckpt, cfg, net.to(device).eval())
-
-
-def recorded_precision(ckpt: Path) -> tuple[str, str] | None:
-    """(device type, precision) the checkpoint's run trained with (its training state); None for
-    checkpoints written before it was recorded, or without a readable training state (resume
-    then reports that itself)."""
-    if not (ckpt / "state.pt").is_file():
-        return None
-    try:
-        got = load_state(ckpt).get("precision")
-    except CheckpointError:
-        return None
-    return (str(got["device"]), str(got["precision"])) if got else None

@@ -26,7 +26,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from cfgdiff.config import GUIDANCE_CONVENTION, MAX_STEPS, DiffusionConfig
-from cfgdiff.errors import CfgDiffError, ConfigError, RuntimeFault
+from cfgdiff.errors import CfgDiffError, CheckpointError, ConfigError, RuntimeFault
 
 
 class UsageError(CfgDiffError):
@@ -596,11 +596,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         # the user's: then it starts from the preset's own, as on any dataset.
         law_given = any(getattr(a, k) is not None for k in ("t_sampling", *LOGIT_NORMAL_FIELDS))
         name = a.preset or "cpu-demo"
-        base = get_preset(name, None if law_given else a.dataset)
-        if base.diffusion != get_preset(name).diffusion:
+        own, base = get_preset(name), get_preset(name, None if law_given else a.dataset)
+        if base.diffusion != own.diffusion:
             _log(
                 f"{name} on {a.dataset}: {base.diffusion.t_sampling} timesteps, measured better "
-                f"there than the preset's {get_preset(name).diffusion.t_sampling} law "
+                f"there than the preset's {own.diffusion.t_sampling} law "
                 "(README; --t-sampling chooses)"
             )
     overrides = {
@@ -658,7 +658,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     total: list[int | str] = ["?" if a.time is not None else cfg.train.steps]  # for log lines
     show = not a.no_progress and sys.stderr.isatty()
 
-    kept_precision: list[str] = []  # the line for a resume that keeps the run's precision
+    kept_precision: str | None = None  # the line for a resume that keeps the run's precision
 
     def note(msg: str) -> None:
         """A line on stderr above the progress bar (tqdm.write defaults to stdout)."""
@@ -667,8 +667,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     def on_event(name: str, info: dict) -> None:
         nonlocal bar
         if name == "start":
-            for line in kept_precision:
-                _log(line)
+            if kept_precision is not None:
+                _log(kept_precision)
             end = info["total"] or f"sized to --time {a.time:g} s after 25 steps"
             _log(
                 f"training {info['params'] / 1e6:.2f}M parameters on {info['device']}: "
@@ -735,9 +735,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         # A resumed run keeps the precision it trained with on this kind of device, even where
         # auto now picks another (a newer policy, another CPU): its loss trace goes on as it was.
         # Said once training starts (after the resume's own checks).
-        was = ckpt_io.recorded_precision(found)
+        try:
+            was = ckpt_io.recorded_precision(found)
+        except CheckpointError:  # unreadable: train() verifies the checkpoint and says why
+            was = None
         if was is not None and was[0] == device.type and was[1] != precision:
-            kept_precision.append(
+            kept_precision = (
                 f"--precision auto: {was[1]}, as the run trained (auto would pick {precision} "
                 f"here; pass --precision {precision} to switch)"
             )
@@ -1367,20 +1370,16 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     """Load (and so verify) a checkpoint or model file and say what it is."""
-    from cfgdiff.checkpoint import (
-        PREFIX,
-        load_for_sampling,
-        recorded_data_identity,
-        recorded_precision,
-    )
+    from cfgdiff.checkpoint import PREFIX, load_for_sampling, training_record
     from cfgdiff.unet import count_parameters
 
     loaded = load_for_sampling(a.checkpoint)
     cfg, m, d, t = loaded.cfg, loaded.cfg.model, loaded.cfg.diffusion, loaded.cfg.train
     kind = "model file" if loaded.path.is_file() else "checkpoint"
-    data = loaded.data if kind == "model file" else recorded_data_identity(loaded.path)
-    # a checkpoint's training state says how it trained (absent before it was recorded)
-    trained = recorded_precision(loaded.path) if kind == "checkpoint" else None
+    # a checkpoint's training state (read once) says what it trained on and how
+    record = training_record(loaded.path) if kind == "checkpoint" else None
+    data = loaded.data if record is None else record["data_identity"]
+    trained = None if record is None else record["precision"]
     if a.json:
         out = {"path": str(loaded.path), "kind": kind, **cfg.to_dict(), "data_identity": data}
         if trained is not None:
