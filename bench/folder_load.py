@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cfgdiff.data import load_folder  # noqa: E402
-from cfgdiff.data.sources import folder_dataset  # noqa: E402
+from cfgdiff.data import load_folder
+from cfgdiff.data.folders import folder_dataset
 
 
 def make_folder(root: Path, n: int, width: int, height: int) -> None:

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cfgdiff.config import PRESETS  # noqa: E402
-from cfgdiff.runtime import CompiledForward, describe_machine, sampling_batch_size  # noqa: E402
-from cfgdiff.sample import generate  # noqa: E402
-from cfgdiff.samplers import SAMPLER_NAMES  # noqa: E402
-from cfgdiff.unet import UNet  # noqa: E402
+from cfgdiff.compiled import CompiledForward
+from cfgdiff.presets import PRESETS
+from cfgdiff.runtime import describe_machine, sampling_batch_size
+from cfgdiff.sample import generate
+from cfgdiff.samplers import SAMPLERS
+from cfgdiff.unet import UNet
 
 
 def _runs(s: str) -> list[tuple[str, int]]:
@@ -32,9 +30,9 @@ def _runs(s: str) -> list[tuple[str, int]]:
         pairs = [(name, int(steps)) for name, steps in (r.split(":") for r in s.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sampler:steps[,...], got {s!r}") from None
-    bad = [name for name, steps in pairs if name not in SAMPLER_NAMES or steps < 1]
+    bad = [name for name, steps in pairs if name not in SAMPLERS or steps < 1]
     if bad:
-        raise argparse.ArgumentTypeError(f"samplers must be {', '.join(SAMPLER_NAMES)}, got {s!r}")
+        raise argparse.ArgumentTypeError(f"samplers must be {', '.join(SAMPLERS)}, got {s!r}")
     return pairs
 
 

@@ -1,6 +1,6 @@
 """Samplers against the number of network evaluations (NFE).
 
-1. Gaussian-classes oracle (closed-form scores, tests/oracles.py): for each sampler and step
+1. Gaussian-classes oracle (closed-form scores, cfgdiff.oracles): for each sampler and step
    count, the error of the per-class mean and std at s = 1 (N samples per class) and, for the
    deterministic samplers, the max distance to a 1000-step solution of the guided (s = 3) ODE.
 2. A trained checkpoint (optional, --checkpoint): class accuracy at s = 1 and s = 3 judged by
@@ -15,23 +15,15 @@ batched forward over [cond; null]); an s = 1 step once.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from oracles import GaussianClassesNet  # noqa: E402
-
-from cfgdiff.guidance import Guidance, guided_denoiser  # noqa: E402
-from cfgdiff.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
-from cfgdiff.schedule import cosine_schedule  # noqa: E402
-
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
+from cfgdiff.guidance import Guidance, guided_denoiser
+from cfgdiff.oracles import GaussianClassesNet
+from cfgdiff.samplers import SAMPLERS
+from cfgdiff.schedule import cosine_schedule
 
 
 def oracle_table(steps_list: list[int], n: int) -> None:
@@ -55,8 +47,9 @@ def oracle_table(steps_list: list[int], n: int) -> None:
         )
         return sampler(d, x_line, sch, steps)
 
-    refs = {name: ode(f, 1000) for name, f in SAMPLERS.items() if name != "ddpm"}
-    for name, f in SAMPLERS.items():
+    refs = {name: ode(e.fn, 1000) for name, e in SAMPLERS.items() if e.deterministic}
+    for name, entry in SAMPLERS.items():
+        f = entry.fn
         for steps in steps_list:
             g = torch.Generator().manual_seed(0)
             err = 0.0
@@ -69,7 +62,9 @@ def oracle_table(steps_list: list[int], n: int) -> None:
                 out = f(d, x_T, sch, steps, generator=g)
                 err += abs(out.mean().item() - float(oracle.mus[c]))
                 err += abs(out.std().item() - oracle.tau)
-            ode_err = "-" if name == "ddpm" else f"{(ode(f, steps) - refs[name]).abs().max():.2e}"
+            ode_err = (
+                f"{(ode(f, steps) - refs[name]).abs().max():.2e}" if entry.deterministic else "-"
+            )
             print(
                 f"{name:9s} {steps:5d} {steps:7d} {err / (2 * k):14.2e} {2 * steps:7d} "
                 f"{ode_err:>11s}",

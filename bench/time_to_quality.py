@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,20 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cfgdiff.checkpoint import load_for_sampling  # noqa: E402
-from cfgdiff.config import MAX_STEPS, get_preset  # noqa: E402
-from cfgdiff.data import load_dataset  # noqa: E402
-from cfgdiff.metrics.evaluate import build_reference, measure  # noqa: E402
-from cfgdiff.runtime import (  # noqa: E402
+from cfgdiff.checkpoint import load_for_sampling
+from cfgdiff.config import MAX_STEPS
+from cfgdiff.data import load_dataset
+from cfgdiff.metrics.evaluate import build_reference, measure
+from cfgdiff.presets import config_for_dataset, get_preset
+from cfgdiff.runtime import (
     describe_machine,
     resolve_device,
     resolve_precision,
     sampling_batch_size,
 )
-from cfgdiff.sample import generate  # noqa: E402
-from cfgdiff.train import BUDGET_PROBE, config_for_dataset, train  # noqa: E402
+from cfgdiff.sample import generate
+from cfgdiff.train import BUDGET_PROBE, train
 
 
 def synthetic_folder(root: Path) -> str:

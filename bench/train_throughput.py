@@ -1,7 +1,7 @@
 """Training throughput of the UNet presets: images/s and achieved TFLOP/s, bf16 autocast against
 a plain fp32 eager baseline of the same network in the same run (compare ratios, not absolutes).
 
-Compiled variants are first put through runtime.check_compiled_gradients, as `cfgdiff train`
+Compiled variants are first put through compiled.check_compiled_gradients, as `cfgdiff train`
 does: a variant whose gradients differ from eager is printed with "!" and left out of "best"
 (its speed is worthless, and train would not use it).
 
@@ -35,23 +35,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from timing import median, timed_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from timing import median, timed_ms  # noqa: E402
-
-from cfgdiff.config import PRESETS, DiffusionConfig, TrainConfig  # noqa: E402
-from cfgdiff.diffusion import training_loss  # noqa: E402
-from cfgdiff.runtime import (  # noqa: E402
-    GradientCheck,
-    autocast,
-    check_compiled_gradients,
-    describe_machine,
-)
-from cfgdiff.schedule import make_schedule  # noqa: E402
-from cfgdiff.train import make_optimizer  # noqa: E402
-from cfgdiff.unet import UNet, count_parameters  # noqa: E402
+from cfgdiff.compiled import GradientCheck, check_compiled_gradients
+from cfgdiff.config import DiffusionConfig, TrainConfig
+from cfgdiff.diffusion import training_loss
+from cfgdiff.presets import PRESETS
+from cfgdiff.runtime import autocast, describe_machine
+from cfgdiff.schedule import make_schedule
+from cfgdiff.train import make_optimizer
+from cfgdiff.unet import UNet, count_parameters
 
 
 def forward_flops(net: torch.nn.Module, x, t, y) -> float:

@@ -16,21 +16,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cfgdiff.config import PRESETS, RunConfig  # noqa: E402
-from cfgdiff.data import load_dataset  # noqa: E402
-from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict  # noqa: E402
-from cfgdiff.runtime import sampling_batch_size  # noqa: E402
-from cfgdiff.sample import generate  # noqa: E402
-from cfgdiff.train import config_for_dataset, train  # noqa: E402
+from cfgdiff.config import RunConfig
+from cfgdiff.data import load_dataset
+from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
+from cfgdiff.presets import PRESETS, config_for_dataset
+from cfgdiff.runtime import sampling_batch_size
+from cfgdiff.sample import generate
+from cfgdiff.train import train
 
 
 def _timesteps(law: str, mean: float = 0.0, std: float = 1.0, uniform: float = 0.0) -> dict:

@@ -11,18 +11,12 @@ first two forms, interleaved.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from timing import median, timed_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from timing import median, timed_ms  # noqa: E402
-
-from cfgdiff import layers  # noqa: E402
-from cfgdiff.config import PRESETS  # noqa: E402
+from cfgdiff import layers
+from cfgdiff.presets import PRESETS
 
 FORMS = {"autograd": layers._expand2x, "native": layers.upsample_nearest2x}
 

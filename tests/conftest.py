@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cfgdiff.config import PRESETS, ModelConfig, RunConfig
+from cfgdiff.config import ModelConfig, RunConfig
 from cfgdiff.data import sources
 from cfgdiff.data.idx import idx_bytes
+from cfgdiff.presets import PRESETS
 
 
 @pytest.fixture(autouse=True)
@@ -162,3 +163,27 @@ def fashion_system_dir(d, monkeypatch, train, test):
     spec = dataclasses.replace(sources.FASHION_MNIST, system_dirs=(str(d),))
     monkeypatch.setitem(sources.IDX_DATASETS, "fashion-mnist", spec)
     return d
+
+
+@pytest.fixture
+def data(folder_data):
+    """The folder_data folder loaded as a Dataset."""
+    from cfgdiff.data import load_dataset
+
+    return load_dataset(f"folder:{folder_data}")
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory):
+    """A module's folder of 3 classes x 40 8x8 images whose class is a bright column."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("evaldata") / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(40):
+            a = (rng.random((8, 8)) * 60).astype(np.uint8)
+            a[:, 2 * c + 1 : 2 * c + 3] = 255
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    return root

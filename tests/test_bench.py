@@ -55,7 +55,8 @@ def test_tune_candidates_build_and_run():
     input shape to itself."""
     import torch
 
-    from cfgdiff.config import PRESETS, DiffusionConfig
+    from cfgdiff.config import DiffusionConfig
+    from cfgdiff.presets import PRESETS
     from cfgdiff.unet import UNet
 
     td = _tune_demo()

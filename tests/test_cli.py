@@ -55,21 +55,6 @@ def test_train_writes_run(run):
     assert real.size == Image.open(run / "samples" / "step-0000010.png").size
 
 
-def test_real_grid_takes_each_class_first_images_and_pads_short_classes():
-    from cfgdiff.data import Dataset
-    from cfgdiff.train import real_grid
-    from cfgdiff.viz import labelled_grid
-
-    images = torch.arange(5, dtype=torch.uint8).mul(40).reshape(5, 1, 1, 1).expand(5, 1, 8, 8)
-    labels = torch.tensor([1, 0, 1, 1, 0])
-    data = Dataset("x", images.contiguous(), labels, ("a", "b", "c"))
-    white = torch.full((1, 8, 8), 255, dtype=torch.uint8)
-    # a: images 1, 4 and a blank; b: images 0, 2, 3; c: none
-    want = torch.stack([images[1], images[4], white, images[0], images[2], images[3], *[white] * 3])
-    got = np.asarray(real_grid(data, 3))
-    assert np.array_equal(got, np.asarray(labelled_grid(want, 3, ["a", "b", "c"])))
-
-
 def test_train_resume_extends(run, folder_data, capsys):
     rc = main(
         [
@@ -120,11 +105,11 @@ def test_relative_and_home_folder_paths_are_recorded_absolute(tmp_path, folder_d
     # an older run that recorded folder:RELATIVE, resumed from its directory with --dataset ABS
     import dataclasses
 
-    from cfgdiff.train import _check_resume_compatible
+    from cfgdiff.train.state import check_resume_compatible
 
     old = dataclasses.replace(cfg, dataset=f"folder:{folder_data.name}")
     monkeypatch.chdir(folder_data.parent)
-    _check_resume_compatible(old, cfg)
+    check_resume_compatible(old, cfg)
 
 
 def test_hflip_is_recorded_and_defaults_by_dataset(tmp_path, folder_data, capsys):
@@ -133,9 +118,8 @@ def test_hflip_is_recorded_and_defaults_by_dataset(tmp_path, folder_data, capsys
     import dataclasses
 
     from cfgdiff.checkpoint import latest_checkpoint, read_config
-    from cfgdiff.config import PRESETS
     from cfgdiff.data import Dataset
-    from cfgdiff.train import config_for_dataset
+    from cfgdiff.presets import PRESETS, config_for_dataset
 
     argv = ["--preset", "tiny", "--steps", "2", "--no-progress", "--precision", "fp32"]
     base = ["train", "--dataset", f"folder:{folder_data}", *argv]
@@ -165,7 +149,7 @@ def test_timestep_sampling_is_recorded_and_kept_on_resume(tmp_path, folder_data,
     preset's (the uniform + logit-normal mixture for cpu-demo, uniform for the others); a resume
     that asks for another is refused, exit 2."""
     from cfgdiff.checkpoint import latest_checkpoint, read_config
-    from cfgdiff.config import PRESETS
+    from cfgdiff.presets import PRESETS
 
     demo = PRESETS["cpu-demo"].diffusion
     assert (demo.t_sampling, demo.t_mean, demo.t_std, demo.t_uniform) == (
@@ -299,37 +283,6 @@ def test_train_reports_the_compiled_gradient_check(
         assert "30 of 129 parameters lost their gradient; relative gradient difference" in err
 
 
-def test_compile_auto_rules():
-    """--compile auto: where compiling was measured to pay off (train: CUDA, or runs of 200,000+
-    images on AMX CPUs, not on AVX512-BF16 ones; sampling: CPU jobs of 100,000+ image-steps);
-    on/off are obeyed."""
-    from functools import partial
-
-    from cfgdiff.cli import _compile_sampling, _compile_training
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    amx = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    avx512_bf16 = {"avx512f", "avx512_bf16"}
-    train = partial(_compile_training, cpu_flags=amx)
-    assert train("auto", cuda, 10, 8)
-    assert not train("auto", cpu, 1000, 64)  # the demo: 64,000 images
-    assert not train("auto", cpu, 1400, 64)  # the demo before: 89,600 images
-    assert train("auto", cpu, 3125, 64)  # 200,000 images
-    assert not train("off", cuda, 10**6, 128)
-    assert train("on", cpu, 1, 1)
-    assert not train("auto", cpu, 10**6, 64, seconds=300)  # --time 5m: too short
-    assert train("auto", cpu, 1, 1, seconds=3600) and train("auto", cuda, 1, 1, seconds=10)
-    # without AMX: never on the CPU by itself (measured 0.89-1.05x); CUDA and "on" unchanged
-    train = partial(_compile_training, cpu_flags=avx512_bf16)
-    assert not train("auto", cpu, 10**6, 64) and not train("auto", cpu, 1, 1, seconds=3600)
-    assert train("auto", cuda, 10, 8) and train("on", cpu, 1, 1)
-    assert not _compile_training("auto", cpu, 10**6, 64, cpu_flags=set())
-    assert not _compile_sampling("auto", cuda, 10**6, 20)
-    assert not _compile_sampling("auto", cpu, 500, 20)  # an eval: 10,000 image-steps
-    assert _compile_sampling("auto", cpu, 5000, 20)
-    assert _compile_sampling("on", cuda, 1, 1) and not _compile_sampling("off", cpu, 10**6, 20)
-
-
 def test_sample_to_a_folder_of_pngs(run, tmp_path, capsys):
     """--out FOLDER: one PNG per image in FOLDER/CLASS/NNNNN.png, the same pixels as the .npz of
     the same settings, plus settings.json; the folder reads back as folder:FOLDER. A folder that
@@ -363,13 +316,6 @@ def test_sample_to_a_folder_of_pngs(run, tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 2
     assert "--out " + str(out) + ": folder is not empty" in capsys.readouterr().err
     assert json.loads((out / "settings.json").read_text()) == meta
-
-
-def test_class_folder_names_are_safe_and_distinct():
-    from cfgdiff.data.sources import class_folder_names
-
-    names = ["T-shirt/top", "a\\b", ".hidden", "", "x", "x"]
-    assert class_folder_names(names) == ["T-shirt_top", "a_b", "hidden_2", "_3", "x", "x_5"]
 
 
 def test_sample_png_and_npz(run, tmp_path, capsys):
@@ -721,7 +667,7 @@ def test_sample_out_of_memory_is_one_line_and_exit_1(run, tmp_path, capsys, monk
     def oom(*a, **k):
         raise error
 
-    monkeypatch.setattr(cfgdiff.sample, "generate", oom)
+    monkeypatch.setattr(cfgdiff.sample, "_generate", oom)
     out = tmp_path / "a.png"
     args = ["sample", "--checkpoint", str(run), "--scale", "3", "--out", str(out)]
     assert main([*args, "--batch-size", "7", "--device", "cpu"]) == 1
@@ -736,7 +682,7 @@ def test_sample_chosen_batch_is_halved_until_it_fits(run, tmp_path, capsys, monk
     the images are those of a run that asked for the batch that fits."""
     import cfgdiff.sample
 
-    real = cfgdiff.sample.generate
+    real = cfgdiff.sample._generate  # generate's work at one batch size
     tried = []
 
     def fits_two(*a, batch_size, **k):
@@ -746,7 +692,7 @@ def test_sample_chosen_batch_is_halved_until_it_fits(run, tmp_path, capsys, monk
         return real(*a, batch_size=batch_size, **k)
 
     expected = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "2")
-    monkeypatch.setattr(cfgdiff.sample, "generate", fits_two)
+    monkeypatch.setattr(cfgdiff.sample, "_generate", fits_two)
     capsys.readouterr()
     assert np.array_equal(_sample_npz(run, tmp_path / "a.npz"), expected)
     assert tried == [64, 32, 16, 8, 4, 2]
@@ -859,7 +805,7 @@ def test_train_time_refusals(tmp_path, folder_data, capsys, extra, message):
 
 
 def test_duration_parser():
-    from cfgdiff.cli import _duration
+    from cfgdiff.cli.options import duration as _duration
 
     assert [_duration(s) for s in ("90", "90s", "5m", "1.5h", "0.5")] == [90, 90, 300, 5400, 0.5]
 
@@ -923,7 +869,7 @@ def test_cpu_demo_on_fashion_mnist_takes_uniform_timesteps(tmp_path, monkeypatch
     from conftest import fake_digits, fashion_system_dir
 
     from cfgdiff.checkpoint import latest_checkpoint, read_config
-    from cfgdiff.config import PRESETS, get_preset
+    from cfgdiff.presets import PRESETS, get_preset
 
     demo = PRESETS["cpu-demo"].diffusion
     assert get_preset("cpu-demo", "mnist") == PRESETS["cpu-demo"] == get_preset("cpu-demo")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import fake_digits, fashion_system_dir, mnist_idx
 
-from cfgdiff.data import info, load_dataset, obtain, sources
+from cfgdiff.data import folders, info, load_dataset, obtain, sources
 from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.data.idx import idx_bytes, parse_idx
 from cfgdiff.data.safe_pickle import safe_loads
@@ -131,7 +131,7 @@ def _cifar_archive(path, n_per_batch=4):
 def test_cifar_archive(tmp_path, monkeypatch):
     path = tmp_path / sources.CIFAR10_ARCHIVE
     batches = _cifar_archive(path)
-    from cfgdiff.data.download import file_digest
+    from cfgdiff.files import file_digest
 
     monkeypatch.setattr(sources, "CIFAR10_MD5", file_digest(path, "md5"))
     ds = load_dataset("cifar10", tmp_path, split="train")
@@ -156,19 +156,17 @@ def test_folder_dataset(folder_data):
 
 
 def test_folder_decoding_is_announced_when_large(folder_data, monkeypatch):
-    from cfgdiff.data import sources
-
     said = []
     load_dataset(f"folder:{folder_data}", log=said.append)
     assert said == []  # 18 images: nothing to wait for
-    monkeypatch.setattr(sources, "LOG_DECODING_FROM", 10)
+    monkeypatch.setattr(folders, "LOG_DECODING_FROM", 10)
     load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
     assert said[0] == f"{folder_data}: decoding 18 images of 3 classes to 1x16x16"
     assert said[1].startswith(f"{folder_data}: decoded images cached in ") and len(said) == 2
     load_dataset(f"folder:{folder_data}", image_size=16, log=said.append)
     assert said[2].startswith(f"{folder_data}: 18 images as decoded before, from ")
     # a long decoding says how far it has got (every image here, with no pause between lines)
-    monkeypatch.setattr(sources, "LOG_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(folders, "LOG_PROGRESS_EVERY", 0.0)
     said.clear()
     load_dataset(f"folder:{folder_data}", image_size=12, log=said.append)
     progress = [m for m in said if " images decoded (" in m]
@@ -184,7 +182,7 @@ def _decoding_refused(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(sources, "folder_dataset", refuse)
+    monkeypatch.setattr(folders, "folder_dataset", refuse)
 
 
 def test_folder_decoded_once_then_read_from_cache(folder_data, tmp_path, monkeypatch):
@@ -224,7 +222,7 @@ def test_folder_cache_follows_the_files(folder_data, tmp_path, change):
         f.rename(folder_data / "class2" / "moved.png")
     else:
         (folder_data / "class2").rename(folder_data / "zebra")
-    want = sources.folder_dataset(folder_data, None, None)
+    want = folders.folder_dataset(folder_data, None, None)
     got = load_dataset(f"folder:{folder_data}", dd)
     assert np.array_equal(got.images.numpy(), want[0])
     assert np.array_equal(got.labels.numpy(), want[1]) and list(got.class_names) == want[2]
@@ -260,7 +258,7 @@ def test_damaged_folder_cache_is_decoded_again(folder_data, tmp_path, damage):
 def test_folder_cache_that_cannot_be_written_is_skipped(folder_data, tmp_path, monkeypatch):
     """No room on the disk (or a read-only data directory): the folder loads, decoded, the log
     says so once, and nothing partial is left behind."""
-    from cfgdiff import data as data_mod
+    from cfgdiff.data import folder_cache as data_mod
 
     monkeypatch.setattr(data_mod, "FOLDER_CACHE_HEADROOM", 1 << 60)
     dd = tmp_path / "dd"
@@ -286,7 +284,7 @@ def test_folder_info_lists_caches_and_writes_none(folder_data, tmp_path, capsys,
     from cfgdiff.cli import main
 
     dd = tmp_path / "dd"
-    monkeypatch.setattr(sources, "LOG_DECODING_FROM", 10)  # as large folders are: said
+    monkeypatch.setattr(folders, "LOG_DECODING_FROM", 10)  # as large folders are: said
     said: list[str] = []
     assert info(f"folder:{folder_data}", dd, log=said.append)["caches"] == []
     assert said == [f"{folder_data}: decoding 18 images of 3 classes to 1x8x8"]
@@ -426,7 +424,7 @@ def test_folder_decode_error_names_the_first_bad_file(folder_data):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="--dataset must be one of"):
+    with pytest.raises(DataError, match="`dataset` must be one of"):
         load_dataset("imagenet")
 
 
@@ -509,9 +507,16 @@ def test_folder_info_from_headers(folder_data, tmp_path, capsys):
     ]
     assert meta["image_sizes"] == {"8x8": 18, "10x8": 1} and meta["modes"] == {"L": 18, "RGB": 1}
     assert meta["splits"]["train"] == {"counts": [6, 7, 6]}
-    assert "pass --image-size" in meta["note"]
+    assert "pass `image_size`" in meta["note"]
     assert main(["data", "info", f"folder:{folder_data}"]) == 0
     out = capsys.readouterr().out
     assert "image sizes: 8x8 (18), 10x8 (1)" in out and "modes: L (18), RGB (1)" in out
     assert "class1=7" in out and "note: " in out and "--image-size" in out
     assert "skipped: 2 hidden or non-image files (" in out and "notes.txt" in out
+
+
+def test_class_folder_names_are_safe_and_distinct():
+    from cfgdiff.data.folders import class_folder_names
+
+    names = ["T-shirt/top", "a\\b", ".hidden", "", "x", "x"]
+    assert class_folder_names(names) == ["T-shirt_top", "a_b", "hidden_2", "_3", "x", "x_5"]

@@ -219,10 +219,10 @@ def test_every_variant_one_forward_per_step(kw):
 
 def test_bad_guidance_settings():
     for kw, msg in [
-        ({"rescale": 1.5}, "--rescale must be in"),
-        ({"interval": (2.0, 1.0)}, "guidance interval"),
-        ({"negative_class": 9}, "--negative-class must be in"),
-        ({"threshold": "soft"}, "--threshold must be"),
+        ({"rescale": 1.5}, "`rescale` must be in"),
+        ({"interval": (2.0, 1.0)}, "`interval` must satisfy 0 <= lo < hi"),
+        ({"negative_class": 9}, "`negative_class` must be in"),
+        ({"threshold": "soft"}, "`threshold` must be"),
         ({"apg": APG(), "rescale": 0.5}, "cannot be combined"),
     ]:
         with pytest.raises(ConfigError, match=msg):

@@ -52,7 +52,7 @@ def test_verified_load_and_preprocessing(tmp_path, monkeypatch):
 def test_wrong_local_file_is_refused(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"not the network")
-    with pytest.raises(DataError, match="--inception .*x.pt: SHA-256"):
+    with pytest.raises(DataError, match="`inception` .*x.pt: SHA-256"):
         inception_path(tmp_path, bad)
     with pytest.raises(DataError, match="no such file"):
         inception_path(tmp_path, tmp_path / "missing.pt")

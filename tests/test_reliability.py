@@ -10,18 +10,11 @@ import torch
 from conftest import OUT_OF_MEMORY, tiny_config
 
 from cfgdiff import checkpoint as ckpt_io
-from cfgdiff.data import load_dataset
 from cfgdiff.errors import ConfigError, RuntimeFault
 from cfgdiff.train import RunLock, train
 
-train_mod = importlib.import_module(
-    "cfgdiff.train"
-)  # the module (cfgdiff.train is also a function)
-
-
-@pytest.fixture
-def data(folder_data):
-    return load_dataset(f"folder:{folder_data}")
+# the module whose TrainState.loss calls training_loss (cfgdiff.train is also a function)
+train_mod = importlib.import_module("cfgdiff.train.state")
 
 
 def _nan_at(monkeypatch, bad_steps: set[int]):
@@ -62,7 +55,7 @@ def test_skip_nonfinite_skips_bad_batches(tmp_path, data, monkeypatch):
 
 def test_too_many_nonfinite_batches(tmp_path, data, monkeypatch):
     _nan_at(monkeypatch, {2, 3, 4})
-    with pytest.raises(RuntimeFault, match="more than --skip-nonfinite 2"):
+    with pytest.raises(RuntimeFault, match="more than `skip_nonfinite` 2"):
         train(tiny_config(steps=12, skip_nonfinite=2, sample_every=0), tmp_path / "r", data)
 
 
@@ -72,7 +65,7 @@ def test_out_of_memory_message(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(train_mod, "training_loss", boom)
     with pytest.raises(
-        RuntimeFault, match="out of memory at step 1 with --batch-size 8.*lower --batch-size"
+        RuntimeFault, match="out of memory at step 1 with `batch_size` 8.*lower `batch_size`"
     ):
         train(tiny_config(), tmp_path / "r", data)
 
@@ -89,7 +82,7 @@ def test_out_of_memory_while_checking_the_compiled_step(tmp_path, data, monkeypa
         return f
 
     monkeypatch.setattr(torch, "compile", compile_that_runs_out)
-    with pytest.raises(RuntimeFault, match="out of memory at step 1 with --batch-size 8"):
+    with pytest.raises(RuntimeFault, match="out of memory at step 1 with `batch_size` 8"):
         train(tiny_config(), tmp_path / "r", data, compile=True)
 
 
@@ -111,7 +104,7 @@ def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(ckpt_io, "save_file", full)
     with pytest.raises(
-        RuntimeFault, match="disk full while writing checkpoint step-0000006.*--keep"
+        RuntimeFault, match="disk full while writing checkpoint step-0000006.*`keep`"
     ):
         train(
             tiny_config(steps=8, checkpoint_every=2, sample_every=0),

@@ -22,7 +22,7 @@ def test_same_seed_same_images_regardless_of_batch_size(tiny_net, sampler):
 def test_generate_validates(tiny_net):
     with pytest.raises(ConfigError, match=r"class labels must be in \[0, 2\]"):
         generate(tiny_net, tiny_config(), [3])
-    with pytest.raises(ConfigError, match="--steps must be in"):
+    with pytest.raises(ConfigError, match="`steps` must be in"):
         generate(tiny_net, tiny_config(), [0], steps=0)
 
 

@@ -101,9 +101,8 @@ def test_per_sample_noise_independent_of_batching():
 
 
 # ----------------------------------------------------------------- Gaussian-classes oracle
-from oracles import GaussianClassesNet  # noqa: E402
-
 from cfgdiff.guidance import Guidance, guided_denoiser  # noqa: E402
+from cfgdiff.oracles import GaussianClassesNet  # noqa: E402
 
 # Per-class and mixture moments must match within 0.01 (tau = 0.15, N = 6000 per class: the
 # standard error of a mean is 0.002, of a std 0.0014; the rest is discretisation).

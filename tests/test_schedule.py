@@ -56,9 +56,9 @@ def test_spacing_shapes():
 
 
 def test_bad_steps():
-    with pytest.raises(ConfigError, match="steps must be in"):
+    with pytest.raises(ConfigError, match="`steps` must be in"):
         spaced_timesteps(linear_schedule(1000), 0)
-    with pytest.raises(ConfigError, match="--spacing must be one of"):
+    with pytest.raises(ConfigError, match="`spacing` must be one of"):
         spaced_timesteps(linear_schedule(1000), 3, "cubic")
     with pytest.raises(ConfigError, match="schedule"):
         make_schedule("quadratic", 10)

@@ -21,11 +21,6 @@ def _losses(run_dir):
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
 
 
-@pytest.fixture
-def data(folder_data):
-    return load_dataset(f"folder:{folder_data}")
-
-
 def test_twenty_step_run_writes_everything(tmp_path, data):
     cfg = tiny_config()
     res = train(cfg, tmp_path / "run", data)
@@ -82,7 +77,7 @@ def test_stop_request_checkpoints_and_resumes(tmp_path, data):
 
 def test_existing_run_is_not_overwritten(tmp_path, data):
     train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
-    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass `resume=True`"):
         train(tiny_config(steps=2), tmp_path / "r", data)
 
 
@@ -101,7 +96,7 @@ def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, f
     import shutil
 
     from cfgdiff.config import RunConfig
-    from cfgdiff.train import config_for_dataset
+    from cfgdiff.presets import config_for_dataset
 
     name = f"folder:{folder_data}"
     cfg = config_for_dataset(tiny_config(steps=2, sample_every=0), load_dataset(name), name)
@@ -122,62 +117,8 @@ def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, f
     # and configs written before hflip existed trained without flips, whatever the dataset
     del d["train"]["hflip"]
     assert RunConfig.from_dict({**d, "dataset": "cifar10"}).train.hflip is False
-    with pytest.raises(ConfigError, match="class_names has 1 names for 3 classes"):
+    with pytest.raises(ConfigError, match="`class_names` has 1 names for 3 classes"):
         dataclasses.replace(cfg, class_names=("a",)).validate()
-
-
-def test_keep_prunes_old_checkpoints(tmp_path, data):
-    train(
-        tiny_config(steps=8, checkpoint_every=2, keep=2, sample_every=0),
-        tmp_path / "r",
-        data,
-        final_strip=False,
-    )
-    names = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "r" / "checkpoints")]
-    assert names == ["step-0000006", "step-0000008"]
-
-
-@pytest.mark.parametrize(
-    "name", ["model.safetensors", "ema.safetensors", "state.pt", "config.json"]
-)
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_checkpoints_are_refused(tmp_path, data, name, damage):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
-    ckpt = ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints")
-    p = ckpt / name
-    raw = bytearray(p.read_bytes())
-    if damage == "truncate":
-        p.write_bytes(bytes(raw[: len(raw) // 2]))
-    else:  # one flipped bit in the middle of the file
-        raw[len(raw) // 2] ^= 0x10
-        p.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=f"{name}: SHA-256 does not match MANIFEST.json"):
-        ckpt_io.load_for_sampling(ckpt)
-    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
-        train(tiny_config(steps=4), tmp_path / "r", data, resume=True)
-
-
-def test_loaders_refuse_damage_even_without_the_manifest(tmp_path, data):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
-    ckpt = ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints")
-    p = ckpt / "ema.safetensors"
-    p.write_bytes(p.read_bytes()[:100])
-    from cfgdiff.unet import UNet
-
-    with pytest.raises(CheckpointError, match="ema.safetensors: cannot load"):
-        ckpt_io.load_weights(ckpt, "ema", UNet(tiny_config().model))
-    s = ckpt / "state.pt"
-    s.write_bytes(s.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="state.pt: cannot load training state"):
-        ckpt_io.load_state(ckpt)
-    c = json.loads((ckpt / "config.json").read_text())
-    c["format_version"] = 99
-    (ckpt / "config.json").write_text(json.dumps(c))
-    with pytest.raises(CheckpointError, match="format_version must be 1, got 99"):
-        ckpt_io.read_config(ckpt)
-    (ckpt / "MANIFEST.json").unlink()
-    with pytest.raises(CheckpointError, match="no MANIFEST.json"):
-        ckpt_io.load_for_sampling(ckpt)
 
 
 def test_lr_schedule():
@@ -332,10 +273,11 @@ def test_time_budget_sizes_the_schedule_like_a_run_given_the_count(tmp_path, dat
     import importlib
     import types
 
-    train_mod = importlib.import_module("cfgdiff.train")  # the package exports train()
+    loop, budget = (importlib.import_module(f"cfgdiff.train.{m}") for m in ("loop", "budget"))
 
     clock = _StepClock(per_step=0.5, per_preview=100.0)
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    for mod in (loop, budget):  # the loop's clock and the budget's
+        monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     kw = dict(lr_schedule="cosine", warmup_steps=30, log_every=1, sample_every=10)
     cfg = tiny_config(steps=20, checkpoint_every=0, **kw)
     res = train(cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=30.0)
@@ -355,10 +297,11 @@ def test_time_budget_spent_before_the_probe_ends_stops_at_it(tmp_path, data, mon
     import importlib
     import types
 
-    train_mod = importlib.import_module("cfgdiff.train")  # the package exports train()
+    loop, budget = (importlib.import_module(f"cfgdiff.train.{m}") for m in ("loop", "budget"))
 
     clock = _StepClock(per_step=1.0)
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    for mod in (loop, budget):  # the loop's clock and the budget's
+        monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     cfg = tiny_config(sample_every=0, checkpoint_every=0)
     res = train(
         cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=3.0, final_strip=False
@@ -367,14 +310,15 @@ def test_time_budget_spent_before_the_probe_ends_stops_at_it(tmp_path, data, mon
 
 
 def test_time_budget_refusals(tmp_path, data):
-    with pytest.raises(ConfigError, match="--time must be > 0 seconds, got 0"):
+    with pytest.raises(ConfigError, match="`time_budget` must be > 0 seconds, got 0"):
         train(tiny_config(), tmp_path / "r", data, time_budget=0)
-    with pytest.raises(ConfigError, match="--time sizes a new run's schedule"):
+    with pytest.raises(ConfigError, match="`time_budget` sizes a new run's schedule"):
         train(tiny_config(), tmp_path / "r", data, time_budget=10, resume=True)
 
 
 def test_steps_for_budget():
-    from cfgdiff.train import MAX_STEPS, steps_for_budget
+    from cfgdiff.config import MAX_STEPS
+    from cfgdiff.train import steps_for_budget
 
     assert steps_for_budget(25, 18.0, 2.0) == 61
     assert steps_for_budget(25, -4.0, 2.0) == 25

@@ -51,9 +51,9 @@ def test_output_depends_on_label_and_time():
 
 
 def test_bad_configs():
-    with pytest.raises(ConfigError, match="image_size must be.*got 30 .*--image-size 28 or 32 "):
+    with pytest.raises(ConfigError, match="`image_size` must be.*got 30 .*`image_size` 28 or 32 "):
         ModelConfig(image_size=30, channel_mult=(1, 2, 2)).validate()
-    with pytest.raises(ConfigError, match="got 6 .pass --image-size 8 or 12 "):
+    with pytest.raises(ConfigError, match="got 6 .pass `image_size` 8 or 12 "):
         ModelConfig(image_size=6, channel_mult=(1, 2, 2)).validate()
     with pytest.raises(ConfigError, match="in_channels"):
         ModelConfig(in_channels=2).validate()

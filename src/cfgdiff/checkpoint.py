@@ -31,28 +31,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data.download import atomic_write_bytes, file_digest
-from cfgdiff.errors import CfgDiffError, CheckpointError, RuntimeFault
+from cfgdiff.errors import CfgDiffError, CheckpointError, ConfigError, RuntimeFault
+from cfgdiff.files import atomic_write_bytes, file_digest, fsync_dir, fsync_file
 from cfgdiff.unet import UNet
 
 PREFIX = "step-"
 MANIFEST = "MANIFEST.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def save_checkpoint(
@@ -75,7 +59,7 @@ def save_checkpoint(
         if e.errno == errno.ENOSPC:
             raise RuntimeFault(
                 f"disk full while writing checkpoint {name} in {ckpt_root}: free space or lower "
-                "--keep (the previous checkpoint is intact)"
+                "`keep` (the previous checkpoint is intact)"
             ) from None
         raise CheckpointError(
             f"cannot write checkpoint {name} in {ckpt_root}: {e.strerror or e}"
@@ -104,8 +88,8 @@ def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, 
         manifest = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (after a resume): replace it
             old = ckpt_root / f".old-{name}-{os.getpid()}"
             final.rename(old)
@@ -113,7 +97,7 @@ def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, 
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,8 +155,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def resolve(path: Path, arg: str = "--checkpoint") -> Path:
-    """Accept a checkpoint folder, a run folder or a checkpoints folder. arg: the option that
+def resolve(path: Path, arg: str = "`checkpoint`") -> Path:
+    """Accept a checkpoint folder, a run folder or a checkpoints folder. arg: the parameter that
     named the path, for messages."""
     path = Path(path)
     if (path / "config.json").is_file():
@@ -291,7 +275,7 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     loading casts them back to fp32), and the metadata load_for_sampling needs. Returns the
     metadata."""
     if dtype not in EXPORT_DTYPES:
-        raise CheckpointError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+        raise CheckpointError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     ckpt = resolve(path)
     verify(ckpt)
     cfg = read_config(ckpt)
@@ -318,7 +302,7 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     try:
         atomic_write_bytes(out, save(tensors, metadata))
     except OSError as e:
-        raise CheckpointError(f"--out {out}: cannot write ({e.strerror or e})") from None
+        raise CheckpointError(f"`out` {out}: cannot write ({e.strerror or e})") from None
     return metadata
 
 
@@ -353,11 +337,11 @@ def _load_model_file(path: Path) -> tuple[RunConfig, UNet, dict | None]:
 
 
 def load_for_sampling(
-    path: Path, device: torch.device | str = "cpu", ema: bool = True, arg: str = "--checkpoint"
+    path: Path, device: torch.device | str = "cpu", ema: bool = True, arg: str = "`checkpoint`"
 ) -> Loaded:
     """A checkpoint (folder, run folder) or a model file, verified, on `device` in eval mode.
     ema picks the weights of a checkpoint; a model file holds the ones it was exported with.
-    arg: the option that named the path, for messages."""
+    arg: the parameter that named the path, for messages."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         cfg, net, data = _load_model_file(path)
@@ -368,3 +352,22 @@ def load_for_sampling(
     net = UNet(cfg.model)
     load_weights(ckpt, "ema" if ema else "model", net)
     return Loaded(ckpt, cfg, net.to(device).eval())
+
+
+def load_guide(path: Path, loaded: Loaded, device: torch.device | str = "cpu") -> Loaded:
+    """Autoguidance's weaker network (a checkpoint or model file), checked to be of the same
+    kind as `loaded`: the same images and classes, the same diffusion process."""
+    guide = load_for_sampling(path, device, arg="`guide_checkpoint`")
+    m, g = loaded.cfg, guide.cfg
+    for section, names in (
+        ("model", ("in_channels", "image_size", "num_classes")),
+        ("diffusion", ("prediction", "schedule", "timesteps")),
+    ):
+        for name in names:
+            mine, theirs = getattr(getattr(m, section), name), getattr(getattr(g, section), name)
+            if mine != theirs:
+                raise ConfigError(
+                    f"`guide_checkpoint` {path}: {section}.{name}={theirs}, the checkpoint has "
+                    f"{mine}"
+                )
+    return guide

@@ -1,8 +1,10 @@
 """Typed, frozen configuration and named presets.
 
 Owns: every tunable number of a run (network shape, diffusion process, optimisation, sampling
-previews) and its validation. Knows nothing about tensors, files or the CLI: a config is plain data
-that round-trips through JSON (it is stored in every checkpoint).
+previews), the choices of its string fields, its validation and its JSON form. The named presets
+and how a run's config is made from one are presets.py's. Knows nothing about tensors, files or
+the CLI: a config is plain data that round-trips through JSON (it is stored in every
+checkpoint).
 """
 
 from __future__ import annotations
@@ -13,14 +15,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfgdiff.errors import ConfigError
+from cfgdiff.samplers import SAMPLERS
+from cfgdiff.schedule import SCHEDULES
 
-MAX_STEPS = 10_000_000  # the most optimizer steps a run may ask for (--steps; --time caps at it)
+MAX_STEPS = 10_000_000  # the most optimizer steps a run may ask for (a time budget caps at it)
+
+# The choices of the string fields, each said once here and read by validation and the CLI.
+PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTINGS = ("none", "min-snr")
+T_SAMPLINGS = ("uniform", "logit-normal")
+LR_SCHEDULES = ("constant", "cosine")
+# The settings of logit-normal training timesteps, which uniform ones ignore.
+LOGIT_NORMAL_FIELDS = ("t_mean", "t_std", "t_uniform")
 
 FORMAT_VERSION = 1  # bump when checkpoint layout or config meaning changes
 
-# The guidance convention used everywhere in the library (see docs/DESIGN.md):
+# The guidance convention used everywhere in the library (docs/guidance.md), as every output
+# file and checkpoint names it:
 #   eps_hat = eps_u + s * (eps_c - eps_u);  s = 1 conditional, s = 0 unconditional, w = s - 1.
 GUIDANCE_CONVENTION = "scale: eps_u + s*(eps_c - eps_u); s=1 conditional, s=0 unconditional; w=s-1"
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,32 +57,33 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.in_channels not in (1, 3):
-            raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
+            raise ConfigError(f"`in_channels` must be 1 or 3, got {self.in_channels}")
         if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise ConfigError(f"`num_classes` must be >= 1, got {self.num_classes}")
         if self.base_channels < 8 or self.base_channels % 8:
             raise ConfigError(
-                f"base_channels must be a positive multiple of 8, got {self.base_channels}"
+                f"`base_channels` must be a positive multiple of 8, got {self.base_channels}"
             )
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
+            raise ConfigError(f"`channel_mult` must be positive integers, got {self.channel_mult}")
         down = 2 ** (len(self.channel_mult) - 1)
         if self.image_size < 8 or self.image_size % down:
             lo = max(8, self.image_size // down * down)
             near = sorted({lo, lo + down} - {self.image_size})
             raise ConfigError(
-                f"image_size must be >= 8 and divisible by {down} for {len(self.channel_mult)} "
-                f"levels, got {self.image_size} (pass --image-size "
+                f"`image_size` must be >= 8 and divisible by {down} for {len(self.channel_mult)} "
+                f"levels, got {self.image_size} (pass `image_size` "
                 f"{' or '.join(map(str, near))} to resize the data)"
             )
         if any(not 0 <= lvl < len(self.channel_mult) for lvl in self.attn_levels):
             raise ConfigError(
-                f"attn_levels must be in [0, {len(self.channel_mult) - 1}], got {self.attn_levels}"
+                f"`attn_levels` must be in [0, {len(self.channel_mult) - 1}], "
+                f"got {self.attn_levels}"
             )
         if self.num_res_blocks < 1:
-            raise ConfigError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+            raise ConfigError(f"`num_res_blocks` must be >= 1, got {self.num_res_blocks}")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"`dropout` must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -88,29 +107,22 @@ class DiffusionConfig:
 
     def validate(self) -> None:
         if not 2 <= self.timesteps <= 100_000:
-            raise ConfigError(f"timesteps must be in [2, 100000], got {self.timesteps}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
-        if self.prediction not in ("eps", "v"):
-            raise ConfigError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+            raise ConfigError(f"`timesteps` must be in [2, 100000], got {self.timesteps}")
+        _check_choice("schedule", self.schedule, tuple(SCHEDULES))
+        _check_choice("prediction", self.prediction, PREDICTIONS)
         if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.loss_weighting not in ("none", "min-snr"):
-            raise ConfigError(
-                f"loss_weighting must be 'none' or 'min-snr', got {self.loss_weighting!r}"
-            )
+            raise ConfigError(f"`label_dropout` must be in [0, 1), got {self.label_dropout}")
+        _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if self.min_snr_gamma <= 0:
-            raise ConfigError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
-        if self.t_sampling not in ("uniform", "logit-normal"):
-            raise ConfigError(
-                f"t_sampling must be 'uniform' or 'logit-normal', got {self.t_sampling!r}"
-            )
+            raise ConfigError(f"`min_snr_gamma` must be > 0, got {self.min_snr_gamma}")
+        _check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
         if not (math.isfinite(self.t_mean) and math.isfinite(self.t_std) and self.t_std > 0):
             raise ConfigError(
-                f"t_mean must be finite and t_std finite and > 0, got {self.t_mean}, {self.t_std}"
+                f"`t_mean` must be finite and `t_std` finite and > 0, got {self.t_mean}, "
+                f"{self.t_std}"
             )
         if not 0 <= self.t_uniform < 1:
-            raise ConfigError(f"t_uniform must be in [0, 1), got {self.t_uniform}")
+            raise ConfigError(f"`t_uniform` must be in [0, 1), got {self.t_uniform}")
 
 
 @dataclass(frozen=True)
@@ -167,15 +179,9 @@ class TrainConfig:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"{name} must be {allowed}, got {getattr(self, name)}")
-        if self.preview_sampler not in ("ddpm", "ddim", "dpmpp-2m"):
-            raise ConfigError(
-                f"preview_sampler must be ddpm, ddim or dpmpp-2m, got {self.preview_sampler!r}"
-            )
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(
-                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
-            )
+                raise ConfigError(f"`{name}` must be {allowed}, got {getattr(self, name)}")
+        _check_choice("preview_sampler", self.preview_sampler, tuple(SAMPLERS))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -197,13 +203,38 @@ class RunConfig:
         self.train.validate()
         if self.class_names and len(self.class_names) != self.model.num_classes:
             raise ConfigError(
-                f"class_names has {len(self.class_names)} names for "
+                f"`class_names` has {len(self.class_names)} names for "
                 f"{self.model.num_classes} classes"
             )
 
     def label_names(self) -> list[str]:
         """The name of each class, or its index where no names were recorded."""
         return list(self.class_names) or [str(c) for c in range(self.model.num_classes)]
+
+    def class_indices(self, tokens: list[str]) -> list[int]:
+        """Each token a class name of this config ("Sneaker", a folder's sub-folder name) or,
+        failing that, a class index in [0, num_classes)."""
+        names, k = self.label_names(), self.model.num_classes
+        out, bad = [], []
+        for tok in tokens:
+            if tok in names:
+                out.append(names.index(tok))
+            elif tok.lstrip("-").isdigit() and 0 <= int(tok) < k:
+                out.append(int(tok))
+            else:
+                bad.append(tok)
+        if bad and not self.class_names:
+            raise ConfigError(
+                f"`classes` must be indices in [0, {k - 1}] for this checkpoint (it records no "
+                f"class names), got {bad}"
+            )
+        if bad:
+            shown = ", ".join(names[:20]) + (", ..." if k > 20 else "")
+            raise ConfigError(
+                f"`classes` must be class names ({shown}) or indices in [0, {k - 1}] for this "
+                f"checkpoint, got {bad}"
+            )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -240,147 +271,17 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-# Named presets. Each is a complete RunConfig; data-dependent model fields (channels, size,
-# classes) are replaced from the dataset when a run starts.
-PRESETS: dict[str, RunConfig] = {
-    # Tuned for quality per CPU-minute on 2 cores at 28x28 (README "Tuning the demo preset"):
-    # ~400 s of bf16 training on a 2-core AMX CPU at the time (1400 steps; 1000 steps since).
-    "cpu-demo": RunConfig(
-        model=ModelConfig(
-            base_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attn_levels=(2,),
-            num_heads=4,
-        ),
-        # timesteps: half uniform, half logit-normal (0.5, 1), shifted to the noisy end where the
-        # class is decided. 1000 steps of it match 1400 uniform ones on class accuracy and FID
-        # (n = 2000; README "Training timesteps"); logit-normal alone lost FID at s = 3.
-        diffusion=DiffusionConfig(
-            schedule="cosine",
-            prediction="v",
-            loss_weighting="none",
-            t_sampling="logit-normal",
-            t_mean=0.5,
-            t_std=1.0,
-            t_uniform=0.5,
-        ),
-        train=TrainConfig(
-            steps=1000,
-            batch_size=64,
-            lr=2e-3,
-            lr_schedule="cosine",
-            lr_min_ratio=0.05,
-            warmup_steps=100,
-            # never binds in 1000 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
-            # (0.991 at the end; README "Tuning the demo preset")
-            ema_decay=0.995,
-            sample_every=250,
-            checkpoint_every=250,
-        ),
-        preset="cpu-demo",
-    ),
-    # MNIST on one GPU: a wider network and more steps.
-    "mnist": RunConfig(
-        model=ModelConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
-        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
-        train=TrainConfig(
-            steps=8000,
-            batch_size=256,
-            lr=1e-3,
-            lr_schedule="cosine",
-            lr_min_ratio=0.05,
-            warmup_steps=200,
-            ema_decay=0.999,
-            sample_every=2000,
-            checkpoint_every=2000,
-        ),
-        preset="mnist",
-    ),
-    # CIFAR-10 (32x32 RGB) on one GPU.
-    "cifar10": RunConfig(
-        model=ModelConfig(
-            in_channels=3,
-            image_size=32,
-            base_channels=128,
-            channel_mult=(1, 2, 2, 2),
-            num_res_blocks=2,
-            attn_levels=(2,),
-            dropout=0.1,
-        ),
-        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
-        train=TrainConfig(
-            steps=100_000,
-            batch_size=128,
-            lr=2e-4,
-            warmup_steps=1000,
-            ema_decay=0.9999,
-            sample_every=5000,
-            checkpoint_every=5000,
-        ),
-        dataset="cifar10",
-        preset="cifar10",
-    ),
-    # The original MNIST lesson's network class (32x32 input, 128 base channels, ~35 M
-    # parameters) for like-for-like throughput comparisons; train MNIST with --image-size 32.
-    "lesson-35m": RunConfig(
-        model=ModelConfig(
-            in_channels=1,
-            image_size=32,
-            base_channels=128,
-            channel_mult=(1, 2, 2, 2),
-            num_res_blocks=2,
-            attn_levels=(1,),
-            dropout=0.1,
-        ),
-        diffusion=DiffusionConfig(schedule="linear", prediction="eps"),
-        train=TrainConfig(steps=10_000, batch_size=128, lr=2e-4, warmup_steps=500),
-        preset="lesson-35m",
-    ),
-    # Seconds-long runs for tests and smoke checks.
-    "tiny": RunConfig(
-        model=ModelConfig(
-            base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_heads=2
-        ),
-        train=TrainConfig(
-            steps=20,
-            batch_size=8,
-            lr=1e-3,
-            warmup_steps=2,
-            ema_decay=0.9,
-            log_every=5,
-            sample_every=10,
-            checkpoint_every=10,
-            preview_steps=4,
-            preview_per_class=2,
-        ),
-        preset="tiny",
-    ),
-}
-
-
-# Where a preset's choice was measured to be worse on one built-in dataset: the diffusion fields
-# it takes there instead (the user's own flags still win). cpu-demo's timestep mixture was tuned
-# on MNIST; on Fashion-MNIST uniform timesteps gave better s = 1 accuracy and FID on two machines
-# (n = 1000: 88.4 % against 85.2 %, FID 1.14 against 1.31 on the AMX CPU; 88.5 % against 86.4 %,
-# FID 1.13 against 1.24 on the AMD one), s = 3 within a point (98.6/99.0 %, 98.5/99.1 %;
-# bench/results/fashion_tsampling_cpu.log).
-PRESET_BY_DATASET: dict[tuple[str, str], dict[str, Any]] = {
-    ("cpu-demo", "fashion-mnist"): {
-        "t_sampling": "uniform",
-        "t_mean": 0.0,
-        "t_std": 1.0,
-        "t_uniform": 0.0,
-    },
-}
-
-
-def get_preset(name: str, dataset: str | None = None) -> RunConfig:
-    """The named preset, with its fields for `dataset` where PRESET_BY_DATASET has them."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    cfg = PRESETS[name]
-    changes = PRESET_BY_DATASET.get((name, dataset or ""))
-    if changes:
-        cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, **changes))
-    return cfg
+def replace_fields(cfg: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """`cfg` with {"section.field": value} changes ("train.lr", "diffusion.t_mean")."""
+    sections: dict[str, dict[str, Any]] = {}
+    for path, value in changes.items():
+        section, _, name = path.partition(".")
+        sub = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(sub) or name not in {
+            f.name for f in dataclasses.fields(sub)
+        }:
+            raise ConfigError(f"no config field {path!r}")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()}
+    )

@@ -1,6 +1,11 @@
 """Exception types. Library code raises these; only the CLI turns them into messages and exit codes.
 
-Every message is one line that names the argument or file, the value seen and what is allowed.
+Every message is one line that names the parameter or file, the value seen and what is allowed.
+Messages speak the library's words: a parameter is named as the Python API names it, in
+backticks (`steps`, `batch_size`, `resume=True`, `scale=3`), never as a command-line flag. The
+CLI rewrites each backticked name into its flag (`--steps`, `--batch-size`, `--resume`,
+`--scale 3`; cfgdiff.cli.options.flag_words), so one message tells a Python user about
+parameters and a shell user about flags.
 """
 
 
@@ -21,4 +26,5 @@ class CheckpointError(CfgDiffError):
 
 
 class RuntimeFault(CfgDiffError):
-    """Training could not go on: non-finite loss, out of memory, disk full. Exit status 1."""
+    """Training or sampling could not go on: non-finite loss, out of memory, disk full. Exit
+    status 1."""

@@ -44,9 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
+from cfgdiff.config import GUIDANCE_CONVENTION
 from cfgdiff.diffusion import alpha_sigma, eps_to_x0, to_eps
 from cfgdiff.errors import ConfigError
 from cfgdiff.schedule import Schedule
+
+# How x0_hat is kept in range (see the module docstring).
+THRESHOLDS = ("static", "dynamic", "none")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,31 +82,49 @@ class Guidance:
         if self.interval is not None:
             lo, hi = self.interval
             if not 0 <= lo < hi:
-                raise ConfigError(f"guidance interval must satisfy 0 <= lo < hi, got {lo},{hi}")
+                raise ConfigError(f"`interval` must satisfy 0 <= lo < hi, got {lo},{hi}")
         if not 0 <= self.rescale <= 1:
-            raise ConfigError(f"--rescale must be in [0, 1], got {self.rescale}")
+            raise ConfigError(f"`rescale` must be in [0, 1], got {self.rescale}")
         if self.negative_class is not None and not 0 <= self.negative_class <= num_classes:
             raise ConfigError(
-                f"--negative-class must be in [0, {num_classes - 1}] (or {num_classes}, the null "
+                f"`negative_class` must be in [0, {num_classes - 1}] (or {num_classes}, the null "
                 f"label), got {self.negative_class}"
             )
-        if self.threshold not in ("static", "dynamic", "none"):
+        if self.threshold not in THRESHOLDS:
             raise ConfigError(
-                f"--threshold must be static, dynamic or none, got {self.threshold!r}"
+                f"`threshold` must be {', '.join(THRESHOLDS)}, got {self.threshold!r}"
             )
         if not 0 < self.threshold_percentile <= 1:
             raise ConfigError(
-                f"--threshold-percentile must be in (0, 1], got {self.threshold_percentile}"
+                f"`threshold_percentile` must be in (0, 1], got {self.threshold_percentile}"
             )
         if self.apg is not None:
             if self.rescale:
-                raise ConfigError("--rescale and --apg cannot be combined")
+                raise ConfigError("`rescale` and `apg` cannot be combined")
             if self.apg.norm_threshold < 0:
                 raise ConfigError(
-                    f"--apg-norm-threshold must be >= 0, got {self.apg.norm_threshold}"
+                    f"`apg_norm_threshold` must be >= 0, got {self.apg.norm_threshold}"
                 )
         if self.guide_net is not None and self.negative_class is not None:
-            raise ConfigError("--guide-checkpoint and --negative-class cannot be combined")
+            raise ConfigError("`guide_checkpoint` and `negative_class` cannot be combined")
+
+    def to_record(self) -> dict:
+        """These settings as plain data for output files (settings.json, --json results, .npz),
+        with the convention named. A per-sample scale tensor is recorded as a list; the guide
+        network as whether there is one (the caller records where it came from)."""
+        scale = self.scale.tolist() if isinstance(self.scale, torch.Tensor) else self.scale
+        return {
+            "scale": scale,
+            "w": [s - 1 for s in scale] if isinstance(scale, list) else scale - 1,
+            "convention": GUIDANCE_CONVENTION,
+            "guidance_interval": list(self.interval) if self.interval else None,
+            "rescale": self.rescale,
+            "negative_class": self.negative_class,
+            "autoguidance": self.guide_net is not None,
+            "threshold": self.threshold,
+            "threshold_percentile": self.threshold_percentile,
+            "apg": dataclasses.asdict(self.apg) if self.apg else None,
+        }
 
 
 def cfg_combine(
@@ -164,7 +186,7 @@ def guided_denoiser(
     """
     g = guidance if guidance is not None else Guidance(scale=1.0 if scale is None else scale)
     if guidance is not None and scale is not None:
-        raise ValueError("pass guidance or scale, not both")
+        raise ConfigError("pass `guidance` or `scale`, not both")
     if clip_x0 is not None:
         g = dataclasses.replace(g, threshold="static" if clip_x0 else "none")
     g.validate(null_label)

@@ -1,22 +1,27 @@
 """Generating images from a trained network: labels + guidance + sampler -> uint8 images.
 
-Owns: batching, per-sample noise streams (sample i of seed S always starts from the same x_T and
-sees the same per-step noise, whatever the batch size) and the float -> uint8 conversion.
+Owns: batching (a batch size chosen for the device, halved while it runs out of memory),
+compiling the network for a long job (runtime.compile_sampling says when), per-sample noise
+streams (sample i of seed S always starts from the same x_T and sees the same per-step noise,
+whatever the batch size) and the float -> uint8 conversion.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from cfgdiff.compiled import CompiledForward
 from cfgdiff.config import RunConfig
-from cfgdiff.errors import ConfigError
+from cfgdiff.errors import ConfigError, RuntimeFault
 from cfgdiff.guidance import Guidance, guided_denoiser
-from cfgdiff.runtime import autocast
-from cfgdiff.samplers import PerSampleNoise, run_sampler
+from cfgdiff.runtime import autocast, compile_sampling, is_out_of_memory, sampling_batch_size
+from cfgdiff.samplers import PerSampleNoise, check_sampler, run_sampler
 from cfgdiff.schedule import make_schedule
+
+Log = Callable[[str], None]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +32,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def check_steps(steps: int, cfg: RunConfig) -> None:
     """Sampler steps must be in [1, T] for the checkpoint's T."""
     if steps < 1 or steps > cfg.diffusion.timesteps:
-        raise ConfigError(f"--steps must be in [1, {cfg.diffusion.timesteps}], got {steps}")
+        raise ConfigError(f"`steps` must be in [1, {cfg.diffusion.timesteps}], got {steps}")
 
 
 @torch.inference_mode()
@@ -43,11 +48,13 @@ def generate(
     eta: float = 0.0,
     spacing: str = "trailing",
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     indices: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     static_batches: bool = False,
+    compile: str = "off",
+    log: Log | None = None,
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
@@ -55,24 +62,69 @@ def generate(
     `guidance` (its scale may also be an (N,) tensor); not both.
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
     noise, which is how guidance strips hold the noise fixed across scales.
+    batch_size: images per forward pass; None chooses it for the device (runtime.
+    sampling_batch_size) and halves it while it runs out of memory, saying so through `log`.
+    A batch size given that runs out of memory is a RuntimeFault. Images do not depend on it.
+    compile: "auto" | "on" | "off": the network through torch.compile (runtime.compile_sampling
+    says when auto is on), with every batch padded to one shape; a compile that fails or
+    disagrees with eager is dropped for eager, said through `log`.
     static_batches: pad a short last batch to `batch_size` (repeating its last sample, then
     dropping the copies) so every forward pass has the same shape, as compiled networks and CUDA
     graphs want; the images are the same either way.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
+    device = torch.device(device)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
+    check_steps(steps, cfg)
+    check_sampler(sampler)
+    compiled = compile_sampling(compile, device, len(labels), steps)
+    fixed = batch_size is not None
+    if batch_size is None:
+        batch_size = sampling_batch_size(net, cfg.model, device, precision)
+    if compiled:
+        net = CompiledForward(net, device)
+    options = dict(
+        scale=scale, guidance=guidance, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+        seed=seed, indices=indices, device=device, precision=precision,
+        static_batches=static_batches or compiled,
+    )  # fmt: skip
+    while True:
+        try:
+            images = _generate(net, cfg, labels, batch_size=batch_size, **options)
+            break
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if fixed or batch_size == 1:
+                raise RuntimeFault(
+                    f"out of memory sampling {batch_size} images per batch on {device}: "
+                    "lower `batch_size` (nothing was written)"
+                ) from None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if log is not None:
+            log(f"out of memory at {batch_size} images per batch; retrying with {batch_size // 2}")
+        batch_size //= 2
+    if compiled and net.fallback_reason and log is not None:
+        log(f"torch.compile not used, sampled eagerly: {net.fallback_reason}")
+    return images
+
+
+def _generate(
+    net, cfg, labels, *, batch_size, scale, guidance, sampler, steps, eta, spacing, seed, indices,
+    device, precision, static_batches,
+) -> torch.Tensor:  # fmt: skip
+    """generate's work at one batch size."""
     n = labels.shape[0]
     m = cfg.model
     if n and (labels.min() < 0 or labels.max() >= m.num_classes):
         raise ConfigError(
             f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}"
         )
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    check_steps(steps, cfg)
     if guidance is None:
         guidance = Guidance(scale=scale)
     guidance.validate(m.num_classes)
-    device = torch.device(device)
     indices = list(range(n)) if indices is None else list(indices)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     shape = (m.in_channels, m.image_size, m.image_size)

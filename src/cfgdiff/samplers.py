@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def sample_ddim(
     sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev)  (Eq. 16).
     eta = 0 is the deterministic probability-flow sampler; eta = 1 equals ancestral DDPM."""
     if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
+        raise ConfigError(f"`eta` must be >= 0, got {eta}")
     ts = spaced_timesteps(schedule, steps, spacing)
     x = x_T
     for i, t in enumerate(ts):
@@ -170,7 +171,29 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A sampler of the table: its function and the keyword options, beyond the common
+    signature, that it takes (run_sampler passes those and no others)."""
+
+    fn: Callable[..., torch.Tensor]
+    options: tuple[str, ...] = ()
+    # solves the probability-flow ODE with no noise of its own (DDIM at eta = 0)
+    deterministic: bool = True
+
+
+# Every sampler by the name the CLI, config.json, benchmarks and the docs use. A new
+# sampler is one function with the common signature and one entry here.
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ddpm": SamplerEntry(sample_ddpm, deterministic=False),
+    "ddim": SamplerEntry(sample_ddim, options=("eta",)),
+    "dpmpp-2m": SamplerEntry(sample_dpmpp_2m),
+}
+
+
+def check_sampler(name: str) -> None:
+    if name not in SAMPLERS:
+        raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
 def run_sampler(
@@ -180,17 +203,16 @@ def run_sampler(
     schedule: Schedule,
     steps: int,
     *,
-    eta: float = 0.0,
     spacing: str = "trailing",
     generator=None,
     callback: Callable | None = None,
+    **options,
 ) -> torch.Tensor:
-    """Dispatch by name; eta applies to DDIM only."""
-    kw = dict(spacing=spacing, generator=generator, callback=callback)
-    if name == "ddim":
-        return sample_ddim(denoise, x_T, schedule, steps, eta=eta, **kw)
-    if name == "ddpm":
-        return sample_ddpm(denoise, x_T, schedule, steps, **kw)
-    if name == "dpmpp-2m":
-        return sample_dpmpp_2m(denoise, x_T, schedule, steps, **kw)
-    raise ConfigError(f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {name!r}")
+    """The sampler `name` of SAMPLERS; `options` (eta) go to the samplers that take them and are
+    ignored by the others."""
+    check_sampler(name)
+    entry = SAMPLERS[name]
+    kw = {k: v for k, v in options.items() if k in entry.options}
+    return entry.fn(
+        denoise, x_T, schedule, steps, spacing=spacing, generator=generator, callback=callback, **kw
+    )

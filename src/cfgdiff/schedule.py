@@ -51,14 +51,17 @@ def _from_betas(betas: torch.Tensor) -> Schedule:
     return Schedule(betas=betas, alpha_bar=torch.cumprod(1 - betas, dim=0))
 
 
+# Noise schedules by name: what config.json records and make_schedule builds.
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
 def make_schedule(name: str, T: int) -> Schedule:
-    if name == "linear":
-        return linear_schedule(T)
-    if name == "cosine":
-        return cosine_schedule(T)
-    raise ConfigError(f"schedule must be 'linear' or 'cosine', got {name!r}")
+    if name not in SCHEDULES:
+        raise ConfigError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    return SCHEDULES[name](T)
 
 
+# The timestep spacings a sampler may visit (spaced_timesteps).
 SPACINGS = ("trailing", "uniform", "quadratic", "logsnr")
 
 
@@ -76,7 +79,7 @@ def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing") 
     """
     T = schedule.T
     if not 1 <= steps <= T:
-        raise ConfigError(f"steps must be in [1, {T}], got {steps}")
+        raise ConfigError(f"`steps` must be in [1, {T}], got {steps}")
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
         ts = T - 1 - i * T / steps
@@ -93,7 +96,7 @@ def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing") 
         nearer_left = (targets - rev[idx - 1]).abs() < (rev[idx] - targets).abs()
         ts = (T - 1 - (idx - nearer_left.long())).to(torch.float64)
     else:
-        raise ConfigError(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        raise ConfigError(f"`spacing` must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     out = [int(round(float(t))) for t in ts]
     out[0] = T - 1
     for k in range(len(out) - 2, -1, -1):  # bottom-up: strictly decreasing

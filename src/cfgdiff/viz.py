@@ -1,5 +1,6 @@
-"""Pictures: image grids, guidance strips, line plots and folders of single images, written as
-PNG with Pillow only."""
+"""Pictures and sample files: image grids, line plots, folders of single images, and the three
+forms `cfgdiff sample` writes (a PNG grid, an .npz of arrays, a folder of PNGs), with Pillow
+only."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cfgdiff.data.download import atomic_write_bytes
-from cfgdiff.data.sources import class_folder_names
+from cfgdiff.data.folders import class_folder_names
+from cfgdiff.errors import ConfigError
+from cfgdiff.files import atomic_write_bytes
 
 
 def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1) -> Image.Image:
@@ -162,3 +164,67 @@ def write_image_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return counts
+
+
+def sample_output_kind(out: Path) -> str:
+    """What a sample output path asks for: "png" (a grid), "npz" (arrays) or "folder" (one PNG
+    per image, a new or empty folder); checked before any work."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if out.is_dir() or (suffix == "" and not out.exists()):
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError(
+                f"`out` {out}: folder is not empty (a folder of images is written only into a "
+                "new or empty one)"
+            )
+        return "folder"
+    if suffix not in (".png", ".npz"):
+        raise ConfigError(
+            f"`out` must end in .png (grid) or .npz (arrays), or name a new or empty folder "
+            f"(one PNG per image), got {out}"
+        )
+    return suffix[1:]
+
+
+def write_samples(
+    out: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    record: dict,
+    *,
+    per_class: int,
+    classes: Sequence[int],
+) -> None:
+    """Samples in the form `out` asks for (sample_output_kind): a grid with one row of
+    `per_class` images per class of `classes`; an .npz with images uint8 (N, C, H, W), labels
+    (class indices; class_names[i] names index i), the guidance and sampler settings and
+    `record` whole as JSON; or a folder of PNGs with settings.json. `record`: what made them
+    (guidance.to_record and the sampler's settings)."""
+    import numpy as np
+
+    kind = sample_output_kind(out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        write_image_folder(images, labels.tolist(), names, out, record)
+    elif kind == "png":
+        save_png(labelled_grid(images, per_class, [names[c][:12] for c in classes]), out)
+    else:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            images=images.numpy(),
+            labels=labels.numpy(),
+            class_names=np.array(list(names), dtype=np.str_),
+            scale=np.float64(record["scale"]),
+            w=np.float64(record["w"]),
+            convention=np.str_(record["convention"]),
+            given=np.str_(record["given"]),
+            sampler=np.str_(record["sampler"]),
+            steps=np.int64(record["steps"]),
+            eta=np.float64(record["eta"]),
+            seed=np.int64(record["seed"]),
+            checkpoint=np.str_(record["checkpoint"]),
+            settings=np.str_(json.dumps(record)),  # everything, guidance variants included
+        )
+        atomic_write_bytes(out, buf.getvalue())

@@ -15,41 +15,10 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from cfgdiff.errors import DataError
 
 Log = Callable[[str], None]
-
-
-def file_digest(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over `path`."""
-    atomic_write_with(path, lambda f: f.write(data))
-
-
-def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """atomic_write_bytes for content too large to hold twice: `write(f)` writes it to the
-    temporary file (np.save(f, array) streams an array without a copy)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download(

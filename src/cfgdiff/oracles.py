@@ -1,4 +1,5 @@
-"""Closed-form denoisers for tests and bench/samplers.py.
+"""Closed-form denoisers: exact answers to check samplers and guidance against (the tests and
+bench/samplers.py use them; so can anyone prototyping a sampler).
 
 Gaussian classes: x0 | y=c ~ N(mu_c, tau^2) per dimension, classes equally likely. Then
 x_t | c ~ N(a mu_c, v) with v = a^2 tau^2 + s^2, E[eps | x_t, c] = s (x_t - a mu_c) / v, and the

@@ -1,0 +1,119 @@
+"""The command-line interface: the one place where errors become messages and exit codes.
+
+    cfgdiff train   --dataset mnist --out runs/NAME [--preset P] [--steps N] ...
+    cfgdiff sample  --checkpoint PATH (--scale S | --w W) --out FILE.png|FILE.npz|FOLDER ...
+    cfgdiff eval    --checkpoint PATH (--scale S | --w W) [--n N]   (class accuracy, FID, ...)
+    cfgdiff sweep   --checkpoint PATH [--scales S,S,...] [--n N]   (metrics across scales)
+    cfgdiff export  --checkpoint PATH --out FILE.safetensors        (one model file to ship)
+    cfgdiff info    --checkpoint PATH                              (what a checkpoint holds)
+    cfgdiff data    fetch NAME | info NAME
+
+Each command module adds its parser and runs it: parse, one library call, print. Library errors
+name parameters; they are said here in the CLI's flags (options.flag_words).
+
+Exit status: 0 success; 2 bad input (one line on stderr, no traceback); 1 a run that could not go
+on (non-finite loss, out of memory, disk full: one line saying what to change); 130 interrupted
+twice; 141 the reader of its output went away (`| head`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cfgdiff.cli import data, evaluate, model, sample, train
+from cfgdiff.cli.options import KNOWN_FLAGS, Parser, UsageError, flag_words, option_strings
+from cfgdiff.errors import CfgDiffError, RuntimeFault
+
+# name -> the function that runs its parsed arguments
+COMMANDS = {
+    "train": train.run,
+    "sample": sample.run,
+    "eval": evaluate.run_eval,
+    "sweep": evaluate.run_sweep,
+    "info": model.run_info,
+    "export": model.run_export,
+    "data": data.run,
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="cfgdiff", description="Class-conditional diffusion with classifier-free guidance."
+    )
+    sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+    sub.required = True
+    train.add_parser(sub)
+    sample.add_parser(sub)
+    evaluate.add_eval_parser(sub)
+    evaluate.add_sweep_parser(sub)
+    model.add_info_parser(sub)
+    model.add_export_parser(sub)
+    data.add_parser(sub)
+    KNOWN_FLAGS.update(option_strings(p))
+    return p
+
+
+def _check_data_dir(given: Path | None) -> None:
+    """The data directory (--data-dir, else $CFGDIFF_DATA_DIR or ~/.cache/cfgdiff/data) must be a
+    directory or not exist yet: checked before any work, since a file there would fail only when
+    something is first cached, after a judge's training."""
+    from cfgdiff.data import default_data_dir
+
+    d = given if given is not None else default_data_dir()
+    if not d.exists() or d.is_dir():
+        return
+    if given is not None:
+        raise UsageError(f"argument --data-dir: not a directory: {d}")
+    what = "$CFGDIFF_DATA_DIR" if os.environ.get("CFGDIFF_DATA_DIR") else "data dir"
+    raise UsageError(f"{what}: not a directory: {d} (pass --data-dir DIR)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (tests call this directly)."""
+    parser = build_parser()
+
+    def error(e: BaseException, status: int) -> int:
+        print(f"cfgdiff: error: {flag_words(str(e))}", file=sys.stderr)
+        return status
+
+    try:
+        args = parser.parse_args(argv)
+        if hasattr(args, "data_dir"):
+            _check_data_dir(args.data_dir)
+        if args.command != "data":  # every command that runs a network
+            from cfgdiff.runtime import configure_cpu_threads, configure_cuda
+
+            configure_cpu_threads()
+            configure_cuda()
+        return COMMANDS[args.command](args)
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0)
+    except RuntimeFault as e:
+        return error(e, 1)
+    except CfgDiffError as e:
+        return error(e, 2)
+    except KeyboardInterrupt:
+        print("cfgdiff: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `cfgdiff ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        print(f"cfgdiff: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an allocation failure outside the paths that name their batch size
+        from cfgdiff.runtime import error_line, is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(
+            f"cfgdiff: error: out of memory ({error_line(e)}); lower --batch-size", file=sys.stderr
+        )
+        return 1
+
+
+def console_main() -> None:
+    sys.exit(main())

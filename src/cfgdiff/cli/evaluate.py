@@ -1,0 +1,254 @@
+"""`cfgdiff eval` (a checkpoint at one scale, samples made elsewhere, or training a judge) and
+`cfgdiff sweep` (every metric across guidance scales)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cfgdiff.cli.options import floats, int_in, reference_options, sampling_options
+from cfgdiff.cli.progress import log
+from cfgdiff.cli.sample import generate_with, guidance_of, scale_of
+from cfgdiff.errors import ConfigError
+
+METRIC_ROWS = [
+    ("fid", "FID", "{:.3f}"),
+    ("kid", "KID", "{:.5f}"),
+    ("is", "IS (classifier)", "{:.3f}"),
+    ("precision", "precision (k=3)", "{:.3f}"),
+    ("recall", "recall (k=3)", "{:.3f}"),
+    ("class_accuracy", "class accuracy", "{:.4f}"),
+    ("memorisation", "memorised", "{:.4f}"),
+]
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="FID, KID, IS, precision/recall, class accuracy and memorisation of samples",
+        description="cfgdiff eval --checkpoint PATH (--scale S | --w W) [--n N]  or  "
+        "cfgdiff eval --samples FILE.npz|FOLDER --dataset NAME  or  "
+        "cfgdiff eval train-classifier --dataset NAME",
+    )
+    ev.add_argument("action", nargs="?", choices=["train-classifier"], help=argparse.SUPPRESS)
+    sampling_options(ev, required=False)
+    ev.add_argument(
+        "--samples",
+        type=Path,
+        help="measure these samples instead of sampling a checkpoint: an .npz (images, labels, "
+        "class_names, as `cfgdiff sample` writes) or a folder of class sub-folders of images; "
+        "needs --dataset (the real data to compare with)",
+    )
+    ev.add_argument(
+        "--n", type=int_in(10, 1_000_000), help="samples in total (default 1000; --samples: all)"
+    )
+    ev.add_argument("--json", type=Path, help="also write the results here")
+    ev.add_argument(
+        "--image-size",
+        type=int_in(8, 1024),
+        help="train-classifier only: resize images to this side (default: native; a folder of "
+        "mixed sizes needs it)",
+    )
+    ev.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train-classifier only: train the judge even if one is cached or ships with "
+        "cfgdiff (MNIST's), replacing the cached one",
+    )
+    reference_options(ev)
+
+
+def add_sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="metrics across guidance scales: CSV, JSON and plots")
+    sampling_options(sw, scale=False)
+    g = sw.add_mutually_exclusive_group()
+    g.add_argument("--scales", type=floats, default=None, help="comma-separated scales s")
+    g.add_argument("--ws", type=floats, help="comma-separated paper weights w = s - 1")
+    sw.add_argument("--n", type=int_in(10, 1_000_000), default=5000, help="samples per scale")
+    sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
+    reference_options(sw)
+
+
+def _reference(a: argparse.Namespace, loaded, device):
+    """The real reference that eval and sweep compare n samples against."""
+    from cfgdiff.metrics.evaluate import build_reference
+
+    return build_reference(
+        loaded.cfg, a.n, dataset=a.dataset, features=a.features, data_dir=a.data_dir,
+        inception=a.inception, device=device, log=log,
+    )  # fmt: skip
+
+
+def run_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics.evaluate import evaluation
+    from cfgdiff.runtime import describe_machine, resolve_device
+
+    if a.action == "train-classifier":
+        return run_train_classifier(a)
+    _check_eval_options(a)
+    if a.samples is not None:
+        return run_eval_samples(a)
+    device = resolve_device(a.device)
+    loaded = load_for_sampling(a.checkpoint, device)
+    scale, _ = scale_of(a)
+    # The options first: building the reference may train a classifier for minutes.
+    guidance, record = guidance_of(a, loaded, scale, device)
+    ref = _reference(a, loaded, device)
+    labels = torch.arange(a.n) % loaded.cfg.model.num_classes
+    t0 = time.perf_counter()
+    images = generate_with(a, loaded, labels, guidance, device)
+    dt = time.perf_counter() - t0
+    record.update(n=a.n, sampling_images_per_s=a.n / dt, device=device.type)
+    record["machine"] = describe_machine(device)
+    result = evaluation(ref, images, labels, record)
+    head = (
+        f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
+        f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
+    )
+    _report(a, result, loaded.cfg.label_names(), head)
+    return 0
+
+
+def _check_eval_options(a: argparse.Namespace) -> None:
+    if a.image_size is not None:
+        raise ConfigError(
+            f"--image-size {a.image_size}: only for eval train-classifier (samples are judged "
+            "at the classifier's size)"
+        )
+    if a.retrain:
+        raise ConfigError("--retrain: only for eval train-classifier")
+    if a.samples is not None:
+        if a.checkpoint is not None or a.scale is not None or a.w is not None:
+            raise ConfigError(
+                "--samples: not with --checkpoint, --scale or --w (nothing is sampled)"
+            )
+        if a.n is not None:
+            raise ConfigError(
+                "--samples: not with --n (every sample in the file or folder is used)"
+            )
+        if a.dataset is None:
+            raise ConfigError("--samples: --dataset is required (the real data to compare with)")
+        return
+    a.n = a.n or 1000
+    if a.checkpoint is None:
+        raise ConfigError("eval: --checkpoint is required (or use: eval train-classifier)")
+    if a.scale is None and a.w is None:
+        raise ConfigError("eval: one of --scale or --w is required")
+
+
+def run_eval_samples(a: argparse.Namespace) -> int:
+    """eval --samples: the same report for images made elsewhere (another sampler, another
+    tool's model), against --dataset, at the samples' size and channels."""
+    from cfgdiff.metrics.evaluate import evaluation, samples_reference
+    from cfgdiff.runtime import resolve_device
+
+    ref, images, labels, names = samples_reference(
+        a.samples, a.dataset, features=a.features, data_dir=a.data_dir, inception=a.inception,
+        device=resolve_device(a.device), log=log,
+    )  # fmt: skip
+    n = len(images)
+    result = evaluation(ref, images, labels, {"samples": str(a.samples), "n": n})
+    head = f"{n} samples from {a.samples}; real floor: {n} held-out vs {n} training images"
+    _report(a, result, names, head)
+    return 0
+
+
+def _report(a: argparse.Namespace, result: dict, names, head: str) -> None:
+    """Print an evaluation (metrics.evaluate.evaluation's record): the table beside the real
+    floor, the per-class accuracy and the judge; write --json."""
+    gen, real = result["generated"], result["real_floor"]
+    print(head)
+    print(metrics_table({"generated": gen, "real floor": real}, result["features"]))
+    print(
+        "class accuracy per class: "
+        + ", ".join(f"{names[c]} {v:.3f}" for c, v in enumerate(gen["per_class_accuracy"]))
+    )
+    print(
+        f"(judge: {result['dataset']} classifier, test accuracy "
+        f"{result['classifier_test_accuracy']:.4f})"
+    )
+    if a.json is not None:
+        from cfgdiff.files import atomic_write_json
+
+        atomic_write_json(a.json, result)
+
+
+def metrics_table(columns: dict[str, dict], features: str) -> str:
+    head = f"{'metric (' + features + ' features)':34s}" + "".join(f"{c:>14s}" for c in columns)
+    lines = [head]
+    for key, label, fmt in METRIC_ROWS:
+        lines.append(
+            f"{label:34s}" + "".join(f"{fmt.format(v[key]):>14s}" for v in columns.values())
+        )
+    return "\n".join(lines)
+
+
+def run_train_classifier(a: argparse.Namespace) -> int:
+    from cfgdiff.data import check_name, default_data_dir
+    from cfgdiff.metrics.classifier import classifier_path, get_classifier
+    from cfgdiff.runtime import resolve_device
+
+    if a.dataset is None:
+        raise ConfigError("eval train-classifier: --dataset is required")
+    check_name(a.dataset)
+    device = resolve_device(a.device)
+    _, meta = get_classifier(
+        a.dataset, a.data_dir, device=device, log=log, image_size=a.image_size, retrain=a.retrain
+    )
+    path = classifier_path(a.data_dir or default_data_dir(), a.dataset)
+    epochs = meta.get("epochs_trained", meta["epochs"])  # (cached before the step floor: epochs)
+    how = f"{meta['train_seconds']} s", f"{meta['precision']}, {epochs} epochs"
+    made = f"trained in {how[0]} ({how[1]})"
+    if meta.get("source") == "shipped":
+        here = meta["test_accuracy_here"]
+        made = f"{here:.4f} on this test split; shipped with cfgdiff (trained in {', '.join(how)})"
+    print(
+        f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, {made}, weights "
+        f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"
+    )
+    return 0
+
+
+def run_sweep(a: argparse.Namespace) -> int:
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics.sweep import DEFAULT_SCALES, default_sweep_dir, sweep
+    from cfgdiff.runtime import resolve_device, resolve_precision
+
+    scales = [w + 1 for w in a.ws] if a.ws else (a.scales or list(DEFAULT_SCALES))
+    if a.out is not None and a.out.exists() and not a.out.is_dir():
+        raise ConfigError(f"--out {a.out}: is a file; --out names a folder here")
+    device = resolve_device(a.device)
+    loaded = load_for_sampling(a.checkpoint, device)
+    out = a.out if a.out is not None else default_sweep_dir(loaded.path)
+    # The options first: building the reference may train a classifier for minutes.
+    guidance, record = guidance_of(a, loaded, 1.0, device)
+    ref = _reference(a, loaded, device)
+    result = sweep(
+        loaded, guidance, scales, a.n, ref, out, record=record, sampler=a.sampler,
+        steps=a.steps, spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
+        compile=a.compile, device=device, precision=resolve_precision(a.precision, device),
+        log=log,
+    )  # fmt: skip
+    rows, real = result["rows"], result["real_floor"]
+    print(
+        f"{len(scales)} scales x {a.n} samples ({result['sampling_images_per_s']:.1f} images/s); "
+        f"{a.features} features; real floor in the last row"
+    )
+    print(f"{'s':>6s} {'w':>6s} {'FID':>9s} {'IS':>7s} {'acc':>7s} {'prec':>6s} {'recall':>6s}")
+    for r in rows + [{"scale": "real", "w": "", **real}]:
+        s_, w_ = (
+            f"{v:6g}" if isinstance(v, int | float) else f"{v:>6}" for v in (r["scale"], r["w"])
+        )
+        print(
+            f"{s_} {w_} {r['fid']:9.3f} {r['is']:7.3f} "
+            f"{r['class_accuracy']:7.4f} {r['precision']:6.3f} {r['recall']:6.3f}"
+        )
+    print(
+        f"wrote {out}/sweep.csv, sweep.json, fid_vs_scale.png, accuracy_vs_scale.png, "
+        "precision_recall_vs_scale.png, fid_vs_is.png, strip.png"
+    )
+    return 0

@@ -1,0 +1,131 @@
+"""`cfgdiff info` (what a checkpoint or model file holds, verified) and `cfgdiff export` (one
+model file to ship)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cfgdiff.errors import ConfigError
+
+
+def add_info_parser(sub) -> None:
+    inf = sub.add_parser(
+        "info",
+        help="what a checkpoint or model file holds (and verify it)",
+        description="cfgdiff info --checkpoint PATH [--json]",
+    )
+    inf.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint folder, run folder or model file"
+    )
+    inf.add_argument("--json", action="store_true", help="print the whole config as JSON")
+
+
+def add_export_parser(sub) -> None:
+    from cfgdiff.checkpoint import EXPORT_DTYPES
+
+    ex = sub.add_parser(
+        "export",
+        help="one .safetensors model file to ship: EMA weights + config (sample/eval take it)",
+        description="cfgdiff export --checkpoint PATH --out FILE.safetensors [--raw]",
+    )
+    ex.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
+    ex.add_argument("--out", type=Path, required=True, help="the model file (.safetensors)")
+    ex.add_argument(
+        "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
+    )
+    ex.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=list(EXPORT_DTYPES),
+        help="storage type of the weights (fp16/bf16: half the file; loaded back as fp32)",
+    )
+
+
+def run_info(a: argparse.Namespace) -> int:
+    """Load (and so verify) a checkpoint or model file and say what it is."""
+    from cfgdiff.checkpoint import PREFIX, load_for_sampling, training_record
+
+    loaded = load_for_sampling(a.checkpoint)
+    kind = "model file" if loaded.path.is_file() else "checkpoint"
+    # a checkpoint's training state (read once) says what it trained on and how
+    record = training_record(loaded.path) if kind == "checkpoint" else None
+    data = loaded.data if record is None else record["data_identity"]
+    trained = None if record is None else record["precision"]
+    if a.json:
+        out = {
+            "path": str(loaded.path),
+            "kind": kind,
+            **loaded.cfg.to_dict(),
+            "data_identity": data,
+        }
+        if trained is not None:
+            out["trained_with"] = {"device": trained[0], "precision": trained[1]}
+        print(json.dumps(out, indent=1))
+        return 0
+    name = loaded.path.name
+    step = name[len(PREFIX) :] if kind == "checkpoint" and name.startswith(PREFIX) else ""
+    at = f", step {int(step)}" if step.isdigit() else ""
+    print(f"{loaded.path} ({kind}{at}; SHA-256 verified)")
+    print("\n".join(describe(loaded, data, trained)))
+    return 0
+
+
+def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list[str]:
+    """The lines of `info` below its first: data, images, network, diffusion, training,
+    guidance."""
+    from cfgdiff.config import GUIDANCE_CONVENTION
+    from cfgdiff.unet import count_parameters
+
+    cfg = loaded.cfg
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    names = cfg.label_names()
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    lines = [f"  data:      {cfg.dataset}, {m.num_classes} classes: {shown}"]
+    if data is not None:  # absent from checkpoints and files made before it was recorded
+        lines.append(
+            f"             {data['n']:,} training images, SHA-256 {data['sha256'][:16]}..."
+        )
+    timesteps = ""
+    if d.t_sampling == "logit-normal":
+        timesteps = f", timesteps logit-normal ({d.t_mean:g}, {d.t_std:g})"
+        timesteps += f" with {d.t_uniform:g} uniform" if d.t_uniform else ""
+    lines += [
+        f"  images:    {m.in_channels} x {m.image_size} x {m.image_size}",
+        f"  network:   {count_parameters(loaded.net) / 1e6:.2f} M parameters, base channels "
+        f"{m.base_channels}, mult {m.channel_mult}, {m.num_res_blocks} res blocks per level, "
+        f"attention at levels {m.attn_levels}",
+        f"  diffusion: {d.schedule} schedule, T = {d.timesteps}, {d.prediction}-prediction, "
+        f"label dropout {d.label_dropout:g}{timesteps}",
+        f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "
+        f"({t.lr_schedule}), EMA {t.ema_decay:g}"
+        + (", random horizontal flips" if t.hflip else "")
+        + (f", trained in {trained[1]} on {trained[0]}" if trained is not None else ""),
+        f"  guidance:  {GUIDANCE_CONVENTION}; null label {m.num_classes}",
+    ]
+    return lines
+
+
+def run_export(a: argparse.Namespace) -> int:
+    from cfgdiff.checkpoint import export_model
+
+    if a.out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {a.out}")
+    if a.out.is_dir():
+        raise ConfigError(f"--out {a.out}: is a directory")
+    if (a.out.parent / "MANIFEST.json").is_file() or (a.out.parent / "config.json").is_file():
+        raise ConfigError(
+            f"--out {a.out}: inside a checkpoint folder, whose files it could overwrite; write "
+            "it elsewhere (e.g. the run folder)"
+        )
+    if Path(a.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {a.checkpoint}: expected a checkpoint or run folder")
+    meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
+    size = a.out.stat().st_size / 2**20
+    print(
+        f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']} in "
+        f"{meta['dtype']}, config embedded); sample with: cfgdiff sample --checkpoint {a.out} "
+        "--scale 3 --out grid.png"
+    )
+    return 0

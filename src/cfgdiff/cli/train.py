@@ -1,0 +1,129 @@
+"""`cfgdiff train`: parse, prepare and run one training run (train.run), print what it made."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cfgdiff.cli.options import (
+    COMPILE_CHOICES,
+    PRECISION_HELP,
+    add_config_flags,
+    data_dir_option,
+    dataset_name,
+    duration,
+    int_in,
+    overrides,
+)
+from cfgdiff.cli.progress import StopFlag, TrainProgress, log
+from cfgdiff.runtime import COMPILE_MIN_TRAIN_IMAGES, DEVICES, PRECISIONS
+
+
+def add_parser(sub) -> None:
+    from cfgdiff.data.specs import NAMES_HELP
+    from cfgdiff.presets import PRESETS
+
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument(
+        "--dataset",
+        type=dataset_name,
+        help=f"{NAMES_HELP} (default: mnist; with --resume, the run's)",
+    )
+    data_dir_option(tr)
+    tr.add_argument("--out", type=Path, required=True, help="run folder")
+    tr.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="named configuration (default cpu-demo; on --resume the checkpoint's)",
+    )
+    tr.add_argument(
+        "--time",
+        type=duration,
+        help="train for about this long instead of --steps (90, 90s, 5m, 1.5h): the step count, "
+        "and so the LR schedule, is sized to it from the speed of the first 25 steps; previews, "
+        "evaluations and checkpoints come on top",
+    )
+    add_config_flags(tr)
+    tr.add_argument("--image-size", type=int_in(8, 1024), help="resize images to this side")
+    tr.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the data's)")
+    tr.add_argument("--device", default="auto", choices=list(DEVICES))
+    tr.add_argument("--precision", default="auto", choices=list(PRECISIONS), help=PRECISION_HELP)
+    tr.add_argument(
+        "--compile",
+        default="auto",
+        choices=list(COMPILE_CHOICES),
+        help="torch.compile the training step (auto: on for CUDA; on CPUs with AMX for runs of "
+        f"at least {COMPILE_MIN_TRAIN_IMAGES:,} training images, where the compilation pays off, "
+        "so not for the demo); its gradients are checked against eager on the first batch, and "
+        "training falls back to eager if they differ or compilation fails",
+    )
+    tr.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC memory format (measure: not always faster)",
+    )
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def request(a: argparse.Namespace):
+    """The library's RunRequest for parsed `train` arguments."""
+    from cfgdiff.train.run import RunRequest
+
+    return RunRequest(
+        run_dir=a.out, dataset=a.dataset, preset=a.preset, overrides=overrides(a),
+        resume=a.resume, data_dir=a.data_dir, image_size=a.image_size, channels=a.channels,
+        device=a.device, precision=a.precision, compile=a.compile,
+        channels_last=a.channels_last, time_budget=a.time,
+    )  # fmt: skip
+
+
+def run(a: argparse.Namespace) -> int:
+    from cfgdiff.train import run as training
+
+    prepared = training.prepare(request(a), log=log)
+    progress = TrainProgress(
+        bar=not a.no_progress and sys.stderr.isatty(), log_every=prepared.cfg.train.log_every,
+        images=len(prepared.data), machine=prepared.machine, time_budget=a.time,
+        preview_scale=prepared.cfg.train.preview_scale,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    with StopFlag() as stop:
+        try:
+            res = training.run(prepared, log=progress.note, on_event=progress, should_stop=stop)
+        finally:
+            progress.close()
+    if res.stopped_early:
+        print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
+        print(f"resume with: cfgdiff train --out {a.out} --resume")
+        return 0
+    lines = summary(res, prepared, time.perf_counter() - t0, a.out, a.time)
+    print("\n".join(lines))
+    from cfgdiff.files import atomic_write_bytes
+
+    atomic_write_bytes(a.out / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
+    return 0
+
+
+def summary(res, prepared, total: float, out: Path, time_budget: float | None) -> list[str]:
+    """The lines a finished run prints and keeps in SUMMARY.txt."""
+    scale = prepared.cfg.train.preview_scale
+    budget = f" (--time {time_budget:g} s)" if time_budget is not None else ""
+    loading = max(0.0, total - res.train_s - res.aside_s)
+    return [
+        f"done: {res.step} steps in {total:.0f} s "
+        f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}",
+        f"  time:            {res.train_s:.0f} s training{budget}, {res.aside_s:.0f} s previews, "
+        f"checkpoints and evaluations, {loading:.0f} s loading data",
+        f"  machine:         {prepared.device.type}: {prepared.machine}",
+        f"  checkpoint:      {res.checkpoint}",
+        f"  sample grids:    {out / 'samples'}/step-*.png  "
+        f"(rows = classes, s={scale:g}; real images in {out / 'real.png'})",
+        f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
+        f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
+        f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
+        f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
+    ]

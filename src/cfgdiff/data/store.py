@@ -1,0 +1,231 @@
+"""Datasets as uint8 tensors: the `Dataset` object, the cache of the built-in datasets, and
+loading any dataset by name.
+
+Owns: the data directory, the uint8 caches of the built-in datasets under it (obtained once by
+their spec's fetcher, verified on every read), `load_dataset` (built-ins and folders, at a size
+and channel count) and `info`. Knows nothing about diffusion; turning uint8 into [-1, 1] floats
+happens where batches are drawn (`batches.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfgdiff.data import folder_cache, folders
+from cfgdiff.data.folder_cache import CACHE_VERSION, array_sha256
+from cfgdiff.data.specs import DatasetName
+from cfgdiff.errors import DataError
+from cfgdiff.files import atomic_write_bytes
+
+Log = Callable[[str], None]
+Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def hold_out(self, every: int) -> tuple[Dataset, Dataset]:
+        """(the rest, every `every`-th image from the first): a held-out split for data that has
+        no test split (a folder; its classes are contiguous, so each is represented)."""
+        held = torch.arange(len(self)) % every == 0
+        rest = dataclasses.replace(self, images=self.images[~held], labels=self.labels[~held])
+        return rest, dataclasses.replace(self, images=self.images[held], labels=self.labels[held])
+
+
+def default_data_dir() -> Path:
+    """$CFGDIFF_DATA_DIR, else ~/.cache/cfgdiff/data."""
+    env = os.environ.get("CFGDIFF_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cfgdiff" / "data"
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def cache_dir(data_dir: Path, name: str) -> Path:
+    return data_dir / "cache" / name
+
+
+def write_cache(data_dir: Path, name: str, arrays: Arrays, class_names, source: str):
+    """Write {split}_images.npy / {split}_labels.npy atomically, then meta.json (last, so a
+    cache without meta.json is incomplete and is rebuilt)."""
+    d = cache_dir(data_dir, name)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "meta.json").unlink(missing_ok=True)
+    meta = {
+        "version": CACHE_VERSION,
+        "name": name,
+        "class_names": list(class_names),
+        "source": source,
+        "splits": {},
+    }
+    for split, (x, y) in arrays.items():
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        atomic_write_bytes(d / f"{split}_images.npy", _npy_bytes(x))
+        atomic_write_bytes(d / f"{split}_labels.npy", _npy_bytes(y))
+        meta["splits"][split] = {
+            "shape": list(x.shape),
+            "images_sha256": array_sha256(x),
+            "labels_sha256": array_sha256(y),
+            "counts": np.bincount(y, minlength=len(class_names)).tolist(),
+        }
+    atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+def read_cache(data_dir: Path, name: str, split: str, verify: bool = True):
+    """(images, labels, meta) from the cache, or None if it is absent or incomplete."""
+    d = cache_dir(data_dir, name)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("version") != CACHE_VERSION or split not in meta.get("splits", {}):
+        return None
+    try:
+        x = np.load(d / f"{split}_images.npy", allow_pickle=False)
+        y = np.load(d / f"{split}_labels.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d}: unreadable cache ({e}); delete the folder to rebuild it") from None
+    s = meta["splits"][split]
+    if verify and (array_sha256(x) != s["images_sha256"] or array_sha256(y) != s["labels_sha256"]):
+        raise DataError(f"{d}: cache checksum mismatch for {split}; delete the folder to rebuild")
+    return x, y, meta
+
+
+def obtain(name: str, data_dir: Path, log: Log | None = None, timeout: float = 10.0) -> dict:
+    """Make sure the cache of a built-in dataset exists (its spec's fetcher: local files, then
+    mirrors, then the offline fallbacks) and return its meta.json content."""
+    ds = DatasetName.parse(name)
+    if ds.spec.fetch is None:
+        raise DataError(f"{name}: folder datasets are read in place, there is nothing to fetch")
+    d = cache_dir(data_dir, ds.spec.name)
+    if (d / "meta.json").is_file():
+        return json.loads((d / "meta.json").read_text())
+    arrays, source = ds.spec.fetch(data_dir, log, timeout)
+    write_cache(data_dir, ds.spec.name, arrays, ds.spec.class_names, source)
+    return json.loads((d / "meta.json").read_text())
+
+
+def load_dataset(
+    name: str,
+    data_dir: Path | None = None,
+    *,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    log: Log | None = None,
+) -> Dataset:
+    """Load a dataset as uint8 tensors, obtaining and caching it first if needed.
+
+    image_size / channels: resize (bilinear, antialiased) or convert channels when they differ
+    from the native ones; folder datasets use them while reading.
+    """
+    ds = DatasetName.parse(name)
+    if split not in ("train", "test"):
+        raise DataError(f"`split` must be 'train' or 'test', got {split!r}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"`channels` must be 1 or 3, got {channels}")
+    if image_size is not None and not 8 <= image_size <= 1024:
+        raise DataError(f"`image_size` must be in [8, 1024], got {image_size}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if ds.folder is not None:
+        if split != "train":
+            raise DataError(f"{name}: folder datasets have only a train split")
+        x, y, class_names = folder_cache.load_folder(
+            ds.folder, image_size, channels, data_dir, log=log
+        )
+        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
+    meta = obtain(name, data_dir, log)
+    got = read_cache(data_dir, name, split)
+    if got is None:
+        raise DataError(f"{cache_dir(data_dir, name)}: cache has no {split} split")
+    x, y, meta = got
+    images = torch.from_numpy(x)
+    images = convert_images(images, image_size, channels)
+    return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
+
+
+def convert_images(
+    images: torch.Tensor, image_size: int | None, channels: int | None
+) -> torch.Tensor:
+    """uint8 (N, C, H, W) images at another square size (bilinear, antialiased) and/or channel
+    count (luma, or grey repeated); the same tensor when nothing changes."""
+    if channels is not None and channels != images.shape[1]:
+        f = images.float()
+        if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
+            w = torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)
+            f = (f * w).sum(1, keepdim=True)
+        else:
+            f = f.expand(-1, 3, -1, -1)
+        images = f.round().clamp(0, 255).to(torch.uint8)
+    if image_size is not None and image_size != images.shape[-1]:
+        out = []
+        for chunk in images.split(4096):
+            f = torch.nn.functional.interpolate(
+                chunk.float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            out.append(f.round().clamp(0, 255).to(torch.uint8))
+        images = torch.cat(out)
+    return images
+
+
+def class_names_of(name: str, data_dir: Path | None = None, log: Log | None = None) -> list[str]:
+    """A dataset's class names, without decoding it: a folder's from its sub-folder names (at
+    any image size, mixed or not), a built-in's from its cache (obtained first if needed)."""
+    ds = DatasetName.parse(name)
+    if ds.folder is not None:
+        return folders.list_folder(ds.folder).class_names
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    return list(obtain(name, data_dir, log)["class_names"])
+
+
+def info(name: str, data_dir: Path | None = None, log: Log | None = None) -> dict:
+    """Where the cached files are, counts per class and checksums (does not download).
+    log: told about a large folder's decoding (to checksum it) as it goes."""
+    ds = DatasetName.parse(name)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if ds.folder is not None:
+        return folder_cache.folder_info(name, ds.folder, data_dir, log)
+    d = cache_dir(data_dir, name)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{name}: not in {d}; run `cfgdiff data fetch {name}` first") from None
+    meta["path"] = str(d)
+    meta["files"] = sorted(str(p) for p in d.glob("*.npy"))
+    return meta

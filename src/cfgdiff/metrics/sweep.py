@@ -1,0 +1,144 @@
+"""The guidance sweep: every metric at several guidance scales, from the same noise, and the
+files that show the trade-off.
+
+Owns: sampling n images per scale in one job (sample i gets the same noise at every scale),
+measuring each scale against one reference, and the sweep folder: sweep.csv (one row per scale
+and the real floor), sweep.json, fid_vs_scale.png, accuracy_vs_scale.png,
+precision_recall_vs_scale.png, fid_vs_is.png and strip.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from cfgdiff.files import atomic_write_csv, atomic_write_json
+from cfgdiff.guidance import Guidance
+from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
+from cfgdiff.previews import guidance_strip
+from cfgdiff.sample import generate
+from cfgdiff.viz import line_plot, save_png
+
+DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+PLOTS = (
+    "fid_vs_scale.png",
+    "accuracy_vs_scale.png",
+    "precision_recall_vs_scale.png",
+    "fid_vs_is.png",
+)
+
+
+def default_sweep_dir(checkpoint: Path) -> Path:
+    """Where a sweep of a checkpoint goes: RUN/sweep for RUN/checkpoints/step-N, FILE-sweep
+    beside a model file."""
+    if checkpoint.is_file():
+        return checkpoint.with_name(checkpoint.stem + "-sweep")
+    return checkpoint.parent.parent / "sweep"
+
+
+def sweep(
+    loaded,
+    guidance: Guidance,
+    scales: list[float],
+    n: int,
+    ref: Reference,
+    out: Path,
+    *,
+    record: dict,
+    sampler: str,
+    steps: int,
+    spacing: str,
+    eta: float,
+    seed: int,
+    batch_size: int | None,
+    compile: str,
+    device: torch.device,
+    precision: str,
+    log=None,
+) -> dict:
+    """Sample n images at each scale with `guidance` (its scale replaced per sample), measure
+    each scale and the real floor against `ref`, and write the sweep folder `out`. `loaded`:
+    checkpoint.load_for_sampling's. Returns what sweep.json holds: `record` (how it was sampled,
+    without a single scale) then the scales, rows and floor."""
+    out.mkdir(parents=True, exist_ok=True)
+    k = loaded.cfg.model.num_classes
+    per_sample = torch.tensor([s for s in scales for _ in range(n)], dtype=torch.float32)
+    labels = (torch.arange(n) % k).repeat(len(scales))
+    t0 = time.perf_counter()
+    images = generate(
+        loaded.net, loaded.cfg, labels, guidance=dataclasses.replace(guidance, scale=per_sample),
+        sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
+        indices=list(range(n)) * len(scales),  # the same noise at every scale
+        device=device, precision=precision, compile=compile, log=log,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    rows = []
+    for i, s in enumerate(scales):
+        m = measure(ref, images[i * n : (i + 1) * n], labels[:n])
+        rows.append({"scale": s, "w": s - 1, **{key: m[key] for key in METRIC_KEYS}})
+        rows[-1].update(kid_std=m["kid_std"], is_std=m["is_std"])
+        if log is not None:
+            log(
+                f"s={s:g}: FID {m['fid']:.3f}, IS {m['is']:.3f}, accuracy "
+                f"{m['class_accuracy']:.4f}, precision {m['precision']:.3f}, recall "
+                f"{m['recall']:.3f}"
+            )
+    real = floor(ref)
+    real_row = {"scale": "real", "w": "", **{key: real[key] for key in METRIC_KEYS}}
+    real_row.update(kid_std=real["kid_std"], is_std=real["is_std"])
+    atomic_write_csv(out / "sweep.csv", [*rows, real_row], list(rows[0]))
+    record = {k: v for k, v in record.items() if k not in ("scale", "w")}
+    result = {
+        **record, "scales": scales, "n": n, "dataset": ref.dataset,
+        "features": ref.features.name, "rows": rows, "real_floor": real,
+        "sampling_images_per_s": len(labels) / dt,
+    }  # fmt: skip
+    atomic_write_json(out / "sweep.json", result)
+    _plots(scales, rows, real, ref.features.name, out)
+    strip = guidance_strip(
+        loaded.net, loaded.cfg, loaded.cfg.label_names(), device, precision, seed=seed,
+        scales=scales, steps=steps,
+    )  # fmt: skip
+    save_png(strip, out / "strip.png")
+    return result
+
+
+def _plots(scales, rows, real, features: str, out: Path) -> None:
+    xs = scales
+    col = {key: [r[key] for r in rows] for key in METRIC_KEYS}
+
+    def flat(key):
+        return xs, [real[key]] * len(xs)
+
+    plots = {
+        "fid_vs_scale.png": (
+            {"generated": (xs, col["fid"]), "real floor": flat("fid")},
+            f"FID ({features} features) vs guidance scale s",
+            "s",
+            "FID",
+        ),
+        "accuracy_vs_scale.png": (
+            {"generated": (xs, col["class_accuracy"]), "real floor": flat("class_accuracy")},
+            "class accuracy vs guidance scale s",
+            "s",
+            "accuracy",
+        ),
+        "precision_recall_vs_scale.png": (
+            {"precision": (xs, col["precision"]), "recall": (xs, col["recall"])},
+            "precision and recall (k=3) vs s",
+            "s",
+            "fraction",
+        ),
+        "fid_vs_is.png": (
+            {"generated (s in CSV order)": (col["is"], col["fid"])},
+            "FID vs IS: the guidance frontier",
+            "IS (classifier)",
+            "FID",
+        ),
+    }
+    for name, (series, title, xl, yl) in plots.items():
+        labels = [f"s={s:g}" for s in scales] if name == "fid_vs_is.png" else None
+        save_png(line_plot(series, title, xl, yl, point_labels=labels), out / name)

@@ -1,0 +1,240 @@
+"""Named presets, and a run's config made from one.
+
+Owns: PRESETS (complete RunConfigs: cpu-demo, mnist, cifar10, lesson-35m, tiny), a preset as a
+dataset's spec changes it (get_preset), a run's config resolved from a preset or a resumed run's
+config, the dataset and the caller's overrides (resolve_config), and the data-dependent fields
+filled from the data (config_for_dataset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cfgdiff.config import (
+    LOGIT_NORMAL_FIELDS,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    replace_fields,
+)
+from cfgdiff.data.specs import DatasetName
+from cfgdiff.errors import CfgDiffError, ConfigError
+
+# Named presets. Each is a complete RunConfig; data-dependent model fields (channels, size,
+# classes) are replaced from the dataset when a run starts.
+PRESETS: dict[str, RunConfig] = {
+    # Tuned for quality per CPU-minute on 2 cores at 28x28 (docs/results.md, "Tuning the demo
+    # preset").
+    "cpu-demo": RunConfig(
+        model=ModelConfig(
+            base_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attn_levels=(2,),
+            num_heads=4,
+        ),
+        # timesteps: half uniform, half logit-normal (0.5, 1), shifted to the noisy end where the
+        # class is decided (docs/results.md, "Training timesteps").
+        diffusion=DiffusionConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="none",
+            t_sampling="logit-normal",
+            t_mean=0.5,
+            t_std=1.0,
+            t_uniform=0.5,
+        ),
+        train=TrainConfig(
+            steps=1000,
+            batch_size=64,
+            lr=2e-3,
+            lr_schedule="cosine",
+            lr_min_ratio=0.05,
+            warmup_steps=100,
+            # never binds in 1000 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
+            ema_decay=0.995,
+            sample_every=250,
+            checkpoint_every=250,
+        ),
+        preset="cpu-demo",
+    ),
+    # MNIST on one GPU: a wider network and more steps.
+    "mnist": RunConfig(
+        model=ModelConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
+        train=TrainConfig(
+            steps=8000,
+            batch_size=256,
+            lr=1e-3,
+            lr_schedule="cosine",
+            lr_min_ratio=0.05,
+            warmup_steps=200,
+            ema_decay=0.999,
+            sample_every=2000,
+            checkpoint_every=2000,
+        ),
+        preset="mnist",
+    ),
+    # CIFAR-10 (32x32 RGB) on one GPU.
+    "cifar10": RunConfig(
+        model=ModelConfig(
+            in_channels=3,
+            image_size=32,
+            base_channels=128,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_levels=(2,),
+            dropout=0.1,
+        ),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v"),
+        train=TrainConfig(
+            steps=100_000,
+            batch_size=128,
+            lr=2e-4,
+            warmup_steps=1000,
+            ema_decay=0.9999,
+            sample_every=5000,
+            checkpoint_every=5000,
+        ),
+        dataset="cifar10",
+        preset="cifar10",
+    ),
+    # The original MNIST lesson's network class (32x32 input, 128 base channels, ~35 M
+    # parameters) for like-for-like throughput comparisons; train MNIST with --image-size 32.
+    "lesson-35m": RunConfig(
+        model=ModelConfig(
+            in_channels=1,
+            image_size=32,
+            base_channels=128,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_levels=(1,),
+            dropout=0.1,
+        ),
+        diffusion=DiffusionConfig(schedule="linear", prediction="eps"),
+        train=TrainConfig(steps=10_000, batch_size=128, lr=2e-4, warmup_steps=500),
+        preset="lesson-35m",
+    ),
+    # Seconds-long runs for tests and smoke checks.
+    "tiny": RunConfig(
+        model=ModelConfig(
+            base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_heads=2
+        ),
+        train=TrainConfig(
+            steps=20,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=2,
+            ema_decay=0.9,
+            log_every=5,
+            sample_every=10,
+            checkpoint_every=10,
+            preview_steps=4,
+            preview_per_class=2,
+        ),
+        preset="tiny",
+    ),
+}
+
+
+def get_preset(name: str, dataset: str | None = None) -> RunConfig:
+    """The named preset, with the changes `dataset`'s spec makes to it (DatasetSpec.
+    preset_changes; none for an unknown dataset or none given)."""
+    if name not in PRESETS:
+        raise ConfigError(f"`preset` must be one of {', '.join(PRESETS)}, got {name!r}")
+    changes = _dataset_changes(name, dataset)
+    return replace_fields(PRESETS[name], changes) if changes else PRESETS[name]
+
+
+def _dataset_changes(preset: str, dataset: str | None) -> dict[str, Any]:
+    if dataset is None:
+        return {}
+    try:
+        spec = DatasetName.parse(dataset).spec
+    except CfgDiffError:
+        return {}
+    return dict(spec.preset_changes.get(preset, {}))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's config before the data fills its data-dependent fields (config_for_dataset), and
+    what the caller may want to say about how it was resolved."""
+
+    config: RunConfig
+    dataset: str
+    notes: tuple[str, ...] = ()
+
+
+def resolve_config(
+    overrides: dict[str, Any],
+    *,
+    preset: str | None = None,
+    dataset: str | None = None,
+    resumed: RunConfig | None = None,
+) -> Resolved:
+    """The config of a training run: the preset (default cpu-demo) with its dataset's changes,
+    or the config of the run being resumed (`resumed`), then the caller's `overrides`
+    ({"section.field": value}, only the fields given). The dataset defaults to mnist, or to the
+    resumed run's.
+
+    A dataset's preset changes are skipped where the overrides set any of the fields they
+    change (the caller's choice wins whole). A new run asking for uniform timesteps records
+    none of a preset's logit-normal settings; logit-normal settings on a run whose timesteps are
+    uniform are refused."""
+    if resumed is not None:
+        if preset is not None and preset != resumed.preset:
+            raise ConfigError(
+                f"`preset` {preset}: the run was trained with preset {resumed.preset}"
+            )
+        base, dataset, notes = resumed, dataset or resumed.dataset, []
+    else:
+        name, dataset = preset or "cpu-demo", dataset or "mnist"
+        own = get_preset(name)
+        changes = _dataset_changes(name, dataset)
+        base, notes = own, []
+        if changes and not set(changes) & set(overrides):
+            base = replace_fields(own, changes)
+            d, o = base.diffusion, own.diffusion
+            if d.t_sampling != o.t_sampling:
+                notes.append(
+                    f"{name} on {dataset}: {d.t_sampling} timesteps, measured better there than "
+                    f"the preset's {o.t_sampling} law (docs/results.md; `t_sampling` chooses)"
+                )
+    cfg = replace_fields(base, overrides)
+    if overrides.get("diffusion.t_sampling") == "uniform" and resumed is None:
+        unset = DiffusionConfig()
+        cfg = replace_fields(
+            cfg, {f"diffusion.{f}": getattr(unset, f) for f in LOGIT_NORMAL_FIELDS}
+        )
+    if cfg.diffusion.t_sampling == "uniform":
+        for f in LOGIT_NORMAL_FIELDS:
+            if f"diffusion.{f}" in overrides:
+                raise ConfigError(
+                    f"`{f}={overrides[f'diffusion.{f}']:g}`: applies to "
+                    "`t_sampling=logit-normal` only (this run's timesteps are uniform)"
+                )
+    return Resolved(cfg, dataset, tuple(notes))
+
+
+def config_for_dataset(cfg: RunConfig, data: Any, dataset_name: str) -> RunConfig:
+    """Fill the data-dependent fields from the dataset (anything with channels, image_size,
+    num_classes and class_names, such as data.Dataset): the model's channels, size and classes,
+    and horizontal flips where the run leaves them to the dataset (train.hflip None: its spec's
+    default)."""
+    model = dataclasses.replace(
+        cfg.model,
+        in_channels=data.channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
+    )
+    train = cfg.train
+    if train.hflip is None:
+        train = dataclasses.replace(train, hflip=DatasetName.parse(dataset_name).spec.hflip)
+    names = tuple(str(c) for c in data.class_names)
+    return dataclasses.replace(
+        cfg, model=model, train=train, dataset=dataset_name, class_names=names
+    )

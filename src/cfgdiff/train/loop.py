@@ -1,0 +1,344 @@
+"""The training loop as an importable function, read top to bottom.
+
+Owns: one run's sequence (state, outputs, the optional compiled step, then steps with their
+logging, previews, evaluations and checkpoints, then the end) and the faults that stop it
+(a non-finite loss or gradient, running out of memory). What a step carries is state.py's,
+the run folder's files run_folder.py's, time accounting budget.py's. Nothing here prints or
+exits: progress goes to the `on_event` callback, and a stop is requested through `should_stop`
+(the CLI wires both to the terminal and to signals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.compiled import check_compiled_gradients
+from cfgdiff.config import MAX_STEPS, RunConfig
+from cfgdiff.diffusion import training_loss
+from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
+from cfgdiff.previews import guidance_strip, preview_grid, real_grid
+from cfgdiff.runtime import autocast, error_line, is_out_of_memory
+from cfgdiff.train.budget import TimeBudget
+from cfgdiff.train.run_folder import RunLock, RunOutputs
+from cfgdiff.train.state import Event, TrainState, lr_at
+from cfgdiff.unet import count_parameters
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    stopped_early: bool
+    images_per_s: float
+    elapsed_s: float
+    last_loss: float | None
+    # seconds spent on previews, evaluations, checkpoints and the strip, which a time budget
+    # does not count, and on everything else (setup, compilation, the steps), which it does
+    aside_s: float = 0.0
+    train_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Options:
+    """train()'s keywords, for the loop."""
+
+    device: torch.device
+    precision: str
+    resume: bool
+    emit: Event
+    should_stop: Callable[[], bool]
+    final_strip: bool
+    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None
+    compile: bool
+    channels_last: bool
+    time_budget: float | None
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    data,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    resume: bool = False,
+    on_event: Event | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    final_strip: bool = True,
+    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
+    time_budget: float | None = None,
+) -> TrainResult:
+    """Train (or resume) a run of `cfg` on `data` (a data.Dataset) in run_dir: checkpoints in
+    run_dir/checkpoints, the files of run_folder.py beside them.
+
+    evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
+    eval.csv (metrics.evaluate.TrainingEvaluator measures a small-N FID and class accuracy).
+    compile: torch.compile the network for the training step, if it compiles and its gradients
+    match the eager network's on one batch; otherwise training goes on eagerly. A "compile"
+    event says which, and why. channels_last: NHWC memory format.
+    time_budget: seconds of training (setup and compilation included; previews, evaluations
+    and checkpoints not) that size a new run's step count, and so its LR schedule, in place of
+    cfg.train.steps (budget.TimeBudget; a "schedule" event gives the count)."""
+    cfg.validate()
+    if time_budget is not None and resume:
+        raise ConfigError(
+            "`time_budget` sizes a new run's schedule; a resumed run keeps its own (`steps` "
+            "extends it)"
+        )
+    if time_budget is not None and not time_budget > 0:
+        raise ConfigError(f"`time_budget` must be > 0 seconds, got {time_budget}")
+    m = cfg.model
+    if (data.channels, data.image_size, data.num_classes) != (
+        m.in_channels,
+        m.image_size,
+        m.num_classes,
+    ):
+        raise ConfigError(
+            f"dataset has channels={data.channels}, image_size={data.image_size}, "
+            f"classes={data.num_classes}; model expects {m.in_channels}, {m.image_size}, "
+            f"{m.num_classes}"
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options = _Options(
+        torch.device(device), precision, resume, on_event or (lambda name, info: None),
+        should_stop or (lambda: False), final_strip, evaluator, compile, channels_last,
+        time_budget,
+    )  # fmt: skip
+    with RunLock(run_dir):
+        return _run(cfg, run_dir, data, options)
+
+
+def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
+    began = time.perf_counter()
+    t, emit = cfg.train, o.emit
+
+    # --- the state: a new run's, or that of the run's latest checkpoint
+    ckpt_root = run_dir / "checkpoints"
+    last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume)
+    state = TrainState.create(cfg, data, o.device, o.precision)
+    if o.resume:
+        state.load(last_ckpt, emit)
+    out = RunOutputs(run_dir, state.step if o.resume else None)
+    out.real_grid(lambda: real_grid(data, t.preview_per_class))
+    emit("start", {
+        "step": state.step, "total": None if o.time_budget is not None else t.steps,
+        "params": count_parameters(state.net), "device": str(o.device),
+        "precision": o.precision, "run_dir": str(run_dir),
+    })  # fmt: skip
+
+    # --- the step's network: eager, or compiled and checked against eager (timed with the run)
+    if o.channels_last:
+        state.net = state.net.to(memory_format=torch.channels_last)
+    forward = state.net
+    faults = _Faults(o.device, t.skip_nonfinite, t.batch_size)
+    if o.compile:
+        with faults.out_of_memory(state.step, last_ckpt):
+            forward = _compiled_or_eager(state, o.channels_last, emit)
+    budget = TimeBudget(o.time_budget, began)
+    if o.time_budget is not None:  # until the budget's probe fixes the count
+        t = dataclasses.replace(t, steps=MAX_STEPS)
+
+    # --- the steps
+    start, stopped, ips, images = state.step, False, 0.0, 0
+    t0 = t_window = time.perf_counter()
+    while state.step < t.steps:
+        # one optimizer step; a batch with a non-finite loss is skipped where that is allowed
+        lr = lr_at(state.step, t)
+        for g in state.opt.param_groups:
+            g["lr"] = lr
+        x, y = state.batches.next()
+        if o.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with faults.out_of_memory(state.step, last_ckpt):
+            loss = state.loss(forward, x, y)
+            finite = torch.isfinite(loss.detach())
+            if t.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), t.grad_clip)
+                finite = finite & torch.isfinite(norm)
+            if t.skip_nonfinite and not bool(finite):
+                skipped = faults.skip(state.step + 1, last_ckpt)
+                emit("skip", {"step": state.step + 1, "skipped": skipped})
+                continue
+            state.opt.step()
+        faults.record(state.step + 1, finite)
+        state.ema.update(state.net)
+        state.step += 1
+
+        # a time budget fixes the step count once its probe steps are timed
+        total = budget.observe(state.step, o.device)
+        if total is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total))
+            state.cfg, t = cfg, cfg.train
+            emit(
+                "schedule", {"total": total, "steps_per_s": budget.rate, "budget_s": budget.seconds}
+            )
+
+        # the loss: summed on the device, read once per log interval (the one host sync)
+        state.loss_sum += loss.detach()
+        state.loss_n += 1
+        images += x.shape[0]
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            faults.check(last_ckpt)
+            now = time.perf_counter()
+            ips, t_window, images = images / max(now - t_window, 1e-9), now, 0
+            out.add_loss(state.step, state.take_loss(), lr, ips, now - t0)
+        emit("step", {"step": state.step, "loss": out.last_loss, "images_per_s": ips, "lr": lr})
+
+        # previews, evaluations and checkpoints: aside, a time budget does not count them
+        if t.sample_every and state.step % t.sample_every == 0:
+            faults.check(last_ckpt)
+            with budget.aside():
+                _preview(state, out, data, emit)
+        if o.evaluator is not None and t.eval_every and state.step % t.eval_every == 0:
+            faults.check(last_ckpt)
+            with budget.aside():
+                metrics = o.evaluator(state.ema_model())
+                out.add_eval(state.step, metrics)
+                emit("eval", {"step": state.step, **metrics})
+        if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+            faults.check(last_ckpt)
+            with budget.aside():
+                last_ckpt = _checkpoint(state, ckpt_root, emit)
+        if o.should_stop() and state.step < t.steps:
+            stopped = True
+            break
+
+    # --- the end: a last checkpoint, the loss plot, a last preview and the guidance strip
+    faults.check(last_ckpt)
+    with budget.aside():
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}"):
+            last_ckpt = _checkpoint(state, ckpt_root, emit)
+        out.loss_plot()
+        if not stopped:
+            if not t.sample_every or state.step % t.sample_every:
+                _preview(state, out, data, emit)
+            if o.final_strip:
+                strip = guidance_strip(
+                    state.ema_model(), cfg, data.class_names, o.device, o.precision
+                )
+                emit("strip", {"path": str(out.strip(strip))})
+    end = time.perf_counter()
+    return TrainResult(
+        state.step, last_ckpt, stopped, (state.step - start) * t.batch_size / max(end - t0, 1e-9),
+        end - t0, out.last_loss, budget.aside_s, budget.training_seconds(end),
+    )  # fmt: skip
+
+
+def _existing_checkpoint(ckpt_root: Path, run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a resume continues from (None for a new run); a new run in a folder that
+    holds checkpoints, or a resume in one that holds none, is refused. Leftovers of a killed
+    process are removed first (the caller holds the run lock)."""
+    ckpt_io.clean_stale(ckpt_root)
+    existing = ckpt_io.latest_checkpoint(ckpt_root)
+    if existing is not None and not resume:
+        raise ConfigError(
+            f"`run_dir` {run_dir}: already holds checkpoints; pass `resume=True` to continue it "
+            "or choose another `run_dir`"
+        )
+    if resume and existing is None:
+        raise CheckpointError(f"`resume=True`: no checkpoint in {ckpt_root}")
+    return existing
+
+
+def _preview(state: TrainState, out: RunOutputs, data, emit: Event) -> None:
+    img = preview_grid(
+        state.ema_model(), state.cfg, data.class_names, state.device, state.precision
+    )
+    emit("sample", {"step": state.step, "path": str(out.preview(state.step, img))})
+
+
+def _checkpoint(state: TrainState, ckpt_root: Path, emit: Event) -> Path:
+    path = state.save(ckpt_root)
+    emit("checkpoint", {"step": state.step, "path": str(path)})
+    return path
+
+
+class _Faults:
+    """What stops a run that cannot go on. A non-finite loss or gradient: without skipping, the
+    first bad step is recorded on the device (no host sync per step) and checked before anything
+    is logged or saved; with skip_nonfinite N, every step is checked and up to N bad batches are
+    skipped (no optimizer or EMA update). Running out of memory: one line saying what to lower."""
+
+    def __init__(self, device: torch.device, skip_nonfinite: int, batch_size: int):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.allowed, self.skipped = skip_nonfinite, 0
+        self.device, self.batch_size = device, batch_size
+
+    def record(self, step: int, finite: torch.Tensor) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+
+    def check(self, last_ckpt: Path | None) -> None:
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise RuntimeFault(
+                f"loss or gradient became non-finite at step {bad}; stopped without saving "
+                f"(last good checkpoint: {last_ckpt or 'none'}); lower `lr`, or pass "
+                "`skip_nonfinite` N to skip up to N bad batches"
+            )
+
+    def skip(self, step: int, last_ckpt: Path | None) -> int:
+        self.skipped += 1
+        if self.skipped > self.allowed:
+            raise RuntimeFault(
+                f"more than `skip_nonfinite` {self.allowed} batches had a non-finite loss or "
+                f"gradient (the last at step {step}); stopped without saving (last good "
+                f"checkpoint: {last_ckpt or 'none'}); lower `lr`"
+            )
+        return self.skipped
+
+    @contextlib.contextmanager
+    def out_of_memory(self, step: int, last_ckpt: Path | None):
+        """An allocation failure (CUDA or host) becomes a RuntimeFault that says what to do."""
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise RuntimeFault(
+                f"out of memory at step {step + 1} with `batch_size` {self.batch_size} on "
+                f"{self.device}: lower `batch_size` (last checkpoint: {last_ckpt or 'none'})"
+            ) from None
+
+
+def _compiled_or_eager(state: TrainState, channels_last: bool, emit: Event):
+    """torch.compile(net) if it compiles and its gradients match the eager network's on a
+    training batch (compiled.check_compiled_gradients), else net; a "compile" event says which
+    and why. The check leaves the network, the batch order and the RNG states as they were."""
+    net, cfg, device, precision = state.net, state.cfg, state.device, state.precision
+    position = state.batches.state()
+    x, y = state.batches.next()
+    state.batches.load_state(position)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    d, seed = cfg.diffusion, cfg.train.seed
+
+    def loss_of(f):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with autocast(device, precision):
+            return training_loss(f, x, y, state.schedule, d, cfg.model.num_classes, gen)
+
+    compiled = torch.compile(net)
+    try:
+        check = check_compiled_gradients(net, compiled, loss_of, precision, seed=seed)
+    except Exception as e:  # compilation failures come in many types
+        if is_out_of_memory(e):
+            raise
+        emit("compile", {"ok": False, "error": error_line(e)})
+        return net
+    if not check.ok:
+        # a compile that runs can still be wrong (docs/DESIGN.md, "Compilation policy")
+        emit("compile", {"ok": False, "error": f"compiled gradients differ: {check.describe()}"})
+        return net
+    emit("compile", {"ok": True, "check": check.describe()})
+    return compiled

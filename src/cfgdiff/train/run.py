@@ -1,0 +1,155 @@
+"""A whole training run from what a user asks for: a preset, a dataset, overrides, resume.
+
+Owns the decisions made once before the loop starts: the run's config (config.resolve_config:
+the preset or the resumed run's config, the dataset's changes, the overrides), the data at the
+run's size and channels, the device and precision (a resumed run keeps the precision it trained
+with where "auto" would now pick another), whether to compile (runtime.compile_training), and
+the in-training evaluator. Then it calls the loop (loop.train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.config import RunConfig
+from cfgdiff.data import check_name, load_dataset
+from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.presets import config_for_dataset, resolve_config
+from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
+from cfgdiff.train.loop import TrainResult, train
+from cfgdiff.train.state import Event
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a user asks of a training run (the `cfgdiff train` flags, as parameters)."""
+
+    run_dir: Path
+    dataset: str | None = None  # default mnist; on resume the run's
+    preset: str | None = None  # default cpu-demo; on resume the run's (another is refused)
+    overrides: dict[str, Any] = field(default_factory=dict)  # {"train.lr": 1e-3, ...}
+    resume: bool = False
+    data_dir: Path | None = None
+    image_size: int | None = None  # default the data's (on resume the run's)
+    channels: int | None = None  # default the data's (on resume the run's)
+    device: str = "auto"
+    precision: str = "auto"
+    compile: str = "auto"
+    channels_last: bool = False
+    time_budget: float | None = None  # seconds; sizes a new run's step count
+
+
+@dataclass
+class PreparedRun:
+    """A run ready to train: everything decided, nothing trained yet."""
+
+    request: RunRequest
+    cfg: RunConfig
+    data: Any  # data.Dataset
+    device: torch.device
+    machine: str  # runtime.describe_machine
+    precision: str
+    compile: bool
+    evaluator: Callable | None
+    start_notes: tuple[str, ...]  # said when training starts (after the resume's own checks)
+
+
+def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
+    """Decide everything about the run `req` asks for, refusing bad requests before anything
+    is written. `log` hears notes (a dataset's preset change, the data being read)."""
+    if req.dataset is not None:
+        check_name(req.dataset)
+    if req.time_budget is not None and ("train.steps" in req.overrides or req.resume):
+        other = "`steps`" if "train.steps" in req.overrides else "`resume=True`"
+        raise ConfigError(
+            f"`time_budget={req.time_budget:g}` s: not with {other} (`time_budget` sizes a new "
+            "run's step count; a resumed run keeps its own, and `steps` extends it)"
+        )
+    if req.run_dir.exists() and not req.run_dir.is_dir():
+        raise ConfigError(f"`run_dir` {req.run_dir}: is a file; `run_dir` names a folder here")
+    device = resolve_device(req.device)
+    found = resumed = None
+    if req.resume:
+        found = ckpt_io.latest_checkpoint(req.run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"`resume=True`: no checkpoint in {req.run_dir / 'checkpoints'}")
+        resumed = ckpt_io.read_config(found)
+    resolved = resolve_config(
+        req.overrides, preset=req.preset, dataset=req.dataset, resumed=resumed
+    )
+    for note in resolved.notes:
+        if log is not None:
+            log(note)
+    # A resumed run reads its data at the checkpoint's size and channels; a new run at the
+    # data's own unless asked otherwise.
+    size, channels = req.image_size, req.channels
+    if resumed is not None:
+        size, channels = size or resumed.model.image_size, channels or resumed.model.in_channels
+    data = load_dataset(resolved.dataset, req.data_dir, image_size=size, channels=channels, log=log)
+    cfg = config_for_dataset(resolved.config, data, resolved.dataset)
+    precision, notes = _precision(req, found, device)
+    evaluator = None
+    if cfg.train.eval_every:
+        from cfgdiff.metrics.evaluate import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(
+            cfg, dataset=resolved.dataset, data_dir=req.data_dir, device=device,
+            precision=precision, log=log,
+        )  # fmt: skip
+    compiled = compile_training(
+        req.compile, device, cfg.train.steps, cfg.train.batch_size, req.time_budget
+    )
+    machine = describe_machine(device)
+    return PreparedRun(req, cfg, data, device, machine, precision, compiled, evaluator, notes)
+
+
+def _precision(req: RunRequest, found: Path | None, device: torch.device):
+    """The precision to train in, and the note to give when a resume keeps its own: a resumed
+    run keeps the precision it trained with on this kind of device, even where auto now picks
+    another (a newer policy, another CPU), so its loss trace goes on as it was."""
+    precision = resolve_precision(req.precision, device)
+    if found is None or req.precision != "auto":
+        return precision, ()
+    try:
+        was = ckpt_io.recorded_precision(found)
+    except CheckpointError:  # unreadable: train() verifies the checkpoint and says why
+        was = None
+    if was is None or was[0] != device.type or was[1] == precision:
+        return precision, ()
+    note = (
+        f"`precision=auto`: {was[1]}, as the run trained (auto would pick {precision} here; "
+        f"pass `precision` {precision} to switch)"
+    )
+    return was[1], (note,)
+
+
+def run(
+    prepared: PreparedRun,
+    *,
+    log: Log | None = None,
+    on_event: Event | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train the prepared run (loop.train with what prepare decided)."""
+    p, req = prepared, prepared.request
+
+    def emit(name: str, info: dict) -> None:
+        if name == "start" and log is not None:
+            for note in p.start_notes:
+                log(note)
+        if on_event is not None:
+            on_event(name, info)
+
+    return train(
+        p.cfg, req.run_dir, p.data, device=p.device, precision=p.precision, resume=req.resume,
+        on_event=emit, should_stop=should_stop, evaluator=p.evaluator, compile=p.compile,
+        channels_last=req.channels_last, time_budget=req.time_budget,
+    )  # fmt: skip

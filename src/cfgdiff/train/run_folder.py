@@ -1,0 +1,108 @@
+"""A run folder's files, other than its checkpoints, and the lock that keeps one writer.
+
+Owns: run_dir/.lock (held while training), loss.csv (one row per log interval, appended as it
+goes), eval.csv (one row per in-training evaluation), real.png, samples/step-N.png, loss.png and
+guidance_strip.png. A resumed run keeps the rows up to its checkpoint's step and rewrites the
+rest. Checkpoints are checkpoint.py's; SUMMARY.txt is written by whoever reports the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from cfgdiff.errors import ConfigError
+from cfgdiff.files import atomic_write_csv
+from cfgdiff.viz import line_plot, save_png
+
+LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+
+
+class RunLock:
+    """An fcntl lock on run_dir/.lock: held while training, released by the kernel even when the
+    process is killed with SIGKILL."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(
+                f"`run_dir` {self.path.parent}: another cfgdiff process is training in this folder"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def read_csv(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Rows of a per-step CSV up to and including `upto_step` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+
+
+def write_loss_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    xs = [int(r["step"]) for r in rows]
+    ys = [float(r["loss"]) for r in rows]
+    save_png(line_plot({"training loss": (xs, ys)}, "loss", "step", "loss", logy=True), path)
+
+
+class RunOutputs:
+    """The run folder's CSVs and pictures. `resumed_at`: the step of the checkpoint a resumed run
+    starts from (its rows are kept up to it), None for a new run."""
+
+    def __init__(self, run_dir: Path, resumed_at: int | None):
+        self.run_dir = run_dir
+        keep = resumed_at is not None
+        self.loss_rows = read_csv(run_dir / "loss.csv", resumed_at) if keep else []
+        self.eval_rows = read_csv(run_dir / "eval.csv", resumed_at) if keep else []
+        atomic_write_csv(run_dir / "loss.csv", self.loss_rows, LOSS_FIELDS)
+
+    @property
+    def last_loss(self) -> float | None:
+        return float(self.loss_rows[-1]["loss"]) if self.loss_rows else None
+
+    def add_loss(self, step: int, loss: float, lr: float, images_per_s: float, elapsed: float):
+        row = {
+            "step": step,
+            "loss": repr(loss),  # full precision: resume is checked bit for bit
+            "lr": f"{lr:.6g}",
+            "images_per_s": f"{images_per_s:.1f}",
+            "elapsed_s": f"{elapsed:.1f}",
+        }
+        self.loss_rows.append(row)
+        with open(self.run_dir / "loss.csv", "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(row)
+
+    def add_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.eval_rows.append({"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})
+        atomic_write_csv(self.run_dir / "eval.csv", self.eval_rows, list(self.eval_rows[-1]))
+
+    def real_grid(self, make) -> None:
+        """real.png, made by `make()` the first time only."""
+        if not (self.run_dir / "real.png").exists():
+            save_png(make(), self.run_dir / "real.png")
+
+    def preview(self, step: int, img) -> Path:
+        return save_png(img, self.run_dir / "samples" / f"step-{step:07d}.png")
+
+    def strip(self, img) -> Path:
+        return save_png(img, self.run_dir / "guidance_strip.png")
+
+    def loss_plot(self) -> None:
+        if self.loss_rows:
+            write_loss_plot(self.loss_rows, self.run_dir / "loss.png")

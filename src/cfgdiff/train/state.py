@@ -1,0 +1,212 @@
+"""Everything a training run carries from step to step, and its round trip through a checkpoint.
+
+Owns: `TrainState` (network, EMA, optimizer, the training generator, the data position, the
+step, the loss summed since the last log row, and the precision and data it trains with), its
+creation, its loading from a checkpoint and its state_dict, side by side, so that what is saved
+and what is restored can be read against each other. A resumed run draws exactly the batches,
+timesteps, noise and label dropouts the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cfgdiff import checkpoint as ckpt_io
+from cfgdiff.config import RunConfig
+from cfgdiff.data import canonical_name
+from cfgdiff.data.batches import DeviceBatches
+from cfgdiff.diffusion import training_loss
+from cfgdiff.ema import EMA
+from cfgdiff.errors import CheckpointError
+from cfgdiff.runtime import autocast
+from cfgdiff.schedule import Schedule, make_schedule
+from cfgdiff.unet import UNet
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+def data_identity(data) -> dict:
+    """The training images and labels as a checkpoint records them (count and SHA-256), so that
+    a resume can tell when a folder changed in between: training then goes on with the data as
+    it is now, which cannot repeat the uninterrupted run exactly (the "data_changed" event)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(data.images.numpy()))
+    h.update(np.ascontiguousarray(data.labels.numpy()))
+    return {"n": len(data), "sha256": h.hexdigest()}
+
+
+def make_optimizer(net: torch.nn.Module, t: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with its fused kernel on CUDA and on the CPU: one pass over all the parameters
+    instead of a loop of small ops per tensor (docs/results.md, "Training throughput")."""
+    return torch.optim.AdamW(
+        net.parameters(),
+        lr=t.lr,
+        betas=t.adam_betas,
+        weight_decay=t.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )
+
+
+def lr_at(step: int, t: Any) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine decay to lr_min_ratio * lr."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.lr * t.lr_min_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
+    # the data first: a folder that gained a class is better told so than "num_classes=3 vs 4"
+    if canonical_name(saved.dataset) != canonical_name(cfg.dataset):
+        raise CheckpointError(
+            f"`resume=True`: checkpoint was trained on {saved.dataset!r}, "
+            f"this run asks for {cfg.dataset!r}"
+        )
+    if saved.class_names and cfg.class_names and saved.class_names != cfg.class_names:
+        raise CheckpointError(
+            f"`resume=True`: checkpoint's classes are {list(saved.class_names)}, this data's "
+            f"are {list(cfg.class_names)}"
+        )
+    for section in ("model", "diffusion"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if va != vb:
+                raise CheckpointError(
+                    f"`resume=True`: checkpoint has {section}.{f.name}={va}, this run asks for {vb}"
+                )
+
+
+@dataclass
+class TrainState:
+    cfg: RunConfig
+    device: torch.device
+    precision: str  # "fp32" | "bf16": autocast of the forward pass
+    net: UNet
+    ema: EMA
+    ema_net: UNet  # the EMA weights as a network, for previews and evaluations
+    opt: torch.optim.AdamW
+    gen: torch.Generator  # timesteps, noise and label dropout of the training loss
+    batches: DeviceBatches
+    schedule: Schedule
+    data_id: dict
+    step: int = 0
+    loss_sum: torch.Tensor | None = None  # on the device: no host sync per step
+    loss_n: int = 0
+
+    @classmethod
+    def create(cls, cfg: RunConfig, data, device: torch.device, precision: str) -> TrainState:
+        """A new run's state. The global RNG is seeded, then drawn from only by the networks'
+        initialisation (and dropout, where the model has it) and saved in every checkpoint."""
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        net = UNet(cfg.model).to(device)
+        ema = EMA(net, t.ema_decay)
+        opt = make_optimizer(net, t, device)
+        gen = torch.Generator(device=device).manual_seed(t.seed)
+        batches = DeviceBatches(
+            data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
+        )
+        # before a resume restores the global RNG: its initialisation draws from it
+        ema_net = UNet(cfg.model).to(device).eval()
+        schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+        return cls(
+            cfg, device, precision, net, ema, ema_net, opt, gen, batches, schedule,
+            data_identity(data), loss_sum=torch.zeros((), device=device),
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """What state.pt holds (loaded back by load, below)."""
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "ema_updates": self.ema.num_updates,
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "data": self.batches.state(),
+            "data_identity": self.data_id,
+            "loss_acc": float(self.loss_sum),
+            "loss_acc_n": self.loss_n,
+            # what precision="auto" resolved to, so a resume trains as the run did
+            "precision": {"device": self.device.type, "precision": self.precision},
+        }
+
+    def load(self, ckpt: Path, emit: Event) -> None:
+        """Continue from checkpoint `ckpt`: verified, its config checked against this run's,
+        then weights, EMA, optimizer, generators, data position, step and loss sum restored."""
+        ckpt_io.verify(ckpt)
+        check_resume_compatible(ckpt_io.read_config(ckpt), self.cfg)
+        ckpt_io.load_weights(ckpt, "model", self.net)
+        ema_net = UNet(self.cfg.model)
+        ckpt_io.load_weights(ckpt, "ema", ema_net)
+        state = ckpt_io.load_state(ckpt)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(
+                {k: v.to(self.device) for k, v in ema_net.state_dict().items()},
+                int(state["ema_updates"]),
+            )
+            self.gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            self.batches.load_state(state["data"])
+            was = state.get("data_identity")  # absent in checkpoints of earlier versions
+            if was is not None and was != self.data_id:
+                emit("data_changed", {"was": int(was["n"]), "now": self.data_id["n"]})
+            self.step = int(state["step"])
+            self.loss_sum += float(state["loss_acc"])
+            self.loss_n = int(state["loss_acc_n"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(
+                f"{ckpt / 'state.pt'}: incompatible training state ({e})"
+            ) from None
+
+    def save(self, ckpt_root: Path) -> Path:
+        return ckpt_io.save_checkpoint(
+            ckpt_root,
+            self.step,
+            self.cfg,
+            self.net.state_dict(),
+            self.ema.state_dict(),
+            self.state_dict(),
+            self.cfg.train.keep,
+        )
+
+    def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch through `forward` (the network, or its compiled form),
+        gradients zeroed and computed."""
+        with autocast(self.device, self.precision):
+            loss = training_loss(
+                forward, x, y, self.schedule, self.cfg.diffusion, self.cfg.model.num_classes,
+                self.gen,
+            )  # fmt: skip
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def take_loss(self) -> float:
+        """The mean loss since the last call (one host sync), and the sum reset."""
+        mean = float(self.loss_sum) / self.loss_n
+        self.loss_sum.zero_()
+        self.loss_n = 0
+        return mean
+
+    def ema_model(self) -> UNet:
+        """The EMA weights as a network in eval mode (for previews and evaluations)."""
+        self.ema.copy_to(self.ema_net)
+        return self.ema_net
