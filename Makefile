@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install install-test lint format bench-quick clean
+.PHONY: demo test install install-test browser lint format bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,22 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test browser
+
+# The browser of the web page's end-to-end test (tests/test_serve_browser.py): Debian's chromium,
+# installed when it is missing and this runs as root; where it cannot be, that test skips and
+# says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq chromium || { apt-get update -qq && \
+	    apt-get install -y -qq chromium; }; } >/dev/null 2>&1 || \
+	  echo "chromium could not be installed: the browser test will skip"; fi
 
 # Train the CPU demo preset on MNIST (resuming if an earlier demo was interrupted), then
-# measure class accuracy at s=1 and s=3 with cfgdiff's own MNIST classifier.
+# measure class accuracy at s=1 and s=3 with cfgdiff's own MNIST classifier, and animate the
+# denoising at s = 0, 1, 3 (rows = digits) beside the guidance strip.
 demo: install
 	$(BIN)/cfgdiff data fetch mnist
 	@if [ -d $(DEMO_OUT)/checkpoints ]; then \
@@ -34,6 +46,8 @@ demo: install
 	  $(BIN)/cfgdiff train --dataset mnist --preset cpu-demo --out $(DEMO_OUT); fi
 	$(BIN)/cfgdiff eval --checkpoint $(DEMO_OUT) --scale 1 --n 500 --json $(DEMO_OUT)/eval_s1.json
 	$(BIN)/cfgdiff eval --checkpoint $(DEMO_OUT) --scale 3 --n 500 --json $(DEMO_OUT)/eval_s3.json
+	$(BIN)/cfgdiff sample --checkpoint $(DEMO_OUT) --animate $(DEMO_OUT)/denoising.gif \
+	  --animate-scales 0,1,3 --per-class 1 --steps 10
 	@cat $(DEMO_OUT)/SUMMARY.txt
 
 test: install-test

@@ -268,6 +268,9 @@ def main() -> int:
     p.add_argument(
         "--only", default=None, help="with --tune-candidates: comma-separated candidate names"
     )
+    p.add_argument(
+        "--precision", default="bf16", help="with --tune-candidates: fp32 or bf16 (default)"
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--optimizer",
@@ -323,9 +326,20 @@ def main() -> int:
         for name in select(a.only, p.error):
             ov = candidates()[name]
             cfg = apply(PRESETS["cpu-demo"], ov)
-            ips, _, _ = measure(cfg.model, cfg.train.batch_size, device, "bf16", steps, warmup)
+            ips, _, _ = measure(cfg.model, cfg.train.batch_size, device, a.precision, steps, warmup)
+            m = cfg.model
+            fl = forward_flops(
+                UNet(m),
+                torch.zeros(1, m.in_channels, m.image_size, m.image_size),
+                torch.zeros(1),
+                torch.zeros(1, dtype=torch.long),
+            )
             results[name] = round(ips, 1)
-            print(f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s", flush=True)
+            print(
+                f"{name:12s} batch {cfg.train.batch_size:4d}  {ips:8.1f} img/s  "
+                f"{fl / 1e6:6.1f} MFLOP/img fwd  {3 * fl * ips / 1e9:6.1f} GFLOP/s",
+                flush=True,
+            )
     else:
         variants = a.variants.split(",")
         print(

@@ -68,7 +68,23 @@ def candidates() -> dict[str, dict]:
         "tln-hi2": {"diffusion": _timesteps("logit-normal", 1.0)},
         "tln-hi-wide": {"diffusion": _timesteps("logit-normal", 0.5, std=1.5)},
         "tmix-hi": {"diffusion": _timesteps("logit-normal", 0.5, uniform=0.5)},
+        # fewer FLOPs per image: most of cpu-demo's are at 28x28 (docs/results.md, "The demo on
+        # a CPU without native bf16"); a 2x2 patch stem runs the first level at 14x14, or fewer
+        # channels at full resolution and more below
+        "p2-c32": _patch2(32, [1, 2]),
+        "p2-c48": _patch2(48, [1, 2]),
+        "p2-c64": _patch2(64, [1, 2]),
+        "p2-c64-m11": _patch2(64, [1, 1]),
+        "p2-c48-r2": _patch2(48, [1, 2], num_res_blocks=2),
+        "p2-c32-r2": _patch2(32, [1, 2], num_res_blocks=2),
+        "c16-m144": {"model": {"base_channels": 16, "channel_mult": [1, 4, 4]}},
     }
+
+
+def _patch2(channels: int, mult: list[int], **model) -> dict:
+    """A patch-size-2 network: two levels (14x14 and 7x7 for MNIST), attention at the second."""
+    fields = {"patch_size": 2, "base_channels": channels, "channel_mult": mult, "attn_levels": [1]}
+    return {"model": {**fields, **model}}
 
 
 def select(only: str | None, error) -> list[str]:
@@ -114,6 +130,12 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated candidate names")
     p.add_argument("--n", type=int, default=1000, help="samples per scale for class accuracy")
     p.add_argument("--steps-cap", type=int, default=None, help="cap steps (smoke tests)")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        help="of training and sampling (fp32 for candidates of a CPU without native bf16)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="train this many steps (no budget)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
         "--quick", action="store_true", help="seconds: synthetic 8x8 data, 3 steps, 12 samples"
@@ -148,7 +170,7 @@ def main() -> int:
         if name not in ips:
             print(f"{name:12s} no CPU throughput measured; skipped")
             continue
-        steps = int(a.budget * ips[name] / cfg.train.batch_size)
+        steps = a.steps or int(a.budget * ips[name] / cfg.train.batch_size)
         if a.steps_cap:
             steps = min(steps, a.steps_cap)
         cfg = dataclasses.replace(
@@ -164,7 +186,7 @@ def main() -> int:
                 Path(tmp) / "run",
                 train_data,
                 device=device,
-                precision="bf16",
+                precision=a.precision,
                 final_strip=False,
             )
             from cfgdiff.checkpoint import load_for_sampling
@@ -188,9 +210,9 @@ def main() -> int:
                 sampler="dpmpp-2m",
                 steps=20,
                 seed=0,
-                batch_size=sampling_batch_size(net, cfg.model, device, "bf16"),
+                batch_size=sampling_batch_size(net, cfg.model, device, a.precision),
                 device=device,
-                precision="bf16",
+                precision=a.precision,
             )
             logits = predict(clf, crop_images(imgs, pad), device=device)
             row[f"acc_s{s:g}"] = class_accuracy(logits, labels)[0]

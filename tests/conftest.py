@@ -187,3 +187,33 @@ def big_folder(tmp_path_factory):
             a[:, 2 * c + 1 : 2 * c + 3] = 255
             Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
     return root
+
+
+def remanifest(ckpt) -> None:
+    """Recompute a checkpoint's MANIFEST.json after its files were changed, as someone who
+    controls the folder would: what is left to refuse them is their content."""
+    import json
+
+    from cfgdiff.files import file_digest
+
+    files = ("config.json", "ema.safetensors", "model.safetensors", "state.pt")
+    names = [f for f in files if (ckpt / f).exists()]
+    (ckpt / "MANIFEST.json").write_text(json.dumps({f: file_digest(ckpt / f) for f in names}))
+
+
+def cli(argv, capsys) -> tuple[int, list[str]]:
+    """main(argv) and the lines it wrote to stderr."""
+    from cfgdiff.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def one_line(rc: int, err: list[str], status=(2,)) -> str:
+    """The one error line of a refused command, checked: its status, the last line on stderr
+    (after any progress notes a training run writes), no traceback."""
+    assert rc in status, (rc, err)
+    errors = [e for e in err if e.startswith("cfgdiff: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    assert not any(e.startswith("Traceback") for e in err), err
+    return errors[0]

@@ -15,14 +15,14 @@ ROOT = Path(cfgdiff.__file__).parent
 LAYERS = [
     {"errors", "files", "layers", "ema"},
     {"schedule", "data"},
-    {"samplers", "viz"},
+    {"samplers", "viz", "plots"},
     {"config"},
     {"diffusion", "presets", "runtime", "unet"},
     {"guidance", "checkpoint", "compiled", "oracles"},
     {"sample"},
     {"previews"},
     {"metrics"},
-    {"train"},
+    {"train", "serve"},
     {"cli", "__init__", "__main__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -155,8 +155,10 @@ def test_gaussian_classes_conditional_and_unconditional(name, steps, prediction)
 
 
 def _order(sampler, scale):
-    """Observed convergence order of a deterministic sampler between 40 and 80 steps,
-    against a 1000-step solution, on the guided Gaussian-classes ODE."""
+    """Observed convergence order of a deterministic sampler between 25 and 50 steps,
+    against a 1000-step solution, on the guided Gaussian-classes ODE. (Step counts that divide
+    T: at 80 steps the trailing grid's rounded halves make its gaps uneven, 12 and 13, which
+    moves the ratio of errors without saying anything about the order.)"""
     import math
 
     sch = cosine_schedule(1000)
@@ -174,11 +176,11 @@ def _order(sampler, scale):
         return sampler(d, x_T, sch, n)
 
     ref = run(1000)
-    e40, e80 = ((run(n) - ref).abs().max().item() for n in (40, 80))
-    return math.log(e40 / e80) / math.log(2)
+    e25, e50 = ((run(n) - ref).abs().max().item() for n in (25, 50))
+    return math.log(e25 / e50) / math.log(2)
 
 
 def test_observed_order_ddim_first_dpmpp_second():
-    """Measured: DDIM 1.00, DPM-Solver++(2M) 1.98 (s = 3, cosine, trailing)."""
+    """Measured: DDIM 0.97, DPM-Solver++(2M) 2.06 (s = 3, cosine, trailing)."""
     assert 0.8 < _order(sample_ddim, 3.0) < 1.3
     assert 1.7 < _order(sample_dpmpp_2m, 3.0) < 2.4

@@ -98,3 +98,36 @@ def test_upsample_nearest2x_backward_under_compile_is_the_traced_sum(monkeypatch
     traced = layers.upsample_nearest2x(x)
     assert "NearestUp2x" not in type(traced.grad_fn).__name__
     assert torch.autograd.gradcheck(layers.upsample_nearest2x, (x,))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_size_two_runs_the_first_level_at_half_resolution(channels):
+    """patch_size 2: a 28x28 image is folded into 4 channels per pixel channel at 14x14 (pixel
+    unshuffle), the levels run at 14 and 7, and the output is unfolded back to 28x28; each
+    output pixel still depends on the input around it."""
+    cfg = ModelConfig(
+        in_channels=channels, image_size=28, base_channels=8, channel_mult=(1, 2),
+        num_res_blocks=1, attn_levels=(1,), num_heads=2, patch_size=2,
+    )  # fmt: skip
+    net = UNet(cfg)
+    assert net.conv_in.in_channels == net.conv_out.out_channels == 4 * channels
+    seen = []
+    net.mid[1].register_forward_hook(lambda mod, inp, out: seen.append(out.shape[-1]))
+    torch.manual_seed(0)
+    for p in net.parameters():  # move away from the zero-initialised output
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, channels, 28, 28, requires_grad=True)
+    out = net(x, torch.tensor([0, 999]), torch.tensor([0, 10]))
+    assert out.shape == x.shape and seen == [7]
+    out[0, 0, 27, 27].backward()  # the bottom-right output pixel reaches back to the input
+    assert x.grad[0, :, 26:, 26:].abs().sum() > 0 and x.grad[1].abs().sum() == 0
+
+
+def test_patch_size_is_checked():
+    with pytest.raises(ConfigError, match="`patch_size` must be 1, 2 or 4, got 3"):
+        ModelConfig(patch_size=3).validate()
+    # 28 = 2 x 14 but 14 is not divisible by 4 for three levels
+    with pytest.raises(ConfigError, match="divisible by 8 for 3 levels of patch size 2, got 28"):
+        ModelConfig(image_size=28, channel_mult=(1, 2, 2), patch_size=2).validate()
+    # a config written before the field existed works on pixels
+    assert ModelConfig().patch_size == 1

@@ -6,8 +6,13 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding
   state.pt           optimizer, step, RNG states, data position (torch.load(weights_only=True))
   MANIFEST.json      SHA-256 of the four files above, checked before anything is loaded
 It is built under a temporary name, every file fsynced, then renamed into place; the `latest`
-pointer file is replaced atomically afterwards and old checkpoints are pruned last. Loading never
-unpickles code: tensors come from safetensors, the rest from JSON and weights_only torch.load.
+pointer file is replaced atomically afterwards and old checkpoints are pruned last. Only a folder
+named step-N holding all five files is a checkpoint (list_checkpoints), and only such a name is
+taken from `latest`. Loading never unpickles code: tensors come from safetensors, the rest from
+JSON and weights_only torch.load, and every file is checked in this order: the MANIFEST (exactly
+these files, each regular, each hash), then config.json, then state.pt, each parsed into a typed
+record (records.py) before a network is built from it or a tensor of it used. A write that fails
+is one line naming the file: a WriteFault (exit status 1) when the disk is full or not writable.
 
 A model file (`cfgdiff export`) is the one file to ship for sampling: a .safetensors holding the
 EMA weights (or the raw ones; fp32, fp16 or bf16), with the config JSON, the source RUN/step-N
@@ -17,8 +22,9 @@ load_for_sampling takes it wherever it takes a checkpoint and loads it as fp32.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,15 +34,27 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
+from cfgdiff import records
 from cfgdiff.config import RunConfig
-from cfgdiff.errors import CfgDiffError, CheckpointError, ConfigError, RuntimeFault
-from cfgdiff.files import atomic_write_bytes, file_digest, fsync_dir, fsync_file
-from cfgdiff.unet import UNet
+from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault, WriteFault
+from cfgdiff.files import (
+    atomic_write_bytes,
+    check_output_file,
+    file_digest,
+    fsync_dir,
+    fsync_file,
+    refuse_overlap,
+    writing,
+)
+from cfgdiff.records import CHECKPOINT_FILES, MANIFEST, PREFIX, is_regular_file
+from cfgdiff.runtime import is_out_of_memory
+from cfgdiff.unet import UNet, count_parameters
 
-PREFIX = "step-"
-MANIFEST = "MANIFEST.json"
+# The largest network a config may describe (about 8 GB of fp32 weights; the largest preset has
+# 38 M parameters): counted on the meta device before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
 
 
 def save_checkpoint(
@@ -49,22 +67,33 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, prune to `keep`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:07d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     try:
+        with writing(ckpt_root):
+            ckpt_root.mkdir(parents=True, exist_ok=True)
         _write(tmp, final, ckpt_root, name, cfg, model, ema, state)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+        try:
+            atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+        except WriteFault:
+            # the checkpoint is whole; a `latest` that still names the previous one would make a
+            # resume go back to it, while without one the newest checkpoint is taken
+            with contextlib.suppress(OSError):
+                (ckpt_root / "latest").unlink()
+            raise
+    except WriteFault as e:
+        intact = "the previous checkpoint is intact"
+        if e.cause == "space":
             raise RuntimeFault(
-                f"disk full while writing checkpoint {name} in {ckpt_root}: free space or lower "
-                "`keep` (the previous checkpoint is intact)"
+                f"disk full while writing checkpoint {name} in {ckpt_root} ({Path(e.path).name}: "
+                f"{e.reason}): free space or lower `keep` ({intact})"
             ) from None
-        raise CheckpointError(
-            f"cannot write checkpoint {name} in {ckpt_root}: {e.strerror or e}"
+        raise WriteFault(
+            f"cannot write checkpoint {name}: {e} ({intact})", e.path, e.cause
         ) from None
-    atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+    except ConfigError as e:
+        raise CheckpointError(f"cannot write checkpoint {name} in {ckpt_root}: {e}") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -72,32 +101,44 @@ def save_checkpoint(
 
 
 def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, state) -> None:
-    """Build the checkpoint in `tmp`, fsync it, rename it to `final`; no trace left on failure."""
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Build the checkpoint in `tmp`, fsync it, rename it to `final`; no trace left on failure.
+    Every file's bytes are made in memory and written by one write through files.writing, so a
+    full disk is told by its errno whatever the serializer (safetensors and torch.save report
+    it in exception types of their own)."""
+
+    def put(file: str, data) -> None:
+        with writing(tmp / file), open(tmp / file, "wb") as f:
+            f.write(data)
+
+    with writing(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in model.items()}
-        save_file(cpu, str(tmp / "model.safetensors"))
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in ema.items()},
-            str(tmp / "ema.safetensors"),
+        put(
+            "model.safetensors",
+            save({k: v.detach().to("cpu").contiguous() for k, v in model.items()}),
         )
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        torch.save(state, tmp / "state.pt")
-        manifest = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in tmp.iterdir():
-            fsync_file(f)
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (after a resume): replace it
-            old = ckpt_root / f".old-{name}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        fsync_dir(ckpt_root)
+        put("ema.safetensors", save({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}))
+        put("config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        put("state.pt", buf.getbuffer())
+        del buf
+        manifest = {f: file_digest(tmp / f) for f in CHECKPOINT_FILES}
+        put(MANIFEST, json.dumps(manifest, indent=1).encode())
+        with writing(final):
+            for f in tmp.iterdir():
+                fsync_file(f)
+            fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (after a resume): replace it
+                old = ckpt_root / f".old-{name}-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,39 +159,55 @@ def clean_stale(ckpt_root: Path) -> list[str]:
 
 
 def verify(ckpt: Path) -> None:
-    """Check every file against MANIFEST.json (SHA-256): catches truncation and flipped bits."""
+    """Check the checkpoint against its MANIFEST.json before anything else is read: the
+    MANIFEST lists exactly the checkpoint's files, the folder holds those and no others, each a
+    regular file whose SHA-256 matches (catches truncation, flipped bits, a file added, removed
+    or swapped for a link, FIFO or device)."""
+    if not os.path.lexists(ckpt / MANIFEST):
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete or not a cfgdiff checkpoint)")
+    manifest = records.parse_manifest(records.read_json_file(ckpt / MANIFEST), ckpt / MANIFEST)
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except OSError:
-        raise CheckpointError(
-            f"{ckpt}: no {MANIFEST} (incomplete or not a cfgdiff checkpoint)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt / MANIFEST}: not valid JSON ({e})") from None
+        present = set(os.listdir(ckpt)) - {MANIFEST}
+    except OSError as e:
+        raise CheckpointError(f"{ckpt}: cannot read ({e.strerror or e})") from None
+    for name in sorted(present - set(manifest)):
+        raise CheckpointError(f"{ckpt / name}: not listed in {MANIFEST} (not a checkpoint file)")
     for name, digest in manifest.items():
         path = ckpt / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if not is_regular_file(path):
+            raise CheckpointError(f"{path}: not a regular file")
         if file_digest(path) != digest:
             raise CheckpointError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted file)")
 
 
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder renamed into place: named step-N, a real folder (not a link), its
+    five files present as regular files. Whether they are intact is verify's question."""
+    return (
+        records.checkpoint_step(path.name) is not None
+        and path.is_dir()
+        and not path.is_symlink()
+        and all(is_regular_file(path / f) for f in (*CHECKPOINT_FILES, MANIFEST))
+    )
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first."""
+    """Complete checkpoints, oldest first. Anything else under `ckpt_root` (a folder a killed
+    process left, one made by hand) is not a checkpoint: never resumed from, never counted
+    towards or pruned by `keep`."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in ckpt_root.iterdir() if is_complete(p))
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one."""
-    try:
-        name = (ckpt_root / "latest").read_text().strip()
-        cand = ckpt_root / name
-        if name.startswith(PREFIX) and (cand / "config.json").is_file():
-            return cand
-    except OSError:
-        pass
+    """The checkpoint `latest` names if that is a complete checkpoint of this folder, else the
+    newest complete one (`latest` holds a name, never a path: "../.." names nothing)."""
+    name = records.read_latest(ckpt_root)
+    if name is not None and is_complete(ckpt_root / name):
+        return ckpt_root / name
     ckpts = list_checkpoints(ckpt_root)
     return ckpts[-1] if ckpts else None
 
@@ -174,29 +231,53 @@ def resolve(path: Path, arg: str = "`checkpoint`") -> Path:
 
 
 def read_config(ckpt: Path) -> RunConfig:
-    try:
-        d = json.loads((ckpt / "config.json").read_text())
-    except OSError as e:
-        raise CheckpointError(f"{ckpt / 'config.json'}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{ckpt / 'config.json'}: expected a JSON object")
-    try:
-        cfg = RunConfig.from_dict(d)
-        cfg.validate()
-    except CfgDiffError as e:
-        raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+    """config.json, every field's type and range checked (records.parse_config), and the
+    network it describes no larger than MAX_PARAMETERS."""
+    path = ckpt / "config.json"
+    cfg = records.parse_config(records.read_json_file(path), path)
+    check_network_size(cfg, path)
     return cfg
 
 
+def check_network_size(cfg: RunConfig, where: Path) -> int:
+    """The parameter count of the network `cfg` describes, counted on the meta device (nothing
+    allocated); a CheckpointError naming `where` above MAX_PARAMETERS."""
+    with torch.device("meta"):
+        n = count_parameters(UNet(cfg.model))
+    if n > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{where}: describes a network of {n / 1e6:,.0f} M parameters, more than the "
+            f"{MAX_PARAMETERS / 1e6:,.0f} M cfgdiff loads"
+        )
+    return n
+
+
+def build_network(cfg: RunConfig, where: Path) -> UNet:
+    """The network of `cfg` (read from `where`), built on the CPU; running out of memory is a
+    RuntimeFault about the network's size, not about a batch size."""
+    try:
+        return UNet(cfg.model)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        n = check_network_size(cfg, where)
+        raise RuntimeFault(
+            f"out of memory building the network of {where} ({n / 1e6:,.0f} M parameters)"
+        ) from None
+
+
 def load_weights(ckpt: Path, name: str, net: torch.nn.Module) -> None:
-    """Load `name`.safetensors into net strictly; CheckpointError on any mismatch."""
+    """Load `name`.safetensors into net strictly; CheckpointError on any mismatch or on a
+    tensor holding NaN or infinite values."""
     path = ckpt / f"{name}.safetensors"
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    _load_into(net, tensors, path)
+
+
+def _load_into(net: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -204,14 +285,24 @@ def load_weights(ckpt: Path, name: str, net: torch.nn.Module) -> None:
         raise CheckpointError(
             f"{path}: weights do not match the config ({first[-1].strip()})"
         ) from None
+    for key, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(
+                f"{path}: tensor {key} holds NaN or infinite values (the weights are broken)"
+            )
 
 
-def load_state(ckpt: Path) -> dict[str, Any]:
+def load_state(ckpt: Path) -> records.TrainingRecord:
+    """state.pt as a typed record (records.parse_state). Call verify first: this is the one
+    pickle of a checkpoint, read with torch.load(weights_only=True)."""
     path = ckpt / "state.pt"
+    if not is_regular_file(path):
+        raise CheckpointError(f"{path}: missing or not a regular file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, missing file: all one message
         raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__})") from None
+    return records.parse_state(state, path, records.checkpoint_step(ckpt.name))
 
 
 def training_record(ckpt: Path) -> dict[str, Any]:
@@ -219,14 +310,10 @@ def training_record(ckpt: Path) -> dict[str, Any]:
     {"n", "sha256"} of the images it trained on, and "precision", the (device type, precision)
     it trained in; each None for checkpoints written before it was recorded, or without a
     training state."""
-    if not (ckpt / "state.pt").is_file():
+    if not os.path.lexists(ckpt / "state.pt"):
         return {"data_identity": None, "precision": None}
     state = load_state(ckpt)
-    data, prec = state.get("data_identity"), state.get("precision")
-    return {
-        "data_identity": {"n": int(data["n"]), "sha256": str(data["sha256"])} if data else None,
-        "precision": (str(prec["device"]), str(prec["precision"])) if prec else None,
-    }
+    return {"data_identity": state.data_identity, "precision": state.precision}
 
 
 def recorded_data_identity(ckpt: Path) -> dict | None:
@@ -277,10 +364,13 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     ckpt = resolve(path)
+    out = Path(out)
+    check_output_file(out)
+    refuse_overlap(out, input_paths(ckpt))  # before any work
     verify(ckpt)
     cfg = read_config(ckpt)
     which = "ema" if ema else "model"
-    load_weights(ckpt, which, UNet(cfg.model))  # refuses weights that do not fit the config
+    load_weights(ckpt, which, build_network(cfg, ckpt))  # refuses weights that do not fit
     tensors = {
         k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v
         for k, v in load_file(str(ckpt / f"{which}.safetensors")).items()
@@ -298,42 +388,48 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     }
     if data_json is not None:
         metadata["data"] = data_json
-    out = Path(out)
-    try:
-        atomic_write_bytes(out, save(tensors, metadata))
-    except OSError as e:
-        raise CheckpointError(f"`out` {out}: cannot write ({e.strerror or e})") from None
+    atomic_write_bytes(out, save(tensors, metadata))  # WriteFault naming `out` on a full disk
     return metadata
 
 
+def input_paths(path: Path) -> list[tuple[str, Path]]:
+    """What a command that reads checkpoint or model file `path` (a checkpoint, run or
+    checkpoints folder, or a model file) must not write into: the model file, or the
+    checkpoint folder and, for one of a run's checkpoints, the whole checkpoints folder (the
+    other checkpoints and `latest`). For files.refuse_overlap."""
+    path = Path(path)
+    if path.is_file():
+        return [("the model file", path)]
+    try:
+        ckpt = resolve(path)
+    except CheckpointError:  # not a checkpoint: loading it will say so
+        return [("the checkpoint", path)]
+    found = [("the checkpoint", ckpt)]
+    if records.checkpoint_step(ckpt.name) is not None and ckpt.parent.name == "checkpoints":
+        found.append(("the checkpoints folder", ckpt.parent))
+    return found
+
+
 def _load_model_file(path: Path) -> tuple[RunConfig, UNet, dict | None]:
+    """A model file: its metadata parsed and checked first (records.parse_model_meta: the
+    format, a config that validates, a network of bounded size), then the tensors, checked
+    against the SHA-256 and for finite values."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    info = records.parse_model_meta(meta, path, MODEL_FILE_FORMAT, tuple(EXPORT_DTYPES))
+    check_network_size(info.config, path)
+    try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
-    if meta.get("format") != MODEL_FILE_FORMAT:
-        raise CheckpointError(
-            f"{path}: not a cfgdiff model file (no format {MODEL_FILE_FORMAT!r} in its metadata; "
-            "make one with cfgdiff export)"
-        )
-    config_json = meta.get("config", "")
-    if _model_file_sha256(config_json, tensors, meta.get("data")) != meta.get("sha256"):
+    if _model_file_sha256(info.config_json, tensors, info.data_json) != info.sha256:
         raise CheckpointError(f"{path}: SHA-256 of config and weights does not match (corrupted)")
-    try:
-        cfg = RunConfig.from_dict(json.loads(config_json))
-        cfg.validate()
-        data = json.loads(meta["data"]) if "data" in meta else None
-    except (CfgDiffError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    net = UNet(cfg.model)
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not match the config ({first[-1]})") from None
-    return cfg, net, data
+    net = build_network(info.config, path)
+    _load_into(net, tensors, path)
+    return info.config, net, info.data
 
 
 def load_for_sampling(
@@ -349,7 +445,7 @@ def load_for_sampling(
     ckpt = resolve(path, arg)
     verify(ckpt)
     cfg = read_config(ckpt)
-    net = UNet(cfg.model)
+    net = build_network(cfg, ckpt)
     load_weights(ckpt, "ema" if ema else "model", net)
     return Loaded(ckpt, cfg, net.to(device).eval())
 

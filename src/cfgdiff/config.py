@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,18 @@ from cfgdiff.samplers import SAMPLERS
 from cfgdiff.schedule import SCHEDULES
 
 MAX_STEPS = 10_000_000  # the most optimizer steps a run may ask for (a time budget caps at it)
+# Bounds on what a config may ask for, so that a config.json from anywhere cannot make loading it
+# allocate without limit or loop for hours; each is far above any preset (docs/reliability.md).
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 1024
+MAX_BASE_CHANNELS = 1024
+MAX_LEVELS = 8
+MAX_CHANNEL_MULT = 16
+MAX_RES_BLOCKS = 16
+MAX_HEADS = 64
+MAX_PREVIEW_PER_CLASS = 64
+MAX_SEED = 2**32 - 1
+MAX_NAME_CHARS = 4096  # a class name, a dataset name or path, a preset name
 
 # The choices of the string fields, each said once here and read by validation and the CLI.
 PREDICTIONS = ("eps", "v")
@@ -46,7 +60,7 @@ class ModelConfig:
     """The network f(x_t, t, y). Data-dependent fields are filled from the dataset."""
 
     in_channels: int = 1  # image channels, 1 or 3
-    image_size: int = 28  # square side in pixels; must be divisible by 2**(len(channel_mult)-1)
+    image_size: int = 28  # square side in pixels; divisible by patch_size * 2**(levels - 1)
     num_classes: int = 10  # real classes; the null label is index num_classes
     base_channels: int = 64  # channels at full resolution
     channel_mult: tuple[int, ...] = (1, 2, 2)  # per resolution level, full resolution first
@@ -54,6 +68,10 @@ class ModelConfig:
     attn_levels: tuple[int, ...] = (2,)  # levels (0 = full resolution) with self-attention
     num_heads: int = 4  # attention heads
     dropout: float = 0.0  # dropout inside residual blocks, in [0, 1)
+    # side of the square patches the network works on: 1 works on pixels; 2 folds each 2x2
+    # patch into channels on the way in (pixel unshuffle) and back on the way out, so the first
+    # level runs at half the resolution (patch size 2 in DiT, U-ViT)
+    patch_size: int = 1
 
     def validate(self) -> None:
         if self.in_channels not in (1, 3):
@@ -66,13 +84,16 @@ class ModelConfig:
             )
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise ConfigError(f"`channel_mult` must be positive integers, got {self.channel_mult}")
-        down = 2 ** (len(self.channel_mult) - 1)
+        if self.patch_size not in (1, 2, 4):
+            raise ConfigError(f"`patch_size` must be 1, 2 or 4, got {self.patch_size}")
+        down = self.patch_size * 2 ** (len(self.channel_mult) - 1)
         if self.image_size < 8 or self.image_size % down:
             lo = max(8, self.image_size // down * down)
             near = sorted({lo, lo + down} - {self.image_size})
             raise ConfigError(
                 f"`image_size` must be >= 8 and divisible by {down} for {len(self.channel_mult)} "
-                f"levels, got {self.image_size} (pass `image_size` "
+                f"levels{f' of patch size {self.patch_size}' if self.patch_size > 1 else ''}, "
+                f"got {self.image_size} (pass `image_size` "
                 f"{' or '.join(map(str, near))} to resize the data)"
             )
         if any(not 0 <= lvl < len(self.channel_mult) for lvl in self.attn_levels):
@@ -84,6 +105,21 @@ class ModelConfig:
             raise ConfigError(f"`num_res_blocks` must be >= 1, got {self.num_res_blocks}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"`dropout` must be in [0, 1), got {self.dropout}")
+        for name, hi in (
+            ("num_classes", MAX_CLASSES),
+            ("image_size", MAX_IMAGE_SIZE),
+            ("base_channels", MAX_BASE_CHANNELS),
+            ("num_res_blocks", MAX_RES_BLOCKS),
+        ):
+            if getattr(self, name) > hi:
+                raise ConfigError(f"`{name}` must be <= {hi}, got {getattr(self, name)}")
+        if len(self.channel_mult) > MAX_LEVELS or max(self.channel_mult) > MAX_CHANNEL_MULT:
+            raise ConfigError(
+                f"`channel_mult` must have at most {MAX_LEVELS} levels of at most "
+                f"{MAX_CHANNEL_MULT}, got {self.channel_mult}"
+            )
+        if not 1 <= self.num_heads <= MAX_HEADS:
+            raise ConfigError(f"`num_heads` must be in [1, {MAX_HEADS}], got {self.num_heads}")
 
 
 @dataclass(frozen=True)
@@ -159,23 +195,34 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            ("steps", self.steps >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("steps", 1 <= self.steps <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
+            ("batch_size", 1 <= self.batch_size <= 65536, "in [1, 65536]"),
             ("lr", 0 < self.lr < 1, "in (0, 1)"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("grad_clip", self.grad_clip >= 0, ">= 0"),
+            ("warmup_steps", 0 <= self.warmup_steps <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, ">= 0 and finite"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, ">= 0 and finite"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("log_every", self.log_every >= 1, ">= 1"),
-            ("sample_every", self.sample_every >= 0, ">= 0"),
-            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
-            ("keep", self.keep >= 1, ">= 1"),
-            ("eval_every", self.eval_every >= 0, ">= 0"),
-            ("skip_nonfinite", self.skip_nonfinite >= 0, ">= 0"),
-            ("eval_n", self.eval_n >= 10, ">= 10"),
-            ("preview_steps", self.preview_steps >= 1, ">= 1"),
-            ("preview_per_class", self.preview_per_class >= 1, ">= 1"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+            ("log_every", 1 <= self.log_every <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
+            ("sample_every", 0 <= self.sample_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
+            ("checkpoint_every", 0 <= self.checkpoint_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
+            ("keep", 1 <= self.keep <= 10_000, "in [1, 10000]"),
+            ("eval_every", 0 <= self.eval_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
+            ("skip_nonfinite", 0 <= self.skip_nonfinite <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
+            ("eval_n", 10 <= self.eval_n <= 100_000, "in [10, 100000]"),
+            ("preview_scale", -20 <= self.preview_scale <= 100, "in [-20, 100]"),
+            ("preview_steps", 1 <= self.preview_steps <= 1000, "in [1, 1000]"),
+            (
+                "preview_per_class",
+                1 <= self.preview_per_class <= MAX_PREVIEW_PER_CLASS,
+                f"in [1, {MAX_PREVIEW_PER_CLASS}]",
+            ),
             ("lr_min_ratio", 0 <= self.lr_min_ratio <= 1, "in [0, 1]"),
+            (
+                "adam_betas",
+                len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                "two numbers in [0, 1)",
+            ),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -206,6 +253,13 @@ class RunConfig:
                 f"`class_names` has {len(self.class_names)} names for "
                 f"{self.model.num_classes} classes"
             )
+        for name in ("dataset", "preset", *self.class_names):
+            text = getattr(self, name) if name in ("dataset", "preset") else name
+            if len(text) > MAX_NAME_CHARS or "\0" in text:
+                raise ConfigError(
+                    f"names must be at most {MAX_NAME_CHARS} characters without NUL, got "
+                    f"{text[:40]!r}..."
+                )
 
     def label_names(self) -> list[str]:
         """The name of each class, or its index where no names were recorded."""
@@ -244,31 +298,91 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A config from its JSON form, every field checked for its type first (a string where
+        an int belongs, a fraction where an int belongs, a list that should be a number): a
+        ConfigError naming the field, never a TypeError later. Ranges are validate()'s."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"config format_version must be {FORMAT_VERSION}, got {version}")
-        try:
-            return cls(
-                model=_build(ModelConfig, d["model"]),
-                diffusion=_build(DiffusionConfig, d["diffusion"]),
-                # written before hflip existed: those runs trained without flips
-                train=_build(TrainConfig, {"hflip": False, **d["train"]}),
-                dataset=str(d["dataset"]),
-                preset=str(d.get("preset", "custom")),
-                class_names=tuple(str(c) for c in d.get("class_names", ())),
-            )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"config is missing or has a malformed field: {e}") from None
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise ConfigError(f"config format_version must be {FORMAT_VERSION}, got {version!r}")
+        for key in ("model", "diffusion", "train", "dataset"):
+            if key not in d:
+                raise ConfigError(f"config has no {key!r}")
+        top = {k: d[k] for k in ("dataset", "preset", "class_names") if k in d}
+        top = _fields_from_json(cls, top, "", skip=("model", "diffusion", "train"))
+        train = d["train"]
+        if isinstance(train, dict):  # written before hflip existed: those runs did not flip
+            train = {"hflip": False, **train}
+        return cls(
+            model=_build(ModelConfig, d["model"], "model"),
+            diffusion=_build(DiffusionConfig, d["diffusion"], "diffusion"),
+            train=_build(TrainConfig, train, "train"),
+            **top,
+        )
 
 
-def _build(cls: type, d: dict[str, Any]) -> Any:
-    """Build a frozen dataclass from JSON, turning lists back into tuples."""
+def _build(cls: type, d: Any, section: str) -> Any:
+    """A frozen dataclass from its JSON object, each field's type checked, lists made tuples."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{section} must be a JSON object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"unknown {section} field(s): {sorted(unknown)[:10]}")
+    return cls(**_fields_from_json(cls, d, f"{section}."))
+
+
+def _fields_from_json(cls: type, d: dict[str, Any], prefix: str, skip=()) -> dict[str, Any]:
+    """{name: value} of `d` checked against the type hints of `cls` (int, float, str, bool,
+    None, tuple[X, ...], tuple[X, Y]) and converted: lists to tuples, ints to floats."""
+    hints = typing.get_type_hints(cls)
+    return {k: _typed(f"{prefix}{k}", v, hints[k]) for k, v in d.items() if k not in skip}
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        ok, converted = _as(value, option)
+        if ok:
+            return converted
+    shown = "an object" if isinstance(value, dict) else repr(value)
+    want = " or ".join(_describe(o) for o in options)
+    raise ConfigError(f"{name} must be {want}, got {shown[:60]}")
+
+
+def _describe(hint: Any) -> str:
+    words = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        plural = {int: "integers", float: "numbers", str: "strings"}[args[0]]
+        return f"a list of {plural}" if args[-1] is Ellipsis else f"a list of {len(args)} {plural}"
+    return words.get(hint, "null")
+
+
+def _as(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether `value` is of type `hint`, the value as that type)."""
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok and math.isfinite(value), float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) > MAX_CLASSES:
+            return False, value
+        each = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(each) != len(value):
+            return False, value
+        out = [_as(v, a) for v, a in zip(value, each, strict=True)]
+        return all(ok for ok, _ in out), tuple(v for _, v in out)
+    return False, value
 
 
 def replace_fields(cfg: RunConfig, changes: dict[str, Any]) -> RunConfig:

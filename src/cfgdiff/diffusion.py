@@ -63,6 +63,36 @@ def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Te
     return (x_t - s * eps) / a
 
 
+def eps_and_x0(
+    pred: torch.Tensor, x_t: torch.Tensor, schedule: Schedule, t: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) implied by a network output of the given kind ("eps" or "v"), each in
+    its well-conditioned form and computed in float64 (returned in float64):
+      v:   eps = sigma_t x_t + alpha_t v,  x0 = alpha_t x_t - sigma_t v  (no division at all);
+      eps: eps = pred,  x0 = (x_t - sigma_t eps) / alpha_t, exact for the given eps.
+    Going through eps for a v-model and dividing by alpha_t in the caller's precision would
+    multiply the rounding of eps by sigma_t / alpha_t, about 2e4 at t = T-1 of the cosine
+    schedule (docs/DESIGN.md, "Sampling precision")."""
+    x = x_t.to(torch.float64)
+    p = pred.to(torch.float64)
+    a, s = alpha_sigma(schedule, t, x)
+    if kind == "eps":
+        return p, (x - s * p) / a
+    if kind == "v":
+        return s * x + a * p, a * x - s * p
+    raise ValueError(f"unknown prediction kind {kind!r}")
+
+
+def eps_from_x0(
+    x0: torch.Tensor, x_t: torch.Tensor, schedule: Schedule, t: torch.Tensor
+) -> torch.Tensor:
+    """eps_hat = (x_t - alpha_t x0_hat) / sigma_t, in float64: the eps consistent with an x0_hat
+    that was changed (clamped, thresholded, guided in x0 space)."""
+    x = x_t.to(torch.float64)
+    a, s = alpha_sigma(schedule, t, x)
+    return (x - a * x0.to(torch.float64)) / s
+
+
 def drop_labels(
     y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

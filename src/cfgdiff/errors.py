@@ -28,3 +28,14 @@ class CheckpointError(CfgDiffError):
 class RuntimeFault(CfgDiffError):
     """Training or sampling could not go on: non-finite loss, out of memory, disk full. Exit
     status 1."""
+
+
+class WriteFault(RuntimeFault):
+    """A file could not be written for want of space or permission (files.write_error classes
+    the cause by its errno, whatever the writer's exception type). The message names the file;
+    nothing partial is left. `path`: the file; `cause`: "space" or "permission"; `reason`: the
+    system's words ("No space left on device")."""
+
+    def __init__(self, message: str, path=None, cause: str = "space", reason: str = ""):
+        super().__init__(message)
+        self.path, self.cause, self.reason = path, cause, reason

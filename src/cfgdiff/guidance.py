@@ -8,12 +8,16 @@ The reference is the null label (plain CFG), another class (negative class) or a
 (autoguidance). The paper writes eps_hat = (1 + w) eps_c - w eps_u (Eq. 6), i.e. w = s - 1. The
 library speaks s; the CLI accepts --scale s or --w w and every output names the convention.
 
-`guided_denoiser` turns (network, labels, Guidance) into `denoise(x_t, t) -> eps_hat` with one
-batched forward pass over [x_t; x_t] with labels [y; reference]. It evaluates only the
-conditional half where every scale is 1 or t is outside the guidance interval, and only the
-reference half where every scale is 0. Because eps, v and x0 are related by affine maps whose
-coefficients do not depend on the label (eps = sigma x_t + alpha v, x0 = (x_t - sigma eps)/alpha),
-combining raw outputs equals combining eps or x0.
+`guided_denoiser` turns (network, labels, Guidance) into a samplers.Denoiser: `denoise(x_t, t)
+-> eps_hat`, and `denoise.predict(x_t, t) -> (eps_hat, x0_hat)`, the pair the samplers step
+with, with one batched forward pass over [x_t; x_t] with labels [y; reference]. It evaluates
+only the conditional half where every scale is 1 or t is outside the guidance interval, and
+only the reference half where every scale is 0. Because eps, v and x0 are related by affine maps
+whose coefficients do not depend on the label (eps = sigma x_t + alpha v, x0 = (x_t - sigma
+eps)/alpha), combining raw outputs equals combining eps or x0. The pair is computed from the
+network's output in float64, each in its well-conditioned form (diffusion.eps_and_x0: for v,
+x0 = alpha x_t - sigma v, never through eps and a division by a tiny alpha), and returned in
+x_t's dtype (docs/DESIGN.md, "Sampling precision").
 
 Variants (each an option of `Guidance`, combinable unless stated):
 - interval  (Kynkäänniemi et al. 2024, Sec. 3): guide only where sigma_lo < sigma_t <= sigma_hi,
@@ -45,14 +49,14 @@ from dataclasses import dataclass
 import torch
 
 from cfgdiff.config import GUIDANCE_CONVENTION
-from cfgdiff.diffusion import alpha_sigma, eps_to_x0, to_eps
+from cfgdiff.diffusion import eps_and_x0, eps_from_x0
 from cfgdiff.errors import ConfigError
+from cfgdiff.samplers import Denoiser
 from cfgdiff.schedule import Schedule
 
 # How x0_hat is kept in range (see the module docstring).
 THRESHOLDS = ("static", "dynamic", "none")
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -156,7 +160,9 @@ def rescale_cfg(pred_cfg: torch.Tensor, pred_c: torch.Tensor, phi: float) -> tor
 def dynamic_threshold(x0: torch.Tensor, p: float) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = max(1, quantile_p |x0|) per sample, clip to [-s, s],
     divide by s."""
-    s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp_min(1.0).to(x0.dtype)
+    q = x0.abs().flatten(1)
+    q = q if q.dtype == torch.float64 else q.float()  # (quantile has no half-precision kernels)
+    s = torch.quantile(q, p, dim=1).clamp_min(1.0).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
@@ -178,11 +184,12 @@ def guided_denoiser(
     scale: float | torch.Tensor | None = None,
     clip_x0: bool | None = None,
 ) -> Denoiser:
-    """Return denoise(x_t, t) -> eps_hat for labels y (B,).
+    """Return denoise(x_t, t) -> eps_hat for labels y (B,), a samplers.Denoiser whose
+    predict(x_t, t) gives (eps_hat, x0_hat).
 
     Pass either `guidance` or the shorthand `scale` (plain CFG); `clip_x0=False` is shorthand
-    for threshold="none". The returned function keeps the APG momentum state of one sampling run:
-    make a new one per run.
+    for threshold="none". The returned denoiser keeps the APG momentum state of one sampling
+    run: make a new one per run.
     """
     g = guidance if guidance is not None else Guidance(scale=1.0 if scale is None else scale)
     if guidance is not None and scale is not None:
@@ -203,9 +210,8 @@ def guided_denoiser(
         sigma = edm_sigma(schedule, int(t[0]))  # samplers pass one timestep per call
         return g.interval[0] < sigma <= g.interval[1]
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = x_t.shape[0]
-        a, s = alpha_sigma(schedule, t, x_t)
         guiding = not all_one and in_interval(t)
         if not guiding:  # conditional only (s = 1, or outside the interval)
             pred = net(x_t, t, y).to(x_t.dtype)
@@ -219,28 +225,28 @@ def guided_denoiser(
                 out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_ref]))
                 pred_c, pred_r = out[:b].to(x_t.dtype), out[b:].to(x_t.dtype)
             if g.apg is not None:
-                x0_c = eps_to_x0(to_eps(pred_c, x_t, a, s, prediction), x_t, a, s)
-                x0_r = eps_to_x0(to_eps(pred_r, x_t, a, s, prediction), x_t, a, s)
+                _, x0_c = eps_and_x0(pred_c, x_t, schedule, t, prediction)
+                _, x0_r = eps_and_x0(pred_r, x_t, schedule, t, prediction)
                 x0 = _apg(x0_c, x0_r, g.scale, g.apg, state)
-                return _threshold((x_t - a * x0) / s, x_t, a, s, g)
+                return finish(eps_from_x0(x0, x_t, schedule, t), x0, x_t, t)
             pred = cfg_combine(pred_c, pred_r, g.scale)
             if g.rescale:
                 pred = rescale_cfg(pred, pred_c, g.rescale)
-        return _threshold(to_eps(pred, x_t, a, s, prediction), x_t, a, s, g)
+        eps, x0 = eps_and_x0(pred, x_t, schedule, t, prediction)
+        return finish(eps, x0, x_t, t)
 
-    return denoise
+    def finish(eps, x0, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thresholding of x0_hat (with the eps consistent with it), in x_t's dtype."""
+        if g.threshold != "none":
+            x0 = (
+                x0.clamp(-1, 1)
+                if g.threshold == "static"
+                else dynamic_threshold(x0, g.threshold_percentile)
+            )
+            eps = eps_from_x0(x0, x_t, schedule, t)
+        return eps.to(x_t.dtype), x0.to(x_t.dtype)
 
-
-def _threshold(eps, x_t, a, s, g: Guidance) -> torch.Tensor:
-    if g.threshold == "none":
-        return eps
-    x0 = eps_to_x0(eps, x_t, a, s)
-    x0 = (
-        x0.clamp(-1, 1)
-        if g.threshold == "static"
-        else dynamic_threshold(x0, g.threshold_percentile)
-    )
-    return (x_t - a * x0) / s
+    return Denoiser(predict)
 
 
 def _apg(x0_c, x0_r, scale, apg: APG, state: dict) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Owns: batching (a batch size chosen for the device, halved while it runs out of memory),
 compiling the network for a long job (runtime.compile_sampling says when), per-sample noise
 streams (sample i of seed S always starts from the same x_T and sees the same per-step noise,
-whatever the batch size) and the float -> uint8 conversion.
+whatever the batch size), the float -> uint8 conversion, and the per-step callback through which
+pictures of the trajectory (animations, the web page's live preview) watch a job.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from cfgdiff.samplers import PerSampleNoise, check_sampler, run_sampler
 from cfgdiff.schedule import make_schedule
 
 Log = Callable[[str], None]
+# callback(i, t, x_t, x0_hat) after each sampler step (samplers.py), for one batch's images
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,7 @@ def generate(
     static_batches: bool = False,
     compile: str = "off",
     log: Log | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
@@ -71,6 +75,10 @@ def generate(
     static_batches: pad a short last batch to `batch_size` (repeating its last sample, then
     dropping the copies) so every forward pass has the same shape, as compiled networks and CUDA
     graphs want; the images are the same either way.
+    callback: called as callback(i, t, x_t, x0_hat) after every step of every batch, batches in
+    order (i counts each batch's steps from 0), with float tensors of that batch's images only
+    (padding dropped); a retry at a halved batch size starts again from the first batch. An
+    exception it raises stops the job and reaches the caller unchanged (how a caller cancels one).
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     device = torch.device(device)
@@ -87,7 +95,7 @@ def generate(
     options = dict(
         scale=scale, guidance=guidance, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
         seed=seed, indices=indices, device=device, precision=precision,
-        static_batches=static_batches or compiled,
+        static_batches=static_batches or compiled, callback=callback,
     )  # fmt: skip
     while True:
         try:
@@ -113,7 +121,7 @@ def generate(
 
 def _generate(
     net, cfg, labels, *, batch_size, scale, guidance, sampler, steps, eta, spacing, seed, indices,
-    device, precision, static_batches,
+    device, precision, static_batches, callback,
 ) -> torch.Tensor:  # fmt: skip
     """generate's work at one batch size."""
     n = labels.shape[0]
@@ -159,9 +167,21 @@ def _generate(
             prediction=cfg.diffusion.prediction,
             guidance=g,
         )
+        step = None
+        if callback is not None:
+
+            def step(i, t, x_t, x0_hat, k=hi - lo):
+                callback(i, t, x_t[:k], x0_hat[:k])
+
         x0 = run_sampler(
-            sampler, denoise, x_T, schedule, steps, eta=eta, spacing=spacing, generator=noise
-        )
+            sampler, denoise, x_T, schedule, steps, eta=eta, spacing=spacing, generator=noise,
+            callback=step,
+        )  # fmt: skip
+        if not bool(torch.isfinite(x0).all()):  # to_uint8 would make NaN black, silently
+            raise RuntimeFault(
+                f"sampling gave NaN or infinite values (images {lo} to {hi - 1}): the network's "
+                "output is not finite; nothing was written"
+            )
         out.append(to_uint8(x0[: hi - lo]).cpu())
     if not out:
         return torch.empty((0, *shape), dtype=torch.uint8)

@@ -2,10 +2,14 @@
 
     sample_X(denoise, x_T, schedule, steps, *, generator=None, callback=None, **options) -> x_0
 
-`denoise(x_t, t) -> eps_hat` is any noise predictor (usually guidance.guided_denoiser); samplers
-know nothing about labels or guidance. `generator` is a torch.Generator or a PerSampleNoise (one
-stream per sample, so a sample's image does not depend on the batch it was drawn in).
-`callback(i, t, x_t, x0_hat)` is called after every step.
+`denoise(x_t, t) -> eps_hat` is any noise predictor; samplers know nothing about labels or
+guidance. What a step needs is the pair (eps_hat, x0_hat): a `Denoiser` (what
+guidance.guided_denoiser returns) gives both, each computed in its well-conditioned form by the
+code that knows what the network predicts; for any other denoiser x0_hat = (x_t - sigma_t
+eps_hat) / alpha_t, which multiplies the rounding of eps_hat by sigma_t / alpha_t (2e4 at the
+cosine schedule's last step; docs/DESIGN.md, "Sampling precision"). `generator` is a
+torch.Generator or a PerSampleNoise (one stream per sample, so a sample's image does not depend
+on the batch it was drawn in). `callback(i, t, x_t, x0_hat)` is called after every step.
 """
 
 from __future__ import annotations
@@ -50,6 +54,29 @@ def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
 
 
+class Denoiser:
+    """A denoiser that hands the samplers both predictions at (x_t, t): `predict(x_t, t) ->
+    (eps_hat, x0_hat)`, consistent (x_t = alpha_t x0_hat + sigma_t eps_hat) and each computed
+    without dividing by a small alpha_t or sigma_t where that can be avoided. Called, it gives
+    eps_hat alone, like any denoise(x_t, t)."""
+
+    def __init__(self, predict: Callable[[torch.Tensor, torch.Tensor], tuple]):
+        self.predict = predict
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.predict(x_t, t)[0]
+
+
+def _predict(denoise: Callable, x: torch.Tensor, t: int, ab: float):
+    """(eps_hat, x0_hat) at timestep t: a Denoiser's own pair, or for a plain denoise(x_t, t)
+    its eps_hat and the x0_hat it implies."""
+    tb = _t_batch(x, t)
+    if isinstance(denoise, Denoiser):
+        return denoise.predict(x, tb)
+    eps = denoise(x, tb)
+    return eps, (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+
+
 def _ab(schedule: Schedule, t: int) -> float:
     """alpha_bar_t as a Python float, with alpha_bar_{-1} = 1 (the clean data)."""
     return 1.0 if t < 0 else float(schedule.alpha_bar[t])
@@ -81,8 +108,7 @@ def sample_ddim(
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab, ab_prev = _ab(schedule, t), _ab(schedule, t_prev)
-        eps = denoise(x, _t_batch(x, t))
-        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        eps, x0 = _predict(denoise, x, t, ab)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
         dir_coef = max(1 - ab_prev - sigma**2, 0.0) ** 0.5
         x = ab_prev**0.5 * x0 + dir_coef * eps
@@ -113,8 +139,7 @@ def sample_ddpm(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab, ab_prev = _ab(schedule, t), _ab(schedule, t_prev)
         beta = 1 - ab / ab_prev
-        eps = denoise(x, _t_batch(x, t))
-        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        _, x0 = _predict(denoise, x, t, ab)
         mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + (
             (1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)
         ) * x
@@ -152,8 +177,7 @@ def sample_dpmpp_2m(
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab, ab_next = _ab(schedule, t), _ab(schedule, t_next)
         a, s = ab**0.5, (1 - ab) ** 0.5
-        eps = denoise(x, _t_batch(x, t))
-        x0 = (x - s * eps) / a
+        _, x0 = _predict(denoise, x, t, ab)
         if t_next < 0:  # final step to the clean data: alpha = 1, sigma = 0
             x = x0
         else:

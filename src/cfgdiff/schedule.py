@@ -65,10 +65,17 @@ def make_schedule(name: str, T: int) -> Schedule:
 SPACINGS = ("trailing", "uniform", "quadratic", "logsnr")
 
 
+def _round_half_even(num: int, den: int) -> int:
+    """num / den rounded to the nearest integer, halves to the even one, in exact arithmetic."""
+    q, r = divmod(num, den)
+    return q + (2 * r > den or (2 * r == den and q % 2 == 1))
+
+
 def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing") -> list[int]:
     """The strictly decreasing timesteps a sampler visits, T-1 first.
 
-    - "trailing" (Lin et al. 2023, Table 2): t_i = round(T - 1 - i T / steps); always starts at
+    - "trailing" (Lin et al. 2023, Table 2): t_i = round(T - i T / steps) - 1, rounding halves
+      to even as the table's np.round does (computed exactly, in integers); always starts at
       t = T-1, the step the prior N(0, I) actually matches.
     - "uniform": linspace(T-1, 0, steps) rounded (ends exactly at t = 0).
     - "quadratic" (Song et al. 2021, DDIM App. D.2): t_i = (T-1) (1 - i/steps)^2, dense near
@@ -82,7 +89,7 @@ def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "trailing") 
         raise ConfigError(f"`steps` must be in [1, {T}], got {steps}")
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
-        ts = T - 1 - i * T / steps
+        ts = torch.tensor([_round_half_even(T * (steps - k), steps) - 1 for k in range(steps)])
     elif spacing == "uniform":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64)
     elif spacing == "quadratic":

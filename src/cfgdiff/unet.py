@@ -24,7 +24,9 @@ class UNet(nn.Module):
         self.null_label = cfg.num_classes
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_ch)  # last row: null label
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        self.patch = cfg.patch_size
+        pixels = cfg.in_channels * self.patch**2  # channels of the (unshuffled) input
+        self.conv_in = nn.Conv2d(pixels, ch0, 3, padding=1)
 
         # Down path: record the channel count of every skip connection.
         self.down = nn.ModuleList()
@@ -59,7 +61,7 @@ class UNet(nn.Module):
         assert not skip_chs
 
         self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, pixels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -73,6 +75,8 @@ class UNet(nn.Module):
         """x: (B, C, H, W) noisy images; t: (B,) timesteps (float or int); y: (B,) labels in
         [0, num_classes], num_classes meaning "no label". Returns (B, C, H, W)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.label_emb(y)
+        if self.patch > 1:  # (B, C, H, W) -> (B, C p^2, H/p, W/p)
+            x = torch.nn.functional.pixel_unshuffle(x, self.patch)
         h = self.conv_in(x)
         skips = [h]
         for mod in self.down:
@@ -85,7 +89,8 @@ class UNet(nn.Module):
                 h = mod(h)
             else:
                 h = _apply(mod, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        out = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        return torch.nn.functional.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
 def _apply(mod: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

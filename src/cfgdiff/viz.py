@@ -1,6 +1,6 @@
-"""Pictures and sample files: image grids, line plots, folders of single images, and the three
-forms `cfgdiff sample` writes (a PNG grid, an .npz of arrays, a folder of PNGs), with Pillow
-only."""
+"""Pictures and sample files: image grids, animations (GIF, WebP), folders of single images, and
+the three forms `cfgdiff sample` writes (a PNG grid, an .npz of arrays, a folder of PNGs), with
+Pillow. Plots (loss curve, sweep) are plots.py's, with matplotlib."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cfgdiff.data.folders import class_folder_names
 from cfgdiff.errors import ConfigError
-from cfgdiff.files import atomic_write_bytes
+from cfgdiff.files import atomic_write_bytes, writing
 
 
 def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1) -> Image.Image:
@@ -39,11 +39,60 @@ def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1)
     return img
 
 
-def save_png(img: Image.Image, path: Path) -> Path:
+def png_bytes(img: Image.Image) -> bytes:
+    """The PNG file of an image, as save_png writes it."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(img: Image.Image, path: Path) -> Path:
+    atomic_write_bytes(Path(path), png_bytes(img))
+    return Path(path)
+
+
+# What an animation may be written as, by suffix (Pillow's format names).
+ANIMATION_FORMATS = {".gif": "GIF", ".webp": "WEBP"}
+
+
+def animation_format(path: Path) -> str:
+    """Pillow's format for an animation path (.gif or .webp), checked before any work."""
+    fmt = ANIMATION_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            f"`animate` must end in {' or '.join(ANIMATION_FORMATS)}, got {Path(path).name}"
+        )
+    return fmt
+
+
+def save_animation(
+    frames: Sequence[Image.Image], path: Path, frame_ms: int = 120, hold_ms: int = 2000
+) -> Path:
+    """Frames as a looping GIF or WebP (by the suffix), each shown `frame_ms`, the last held
+    `hold_ms`; written atomically. Grayscale ("L") frames stay grayscale, which keeps a GIF's
+    palette exact and the file small."""
+    if not frames:
+        raise ConfigError("`frames`: an animation needs at least one frame")
+    fmt = animation_format(path)
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    buf = io.BytesIO()
+    first, *rest = [f if f.mode in ("L", "RGB") else f.convert("RGB") for f in frames]
+    # Pillow's GIF palette optimisation changed pixels of grayscale frames (tested), so it is off
+    extra = {"lossless": True} if fmt == "WEBP" else {"optimize": False}
+    first.save(
+        buf, format=fmt, save_all=True, append_images=rest, duration=durations, loop=0, **extra
+    )
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+def captioned(img: Image.Image, text: str) -> Image.Image:
+    """The image with one line of text in a white band below it."""
+    font = ImageFont.load_default()
+    out = Image.new("RGB", (img.width, img.height + 14), "white")
+    out.paste(img.convert("RGB"), (0, 0))
+    ImageDraw.Draw(out).text((4, img.height + 1), text, fill="black", font=font)
+    return out
 
 
 def labelled_grid(
@@ -71,66 +120,6 @@ def labelled_grid(
     return out
 
 
-def line_plot(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    logy: bool = False,
-    size: tuple[int, int] = (640, 400),
-    point_labels: Sequence[str] | None = None,
-) -> Image.Image:
-    """A minimal line plot: one polyline per series, axes with min/max ticks, a legend."""
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    ml, mr, mt, mb = 70, 20, 30, 45
-    pw, ph = size[0] - ml - mr, size[1] - mt - mb
-
-    def fy(v: float) -> float:
-        return math.log10(max(v, 1e-12)) if logy else v
-
-    xs = [x for xv, _ in series.values() for x in xv]
-    ys = [fy(y) for _, yv in series.values() for y in yv if math.isfinite(y)]
-    draw.text((ml, 8), title, fill="black", font=font)
-    draw.rectangle([ml, mt, ml + pw, mt + ph], outline="black")
-    draw.text((ml + pw // 2 - 3 * len(xlabel), size[1] - 18), xlabel, fill="black", font=font)
-    draw.text((4, mt + ph // 2), ylabel, fill="black", font=font)
-    if not xs or not ys:
-        return img
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return ml + (x - x0) / (x1 - x0) * pw, mt + ph - (fy(y) - y0) / (y1 - y0) * ph
-
-    for i in range(5):  # ticks
-        fx = x0 + (x1 - x0) * i / 4
-        gx = ml + pw * i / 4
-        draw.line([gx, mt + ph, gx, mt + ph + 4], fill="black")
-        draw.text((gx - 12, mt + ph + 6), f"{fx:.4g}", fill="black", font=font)
-        fv = y0 + (y1 - y0) * i / 4
-        gy = mt + ph - ph * i / 4
-        draw.line([ml - 4, gy, ml, gy], fill="black")
-        label = f"{10**fv:.3g}" if logy else f"{fv:.3g}"
-        draw.text((ml - 8 - 6 * len(label), gy - 5), label, fill="black", font=font)
-    for k, (name, (xv, yv)) in enumerate(series.items()):
-        color = colors[k % len(colors)]
-        pts = [px(x, y) for x, y in zip(xv, yv, strict=True) if math.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for p in pts if len(pts) <= 30 else []:
-            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        if point_labels is not None and k == 0:
-            for p, text in zip(pts, point_labels, strict=False):
-                draw.text((p[0] + 4, p[1] - 12), text, fill=color, font=font)
-        draw.text((ml + pw - 150, mt + 6 + 12 * k), name, fill=color, font=font)
-    return img
-
-
 def write_image_folder(
     images: torch.Tensor, labels: Sequence[int], names: Sequence[str], out: Path, settings: dict
 ) -> dict[str, int]:
@@ -142,24 +131,29 @@ def write_image_folder(
     Returns the number of images written per class folder."""
     out = Path(out)
     folders = class_folder_names(names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         counts: dict[str, int] = {}
         for img, label in zip(images, labels, strict=True):
             folder = folders[int(label)]
             j = counts.get(folder, 0)
             counts[folder] = j + 1
-            (tmp / folder).mkdir(exist_ok=True)
             arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
-            Image.fromarray(arr).save(tmp / folder / f"{j:05d}.png")
+            # each file's write errors name it (files.writing: a full disk is exit status 1)
+            with writing(out / folder / f"{j:05d}.png"):
+                (tmp / folder).mkdir(exist_ok=True)
+                Image.fromarray(arr).save(tmp / folder / f"{j:05d}.png")
         meta = {**settings, "class_folders": dict(zip(names, folders, strict=True))}
         meta["counts"] = counts
-        (tmp / "settings.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.is_dir():
-            out.rmdir()  # empty (checked by the caller; rmdir refuses otherwise)
-        os.rename(tmp, out)
+        with writing(out / "settings.json"):
+            (tmp / "settings.json").write_text(json.dumps(meta, indent=2) + "\n")
+        with writing(out):
+            os.chmod(tmp, 0o755)
+            if out.is_dir():
+                out.rmdir()  # empty (checked by the caller; rmdir refuses otherwise)
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -204,7 +198,8 @@ def write_samples(
     import numpy as np
 
     kind = sample_output_kind(out)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with writing(Path(out)):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if kind == "folder":
         write_image_folder(images, labels.tolist(), names, out, record)
     elif kind == "png":

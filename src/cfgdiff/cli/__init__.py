@@ -6,6 +6,7 @@
     cfgdiff sweep   --checkpoint PATH [--scales S,S,...] [--n N]   (metrics across scales)
     cfgdiff export  --checkpoint PATH --out FILE.safetensors        (one model file to ship)
     cfgdiff info    --checkpoint PATH                              (what a checkpoint holds)
+    cfgdiff serve   --checkpoint PATH [--host 127.0.0.1] [--port 8000]  (a local web page)
     cfgdiff data    fetch NAME | info NAME
 
 Each command module adds its parser and runs it: parse, one library call, print. Library errors
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cfgdiff.cli import data, evaluate, model, sample, train
+from cfgdiff.cli import data, evaluate, model, sample, serve, train
 from cfgdiff.cli.options import KNOWN_FLAGS, Parser, UsageError, flag_words, option_strings
 from cfgdiff.errors import CfgDiffError, RuntimeFault
 
@@ -36,6 +37,7 @@ COMMANDS = {
     "info": model.run_info,
     "export": model.run_export,
     "data": data.run,
+    "serve": serve.run,
 }
 
 
@@ -52,6 +54,7 @@ def build_parser() -> Parser:
     model.add_info_parser(sub)
     model.add_export_parser(sub)
     data.add_parser(sub)
+    serve.add_parser(sub)
     KNOWN_FLAGS.update(option_strings(p))
     return p
 
@@ -101,9 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cfgdiff ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as e:
-        print(f"cfgdiff: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # one no library call named a file for: classed by its cause
+        from cfgdiff.files import NO_PERMISSION, NO_SPACE
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cfgdiff: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1 if e.errno in NO_SPACE + NO_PERMISSION else 2
     except Exception as e:  # an allocation failure outside the paths that name their batch size
         from cfgdiff.runtime import error_line, is_out_of_memory
 

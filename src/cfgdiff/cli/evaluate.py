@@ -7,10 +7,17 @@ import argparse
 import time
 from pathlib import Path
 
-from cfgdiff.cli.options import floats, int_in, reference_options, sampling_options
+from cfgdiff.cli.options import (
+    floats,
+    int_in,
+    reference_options,
+    refuse_writing_inputs,
+    sampling_options,
+)
 from cfgdiff.cli.progress import log
 from cfgdiff.cli.sample import generate_with, guidance_of, scale_of
 from cfgdiff.errors import ConfigError
+from cfgdiff.files import check_output_file
 
 METRIC_ROWS = [
     ("fid", "FID", "{:.3f}"),
@@ -90,6 +97,9 @@ def run_eval(a: argparse.Namespace) -> int:
     if a.action == "train-classifier":
         return run_train_classifier(a)
     _check_eval_options(a)
+    if a.json is not None:  # before any work: the evaluation may take minutes
+        check_output_file(a.json, "--json")
+        refuse_writing_inputs(a, ("--json", a.json))
     if a.samples is not None:
         return run_eval_samples(a)
     device = resolve_device(a.device)
@@ -221,6 +231,7 @@ def run_sweep(a: argparse.Namespace) -> int:
     scales = [w + 1 for w in a.ws] if a.ws else (a.scales or list(DEFAULT_SCALES))
     if a.out is not None and a.out.exists() and not a.out.is_dir():
         raise ConfigError(f"--out {a.out}: is a file; --out names a folder here")
+    refuse_writing_inputs(a, ("--out", a.out))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     out = a.out if a.out is not None else default_sweep_dir(loaded.path)
@@ -248,7 +259,7 @@ def run_sweep(a: argparse.Namespace) -> int:
             f"{r['class_accuracy']:7.4f} {r['precision']:6.3f} {r['recall']:6.3f}"
         )
     print(
-        f"wrote {out}/sweep.csv, sweep.json, fid_vs_scale.png, accuracy_vs_scale.png, "
-        "precision_recall_vs_scale.png, fid_vs_is.png, strip.png"
+        f"wrote {out}/sweep.csv, sweep.json, fid_vs_scale, accuracy_vs_scale, "
+        "precision_recall_vs_scale and fid_vs_is (.png and .svg), strip.png"
     )
     return 0

@@ -378,3 +378,31 @@ def reference_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--inception", type=Path, help="a local copy of the FID Inception network")
     data_dir_option(sp, "where datasets, classifiers and models are cached")
+
+
+def refuse_writing_inputs(a: argparse.Namespace, *outputs: tuple[str, Path | None]) -> None:
+    """Refuse, before any work, an output ((flag, path) pairs; None paths skipped) that is or
+    lies inside one of the command's inputs: --checkpoint and --guide-checkpoint (the
+    checkpoint, its run's checkpoints folder, or the model file), --samples, a --dataset
+    folder, --inception."""
+    from cfgdiff.checkpoint import input_paths
+    from cfgdiff.data import DatasetName
+    from cfgdiff.files import refuse_overlap
+
+    inputs: list[tuple[str, Path]] = []
+    for flag in ("checkpoint", "guide_checkpoint"):
+        if getattr(a, flag, None) is not None:
+            inputs += input_paths(getattr(a, flag))
+    if getattr(a, "samples", None) is not None:
+        inputs.append(("the samples", a.samples))
+    if getattr(a, "inception", None) is not None:
+        inputs.append(("the Inception network", a.inception))
+    if getattr(a, "dataset", None) is not None:
+        try:
+            folder = DatasetName.parse(a.dataset).folder
+        except CfgDiffError:  # a bad name: the command says why
+            folder = None
+        inputs.append(("the dataset folder", folder))
+    for flag, out in outputs:
+        if out is not None:
+            refuse_overlap(out, inputs, flag)

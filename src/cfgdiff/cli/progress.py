@@ -132,6 +132,9 @@ class TrainProgress:
         else:
             self.note(f"torch.compile not used, training eagerly: {info['error']}")
 
+    def on_note(self, info) -> None:
+        self.note(info["text"])
+
     def on_data_changed(self, info) -> None:
         self.note(
             f"--resume: the training data changed since the checkpoint ({info['was']:,} images "

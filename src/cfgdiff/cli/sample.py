@@ -7,13 +7,20 @@ import argparse
 import time
 from pathlib import Path
 
-from cfgdiff.cli.options import classes, int_in, sampling_options
+from cfgdiff.cli.options import (
+    UsageError,
+    classes,
+    floats,
+    int_in,
+    refuse_writing_inputs,
+    sampling_options,
+)
 from cfgdiff.cli.progress import log
 
 
 def add_parser(sub) -> None:
     sa = sub.add_parser("sample", help="generate images from a checkpoint")
-    sampling_options(sa)
+    sampling_options(sa, required=False)  # checked in run: --animate-scales stands for --scale
     sa.add_argument(
         "--classes",
         type=classes,
@@ -23,9 +30,28 @@ def add_parser(sub) -> None:
     sa.add_argument(
         "--out",
         type=Path,
-        required=True,
         help="FILE.png (grid), FILE.npz (arrays) or a new or empty FOLDER (FOLDER/CLASS/NNNNN.png, "
-        "one PNG per image, plus settings.json)",
+        "one PNG per image, plus settings.json); --out or --animate or both",
+    )
+    an = sa.add_argument_group("animation of the denoising (docs/guidance.md)")
+    an.add_argument(
+        "--animate",
+        type=Path,
+        metavar="FILE.gif|FILE.webp",
+        help="the denoising trajectory as an animation: a row per class, a frame per step",
+    )
+    an.add_argument(
+        "--animate-show",
+        default="x0",
+        choices=["x0", "xt"],
+        help="x0: the predicted clean image at each step (default); xt: the noisy sample",
+    )
+    an.add_argument(
+        "--animate-scales",
+        type=floats,
+        metavar="S,S,...",
+        help="several guidance scales side by side, the same noise at each (in place of "
+        "--scale; not with --out)",
     )
 
 
@@ -82,23 +108,52 @@ def generate_with(a: argparse.Namespace, loaded, labels, guidance, device, indic
     )  # fmt: skip
 
 
+def _check_outputs(a: argparse.Namespace) -> str | None:
+    """What --out asks for (None without it), after checking --out and the animation flags."""
+    from cfgdiff.viz import animation_format, sample_output_kind
+
+    if a.checkpoint is None:
+        raise UsageError("the following arguments are required: --checkpoint")
+    if a.scale is None and a.w is None and a.animate_scales is None:
+        raise UsageError("one of the arguments --scale --w is required")
+    if a.out is None and a.animate is None:
+        raise UsageError("one of the arguments --out --animate is required")
+    if a.animate is None and (a.animate_scales is not None or a.animate_show != "x0"):
+        raise UsageError("--animate-scales and --animate-show go with --animate FILE")
+    if a.animate_scales is not None and a.out is not None:
+        raise UsageError(
+            "--out takes the images of one scale, --scale: with --animate-scales, leave out --out"
+        )
+    if a.animate is not None:
+        animation_format(a.animate)
+    return sample_output_kind(a.out) if a.out is not None else None
+
+
 def run(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.runtime import resolve_device
     from cfgdiff.sample import class_grid_labels
-    from cfgdiff.viz import sample_output_kind, write_samples
+    from cfgdiff.viz import write_samples
 
-    kind = sample_output_kind(a.out)
+    kind = _check_outputs(a)
+    refuse_writing_inputs(a, ("--out", a.out), ("--animate", getattr(a, "animate", None)))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
     k = loaded.cfg.model.num_classes
     wanted = loaded.cfg.class_indices(a.classes) if a.classes is not None else list(range(k))
     scale, given = scale_of(a)
+    if scale is None:  # --animate-scales alone
+        scale = a.animate_scales[0]
     guidance, record = guidance_of(a, loaded, scale, device)
     labels = class_grid_labels(wanted, a.per_class)
     t0 = time.perf_counter()
-    images = generate_with(a, loaded, labels, guidance, device)
+    if a.animate is not None:
+        images = _animate(a, loaded, wanted, guidance, scale, device)
+    else:
+        images = generate_with(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
+    if kind is None:
+        return 0
     record = {**record, "given": given}
     names = loaded.cfg.label_names()
     write_samples(a.out, images, labels, names, record, per_class=a.per_class, classes=wanted)
@@ -108,3 +163,25 @@ def run(a: argparse.Namespace) -> int:
         f"{a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)"
     )
     return 0
+
+
+def _animate(a: argparse.Namespace, loaded, wanted, guidance, scale: float, device):
+    """Write --animate; returns the final images (those --out takes, at --scale)."""
+    from cfgdiff.previews import denoising_animation
+    from cfgdiff.runtime import resolve_precision
+    from cfgdiff.viz import save_animation
+
+    scales = a.animate_scales or [scale]
+    anim = denoising_animation(
+        loaded.net, loaded.cfg, wanted, scales=scales, per_class=a.per_class, guidance=guidance,
+        sampler=a.sampler, steps=a.steps, eta=a.eta, spacing=a.spacing, seed=a.seed,
+        device=device, precision=resolve_precision(a.precision, device), show=a.animate_show,
+        log=log,
+    )  # fmt: skip
+    save_animation(anim.frames, a.animate)
+    print(
+        f"wrote {a.animate}: {len(anim.frames)} frames of {a.steps} {a.sampler} steps, "
+        f"{'predicted x0' if a.animate_show == 'x0' else 'x_t'}; rows = classes, columns = "
+        f"s {','.join(f'{s:g}' for s in scales)} x {a.per_class} (seed {a.seed})"
+    )
+    return anim.images

@@ -67,6 +67,12 @@ def add_parser(sub) -> None:
     )
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log loss, lr, images/s, preview grids and evaluations for TensorBoard in "
+        "OUT/tensorboard (needs: pip install 'cfgdiff[tensorboard]')",
+    )
 
 
 def request(a: argparse.Namespace):
@@ -83,24 +89,37 @@ def request(a: argparse.Namespace):
 
 def run(a: argparse.Namespace) -> int:
     from cfgdiff.train import run as training
+    from cfgdiff.train.tensorboard import TensorBoardEvents, require_tensorboard
 
+    if a.tensorboard:
+        require_tensorboard()  # before any work
     prepared = training.prepare(request(a), log=log)
     progress = TrainProgress(
         bar=not a.no_progress and sys.stderr.isatty(), log_every=prepared.cfg.train.log_every,
         images=len(prepared.data), machine=prepared.machine, time_budget=a.time,
         preview_scale=prepared.cfg.train.preview_scale,
     )  # fmt: skip
+    on_event = progress
+    if a.tensorboard:
+        board = TensorBoardEvents(a.out / "tensorboard", prepared.cfg.train.log_every)
+
+        def on_event(name, info):
+            progress(name, info)
+            board(name, info)
+
     t0 = time.perf_counter()
     with StopFlag() as stop:
         try:
-            res = training.run(prepared, log=progress.note, on_event=progress, should_stop=stop)
+            res = training.run(prepared, log=progress.note, on_event=on_event, should_stop=stop)
         finally:
             progress.close()
+            if a.tensorboard:
+                board.close()
     if res.stopped_early:
         print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
         print(f"resume with: cfgdiff train --out {a.out} --resume")
         return 0
-    lines = summary(res, prepared, time.perf_counter() - t0, a.out, a.time)
+    lines = summary(res, prepared, time.perf_counter() - t0, a.out, a.time, a.tensorboard)
     print("\n".join(lines))
     from cfgdiff.files import atomic_write_bytes
 
@@ -108,8 +127,10 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def summary(res, prepared, total: float, out: Path, time_budget: float | None) -> list[str]:
-    """The lines a finished run prints and keeps in SUMMARY.txt."""
+def summary(
+    res, prepared, total: float, out: Path, time_budget: float | None, board: bool = False
+) -> list[str]:
+    """The lines a finished run prints and keeps in SUMMARY.txt (`board`: with --tensorboard)."""
     scale = prepared.cfg.train.preview_scale
     budget = f" (--time {time_budget:g} s)" if time_budget is not None else ""
     loading = max(0.0, total - res.train_s - res.aside_s)
@@ -124,6 +145,7 @@ def summary(res, prepared, total: float, out: Path, time_budget: float | None) -
         f"(rows = classes, s={scale:g}; real images in {out / 'real.png'})",
         f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
         f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
+        *([f"  tensorboard:     tensorboard --logdir {out / 'tensorboard'}"] if board else []),
         f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
         f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
     ]

@@ -45,7 +45,14 @@ class DeviceBatches:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        """Go to position (epoch, offset): epoch >= 0 and 0 <= offset < n, else ValueError (a
+        position outside the data would make next() draw nothing, forever)."""
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if epoch < 0 or not 0 <= offset < self.n:
+            raise ValueError(
+                f"data position (epoch {epoch}, offset {offset}) outside {self.n} images"
+            )
+        self.epoch, self.offset = epoch, offset
         self._perm, self._flip = self._permutation(self.epoch)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,29 @@ LOG_PROGRESS_EVERY = 15.0  # seconds between progress lines while such a folder 
 # and resize change them, so that caches of decoded folders (folder_cache.py) are rebuilt.
 DECODE_VERSION = 1
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# The most pixels an image may have to be decoded (8192 x 8192): a few-kilobyte PNG can declare
+# a size whose decoding needs gigabytes (a decompression bomb). Checked from the header, before
+# any decoding, with Pillow's own bomb check turned into the same error.
+MAX_IMAGE_PIXELS = 1 << 26
+
+
+def _unreadable():
+    """The exceptions Pillow raises for a file it cannot or will not decode (broken data, a
+    chunk that decompresses too large, a decompression bomb): each becomes one DataError."""
+    from PIL import Image, UnidentifiedImageError
+
+    return (
+        UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+        Image.DecompressionBombError, Image.DecompressionBombWarning,
+    )  # fmt: skip
+
+
+def _check_pixels(p: Path, size: tuple[int, int]) -> None:
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{p}: image is {size[0]}x{size[1]}, more than the {MAX_IMAGE_PIXELS:,} pixels "
+            "cfgdiff decodes (a decompression bomb, or a picture to scale down first)"
+        )
 
 
 def _decode(im, mode: str, size: int) -> np.ndarray:
@@ -126,7 +150,8 @@ def list_folder(root: Path) -> FolderListing:
     for k, c in enumerate(classes):
         imgs = []
         for p in sorted(c.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):  # ._x.png: macOS
+            # ._x.png: macOS; only regular files (through links): opening a FIFO blocks
+            if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file():
                 imgs.append(p)
             elif not p.is_dir():
                 skipped.append(p)
@@ -141,16 +166,19 @@ def list_folder(root: Path) -> FolderListing:
 def scan_folder(root: Path, listing: FolderListing | None = None) -> FolderScan:
     """list_folder(root) (or `listing`, already made) and every image's mode and size, read from
     its header. Raises DataError as list_folder does, and for an unreadable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     listing = listing or list_folder(root)
     headers = []
-    for p, _ in listing.files:
-        try:
-            with Image.open(p) as im:
-                headers.append((im.mode, im.size))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{p}: cannot read image ({e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for p, _ in listing.files:
+            try:
+                with Image.open(p) as im:
+                    headers.append((im.mode, im.size))
+            except _unreadable() as e:
+                raise DataError(f"{p}: cannot read image ({type(e).__name__}: {e})") from None
+            _check_pixels(p, headers[-1][1])
     return FolderScan(listing.class_names, listing.files, listing.skipped, headers)
 
 
@@ -205,6 +233,7 @@ def folder_dataset(
         p = files[i][0]
         try:
             with Image.open(p) as im:
+                _check_pixels(p, im.size)  # the file may have changed since its scan
                 a = _decode(im, mode, image_size)
             h, w = a.shape[:2]
             if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
@@ -215,8 +244,8 @@ def folder_dataset(
                     (image_size, image_size), Image.Resampling.BICUBIC
                 )
                 a = np.asarray(resized, dtype=np.uint8)
-        except OSError as e:
-            raise DataError(f"{p}: cannot decode image ({e})") from None
+        except _unreadable() as e:
+            raise DataError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
 
     # Pillow releases the GIL while decoding and resizing, so threads use every core. Each image

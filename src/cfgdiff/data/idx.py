@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -12,14 +13,32 @@ import numpy as np
 
 from cfgdiff.errors import DataError
 
+# The most bytes an IDX file may hold, uncompressed (the largest of a built-in dataset, MNIST's
+# training images, holds 47,040,016): a .gz is inflated in a stream and stopped there, so a
+# gzip bomb in a data folder costs no more than this before it is refused.
+MAX_IDX_BYTES = 64 << 20
 
-def read_idx_bytes(path: Path) -> bytes:
-    """The uncompressed content of an IDX file (gunzipped if it is gzip)."""
+
+def read_idx_bytes(path: Path, max_bytes: int = MAX_IDX_BYTES) -> bytes:
+    """The uncompressed content of an IDX file (gunzipped if it is gzip), at most `max_bytes`
+    read or inflated (DataError beyond)."""
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if gz:
+                with gzip.GzipFile(fileobj=f) as g:
+                    data = g.read(max_bytes + 1)
+            else:
+                data = f.read(max_bytes + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from None
+    if len(data) > max_bytes:
+        raise DataError(
+            f"{path}: {'decompresses to' if gz else 'holds'} more than {max_bytes >> 20} MiB, "
+            "more than any IDX file of a built-in dataset"
+        )
+    return data
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -31,7 +50,7 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # exact: np.prod of four uint32 can overflow
     if len(data) != expected:
         raise DataError(f"{name}: IDX file has {len(data)} bytes, expected {expected} for {dims}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)

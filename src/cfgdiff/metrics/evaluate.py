@@ -250,6 +250,16 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     lookup = {str(i): i for i in range(k)}
     lookup.update({n: i for i, n in enumerate(class_folder_names(class_names))})
     lookup.update({n: i for i, n in enumerate(class_names)})
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)  # 3.0 is class 3; 3.7 is no class at all
+    if y.dtype.kind not in "iu":
+        flat = y.ravel()
+        if y.dtype.kind == "f":
+            flat = flat[~np.isfinite(flat) | (flat != np.round(flat))]
+        raise ConfigError(
+            f"`samples` {path}: labels must be integers (class indices), got "
+            f"{flat[:1].tolist()} ({y.dtype})"
+        )
     used = sorted({int(c) for c in np.unique(y)})
     if used and (used[0] < 0 or used[-1] >= len(names)):
         raise ConfigError(f"`samples` {path}: labels must be in [0, {len(names) - 1}]")

@@ -3,8 +3,8 @@ files that show the trade-off.
 
 Owns: sampling n images per scale in one job (sample i gets the same noise at every scale),
 measuring each scale against one reference, and the sweep folder: sweep.csv (one row per scale
-and the real floor), sweep.json, fid_vs_scale.png, accuracy_vs_scale.png,
-precision_recall_vs_scale.png, fid_vs_is.png and strip.png.
+and the real floor), sweep.json, the plots fid_vs_scale, accuracy_vs_scale,
+precision_recall_vs_scale and fid_vs_is (each .png and .svg; plots.py draws them) and strip.png.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ import torch
 from cfgdiff.files import atomic_write_csv, atomic_write_json
 from cfgdiff.guidance import Guidance
 from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
+from cfgdiff.plots import sweep_plots
 from cfgdiff.previews import guidance_strip
 from cfgdiff.sample import generate
-from cfgdiff.viz import line_plot, save_png
+from cfgdiff.viz import save_png
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-PLOTS = (
-    "fid_vs_scale.png",
-    "accuracy_vs_scale.png",
-    "precision_recall_vs_scale.png",
-    "fid_vs_is.png",
-)
+# The sweep's plots (plots.sweep_plots), each written as NAME.png and NAME.svg.
+PLOTS = ("fid_vs_scale", "accuracy_vs_scale", "precision_recall_vs_scale", "fid_vs_is")
 
 
 def default_sweep_dir(checkpoint: Path) -> Path:
@@ -97,48 +94,10 @@ def sweep(
         "sampling_images_per_s": len(labels) / dt,
     }  # fmt: skip
     atomic_write_json(out / "sweep.json", result)
-    _plots(scales, rows, real, ref.features.name, out)
+    sweep_plots(scales, rows, real, ref.features.name, out)
     strip = guidance_strip(
         loaded.net, loaded.cfg, loaded.cfg.label_names(), device, precision, seed=seed,
         scales=scales, steps=steps,
     )  # fmt: skip
     save_png(strip, out / "strip.png")
     return result
-
-
-def _plots(scales, rows, real, features: str, out: Path) -> None:
-    xs = scales
-    col = {key: [r[key] for r in rows] for key in METRIC_KEYS}
-
-    def flat(key):
-        return xs, [real[key]] * len(xs)
-
-    plots = {
-        "fid_vs_scale.png": (
-            {"generated": (xs, col["fid"]), "real floor": flat("fid")},
-            f"FID ({features} features) vs guidance scale s",
-            "s",
-            "FID",
-        ),
-        "accuracy_vs_scale.png": (
-            {"generated": (xs, col["class_accuracy"]), "real floor": flat("class_accuracy")},
-            "class accuracy vs guidance scale s",
-            "s",
-            "accuracy",
-        ),
-        "precision_recall_vs_scale.png": (
-            {"precision": (xs, col["precision"]), "recall": (xs, col["recall"])},
-            "precision and recall (k=3) vs s",
-            "s",
-            "fraction",
-        ),
-        "fid_vs_is.png": (
-            {"generated (s in CSV order)": (col["is"], col["fid"])},
-            "FID vs IS: the guidance frontier",
-            "IS (classifier)",
-            "FID",
-        ),
-    }
-    for name, (series, title, xl, yl) in plots.items():
-        labels = [f"s={s:g}" for s in scales] if name == "fid_vs_is.png" else None
-        save_png(line_plot(series, title, xl, yl, point_labels=labels), out / name)

@@ -129,7 +129,9 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     state = TrainState.create(cfg, data, o.device, o.precision)
     if o.resume:
         state.load(last_ckpt, emit)
-    out = RunOutputs(run_dir, state.step if o.resume else None)
+    out = RunOutputs(
+        run_dir, state.step if o.resume else None, note=lambda text: emit("note", {"text": text})
+    )
     out.real_grid(lambda: real_grid(data, t.preview_per_class))
     emit("start", {
         "step": state.step, "total": None if o.time_budget is not None else t.steps,

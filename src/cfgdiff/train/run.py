@@ -18,8 +18,9 @@ import torch
 
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.config import RunConfig
-from cfgdiff.data import check_name, load_dataset
+from cfgdiff.data import DatasetName, check_name, load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.files import refuse_overlap
 from cfgdiff.presets import config_for_dataset, resolve_config
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
 from cfgdiff.train.loop import TrainResult, train
@@ -81,10 +82,14 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
         found = ckpt_io.latest_checkpoint(req.run_dir / "checkpoints")
         if found is None:
             raise ConfigError(f"`resume=True`: no checkpoint in {req.run_dir / 'checkpoints'}")
+        ckpt_io.verify(found)  # its MANIFEST before any of its files is read
         resumed = ckpt_io.read_config(found)
     resolved = resolve_config(
         req.overrides, preset=req.preset, dataset=req.dataset, resumed=resumed
     )
+    folder = DatasetName.parse(resolved.dataset).folder
+    if folder is not None:  # the run's pictures would become images of the dataset
+        refuse_overlap(req.run_dir, [("the dataset folder", folder)], "`run_dir`")
     for note in resolved.notes:
         if log is not None:
             log(note)

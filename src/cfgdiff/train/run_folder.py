@@ -1,22 +1,26 @@
 """A run folder's files, other than its checkpoints, and the lock that keeps one writer.
 
 Owns: run_dir/.lock (held while training), loss.csv (one row per log interval, appended as it
-goes), eval.csv (one row per in-training evaluation), real.png, samples/step-N.png, loss.png and
-guidance_strip.png. A resumed run keeps the rows up to its checkpoint's step and rewrites the
-rest. Checkpoints are checkpoint.py's; SUMMARY.txt is written by whoever reports the run.
+goes), eval.csv (one row per in-training evaluation), real.png, samples/step-N.png, loss.png
+and loss.svg, and guidance_strip.png. A resumed run keeps the rows up to its checkpoint's step
+and rewrites the rest. Checkpoints are checkpoint.py's; SUMMARY.txt is written by whoever
+reports the run.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from cfgdiff.errors import ConfigError
-from cfgdiff.files import atomic_write_csv
-from cfgdiff.viz import line_plot, save_png
+from cfgdiff.files import append_bytes, atomic_write_csv, writing
+from cfgdiff.records import read_step_rows
+from cfgdiff.viz import save_png
 
 LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
@@ -30,7 +34,20 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a symbolic link: a .lock planted as one would make this create or
+        # truncate its target wherever it points
+        try:
+            with writing(self.path):
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except ConfigError:
+            raise ConfigError(
+                f"`run_dir` {self.path.parent}: {self.path.name} is a symbolic link or not a "
+                "file; remove it"
+            ) from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(f"`run_dir` {self.path.parent}: {self.path.name} is not a file")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,29 +64,36 @@ class RunLock:
             os.close(self.fd)
 
 
-def read_csv(path: Path, upto_step: int) -> list[dict[str, Any]]:
-    """Rows of a per-step CSV up to and including `upto_step` (a resumed run rewrites the rest)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+def read_csv(
+    path: Path, upto_step: int, note=None, fields: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Rows of a per-step CSV up to and including `upto_step` (a resumed run rewrites the rest);
+    a row a crash cut short is dropped and `note` told so (records.read_step_rows)."""
+    return read_step_rows(path, upto_step, note, fields)
 
 
 def write_loss_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    xs = [int(r["step"]) for r in rows]
-    ys = [float(r["loss"]) for r in rows]
-    save_png(line_plot({"training loss": (xs, ys)}, "loss", "step", "loss", logy=True), path)
+    """loss.png and loss.svg (plots.loss_plot) from loss.csv's rows."""
+    from cfgdiff.plots import loss_plot
+
+    loss_plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], path)
 
 
 class RunOutputs:
     """The run folder's CSVs and pictures. `resumed_at`: the step of the checkpoint a resumed run
-    starts from (its rows are kept up to it), None for a new run."""
+    starts from (its rows are kept up to it), None for a new run. `note`: told of rows dropped
+    because a crash or a full disk cut them short. Temporary files a killed process left
+    beside the pictures are removed."""
 
-    def __init__(self, run_dir: Path, resumed_at: int | None):
+    def __init__(self, run_dir: Path, resumed_at: int | None, note=None):
         self.run_dir = run_dir
         keep = resumed_at is not None
-        self.loss_rows = read_csv(run_dir / "loss.csv", resumed_at) if keep else []
-        self.eval_rows = read_csv(run_dir / "eval.csv", resumed_at) if keep else []
+        rows = read_csv(run_dir / "loss.csv", resumed_at, note, LOSS_FIELDS) if keep else []
+        self.loss_rows = rows
+        self.eval_rows = read_csv(run_dir / "eval.csv", resumed_at, note) if keep else []
+        for folder in (run_dir, run_dir / "samples"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+                tmp.unlink(missing_ok=True)  # atomic writes' leftovers (the caller holds the lock)
         atomic_write_csv(run_dir / "loss.csv", self.loss_rows, LOSS_FIELDS)
 
     @property
@@ -84,9 +108,11 @@ class RunOutputs:
             "images_per_s": f"{images_per_s:.1f}",
             "elapsed_s": f"{elapsed:.1f}",
         }
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=LOSS_FIELDS).writerow(row)
+        # a whole row or none: a failed append is cut back (files.append_bytes)
+        append_bytes(self.run_dir / "loss.csv", line.getvalue().encode())
         self.loss_rows.append(row)
-        with open(self.run_dir / "loss.csv", "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(row)
 
     def add_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.eval_rows.append({"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})

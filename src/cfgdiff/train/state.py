@@ -90,6 +90,22 @@ def check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
                 )
 
 
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Each parameter's AdamW moments have the parameter's shape and its step count is a
+    scalar, so that the first optimizer step after a resume cannot fail (torch's own loading
+    checks only the number of parameters)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key, v in st.items():
+                if key == "step":
+                    ok = isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()
+                else:
+                    ok = isinstance(v, torch.Tensor) and v.shape == p.shape
+                if not ok:
+                    raise ValueError(f"optimizer state {key!r} does not fit its parameter")
+
+
 @dataclass
 class TrainState:
     cfg: RunConfig
@@ -146,35 +162,50 @@ class TrainState:
         }
 
     def load(self, ckpt: Path, emit: Event) -> None:
-        """Continue from checkpoint `ckpt`: verified, its config checked against this run's,
-        then weights, EMA, optimizer, generators, data position, step and loss sum restored."""
+        """Continue from checkpoint `ckpt`: verified against its MANIFEST first, its config
+        checked against this run's, then weights, EMA, optimizer, generators, data position,
+        step and loss sum restored from the typed training record (records.parse_state)."""
         ckpt_io.verify(ckpt)
         check_resume_compatible(ckpt_io.read_config(ckpt), self.cfg)
         ckpt_io.load_weights(ckpt, "model", self.net)
         ema_net = UNet(self.cfg.model)
         ckpt_io.load_weights(ckpt, "ema", ema_net)
         state = ckpt_io.load_state(ckpt)
+        path = ckpt / "state.pt"
+        was = state.data_identity  # absent in checkpoints of earlier versions
+        changed = was is not None and was != self.data_id
+        epoch, offset = state.epoch, state.offset
+        if offset >= self.batches.n:
+            if not changed:  # the same images: a position past their end is not one it saved
+                raise CheckpointError(
+                    f"{path}: data.offset must be in [0, {self.batches.n}) for "
+                    f"{self.batches.n} training images, got {offset}"
+                )
+            epoch, offset = epoch + 1, 0  # a folder that shrank: its next epoch
+        # the hyperparameters are the config's: only the per-parameter moments come from the file
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
-            self.opt.load_state_dict(state["optimizer"])
+            self.opt.load_state_dict(state.optimizer)
+            for g, fresh in zip(self.opt.param_groups, groups, strict=True):
+                g.update(fresh)
+            _check_optimizer_state(self.opt)
             self.ema.load_state_dict(
                 {k: v.to(self.device) for k, v in ema_net.state_dict().items()},
-                int(state["ema_updates"]),
+                state.ema_updates,
             )
-            self.gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"])
-            self.batches.load_state(state["data"])
-            was = state.get("data_identity")  # absent in checkpoints of earlier versions
-            if was is not None and was != self.data_id:
-                emit("data_changed", {"was": int(was["n"]), "now": self.data_id["n"]})
-            self.step = int(state["step"])
-            self.loss_sum += float(state["loss_acc"])
-            self.loss_n = int(state["loss_acc_n"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(
-                f"{ckpt / 'state.pt'}: incompatible training state ({e})"
-            ) from None
+            self.gen.set_state(state.generator)
+            torch.set_rng_state(state.torch_rng)
+            if self.device.type == "cuda" and state.cuda_rng is not None:
+                torch.cuda.set_rng_state(state.cuda_rng)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[:1] or [type(e).__name__]
+            raise CheckpointError(f"{path}: incompatible training state ({first[0]})") from None
+        self.batches.load_state({"epoch": epoch, "offset": offset})
+        if changed:
+            emit("data_changed", {"was": was["n"], "now": self.data_id["n"]})
+        self.step = state.step
+        self.loss_sum += state.loss_acc
+        self.loss_n = state.loss_acc_n
 
     def save(self, ckpt_root: Path) -> Path:
         return ckpt_io.save_checkpoint(

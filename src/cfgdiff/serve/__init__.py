@@ -1,0 +1,11 @@
+"""A local web page to play with a model (`cfgdiff serve`): class buttons, a guidance-scale
+slider, a live preview of the predicted x0 while it denoises, strips of several scales, the
+final PNG and the `cfgdiff sample` command that makes it again.
+
+    jobs.py   requests checked, one generation at a time with a small queue (no web imports)
+    app.py    the page and its API on Starlette, served by uvicorn (the `serve` extra)
+    static/   the page: HTML, JavaScript and CSS, nothing loaded from elsewhere
+
+Both are a thin layer over `sample.generate` and its per-step callback (docs/DESIGN.md,
+"Interfaces over the library").
+"""

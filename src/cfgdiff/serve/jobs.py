@@ -1,0 +1,437 @@
+"""The work behind the page, without the web: a request's settings checked against the model
+and the limits, one generation at a time per model with a small queue, and the events a job
+sends (queued, started, previews of the predicted x0, the final PNG with the command that
+reproduces it, or why it stopped).
+
+Everything here is a thin layer over `sample.generate` and its per-step callback: a preview is
+the callback's x0_hat every few steps, a cancel is the callback raising, the final PNG is the
+grid `cfgdiff sample --out FILE.png` writes for the same settings (viz.labelled_grid), and the
+command is that `cfgdiff sample` command.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+import queue
+import secrets
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cfgdiff.errors import CfgDiffError, ConfigError
+from cfgdiff.guidance import Guidance
+from cfgdiff.sample import generate, to_uint8
+from cfgdiff.samplers import SAMPLERS
+from cfgdiff.viz import labelled_grid, png_bytes
+
+MAX_SCALE = 10.0  # the page's slider: s in [0, 10]
+MAX_SEED = 2**53 - 1  # a JavaScript number holds every integer up to here
+MODES = ("images", "strip")
+# the sampler a request gets by default (the CLI's default)
+DEFAULT_SAMPLER = "dpmpp-2m"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how many may wait. `max_image_steps` bounds the work
+    of a request (images x sampler steps; a strip counts every cell), `max_images` the images
+    (and so the memory) of one batch, `queue` the requests that may wait behind the running
+    one (more are refused), `previews` about how many preview frames a request gets."""
+
+    max_images: int = 32
+    max_image_steps: int = 4000
+    max_steps: int = 250
+    max_scales: int = 8
+    queue: int = 4
+    previews: int = 12
+
+    def validate(self) -> None:
+        for name in ("max_images", "max_image_steps", "max_steps", "max_scales", "previews"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.queue < 0:
+            raise ConfigError(f"`queue` must be >= 0, got {self.queue}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One checked request. mode "images": `n` images of `label` at `scale`; mode "strip": `n`
+    images of `label` at each of `scales`, the same noise at every scale."""
+
+    label: int
+    scale: float
+    sampler: str
+    steps: int
+    seed: int
+    n: int
+    mode: str = "images"
+    scales: tuple[float, ...] = ()
+    negative_class: int | None = None
+    interval: tuple[float, float] | None = None
+
+    @property
+    def columns(self) -> tuple[float, ...]:
+        return self.scales if self.mode == "strip" else (self.scale,)
+
+    @property
+    def images(self) -> int:
+        return self.n * len(self.columns)
+
+
+# the fields a request may have
+FIELDS = (
+    "class", "scale", "sampler", "steps", "seed", "n", "mode", "scales", "negative_class",
+    "interval",
+)  # fmt: skip
+
+
+def _number(body: dict, key: str, lo: float, hi: float, default=None) -> float:
+    v = body.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ConfigError(f"`{key}` must be a number in [{lo:g}, {hi:g}], got {v!r:.40}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"`{key}` must be in [{lo:g}, {hi:g}], got {v:g}")
+    return float(v)
+
+
+def _integer(body: dict, key: str, lo: int, hi: int, default=None) -> int:
+    v = body.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"`{key}` must be an integer in [{lo}, {hi}], got {v!r:.40}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"`{key}` must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def parse_settings(body: Any, num_classes: int, timesteps: int, limits: Limits) -> Settings:
+    """A request body (parsed JSON) checked field by field; a ConfigError whose one line names
+    the field (in backticks) for the first thing wrong. Nothing in a body names a file."""
+    if not isinstance(body, dict):
+        raise ConfigError("the request must be a JSON object")
+    unknown = sorted(k for k in body if k not in FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown field `{str(unknown[0])[:40]}` (allowed: {', '.join(FIELDS)})")
+    label = _integer(body, "class", 0, num_classes - 1)
+    scale = _number(body, "scale", 0.0, MAX_SCALE, 3.0)
+    sampler = body.get("sampler", DEFAULT_SAMPLER)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {sampler!r:.40}")
+    steps = _integer(body, "steps", 1, min(limits.max_steps, timesteps), 20)
+    seed = _integer(body, "seed", 0, MAX_SEED, 0)
+    n = _integer(body, "n", 1, limits.max_images, 1)
+    mode = body.get("mode", "images")
+    if mode not in MODES:
+        raise ConfigError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r:.40}")
+    scales: tuple[float, ...] = ()
+    if mode == "strip":
+        raw = body.get("scales")
+        if not isinstance(raw, list) or not 1 <= len(raw) <= limits.max_scales:
+            raise ConfigError(
+                f"`scales` must be a list of 1 to {limits.max_scales} numbers for a strip"
+            )
+        scales = tuple(_number({"scales": v}, "scales", 0.0, MAX_SCALE) for v in raw)
+        if len(set(scales)) != len(scales):
+            raise ConfigError("`scales` must be distinct")
+    negative = body.get("negative_class")
+    if negative is not None:
+        negative = _integer(body, "negative_class", 0, num_classes - 1)
+    interval = body.get("interval")
+    if interval is not None:
+        if not isinstance(interval, list) or len(interval) != 2:
+            raise ConfigError("`interval` must be [lo, hi], two numbers")
+        lo = _number({"interval": interval[0]}, "interval", 0.0, 1e4)
+        hi = _number({"interval": interval[1]}, "interval", 0.0, 1e4)
+        if not lo < hi:
+            raise ConfigError(f"`interval` must satisfy lo < hi, got [{lo:g}, {hi:g}]")
+        interval = (lo, hi)
+    s = Settings(label, scale, sampler, steps, seed, n, mode, scales, negative, interval)
+    if s.images > limits.max_images:
+        raise ConfigError(
+            f"`n` x `scales`: at most {limits.max_images} images a request, got {s.images}"
+        )
+    if s.images * steps > limits.max_image_steps:
+        raise ConfigError(
+            f"`n` x `steps`: at most {limits.max_image_steps} image-steps a request, got "
+            f"{s.images} x {steps} = {s.images * steps}"
+        )
+    return s
+
+
+def _number_word(v: float) -> str:
+    """A float as the shortest text that reads back as it (3 for 3.0)."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+
+
+def sample_command(
+    checkpoint: str, class_names: list[str], s: Settings, precision: str
+) -> list[str]:
+    """The `cfgdiff sample` commands that write this request's images, one per scale (a strip
+    has several): each writes the grid of that scale's images, as the page shows it for mode
+    "images"; a strip's columns are the same images, sampled in one batch."""
+    name = class_names[s.label]
+    # by name where `--classes` can say it (it splits on commas and strips), else by index
+    cls = ["--classes", name if "," not in name and name.strip() == name and name else str(s.label)]
+    if cls[1].startswith("-"):  # not to be read as an option
+        cls = [f"--classes={cls[1]}"]
+    out = []
+    for scale in s.columns:
+        words = [
+            "cfgdiff", "sample", "--checkpoint", checkpoint, "--scale", _number_word(scale),
+            *cls, "--per-class", str(s.n), "--sampler", s.sampler, "--steps", str(s.steps),
+            "--seed", str(s.seed),
+        ]  # fmt: skip
+        if s.negative_class is not None:
+            words += ["--negative-class", str(s.negative_class)]
+        if s.interval is not None:
+            words += ["--guidance-interval", ",".join(_number_word(v) for v in s.interval)]
+        name = "sample.png" if s.mode == "images" else f"strip-s{_number_word(scale)}.png"
+        words += ["--precision", precision, "--out", name]
+        out.append(shlex.join(words))
+    return out
+
+
+class Busy(CfgDiffError):
+    """The queue is full: the request is refused, nothing was started."""
+
+
+class Cancelled(Exception):
+    """Raised in generate's callback to stop a job that was cancelled."""
+
+
+Sink = Callable[[dict], None]
+
+
+class Job:
+    """One request: its settings, where its events go (`sink`, called from the worker thread),
+    and whether it was cancelled. Events are dicts with a "type": queued, started, preview,
+    done, cancelled or error."""
+
+    def __init__(self, settings: Settings, sink: Sink):
+        self.id = secrets.token_hex(8)
+        self.settings = settings
+        self.sink = sink
+        self._cancel = threading.Event()
+        self.steps_done = 0
+        self.state = "queued"
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
+@dataclass
+class Model:
+    """What the engine samples from: a network, its config, and the checkpoint path shown in
+    the command (checkpoint.load_for_sampling's Loaded has all three)."""
+
+    net: Any
+    cfg: Any
+    path: str
+
+
+class Engine:
+    """One model, one worker thread: requests run one at a time in order, at most
+    `limits.queue` wait behind the running one, and a request beyond that is refused (Busy)
+    at once, so a burst costs neither memory nor time."""
+
+    def __init__(
+        self, model: Model, limits: Limits = Limits(), device="cpu", precision: str = "fp32"
+    ):
+        limits.validate()
+        self.model, self.limits = model, limits
+        self.device, self.precision = torch.device(device), precision
+        self.names = model.cfg.label_names()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(limits.queue, 0) or 1)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.running: Job | None = None
+        self.counts = {"done": 0, "cancelled": 0, "error": 0, "refused": 0}
+        self._jobs: dict[str, Job] = {}
+        self._thread = threading.Thread(target=self._work, name="cfgdiff-serve", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the web side's calls
+
+    def info(self) -> dict:
+        """What the page needs to draw its controls."""
+        m, lim = self.model.cfg.model, self.limits
+        return {
+            "classes": self.names, "image_size": m.image_size, "channels": m.in_channels,
+            "samplers": list(SAMPLERS), "sampler": DEFAULT_SAMPLER,
+            "max_steps": min(lim.max_steps, self.model.cfg.diffusion.timesteps),
+            "max_images": lim.max_images, "max_image_steps": lim.max_image_steps,
+            "max_scales": lim.max_scales, "max_scale": MAX_SCALE, "max_seed": MAX_SEED,
+            "checkpoint": self.model.path, "dataset": self.model.cfg.dataset,
+            "device": str(self.device), "precision": self.precision,
+        }  # fmt: skip
+
+    def parse(self, body: Any) -> Settings:
+        cfg = self.model.cfg
+        return parse_settings(body, cfg.model.num_classes, cfg.diffusion.timesteps, self.limits)
+
+    def submit(self, settings: Settings, sink: Sink) -> Job:
+        """Queue a job, or raise Busy when `limits.queue` jobs already wait (the running one
+        does not count)."""
+        job = Job(settings, sink)
+        with self._lock:
+            if self._waiting >= self.limits.queue and (self.running or self._waiting):
+                self.counts["refused"] += 1
+                raise Busy(
+                    f"busy: {self._waiting} request(s) already wait behind the one running; "
+                    "try again when one is done"
+                )
+            self._waiting += 1
+            ahead = self._waiting - 1 + (self.running is not None)
+            self._jobs[job.id] = job
+        job.sink({"type": "queued", "job": job.id, "ahead": ahead})
+        self._queue.put(job)  # never blocks: the count above bounds it
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a waiting or running job by its id: a waiting one is over at once, a running
+        one stops at its next step. False when no such job waits or runs."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            waiting = job is not None and job.state == "queued"
+            if waiting:
+                job.state = "cancelled"
+        if job is None:
+            return False
+        job.cancel()
+        if waiting:
+            self._finish(job, {"type": "cancelled", "job": job.id, "step": 0})
+        return True
+
+    def status(self) -> dict:
+        with self._lock:
+            running = self.running
+            return {
+                "running": None if running is None else running.id,
+                "running_steps_done": None if running is None else running.steps_done,
+                "waiting": self._waiting,
+                **self.counts,
+            }
+
+    def close(self) -> None:
+        """Cancel every job and stop the worker (the running job stops at its next step)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel()
+        while True:  # make room for the stop marker: drop the waiting jobs
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                try:
+                    dropped = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                if dropped is not None and dropped.state == "queued":
+                    self._finish(dropped, {"type": "cancelled", "job": dropped.id, "step": 0})
+        self._thread.join(timeout=30)
+
+    def warm_up(self) -> None:
+        """One small guided generation, so that the first request does not pay for the first
+        network call (memory allocation, kernel selection)."""
+        generate(
+            self.model.net, self.model.cfg, [0], scale=2.0, steps=2, batch_size=1,
+            device=self.device, precision=self.precision,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ the worker thread
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self._waiting -= 1
+                if job.state == "cancelled":  # cancelled while it waited: already answered
+                    continue
+                self.running, job.state = job, "running"
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self.running = None
+
+    def _finish(self, job: Job, event: dict) -> None:
+        """The job's last event, sent once the engine's state says it is over."""
+        with self._lock:
+            job.state = event["type"]
+            self.counts[event["type"]] += 1
+            self._jobs.pop(job.id, None)
+            if self.running is job:
+                self.running = None
+        job.sink(event)
+
+    def _run(self, job: Job) -> None:
+        s, m = job.settings, self.model
+        cols = s.columns
+        labels = torch.full((s.images,), s.label, dtype=torch.long)
+        # image i of column k is noise stream i: the stream `cfgdiff sample` gives image i
+        indices = [i for i in range(s.n) for _ in cols]
+        scale: float | torch.Tensor = s.scale
+        if s.mode == "strip":
+            scale = torch.tensor([c for _ in range(s.n) for c in cols], dtype=torch.float32)
+        guidance = Guidance(scale=scale, interval=s.interval, negative_class=s.negative_class)
+        every = max(1, math.ceil(s.steps / self.limits.previews))
+        row_names = [self.names[s.label][:12]] + [""] * (s.n - 1 if s.mode == "strip" else 0)
+        col_names = [f"s={c:g}" for c in cols] if s.mode == "strip" else None
+        ncols = s.n if s.mode == "images" else len(cols)
+
+        def picture(images: torch.Tensor) -> str:
+            grid = labelled_grid(images, ncols, row_names, col_names)
+            return base64.b64encode(png_bytes(grid)).decode()
+
+        def step(i, t, x_t, x0_hat):
+            job.steps_done = i + 1
+            if job.cancelled:
+                raise Cancelled
+            if i == 0 or ((i + 1) % every == 0 and i + 1 < s.steps):
+                job.sink({
+                    "type": "preview", "job": job.id, "step": i + 1, "steps": s.steps,
+                    "t": int(t), "png": picture(to_uint8(x0_hat).cpu()),
+                })  # fmt: skip
+
+        job.sink({"type": "started", "job": job.id, "steps": s.steps, "images": s.images})
+        t0 = time.perf_counter()
+        try:
+            images = generate(
+                m.net, m.cfg, labels, guidance=guidance, sampler=s.sampler, steps=s.steps,
+                seed=s.seed, batch_size=s.images, indices=indices, device=self.device,
+                precision=self.precision, callback=step,
+            )  # fmt: skip
+        except Cancelled:
+            self._finish(job, {"type": "cancelled", "job": job.id, "step": job.steps_done})
+            return
+        except CfgDiffError as e:
+            self._finish(job, {"type": "error", "job": job.id, "error": str(e)})
+            return
+        except Exception as e:  # out of memory and the like: this job fails, the server stays
+            from cfgdiff.runtime import error_line
+
+            self._finish(job, {"type": "error", "job": job.id, "error": error_line(e)})
+            return
+        dt = time.perf_counter() - t0
+        self._finish(job, {
+            "type": "done", "job": job.id, "png": picture(images), "seconds": round(dt, 3),
+            "images_per_s": round(s.images / max(dt, 1e-9), 2),
+            "commands": sample_command(m.path, self.names, s, self.precision),
+            "settings": dataclasses.asdict(s),
+        })  # fmt: skip

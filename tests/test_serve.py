@@ -1,0 +1,407 @@
+"""`cfgdiff serve` without a browser: requests checked field by field (HTTP 422, one line), the
+final PNG and the command that makes it again, one job at a time with a small queue (503
+beyond it), cancels (by the page, by a client that leaves), the Host check, the page's files,
+the command line, and a burst of 50 concurrent requests."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shlex
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import image_folder
+from serving import events, host_port, request
+
+from cfgdiff.cli import main
+from cfgdiff.errors import ConfigError
+from cfgdiff.serve.jobs import Busy, Engine, Limits, Model, Settings, parse_settings
+
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+STATIC = Path(__file__).resolve().parents[1] / "src" / "cfgdiff" / "serve" / "static"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny checkpoint of a 3-class folder (class0..class2), trained for a few steps."""
+    root = tmp_path_factory.mktemp("serve")
+    folder = image_folder(root / "folder", 6)
+    out = root / "run"
+    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out),
+            "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    from cfgdiff.checkpoint import load_for_sampling
+
+    return load_for_sampling(run)
+
+
+class Slow:
+    """The tiny network, `delay` seconds a call: a job lasts long enough to be seen running."""
+
+    def __init__(self, net, delay: float):
+        self.net, self.delay = net, delay
+
+    def __call__(self, x, t, y):
+        time.sleep(self.delay)
+        return self.net(x, t, y)
+
+
+def _engine(loaded, delay: float = 0.0, **limits) -> Engine:
+    net = Slow(loaded.net, delay) if delay else loaded.net
+    return Engine(Model(net, loaded.cfg, str(loaded.path)), Limits(**limits), "cpu", "fp32")
+
+
+def _collect():
+    got, done = [], threading.Event()
+
+    def sink(event):
+        got.append(event)
+        if event["type"] in ("done", "cancelled", "error"):
+            done.set()
+
+    return got, done, sink
+
+
+LIMITS = Limits(max_images=8, max_image_steps=100, max_steps=50, max_scales=4)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ([3], "the request must be a JSON object"),
+        ({"scale": 1}, "`class` must be an integer in [0, 2], got None"),
+        ({"class": 3}, "`class` must be in [0, 2], got 3"),
+        ({"class": True}, "`class` must be an integer in [0, 2], got True"),
+        ({"class": 0.5}, "`class` must be an integer in [0, 2], got 0.5"),
+        ({"class": 0, "scale": 11}, "`scale` must be in [0, 10], got 11"),
+        ({"class": 0, "scale": float("nan")}, "`scale` must be a number in [0, 10], got nan"),
+        ({"class": 0, "scale": "3"}, "`scale` must be a number in [0, 10], got '3'"),
+        ({"class": 0, "steps": 51}, "`steps` must be in [1, 50], got 51"),
+        ({"class": 0, "steps": 0}, "`steps` must be in [1, 50], got 0"),
+        ({"class": 0, "sampler": "euler"}, "`sampler` must be one of ddpm, ddim, dpmpp-2m"),
+        ({"class": 0, "seed": -1}, "`seed` must be in [0, 9007199254740991], got -1"),
+        ({"class": 0, "n": 9}, "`n` must be in [1, 8], got 9"),
+        ({"class": 0, "n": 5, "steps": 30}, "`n` x `steps`: at most 100 image-steps"),
+        ({"class": 0, "mode": "grid"}, "`mode` must be one of images, strip"),
+        ({"class": 0, "mode": "strip"}, "`scales` must be a list of 1 to 4 numbers"),
+        ({"class": 0, "mode": "strip", "scales": [1, 1]}, "`scales` must be distinct"),
+        ({"class": 0, "mode": "strip", "scales": [1, 2, 3], "n": 3}, "at most 8 images"),
+        ({"class": 0, "negative_class": 3}, "`negative_class` must be in [0, 2], got 3"),
+        ({"class": 0, "interval": [2, 1]}, "`interval` must satisfy lo < hi"),
+        ({"class": 0, "interval": "0,1"}, "`interval` must be [lo, hi], two numbers"),
+        ({"class": 0, "out": "/etc/passwd"}, "unknown field `out`"),
+        ({"class": 0, "checkpoint": "/tmp/x"}, "unknown field `checkpoint`"),
+    ],
+)
+def test_every_field_is_checked_with_a_one_line_reason(body, message):
+    with pytest.raises(ConfigError) as e:
+        parse_settings(body, 3, 1000, LIMITS)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_good_request_and_its_defaults():
+    s = parse_settings({"class": 2, "mode": "strip", "scales": [0, 2.5]}, 3, 1000, LIMITS)
+    assert s == Settings(2, 3.0, "dpmpp-2m", 20, 0, 1, "strip", (0.0, 2.5))
+    assert s.images == 2 and s.columns == (0.0, 2.5)
+    # steps are capped by the model's T too
+    with pytest.raises(ConfigError, match=r"`steps` must be in \[1, 10\]"):
+        parse_settings({"class": 0, "steps": 11}, 3, 10, LIMITS)
+
+
+def test_the_final_png_is_what_the_command_it_gives_writes(loaded, tmp_path):
+    engine = _engine(loaded)
+    try:
+        body = {"class": 1, "scale": 2.5, "steps": 6, "seed": 7, "n": 3, "negative_class": 2,
+                "interval": [0.1, 50]}  # fmt: skip
+        got, done, sink = _collect()
+        engine.submit(engine.parse(body), sink)
+        assert done.wait(60)
+    finally:
+        engine.close()
+    kinds = [e["type"] for e in got]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done"
+    assert kinds.count("preview") >= 2
+    final = got[-1]
+    (command,) = final["commands"]
+    argv = shlex.split(command)
+    assert argv[:2] == ["cfgdiff", "sample"] and argv[-2:] == ["--out", "sample.png"]
+    assert "--negative-class 2" in command and "--guidance-interval 0.1,50" in command
+    argv[-1] = str(tmp_path / "again.png")
+    assert main(argv[1:]) == 0
+    import base64
+
+    assert (tmp_path / "again.png").read_bytes() == base64.b64decode(final["png"])
+
+
+def test_strip_columns_are_the_scales_commands(loaded):
+    engine = _engine(loaded)
+    try:
+        got, done, sink = _collect()
+        body = {"class": 0, "mode": "strip", "scales": [0, 1.5, 4], "n": 2, "steps": 4}
+        engine.submit(engine.parse(body), sink)
+        assert done.wait(60)
+    finally:
+        engine.close()
+    commands = got[-1]["commands"]
+    assert [re.search(r"--scale (\S+)", c).group(1) for c in commands] == ["0", "1.5", "4"]
+    assert all("--per-class 2" in c and c.endswith(f"--out strip-s{s}.png")
+               for c, s in zip(commands, ["0", "1.5", "4"], strict=True))  # fmt: skip
+
+
+def test_one_job_at_a_time_a_small_queue_and_cancels(loaded):
+    engine = _engine(loaded, delay=0.05, queue=2, max_steps=200, max_image_steps=10_000)
+    try:
+        long = engine.parse({"class": 0, "steps": 200})
+        first, first_done, sink1 = _collect()
+        job1 = engine.submit(long, sink1)
+        deadline = time.time() + 30
+        while engine.status()["running"] != job1.id and time.time() < deadline:
+            time.sleep(0.01)
+        second, second_done, sink2 = _collect()
+        job2 = engine.submit(long, sink2)
+        third, third_done, sink3 = _collect()
+        engine.submit(engine.parse({"class": 1, "steps": 2}), sink3)
+        assert [second[0]["ahead"], third[0]["ahead"]] == [1, 2]
+        with pytest.raises(Busy, match="busy: 2 request"):
+            engine.submit(long, lambda e: None)
+        assert engine.counts["refused"] == 1
+        # a waiting job cancelled is over at once; the running one stops at its next step
+        assert engine.cancel(job2.id)
+        assert second_done.wait(1) and second[-1] == {
+            "type": "cancelled",
+            "job": job2.id,
+            "step": 0,
+        }
+        assert engine.cancel(job1.id)
+        assert first_done.wait(5) and first[-1]["type"] == "cancelled"
+        assert 0 < first[-1]["step"] < 200
+        assert third_done.wait(30) and third[-1]["type"] == "done"  # the queue goes on
+        assert not engine.cancel(job1.id)  # finished jobs are forgotten
+        assert engine.status() == {"running": None, "running_steps_done": None, "waiting": 0,
+                                   "done": 1, "cancelled": 2, "error": 0, "refused": 1}  # fmt: skip
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def server(loaded):
+    from cfgdiff.serve.app import start_in_thread
+
+    running = start_in_thread(_engine(loaded, delay=0.02, queue=1, max_image_steps=2000))
+    yield running
+    running.stop()
+
+
+def test_http_answers(server):
+    url = server.url
+    status, headers, body = request(url, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in headers["content-security-policy"]
+    for path in ("/app.js", "/app.css"):
+        assert request(url, "GET", path)[0] == 200
+    for path in ("/index.html", "/../pyproject.toml", "/static/app.js", "/api/generate"):
+        assert request(url, "GET", path)[0] in (404, 405), path
+    status, _, body = request(url, "GET", "/api/model")
+    assert status == 200 and b'"classes":["class0","class1","class2"]' in body
+    # bad input: 422 with one line, before anything runs
+    status, _, body = request(url, "POST", "/api/generate", {"class": 0, "steps": 0})
+    assert (status, body) == (422, b'{"error":"`steps` must be in [1, 250], got 0"}')
+    status, _, body = request(
+        url, "POST", "/api/generate", b"{nope", {"Content-Type": "application/json"}
+    )
+    assert (status, body) == (422, b'{"error":"the body is not valid JSON"}')
+    status, _, _ = request(url, "POST", "/api/generate", b"class=0", {"Content-Type": "text/plain"})
+    assert status == 415  # a form from another site cannot post here without a preflight
+    status, _, _ = request(url, "POST", "/api/generate", {"class": 0, "pad": "x" * 9000})
+    assert status == 413
+    status, _, body = request(url, "POST", "/api/cancel", {"job": "../../etc"})
+    assert status == 422
+    assert request(url, "POST", "/api/cancel", {"job": "0" * 16})[2] == b'{"cancelled":false}'
+    # a page served from elsewhere that resolves its name to 127.0.0.1 is refused
+    status, _, body = request(url, "GET", "/api/model", headers={"Host": "attacker.example"})
+    assert (status, body) == (
+        400,
+        b'{"error":"the Host header must name this machine\'s loopback"}',
+    )
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert request(url, "GET", "/api/model", headers={"Host": host})[0] == 200, host
+    assert server.engine.counts == {"done": 0, "cancelled": 0, "error": 0, "refused": 0}
+    # a good request: a stream of events ending in done
+    status, headers, body = request(url, "POST", "/api/generate", {"class": 2, "steps": 5, "n": 2})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    got = events(body)
+    assert [e["type"] for e in got][:2] == ["queued", "started"] and got[-1]["type"] == "done"
+
+
+def _open_stream(url: str, body: dict):
+    import json
+
+    host, port = host_port(url)
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    return c, c.getresponse()
+
+
+def test_a_client_that_leaves_cancels_its_job(server):
+    c, r = _open_stream(server.url, {"class": 0, "steps": 200})
+    assert r.status == 200
+    while b"event: preview" not in r.readline():
+        pass
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    deadline = time.time() + 10
+    while server.engine.counts["cancelled"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.engine.counts["cancelled"] == 1
+    assert server.engine.status()["running"] is None
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_requests_are_queued_or_refused_cleanly(server):
+    """A burst of 50 requests: one runs, one waits, the rest are refused at once with 503 and
+    one line; every accepted one finishes; memory stays where it was; the server goes on."""
+    url = server.url
+    before = _rss_mib()
+    results: list[tuple[int, bytes, float]] = [None] * 50  # type: ignore[list-item]
+    go = threading.Barrier(50)
+
+    def one(i: int) -> None:
+        go.wait()
+        t0 = time.perf_counter()
+        status, _, body = request(
+            url, "POST", "/api/generate", {"class": i % 3, "steps": 10, "n": 4}
+        )
+        results[i] = (status, body, time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results)
+    accepted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(accepted) + len(refused) == 50
+    assert 1 <= len(accepted) <= 2  # the one running and the queue of one
+    assert all(events(body)[-1]["type"] == "done" for _, body, _ in accepted)
+    assert all(b'"error":"busy: ' in body and body.count(b"\n") == 0 for _, body, _ in refused)
+    assert max(dt for _, _, dt in refused) < 10
+    assert _rss_mib() - before < 200
+    assert request(url, "POST", "/api/generate", {"class": 0, "steps": 2})[0] == 200
+
+
+def test_static_page_loads_nothing_from_elsewhere():
+    assert sorted(f.name for f in STATIC.iterdir()) == ["app.css", "app.js", "index.html"]
+    for f in STATIC.iterdir():
+        text = f.read_text()
+        assert "http://" not in text and "https://" not in text and "@import" not in text, f
+        assert not re.search(r"""(src|href)=["']//""", text), f
+
+
+def test_cli_serve(run, monkeypatch, capsys):
+    """The command: a port in use is one line (exit 2); a host other than the loopback is
+    served with a warning; the missing extra is one line."""
+    import sys
+
+    import cfgdiff.serve.app as app
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert main(["serve", "--checkpoint", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cfgdiff: error: --port {port} on 127.0.0.1: ") and "\n" not in err
+    taken.close()
+
+    served = {}
+    real_bind = app.bind
+    monkeypatch.setattr(app, "bind", lambda host, port: real_bind("127.0.0.1", 0))
+    monkeypatch.setattr(app, "serve_forever", lambda engine, sock, host: served.update(
+        host=host, classes=engine.info()["classes"]) or sock.close() or engine.close())  # fmt: skip
+    assert main(["serve", "--checkpoint", str(run), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "warning: --host 0.0.0.0 is not a loopback address" in out.err
+    assert re.search(r"serving .*step-0000004 at http://127\.0\.0\.1:\d+/", out.out)
+    assert served == {"host": "0.0.0.0", "classes": ["class0", "class1", "class2"]}
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["serve", "--checkpoint", str(run)]) == 2
+    assert "pip install 'cfgdiff[serve]'" in capsys.readouterr().err
+
+
+def test_a_real_server_process_stops_on_ctrl_c(run, tmp_path):
+    """`cfgdiff serve` as users run it: it prints its URL, answers, and Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfgdiff", "serve", "--checkpoint", str(run), "--port", "0",
+         "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/)", line).group(1)
+        assert request(url, "GET", "/api/model")[0] == 200
+        got = events(request(url, "POST", "/api/generate", {"class": 1, "steps": 3})[2])
+        assert got[-1]["type"] == "done"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(30)
+    assert rc == 0, proc.stderr.read()
+    assert proc.stdout.read().strip() == "stopped"
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_runs(run):
+    """bench/serve_load.py's quick mode (the figures of docs/results.md come from its full one)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--checkpoint", str(run), "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "first preview" in out.stdout and "refused with 503" in out.stdout
+
+
+def test_the_command_names_the_class_so_that_the_cli_reads_it_back():
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from cfgdiff.cli import build_parser
+    from cfgdiff.serve.jobs import sample_command
+
+    names = ("a,b", "-x", "Ankle boot")
+    cfg = dataclasses.replace(tiny_config(), class_names=names)
+    for label, word in ((0, "--classes 0 "), (1, "--classes=-x "), (2, "--classes 'Ankle boot' ")):
+        (command,) = sample_command(
+            "runs/x", list(names), Settings(label, 2.5, "ddim", 5, 1, 2), "fp32"
+        )
+        assert word in command, command
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert cfg.class_indices(args.classes) == [label]
+        assert (args.scale, args.steps, args.seed, args.per_class) == (2.5, 5, 1, 2)

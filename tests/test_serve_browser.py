@@ -1,0 +1,181 @@
+"""The page of `cfgdiff serve` in a real browser: Debian's headless Chromium driven by Playwright
+(the Makefile's install-test installs both; the test skips, saying why, only where they cannot
+be had).
+
+It serves a digit model on a free loopback port, clicks a class, moves the slider, sees preview
+frames and a final image whose class the shipped MNIST judge confirms, checks the command it
+shows, draws a strip with a negative class, shows a bad value's one-line reason, cancels a
+second request (the server stops its work) and saves screenshots: serve.png and
+serve-strip.png in tmp_path, and also in $CFGDIFF_SCREENSHOTS when that names a folder (those
+of docs/walkthrough/ are made this way). $CFGDIFF_SERVE_CHECKPOINT serves that checkpoint (a
+trained MNIST model) instead of the closed-form digit model.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from serving import DigitsOracle, digits_config, grid_cells, judge_digits
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (make install-test installs it)"
+    )
+    if not CHROMIUM.is_file():
+        pytest.skip(
+            f"no browser at {CHROMIUM} (make install-test installs Debian's chromium as root)"
+        )
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server():
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    from cfgdiff.serve.app import start_in_thread
+    from cfgdiff.serve.jobs import Engine, Limits, Model
+
+    given = os.environ.get("CFGDIFF_SERVE_CHECKPOINT")
+    if given:
+        from cfgdiff.checkpoint import load_for_sampling
+
+        loaded = load_for_sampling(Path(given))
+        model = Model(loaded.net, loaded.cfg, str(loaded.path))
+    else:  # a network's time per call, so that a long request is still running when cancelled
+        cfg = digits_config()
+        model = Model(DigitsOracle(cfg, delay=0.02), cfg, "runs/digits")
+    engine = Engine(model, Limits(max_image_steps=4000, max_steps=250, queue=2), "cpu", "fp32")
+    engine.warm_up()
+    running = start_in_thread(engine)
+    yield running
+    running.stop()
+
+
+def _screenshot(page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("CFGDIFF_SCREENSHOTS"):
+        shutil.copyfile(path, Path(os.environ["CFGDIFF_SCREENSHOTS"]) / path.name)
+
+
+def _data_url_bytes(src: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:40]
+    return base64.b64decode(src[len(prefix) :])
+
+
+def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path):
+    page = chromium.new_page(viewport={"width": 1000, "height": 640})
+    errors, urls = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("request", lambda r: urls.append(r.url))
+    page.goto(server.url)
+    page.wait_for_selector("#classes button")
+    names = page.locator("#classes button").all_inner_texts()
+    assert names == [str(c) for c in range(10)]  # named from the checkpoint
+
+    # the class to ask for: one whose template or digit the judge reads (7 where it can)
+    label = 7
+    page.fill("#steps", "16")
+    page.fill("#n", "3")
+    page.click(f"#classes button[data-class='{label}']")
+    assert page.get_attribute(f"#classes button[data-class='{label}']", "class") == "selected"
+
+    # move the slider: a click at 45 % of its track; the labels follow, w = s - 1
+    box = page.locator("#scale").bounding_box()
+    page.mouse.click(box["x"] + 0.45 * box["width"], box["y"] + box["height"] / 2)
+    s = float(page.input_value("#scale"))
+    assert 3.5 <= s <= 5.5, s
+    word = f"{s:g}"
+    assert page.inner_text("#scale-label") == f"s = {s:.1f}" or word in page.inner_text(
+        "#scale-label"
+    )
+    w_text = page.inner_text("#w-label")
+    assert abs(float(w_text.rsplit("=", 1)[1].strip()) - (s - 1)) < 1e-6, w_text
+
+    # the request of the slider's value: previews, then the final image and its command
+    page.wait_for_function(
+        f"""() => document.getElementById('status').dataset.state === 'done'
+            && document.getElementById('command').textContent.includes('--scale {word} ')""",
+        timeout=120_000,
+    )
+    frames = int(page.get_attribute("#preview", "data-frames"))
+    assert frames >= 2, frames
+    assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
+    final = _data_url_bytes(page.get_attribute("#final", "src"))
+    assert _data_url_bytes(page.get_attribute("#download", "href")) == final
+    assert page.get_attribute("#download", "download").endswith(".png")
+    images = grid_cells(final, 3, str(label))
+    verdict = judge_digits(images).argmax(1).tolist()
+    assert verdict.count(label) >= 2, verdict
+    command = page.inner_text("#command")
+    assert command.startswith("cfgdiff sample --checkpoint ")
+    for part in (f"--scale {word} ", f"--classes {label} ", "--per-class 3 ", "--steps 16 "):
+        assert part in command, command
+    _screenshot(page, tmp_path / "serve.png")
+
+    # a strip: the same noise at several scales, steered away from another class
+    page.select_option("#mode", "strip")
+    page.fill("#scales", "0,1,3,6")
+    page.fill("#n", "2")
+    page.click("#options summary")
+    page.select_option("#negative", "1")
+    page.click("#generate")
+    page.wait_for_function(
+        """() => document.getElementById('status').dataset.state === 'done'
+            && document.getElementById('command').textContent.includes('strip-s6.png')""",
+        timeout=120_000,
+    )
+    commands = page.inner_text("#command").splitlines()
+    assert [re.search(r"--scale (\S+)", c).group(1) for c in commands] == ["0", "1", "3", "6"]
+    assert all("--negative-class 1 " in c for c in commands)
+    _screenshot(page, tmp_path / "serve-strip.png")
+
+    # a bad value is refused by the server with one line, which the page shows
+    page.fill("#interval-lo", "5")
+    page.fill("#interval-hi", "1")
+    page.click("#generate")
+    page.wait_for_selector("#status[data-state=error]")
+    assert page.inner_text("#status") == "`interval` must satisfy lo < hi, got [5, 1]"
+    errors.remove("Failed to load resource: the server responded with a status of 422 "
+                  "(Unprocessable Entity)")  # fmt: skip
+    page.fill("#interval-lo", "")
+    page.fill("#interval-hi", "")
+    page.select_option("#negative", "")
+    page.select_option("#mode", "images")
+
+    # a second, long request, cancelled: the server stops it before its last step
+    cancelled_before = server.engine.counts["cancelled"]
+    page.fill("#steps", "250")
+    page.fill("#n", "16")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => Number(document.getElementById('preview').dataset.frames) >= 1", timeout=60_000
+    )
+    page.click("#cancel")
+    page.wait_for_selector("#status[data-state=cancelled]", timeout=30_000)
+    stopped_at = int(re.search(r"step (\d+)", page.inner_text("#status")).group(1))
+    assert stopped_at < 250
+    status = server.engine.status()
+    assert status["running"] is None and status["waiting"] == 0
+    assert server.engine.counts["cancelled"] == cancelled_before + 1
+
+    assert all(u.startswith(server.url) or u.startswith("data:") for u in urls), urls
+    assert errors == []
+    page.close()
