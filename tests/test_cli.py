@@ -403,7 +403,10 @@ def test_data_fetch_and_info(idx_dir, capsys):
             ["sample", "--checkpoint", "x", "--scale", "3", "--out", "a.jpg"],
             "--out must end in .png (grid) or .npz (arrays), or name a new or empty folder",
         ),
-        (["sample", "--checkpoint", "x", "--scale", "3"], "required: --out"),
+        (
+            ["sample", "--checkpoint", "x", "--scale", "3"],
+            "one of the arguments --out --animate is required",
+        ),
         (["data", "fetch", "imagenet"], "invalid choice"),
         (
             ["data", "info", "mnist", "--data-dir", "/nonexistent-dir"],
