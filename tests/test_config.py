@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from cfgdiff.cli import build_parser, main
 from cfgdiff.cli.options import CONFIG_FLAGS, flag_words, overrides
@@ -164,3 +165,48 @@ def test_a_new_dataset_is_one_spec_and_its_fetcher(monkeypatch, tmp_path, capsys
     argv = ["eval", "--checkpoint", str(run), "--scale", "2", "--n", "10", "--steps", "2"]
     assert main([*argv, "--data-dir", str(dd)]) == 0
     assert "judge: halves classifier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "device,precision,chosen",
+    [("cpu", "fp32", "cpu-demo-fp32"), ("cpu", "bf16", "cpu-demo"), ("cuda", "bf16", "cpu-demo")],
+)
+def test_demo_is_the_preset_of_what_the_machine_trains_in(device, precision, chosen):
+    from cfgdiff.presets import machine_preset
+
+    name, note = machine_preset("demo", device, precision)
+    assert name == chosen and note.startswith(f"preset demo: {chosen} (")
+    assert machine_preset("cpu-demo", device, precision) == ("cpu-demo", None)
+
+
+@pytest.mark.parametrize("precision,chosen", [("fp32", "cpu-demo-fp32"), ("bf16", "cpu-demo")])
+def test_a_demo_run_records_the_preset_chosen_and_resumes_with_it(
+    folder_data, tmp_path, precision, chosen
+):
+    from cfgdiff.train.run import RunRequest, prepare
+
+    said = []
+    req = RunRequest(tmp_path / "run", dataset=f"folder:{folder_data}", preset="demo",
+                     device="cpu", precision=precision)  # fmt: skip
+    p = prepare(req, said.append)
+    assert p.cfg.preset == chosen and p.cfg.model == dataclasses.replace(
+        PRESETS[chosen].model,
+        in_channels=p.cfg.model.in_channels,
+        image_size=p.cfg.model.image_size,
+        num_classes=p.cfg.model.num_classes,
+    )
+    assert any(s.startswith(f"preset demo: {chosen}") for s in said)
+
+
+def test_the_fp32_demo_is_a_cheaper_network_of_the_same_recipe():
+    from cfgdiff.unet import UNet
+
+    fast, slow = PRESETS["cpu-demo-fp32"], PRESETS["cpu-demo"]
+    assert fast.diffusion == slow.diffusion and fast.train.batch_size == slow.train.batch_size
+    x = torch.zeros(1, 1, 28, 28)
+    for cfg in (fast, slow):  # both build and map 28x28 to 28x28
+        net = UNet(dataclasses.replace(cfg.model, image_size=28))
+        assert (
+            net(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).shape
+            == x.shape
+        )

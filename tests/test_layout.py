@@ -17,7 +17,7 @@ LAYERS = [
     {"schedule", "data"},
     {"samplers", "viz", "plots"},
     {"config"},
-    {"diffusion", "presets", "runtime", "unet"},
+    {"diffusion", "presets", "runtime", "unet", "records"},
     {"guidance", "checkpoint", "compiled", "oracles"},
     {"sample"},
     {"previews"},

@@ -1,6 +1,7 @@
 """Named presets, and a run's config made from one.
 
-Owns: PRESETS (complete RunConfigs: cpu-demo, mnist, cifar10, lesson-35m, tiny), a preset as a
+Owns: PRESETS (complete RunConfigs: cpu-demo, cpu-demo-fp32, mnist, cifar10, lesson-35m, tiny),
+the names that stand for a preset chosen by the machine (MACHINE_PRESETS: `demo`), a preset as a
 dataset's spec changes it (get_preset), a run's config resolved from a preset or a resumed run's
 config, the dataset and the caller's overrides (resolve_config), and the data-dependent fields
 filled from the data (config_for_dataset).
@@ -22,6 +23,8 @@ from cfgdiff.config import (
 )
 from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import CfgDiffError, ConfigError
+
+DEMO_FP32_STEPS = 1400
 
 # Named presets. Each is a complete RunConfig; data-dependent model fields (channels, size,
 # classes) are replaced from the dataset when a run starts.
@@ -60,6 +63,40 @@ PRESETS: dict[str, RunConfig] = {
             checkpoint_every=250,
         ),
         preset="cpu-demo",
+    ),
+    # cpu-demo for a CPU that trains in fp32 (no AMX or AVX512-BF16): a 2x2 patch stem runs the
+    # network at 14x14 and 7x7 for about a quarter of cpu-demo's FLOPs per image, trained for
+    # more steps in the same time (docs/results.md, "The demo on a CPU without native bf16").
+    "cpu-demo-fp32": RunConfig(
+        model=ModelConfig(
+            patch_size=2,
+            base_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attn_levels=(1,),
+            num_heads=4,
+        ),
+        diffusion=DiffusionConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="none",
+            t_sampling="logit-normal",
+            t_mean=0.5,
+            t_std=1.0,
+            t_uniform=0.5,
+        ),
+        train=TrainConfig(
+            steps=DEMO_FP32_STEPS,
+            batch_size=64,
+            lr=2e-3,
+            lr_schedule="cosine",
+            lr_min_ratio=0.05,
+            warmup_steps=100,
+            ema_decay=0.995,
+            sample_every=DEMO_FP32_STEPS // 4,
+            checkpoint_every=DEMO_FP32_STEPS // 4,
+        ),
+        preset="cpu-demo-fp32",
     ),
     # MNIST on one GPU: a wider network and more steps.
     "mnist": RunConfig(
@@ -138,6 +175,29 @@ PRESETS: dict[str, RunConfig] = {
         preset="tiny",
     ),
 }
+
+
+# Names that stand for a preset chosen by what the machine trains in, as precision="auto" is:
+# the same kind of machine always gets the same preset, and the run records the one chosen.
+# `demo`: cpu-demo where training runs in bf16 (CUDA; CPUs with AMX or AVX512-BF16), its cheaper
+# cousin cpu-demo-fp32 on CPUs without native bf16 (docs/results.md, "The demo on a CPU without
+# native bf16").
+MACHINE_PRESETS: dict[str, dict[str, str]] = {"demo": {"bf16": "cpu-demo", "fp32": "cpu-demo-fp32"}}
+
+
+def machine_preset(name: str, device_type: str, precision: str) -> tuple[str, str | None]:
+    """The preset `name` stands for on a machine that trains on `device_type` ("cpu", "cuda")
+    in `precision` ("fp32", "bf16"), and a note saying so (None for a preset that is its own
+    name)."""
+    if name not in MACHINE_PRESETS:
+        return name, None
+    chosen = MACHINE_PRESETS[name]["bf16" if device_type == "cuda" else precision]
+    why = (
+        "training in fp32 on a CPU without native bf16"
+        if chosen != MACHINE_PRESETS[name]["bf16"]
+        else f"training in {precision} on {device_type}"
+    )
+    return chosen, f"preset {name}: {chosen} ({why})"
 
 
 def get_preset(name: str, dataset: str | None = None) -> RunConfig:

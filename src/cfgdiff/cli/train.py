@@ -23,7 +23,7 @@ from cfgdiff.runtime import COMPILE_MIN_TRAIN_IMAGES, DEVICES, PRECISIONS
 
 def add_parser(sub) -> None:
     from cfgdiff.data.specs import NAMES_HELP
-    from cfgdiff.presets import PRESETS
+    from cfgdiff.presets import MACHINE_PRESETS, PRESETS
 
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument(
@@ -36,8 +36,9 @@ def add_parser(sub) -> None:
     tr.add_argument(
         "--preset",
         default=None,
-        choices=list(PRESETS),
-        help="named configuration (default cpu-demo; on --resume the checkpoint's)",
+        choices=[*PRESETS, *MACHINE_PRESETS],
+        help="named configuration (default cpu-demo; on --resume the checkpoint's); demo: "
+        "cpu-demo where training runs in bf16, cpu-demo-fp32 on a CPU without native bf16",
     )
     tr.add_argument(
         "--time",

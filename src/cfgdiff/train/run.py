@@ -21,7 +21,7 @@ from cfgdiff.config import RunConfig
 from cfgdiff.data import DatasetName, check_name, load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
-from cfgdiff.presets import config_for_dataset, resolve_config
+from cfgdiff.presets import MACHINE_PRESETS, config_for_dataset, machine_preset, resolve_config
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
 from cfgdiff.train.loop import TrainResult, train
 from cfgdiff.train.state import Event
@@ -84,9 +84,13 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
             raise ConfigError(f"`resume=True`: no checkpoint in {req.run_dir / 'checkpoints'}")
         ckpt_io.verify(found)  # its MANIFEST before any of its files is read
         resumed = ckpt_io.read_config(found)
-    resolved = resolve_config(
-        req.overrides, preset=req.preset, dataset=req.dataset, resumed=resumed
-    )
+    precision, notes = _precision(req, found, device)
+    preset, chosen = req.preset, None
+    if preset in MACHINE_PRESETS:  # a resumed run keeps the preset it was trained with
+        preset, chosen = (None, None) if resumed else machine_preset(preset, device.type, precision)
+    resolved = resolve_config(req.overrides, preset=preset, dataset=req.dataset, resumed=resumed)
+    if chosen is not None and log is not None:
+        log(chosen)
     folder = DatasetName.parse(resolved.dataset).folder
     if folder is not None:  # the run's pictures would become images of the dataset
         refuse_overlap(req.run_dir, [("the dataset folder", folder)], "`run_dir`")
@@ -100,7 +104,6 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
         size, channels = size or resumed.model.image_size, channels or resumed.model.in_channels
     data = load_dataset(resolved.dataset, req.data_dir, image_size=size, channels=channels, log=log)
     cfg = config_for_dataset(resolved.config, data, resolved.dataset)
-    precision, notes = _precision(req, found, device)
     evaluator = None
     if cfg.train.eval_every:
         from cfgdiff.metrics.evaluate import TrainingEvaluator
