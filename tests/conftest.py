@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ def _no_network(monkeypatch):
 
     monkeypatch.setattr("urllib.request.urlopen", refuse)
     monkeypatch.setattr(sources, "mnist_from_package_index", refuse)
-    torch.set_num_threads(2)
+    # one thread per worker where pytest-xdist runs two workers on the two cores (make test)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True, scope="session")
