@@ -78,18 +78,23 @@ def add_sweep_parser(sub) -> None:
 
 
 def _reference(a: argparse.Namespace, loaded, device):
-    """The real reference that eval and sweep compare n samples against."""
+    """The real reference that eval and sweep compare n samples against (under torchrun rank 0
+    builds it first, since it may train and cache a judge, then the others read it)."""
+    from cfgdiff import dist
     from cfgdiff.metrics.evaluate import build_reference
 
-    return build_reference(
-        loaded.cfg, a.n, dataset=a.dataset, features=a.features, data_dir=a.data_dir,
-        inception=a.inception, device=device, log=log,
-    )  # fmt: skip
+    world = dist.world()
+    with dist.main_first(world):
+        return build_reference(
+            loaded.cfg, a.n, dataset=a.dataset, features=a.features, data_dir=a.data_dir,
+            inception=a.inception, device=device, log=log if world.is_main else None,
+        )  # fmt: skip
 
 
 def run_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from cfgdiff import dist
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.evaluate import evaluation
     from cfgdiff.runtime import describe_machine, resolve_device
@@ -112,6 +117,8 @@ def run_eval(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = generate_with(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
+    if not dist.world().is_main:  # the samples were shared out; rank 0 measures and reports
+        return 0
     record.update(n=a.n, sampling_images_per_s=a.n / dt, device=device.type)
     record["machine"] = describe_machine(device)
     result = evaluation(ref, images, labels, record)
@@ -224,6 +231,7 @@ def run_train_classifier(a: argparse.Namespace) -> int:
 
 
 def run_sweep(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.sweep import DEFAULT_SCALES, default_sweep_dir, sweep
     from cfgdiff.runtime import resolve_device, resolve_precision
@@ -242,8 +250,10 @@ def run_sweep(a: argparse.Namespace) -> int:
         loaded, guidance, scales, a.n, ref, out, record=record, sampler=a.sampler,
         steps=a.steps, spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
         compile=a.compile, device=device, precision=resolve_precision(a.precision, device),
-        log=log,
+        log=log, world=dist.world(),
     )  # fmt: skip
+    if result is None:  # not rank 0 of a torchrun job: it measured and wrote
+        return 0
     rows, real = result["rows"], result["real_floor"]
     print(
         f"{len(scales)} scales x {a.n} samples ({result['sampling_images_per_s']:.1f} images/s); "
