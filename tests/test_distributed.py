@@ -78,11 +78,11 @@ def _torchrun(argv: list[str], world: int = 2) -> subprocess.CompletedProcess:
 
 
 def _train_argv(folder: Path, out: Path, *extra) -> list[str]:
-    return [
+    return [str(a) for a in [
         "train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", out,
         "--sample-every", "0", "--checkpoint-every", "5", "--no-progress", "--precision", "fp32",
         "--device", "cpu", "--compile", "off", *extra,
-    ]  # fmt: skip
+    ]]  # fmt: skip
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -108,8 +108,8 @@ def _assert_close_runs(a: Path, b: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """3 classes x 6 8x8 images: 18 images, so a global batch of 8 crosses epochs."""
-    return image_folder(tmp_path_factory.mktemp("dist") / "folder", 6)
+    """3 classes x 7 8x8 images: 21, so a global batch of 8 crosses epochs, and eval --n 10 fits."""
+    return image_folder(tmp_path_factory.mktemp("dist") / "folder", 7)
 
 
 @pytest.fixture(scope="module")
@@ -271,11 +271,11 @@ def test_sharded_sample_and_eval_equal_one_process(one, tmp_path, capsys):
     from cfgdiff.metrics.evaluate import build_reference
 
     dd = tmp_path / "dd"
-    build_reference(load_for_sampling(one).cfg, 9, data_dir=dd)
+    build_reference(load_for_sampling(one).cfg, 10, data_dir=dd)
     common = ["--checkpoint", one, "--scale", "2", "--steps", "3", "--device", "cpu",
               "--precision", "fp32", "--sampler", "ddpm"]  # fmt: skip
-    sample = ["sample", *common, "--per-class", "3", "--batch-size", "2"]
-    evaluate = ["eval", *common, "--n", "9", "--data-dir", dd]
+    sample = ["sample", *common, "--per-class", "4", "--batch-size", "2"]
+    evaluate = ["eval", *common, "--n", "10", "--data-dir", dd]
     assert main([*map(str, sample), "--out", str(tmp_path / "one.npz")]) == 0
     assert main([*map(str, evaluate), "--json", str(tmp_path / "one.json")]) == 0
     capsys.readouterr()
@@ -283,14 +283,16 @@ def test_sharded_sample_and_eval_equal_one_process(one, tmp_path, capsys):
     results += _finish(_launch([*evaluate, "--json", tmp_path / "two.json"]))
     for rc, _out, err in results:
         assert rc == 0, err[-3000:]
-    assert [out.count("wrote 9 images") for _, out, _ in results[:2]] == [1, 0]  # rank 0 alone
+    assert [out.count("wrote 12 images") for _, out, _ in results[:2]] == [1, 0]  # rank 0 alone
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert set(a.files) == set(b.files)
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
     ea = json.loads((tmp_path / "one.json").read_text())
     eb = json.loads((tmp_path / "two.json").read_text())
+    # the same images; the judge's features differ by float rounding only (1 thread per
+    # process there, 2 here)
     for key in ("fid", "kid", "is", "precision", "recall", "class_accuracy"):
-        assert eb["generated"][key] == pytest.approx(ea["generated"][key], rel=1e-9, abs=1e-12)
+        assert eb["generated"][key] == pytest.approx(ea["generated"][key], rel=1e-6, abs=1e-9)
 
 
 def _wait_for_rows(run: Path, procs, rows: int = 2, timeout: float = 90) -> None:
@@ -314,7 +316,7 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint(folder, tmp_path):
     procs[1].send_signal(signal.SIGTERM)
     results = _finish(procs, timeout=60)
     assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
-    ckpts = list((run / "checkpoints").iterdir())
+    ckpts = list((run / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("-")[1])
     assert f"stopped at step {step}; checkpoint" in results[0][1]
