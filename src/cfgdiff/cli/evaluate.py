@@ -117,11 +117,11 @@ def run_eval(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = generate_with(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
-    if not dist.world().is_main:  # the samples were shared out; rank 0 measures and reports
-        return 0
     record.update(n=a.n, sampling_images_per_s=a.n / dt, device=device.type)
     record["machine"] = describe_machine(device)
-    result = evaluation(ref, images, labels, record)
+    result = evaluation(ref, images, labels, record, world=dist.world())
+    if not dist.world().is_main:  # the work was shared out; rank 0 reports and writes
+        return 0
     head = (
         f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
         f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"

@@ -67,6 +67,8 @@ def sweep(
     world = world or dist.World()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = None
     k = loaded.cfg.model.num_classes
     per_sample = torch.tensor([s for s in scales for _ in range(n)], dtype=torch.float32)
     labels = (torch.arange(n) % k).repeat(len(scales))
@@ -78,11 +80,9 @@ def sweep(
         device=device, precision=precision, compile=compile, log=log, world=world,
     )  # fmt: skip
     dt = time.perf_counter() - t0
-    if not world.is_main:
-        return None
     rows = []
     for i, s in enumerate(scales):
-        m = measure(ref, images[i * n : (i + 1) * n], labels[:n])
+        m = measure(ref, images[i * n : (i + 1) * n], labels[:n], world)
         rows.append({"scale": s, "w": s - 1, **{key: m[key] for key in METRIC_KEYS}})
         rows[-1].update(kid_std=m["kid_std"], is_std=m["is_std"])
         if log is not None:
@@ -91,7 +91,9 @@ def sweep(
                 f"{m['class_accuracy']:.4f}, precision {m['precision']:.3f}, recall "
                 f"{m['recall']:.3f}"
             )
-    real = floor(ref)
+    real = floor(ref, world)
+    if not world.is_main:
+        return None
     real_row = {"scale": "real", "w": "", **{key: real[key] for key in METRIC_KEYS}}
     real_row.update(kid_std=real["kid_std"], is_std=real["is_std"])
     atomic_write_csv(out / "sweep.csv", [*rows, real_row], list(rows[0]))
