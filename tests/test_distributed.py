@@ -352,3 +352,28 @@ def test_a_batch_that_does_not_split_is_refused(folder, tmp_path, batch, words):
         assert rc == 2 and len(lines) == 1 and words in lines[0], lines
         assert lines[0].startswith("cfgdiff: error: ")
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_passes_every_flag_on_but_n(capsys):
+    """torchrun's parser also reads the options after `-m cfgdiff`: every cfgdiff flag must
+    reach cfgdiff, except `--n`, which it takes for an abbreviation of its own; so `--n` has
+    the alias `--num-samples`, which does reach it."""
+    from torch.distributed.run import get_args_parser
+
+    from cfgdiff.cli import build_parser
+    from cfgdiff.cli.options import option_strings
+
+    launcher = get_args_parser()
+    refused = []
+    for flag in sorted(option_strings(build_parser())):
+        try:
+            args = launcher.parse_args(["--standalone", "-m", "cfgdiff", "eval", flag, "1"])
+            assert args.training_script_args == ["eval", flag, "1"], flag
+        except SystemExit:
+            refused.append(flag)
+    capsys.readouterr()
+    assert refused == ["--n"]
+    assert "--num-samples" in option_strings(build_parser())
+    for command in ("eval", "sweep"):
+        a = build_parser().parse_args([command, "--checkpoint", "x", "--num-samples", "12"])
+        assert a.n == 12

@@ -48,7 +48,10 @@ def add_eval_parser(sub) -> None:
         "needs --dataset (the real data to compare with)",
     )
     ev.add_argument(
-        "--n", type=int_in(10, 1_000_000), help="samples in total (default 1000; --samples: all)"
+        "--n",
+        "--num-samples",  # under torchrun, whose parser takes --n for an abbreviation of its own
+        type=int_in(10, 1_000_000),
+        help="samples in total (default 1000; --samples: all)",
     )
     ev.add_argument("--json", type=Path, help="also write the results here")
     ev.add_argument(
@@ -72,7 +75,9 @@ def add_sweep_parser(sub) -> None:
     g = sw.add_mutually_exclusive_group()
     g.add_argument("--scales", type=floats, default=None, help="comma-separated scales s")
     g.add_argument("--ws", type=floats, help="comma-separated paper weights w = s - 1")
-    sw.add_argument("--n", type=int_in(10, 1_000_000), default=5000, help="samples per scale")
+    sw.add_argument(
+        "--n", "--num-samples", type=int_in(10, 1_000_000), default=5000, help="samples per scale"
+    )
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     reference_options(sw)
 
