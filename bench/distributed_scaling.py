@@ -146,11 +146,21 @@ def main() -> None:
     print(f"  1 process:    {one['images_per_s']:9.1f} images/s")
     print(f"  {a.nproc} processes:  {many['images_per_s']:9.1f} images/s")
     print(f"  scaling efficiency: {eff:.2f} of ideal")
+    if cpu:
+        load = os.getloadavg()[0]
+        print(
+            f"  (load average {load:.1f} on {len(os.sched_getaffinity(0))} cores while it ran",
+            end="",
+        )
+        print("; above 1: one process's threads lost more to the other jobs than the processes "
+              "lost to gloo)" if eff > 1.05 else ")")  # fmt: skip
     if a.json is not None:
         record = {"preset": a.preset, "device": a.device, "machine": machine, "setup": setup,
                   "steps": a.steps, "global_batch": one["batch"], "nproc": a.nproc,
                   "one": one["images_per_s"], "many": many["images_per_s"],
                   "efficiency": eff}  # fmt: skip
+        if cpu:
+            record["load_average"] = os.getloadavg()[0]
         a.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
