@@ -164,8 +164,13 @@ def _check_eval_options(a: argparse.Namespace) -> None:
 
 def run_eval_samples(a: argparse.Namespace) -> int:
     """eval --samples: the same report for images made elsewhere (another sampler, another
-    tool's model), against --dataset, at the samples' size and channels."""
+    tool's model), against --dataset, at the samples' size and channels. Under torchrun rank 0
+    alone does it (there is nothing to sample)."""
+    from cfgdiff import dist
     from cfgdiff.metrics.evaluate import evaluation, samples_reference
+
+    if not dist.world().is_main:
+        return 0
     from cfgdiff.runtime import resolve_device
 
     ref, images, labels, names = samples_reference(
@@ -210,7 +215,11 @@ def metrics_table(columns: dict[str, dict], features: str) -> str:
 
 
 def run_train_classifier(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.data import check_name, default_data_dir
+
+    if not dist.world().is_main:  # under torchrun rank 0 alone trains and caches it
+        return 0
     from cfgdiff.metrics.classifier import classifier_path, get_classifier
     from cfgdiff.runtime import resolve_device
 
