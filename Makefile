@@ -68,6 +68,7 @@ bench-quick: install
 	$(BIN)/python bench/folder_load.py --quick
 	$(BIN)/python bench/upsample.py --quick --device cpu
 	$(BIN)/python bench/time_to_quality.py --quick --device cpu
+	$(BIN)/python bench/distributed_scaling.py --quick --preset tiny --device cpu
 	$(BIN)/python bench/tune_demo.py --quick --throughput bench/results/cpu_throughput.json \
 	  --only base,pad32 --device cpu
 

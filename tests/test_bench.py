@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         (["upsample.py", "--quick"], "speed-up of the step"),
         (["time_to_quality.py", "--quick"], "at the end"),
         (["time_to_quality.py", "--quick", "--schedule", "budget,held"], "schedule: "),
+        (["distributed_scaling.py", "--quick", "--preset", "tiny"], "scaling efficiency: "),
     ],
 )
 def test_quick_benchmarks(script, expect):

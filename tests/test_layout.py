@@ -13,7 +13,7 @@ ROOT = Path(cfgdiff.__file__).parent
 # docs/DESIGN.md, "Dependency direction": bottom first; a part may import its own layer's parts
 # and any below it.
 LAYERS = [
-    {"errors", "files", "layers", "ema"},
+    {"errors", "files", "layers", "ema", "dist"},
     {"schedule", "data"},
     {"samplers", "viz", "plots"},
     {"config"},

@@ -131,14 +131,26 @@ def training_loss(
     cfg: DiffusionConfig,
     null_label: int,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Mean loss over the batch: t from sample_timesteps, eps ~ N(0, I), labels dropped with
-    cfg.label_dropout, target eps or v, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
+    cfg.label_dropout, target eps or v, optionally min-SNR-gamma weighted (Hang et al. 2023).
+
+    rows: (first, B) when x0 is rows [first, first + b) of a global batch of B split over
+    processes: t, eps and the dropout coins are drawn for all B rows, as one process drawing the
+    whole batch would, and this part's rows kept, so every process uses its own draws and the
+    draws do not depend on the number of processes."""
     b = x0.shape[0]
     dev = x0.device
-    t = sample_timesteps(b, schedule.T, cfg, generator, dev)
-    eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-    y_in = drop_labels(y, cfg.label_dropout, null_label, generator)
+    first, B = (0, b) if rows is None else rows
+    keep = slice(first, first + b)
+    t = sample_timesteps(B, schedule.T, cfg, generator, dev)[keep]
+    eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=dev, dtype=x0.dtype)[keep]
+    y_all = y
+    if rows is not None:  # this part's labels at their rows of the global batch
+        y_all = torch.zeros(B, dtype=y.dtype, device=dev)
+        y_all[keep] = y
+    y_in = drop_labels(y_all, cfg.label_dropout, null_label, generator)[keep]
     a, s = alpha_sigma(schedule, t, x0)
     x_t = a * x0 + s * eps
     pred = net(x_t, t, y_in)

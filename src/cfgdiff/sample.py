@@ -4,7 +4,10 @@ Owns: batching (a batch size chosen for the device, halved while it runs out of 
 compiling the network for a long job (runtime.compile_sampling says when), per-sample noise
 streams (sample i of seed S always starts from the same x_T and sees the same per-step noise,
 whatever the batch size), the float -> uint8 conversion, and the per-step callback through which
-pictures of the trajectory (animations, the web page's live preview) watch a job.
+pictures of the trajectory (animations, the web page's live preview) watch a job. Given the
+processes of a torchrun job (`world`), each samples its contiguous share of the images and
+every process gets them all back, in order: since every sample has its own noise stream, the
+images are the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cfgdiff import dist
 from cfgdiff.compiled import CompiledForward
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError, RuntimeFault
@@ -59,6 +63,7 @@ def generate(
     compile: str = "off",
     log: Log | None = None,
     callback: StepCallback | None = None,
+    world: dist.World | None = None,
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
@@ -79,8 +84,29 @@ def generate(
     order (i counts each batch's steps from 0), with float tensors of that batch's images only
     (padding dropped); a retry at a halved batch size starts again from the first batch. An
     exception it raises stops the job and reaches the caller unchanged (how a caller cancels one).
+    world: the processes of a torchrun job (dist.world()) that share the work: each samples
+    its part (dist.shard) and all of them return all the images (every process must call; the
+    callback sees this process's batches only). None: this process alone.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
+    if world is not None and world.enabled:
+        n = labels.shape[0]
+        part = dist.shard(n, world)
+        rows = list(part)
+        indices = rows if indices is None else [list(indices)[i] for i in rows]
+        if isinstance(scale, torch.Tensor) and scale.ndim:
+            scale = scale[part.start : part.stop]
+        if guidance is not None and isinstance(guidance.scale, torch.Tensor):
+            if guidance.scale.ndim:
+                sliced = guidance.scale[part.start : part.stop]
+                guidance = dataclasses.replace(guidance, scale=sliced)
+        mine = generate(
+            net, cfg, labels[part.start : part.stop], scale=scale, guidance=guidance,
+            sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed,
+            batch_size=batch_size, indices=indices, device=device, precision=precision,
+            static_batches=static_batches, compile=compile, log=log, callback=callback,
+        )  # fmt: skip
+        return dist.gather(mine, n, world)
     device = torch.device(device)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")

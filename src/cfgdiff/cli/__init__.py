@@ -12,6 +12,10 @@
 Each command module adds its parser and runs it: parse, one library call, print. Library errors
 name parameters; they are said here in the CLI's flags (options.flag_words).
 
+Under torchrun (`torchrun --nproc-per-node N -m cfgdiff train|sample|eval|sweep ...`) every
+process runs the command inside one process group (dist.session); rank 0 alone prints results
+and writes files. Other commands run in one process.
+
 Exit status: 0 success; 2 bad input (one line on stderr, no traceback); 1 a run that could not go
 on (non-finite loss, out of memory, disk full: one line saying what to change); 130 interrupted
 twice; 141 the reader of its output went away (`| head`).
@@ -27,6 +31,9 @@ from pathlib import Path
 from cfgdiff.cli import data, evaluate, model, sample, serve, train
 from cfgdiff.cli.options import KNOWN_FLAGS, Parser, UsageError, flag_words, option_strings
 from cfgdiff.errors import CfgDiffError, RuntimeFault
+
+# the commands that run as one job over several processes under torchrun
+DISTRIBUTED = ("train", "sample", "eval", "sweep")
 
 # name -> the function that runs its parsed arguments
 COMMANDS = {
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             configure_cpu_threads()
             configure_cuda()
-        return COMMANDS[args.command](args)
+        return _run_command(args)
     except SystemExit as e:  # --help / --version
         return int(e.code or 0)
     except RuntimeFault as e:
@@ -119,6 +126,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cfgdiff: error: out of memory ({error_line(e)}); lower --batch-size", file=sys.stderr
         )
         return 1
+
+
+def _run_command(args) -> int:
+    """The command, joined to the other processes when torchrun started several."""
+    from cfgdiff import dist
+
+    world = dist.detect()
+    if not world.enabled:
+        return COMMANDS[args.command](args)
+    if args.command not in DISTRIBUTED:
+        raise UsageError(
+            f"{args.command} runs in one process; under torchrun only "
+            f"{', '.join(DISTRIBUTED)} do (WORLD_SIZE={world.size})"
+        )
+    from cfgdiff.runtime import resolve_device
+
+    with dist.session(resolve_device(getattr(args, "device", "auto"))):
+        return COMMANDS[args.command](args)
 
 
 def console_main() -> None:

@@ -48,7 +48,10 @@ def add_eval_parser(sub) -> None:
         "needs --dataset (the real data to compare with)",
     )
     ev.add_argument(
-        "--n", type=int_in(10, 1_000_000), help="samples in total (default 1000; --samples: all)"
+        "--n",
+        "--num-samples",  # under torchrun, whose parser takes --n for an abbreviation of its own
+        type=int_in(10, 1_000_000),
+        help="samples in total (default 1000; --samples: all)",
     )
     ev.add_argument("--json", type=Path, help="also write the results here")
     ev.add_argument(
@@ -72,24 +75,31 @@ def add_sweep_parser(sub) -> None:
     g = sw.add_mutually_exclusive_group()
     g.add_argument("--scales", type=floats, default=None, help="comma-separated scales s")
     g.add_argument("--ws", type=floats, help="comma-separated paper weights w = s - 1")
-    sw.add_argument("--n", type=int_in(10, 1_000_000), default=5000, help="samples per scale")
+    sw.add_argument(
+        "--n", "--num-samples", type=int_in(10, 1_000_000), default=5000, help="samples per scale"
+    )
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     reference_options(sw)
 
 
 def _reference(a: argparse.Namespace, loaded, device):
-    """The real reference that eval and sweep compare n samples against."""
+    """The real reference that eval and sweep compare n samples against (under torchrun rank 0
+    builds it first, since it may train and cache a judge, then the others read it)."""
+    from cfgdiff import dist
     from cfgdiff.metrics.evaluate import build_reference
 
-    return build_reference(
-        loaded.cfg, a.n, dataset=a.dataset, features=a.features, data_dir=a.data_dir,
-        inception=a.inception, device=device, log=log,
-    )  # fmt: skip
+    world = dist.world()
+    with dist.main_first(world):
+        return build_reference(
+            loaded.cfg, a.n, dataset=a.dataset, features=a.features, data_dir=a.data_dir,
+            inception=a.inception, device=device, log=log if world.is_main else None,
+        )  # fmt: skip
 
 
 def run_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from cfgdiff import dist
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.evaluate import evaluation
     from cfgdiff.runtime import describe_machine, resolve_device
@@ -114,7 +124,9 @@ def run_eval(a: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     record.update(n=a.n, sampling_images_per_s=a.n / dt, device=device.type)
     record["machine"] = describe_machine(device)
-    result = evaluation(ref, images, labels, record)
+    result = evaluation(ref, images, labels, record, world=dist.world())
+    if not dist.world().is_main:  # the work was shared out; rank 0 reports and writes
+        return 0
     head = (
         f"{a.n} samples at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} steps, "
         f"{a.n / dt:.1f} images/s; real floor: {a.n} held-out vs {a.n} training images"
@@ -152,8 +164,13 @@ def _check_eval_options(a: argparse.Namespace) -> None:
 
 def run_eval_samples(a: argparse.Namespace) -> int:
     """eval --samples: the same report for images made elsewhere (another sampler, another
-    tool's model), against --dataset, at the samples' size and channels."""
+    tool's model), against --dataset, at the samples' size and channels. Under torchrun rank 0
+    alone does it (there is nothing to sample)."""
+    from cfgdiff import dist
     from cfgdiff.metrics.evaluate import evaluation, samples_reference
+
+    if not dist.world().is_main:
+        return 0
     from cfgdiff.runtime import resolve_device
 
     ref, images, labels, names = samples_reference(
@@ -198,7 +215,11 @@ def metrics_table(columns: dict[str, dict], features: str) -> str:
 
 
 def run_train_classifier(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.data import check_name, default_data_dir
+
+    if not dist.world().is_main:  # under torchrun rank 0 alone trains and caches it
+        return 0
     from cfgdiff.metrics.classifier import classifier_path, get_classifier
     from cfgdiff.runtime import resolve_device
 
@@ -224,6 +245,7 @@ def run_train_classifier(a: argparse.Namespace) -> int:
 
 
 def run_sweep(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.sweep import DEFAULT_SCALES, default_sweep_dir, sweep
     from cfgdiff.runtime import resolve_device, resolve_precision
@@ -242,8 +264,10 @@ def run_sweep(a: argparse.Namespace) -> int:
         loaded, guidance, scales, a.n, ref, out, record=record, sampler=a.sampler,
         steps=a.steps, spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
         compile=a.compile, device=device, precision=resolve_precision(a.precision, device),
-        log=log,
+        log=log, world=dist.world(),
     )  # fmt: skip
+    if result is None:  # not rank 0 of a torchrun job: it measured and wrote
+        return 0
     rows, real = result["rows"], result["real_floor"]
     print(
         f"{len(scales)} scales x {a.n} samples ({result['sampling_images_per_s']:.1f} images/s); "

@@ -50,11 +50,12 @@ class TrainProgress:
     a --time run was given; `preview_scale`: the scale its evaluations sample at."""
 
     def __init__(self, *, bar: bool, log_every: int, images: int, machine: str,
-                 time_budget: float | None, preview_scale: float):  # fmt: skip
+                 time_budget: float | None, preview_scale: float, world=None):  # fmt: skip
         self.show, self.log_every, self.images, self.machine = bar, log_every, images, machine
         self.time_budget, self.preview_scale = time_budget, preview_scale
         self.bar = None
         self.total: int | str = "?"
+        self.world = world  # dist.World of a torchrun job, for the start line
 
     def note(self, msg: str) -> None:
         """A line on stderr above the progress bar (tqdm.write defaults to stdout)."""
@@ -78,6 +79,11 @@ class TrainProgress:
             f"{self.machine}, {info['precision']}, {self.images} images, step {info['step']} "
             f"-> {end}"
         )
+        if self.world is not None and self.world.enabled:
+            log(
+                f"{self.world.size} processes: global batch {info['batch_size']} = "
+                f"{info['batch_size_per_rank']} per process x {self.world.size}"
+            )
         if self.show:
             from tqdm import tqdm
 

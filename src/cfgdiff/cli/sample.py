@@ -96,7 +96,9 @@ def guidance_of(a: argparse.Namespace, loaded, scale: float, device):
 
 
 def generate_with(a: argparse.Namespace, loaded, labels, guidance, device, indices=None):
-    """sample.generate with the sampler options shared by sample, eval and sweep."""
+    """sample.generate with the sampler options shared by sample, eval and sweep (split over
+    the processes of a torchrun job)."""
+    from cfgdiff import dist
     from cfgdiff.runtime import resolve_precision
     from cfgdiff.sample import generate
 
@@ -104,7 +106,7 @@ def generate_with(a: argparse.Namespace, loaded, labels, guidance, device, indic
         loaded.net, loaded.cfg, labels, guidance=guidance, sampler=a.sampler, steps=a.steps,
         eta=a.eta, spacing=a.spacing, seed=a.seed, batch_size=a.batch_size, indices=indices,
         device=device, precision=resolve_precision(a.precision, device), compile=a.compile,
-        log=log,
+        log=log, world=dist.world(),
     )  # fmt: skip
 
 
@@ -130,12 +132,15 @@ def _check_outputs(a: argparse.Namespace) -> str | None:
 
 
 def run(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.runtime import resolve_device
     from cfgdiff.sample import class_grid_labels
     from cfgdiff.viz import write_samples
 
     kind = _check_outputs(a)
+    if a.animate is not None and dist.world().enabled:
+        raise UsageError("--animate runs in one process, not under torchrun")
     refuse_writing_inputs(a, ("--out", a.out), ("--animate", getattr(a, "animate", None)))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
@@ -152,7 +157,7 @@ def run(a: argparse.Namespace) -> int:
     else:
         images = generate_with(a, loaded, labels, guidance, device)
     dt = time.perf_counter() - t0
-    if kind is None:
+    if kind is None or not dist.world().is_main:  # rank 0 alone writes
         return 0
     record = {**record, "given": given}
     names = loaded.cfg.label_names()

@@ -89,19 +89,21 @@ def request(a: argparse.Namespace):
 
 
 def run(a: argparse.Namespace) -> int:
+    from cfgdiff import dist
     from cfgdiff.train import run as training
     from cfgdiff.train.tensorboard import TensorBoardEvents, require_tensorboard
 
     if a.tensorboard:
         require_tensorboard()  # before any work
-    prepared = training.prepare(request(a), log=log)
+    world = dist.world()  # under torchrun, rank 0 alone speaks and writes
+    prepared = training.prepare(request(a), log=log if world.is_main else None)
     progress = TrainProgress(
         bar=not a.no_progress and sys.stderr.isatty(), log_every=prepared.cfg.train.log_every,
         images=len(prepared.data), machine=prepared.machine, time_budget=a.time,
-        preview_scale=prepared.cfg.train.preview_scale,
+        preview_scale=prepared.cfg.train.preview_scale, world=world,
     )  # fmt: skip
-    on_event = progress
-    if a.tensorboard:
+    on_event = progress if world.is_main else None
+    if a.tensorboard and world.is_main:
         board = TensorBoardEvents(a.out / "tensorboard", prepared.cfg.train.log_every)
 
         def on_event(name, info):
@@ -111,11 +113,14 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with StopFlag() as stop:
         try:
-            res = training.run(prepared, log=progress.note, on_event=on_event, should_stop=stop)
+            note = progress.note if world.is_main else None
+            res = training.run(prepared, log=note, on_event=on_event, should_stop=stop)
         finally:
             progress.close()
-            if a.tensorboard:
+            if a.tensorboard and world.is_main:
                 board.close()
+    if not world.is_main:
+        return 0
     if res.stopped_early:
         print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
         print(f"resume with: cfgdiff train --out {a.out} --resume")

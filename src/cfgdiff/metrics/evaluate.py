@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.data import Dataset, DatasetName, canonical_name, default_data_dir, load_dataset
 from cfgdiff.errors import ConfigError
@@ -162,11 +163,26 @@ def build_reference(
     )
 
 
-def measure(ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Every metric of `images` (uint8) generated for `labels`, against the reference."""
-    feats, logits = ref.features(images)
+def _features_and_logits(ref: Reference, images: torch.Tensor, world: dist.World | None):
+    """The features and the judge's logits of `images`; with the processes of a torchrun job,
+    each extracts those of its contiguous share and all of them get all back, in order (FID's
+    float64 moments, KID, precision/recall and IS then need every sample's features, which are
+    small beside the images: N x D floats)."""
+    w = world or dist.World()
+    part = dist.shard(len(images), w)
+    mine = images[part.start : part.stop]
+    feats, logits = ref.features(mine)
     if ref.features is not ref.classifier:
-        _, logits = ref.classifier(images)
+        _, logits = ref.classifier(mine)
+    return dist.gather(feats, len(images), w), dist.gather(logits, len(images), w)
+
+
+def measure(
+    ref: Reference, images: torch.Tensor, labels: torch.Tensor, world: dist.World | None = None
+) -> dict:
+    """Every metric of `images` (uint8) generated for `labels`, against the reference. `world`:
+    the processes of a torchrun job, which share the feature extraction (all must call)."""
+    feats, logits = _features_and_logits(ref, images, world)
     acc, per = class_accuracy(logits, labels.cpu())
     is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(labels) // 100)))
     kid_mean, kid_std = kid(ref.real_features, feats, subsets=50, subset_size=min(1000, len(feats)))
@@ -273,22 +289,26 @@ def read_samples(path: Path, class_names: Sequence[str]) -> tuple[torch.Tensor, 
     return torch.as_tensor(x), index[torch.as_tensor(y, dtype=torch.long)]
 
 
-def floor(ref: Reference) -> dict:
+def floor(ref: Reference, world: dist.World | None = None) -> dict:
     """The real-vs-real floor: held-out real images measured exactly like generated ones."""
-    return measure(ref, ref.held_out.images, ref.held_out.labels)
+    return measure(ref, ref.held_out.images, ref.held_out.labels, world)
 
 
-def evaluation(ref: Reference, images: torch.Tensor, labels: torch.Tensor, record: dict) -> dict:
+def evaluation(
+    ref: Reference, images: torch.Tensor, labels: torch.Tensor, record: dict,
+    world: dist.World | None = None,
+) -> dict:  # fmt: skip
     """Every metric of `images` (asked for `labels`) and of the real floor, as the record an
-    evaluation writes: `record` (what was sampled, how) first, then the results."""
-    gen = measure(ref, images, labels)
+    evaluation writes: `record` (what was sampled, how) first, then the results. `world`: as
+    for measure."""
+    gen = measure(ref, images, labels, world)
     return {
         **record,
         "dataset": ref.dataset,
         "features": ref.features.name,
         "classifier_test_accuracy": ref.classifier_meta["test_accuracy"],
         "generated": gen,
-        "real_floor": floor(ref),
+        "real_floor": floor(ref, world),
         # flat copies of the headline numbers
         "class_accuracy": gen["class_accuracy"],
         "fid": gen["fid"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cfgdiff import dist
 from cfgdiff.files import atomic_write_csv, atomic_write_json
 from cfgdiff.guidance import Guidance
 from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
@@ -55,12 +56,19 @@ def sweep(
     device: torch.device,
     precision: str,
     log=None,
-) -> dict:
+    world: dist.World | None = None,
+) -> dict | None:
     """Sample n images at each scale with `guidance` (its scale replaced per sample), measure
     each scale and the real floor against `ref`, and write the sweep folder `out`. `loaded`:
     checkpoint.load_for_sampling's. Returns what sweep.json holds: `record` (how it was sampled,
-    without a single scale) then the scales, rows and floor."""
-    out.mkdir(parents=True, exist_ok=True)
+    without a single scale) then the scales, rows and floor. `world`: the processes of a
+    torchrun job, which share the sampling; rank 0 alone measures and writes (the others
+    return None)."""
+    world = world or dist.World()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = None
     k = loaded.cfg.model.num_classes
     per_sample = torch.tensor([s for s in scales for _ in range(n)], dtype=torch.float32)
     labels = (torch.arange(n) % k).repeat(len(scales))
@@ -69,12 +77,12 @@ def sweep(
         loaded.net, loaded.cfg, labels, guidance=dataclasses.replace(guidance, scale=per_sample),
         sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
         indices=list(range(n)) * len(scales),  # the same noise at every scale
-        device=device, precision=precision, compile=compile, log=log,
+        device=device, precision=precision, compile=compile, log=log, world=world,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     rows = []
     for i, s in enumerate(scales):
-        m = measure(ref, images[i * n : (i + 1) * n], labels[:n])
+        m = measure(ref, images[i * n : (i + 1) * n], labels[:n], world)
         rows.append({"scale": s, "w": s - 1, **{key: m[key] for key in METRIC_KEYS}})
         rows[-1].update(kid_std=m["kid_std"], is_std=m["is_std"])
         if log is not None:
@@ -83,7 +91,9 @@ def sweep(
                 f"{m['class_accuracy']:.4f}, precision {m['precision']:.3f}, recall "
                 f"{m['recall']:.3f}"
             )
-    real = floor(ref)
+    real = floor(ref, world)
+    if not world.is_main:
+        return None
     real_row = {"scale": "real", "w": "", **{key: real[key] for key in METRIC_KEYS}}
     real_row.update(kid_std=real["kid_std"], is_std=real["is_std"])
     atomic_write_csv(out / "sweep.csv", [*rows, real_row], list(rows[0]))

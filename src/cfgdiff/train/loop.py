@@ -6,6 +6,13 @@ logging, previews, evaluations and checkpoints, then the end) and the faults tha
 the run folder's files run_folder.py's, time accounting budget.py's. Nothing here prints or
 exits: progress goes to the `on_event` callback, and a stop is requested through `should_stop`
 (the CLI wires both to the terminal and to signals).
+
+Under torchrun (dist.world() of several processes) the same loop runs on every process: the
+network in DistributedDataParallel, each process on its part of the global batch; the stop
+request, the first non-finite step, the loss and a time budget's step count are agreed over the
+processes at the points where one process alone would read them; rank 0 alone holds the run
+lock and writes files; the EMA is checked equal on all processes before each checkpoint. Every
+collective is called by all processes at the same step, never under a rank condition.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from pathlib import Path
 import torch
 
 from cfgdiff import checkpoint as ckpt_io
+from cfgdiff import dist
 from cfgdiff.compiled import check_compiled_gradients
 from cfgdiff.config import MAX_STEPS, RunConfig
 from cfgdiff.diffusion import training_loss
+from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.previews import guidance_strip, preview_grid, real_grid
 from cfgdiff.runtime import autocast, error_line, is_out_of_memory
@@ -60,6 +69,7 @@ class _Options:
     compile: bool
     channels_last: bool
     time_budget: float | None
+    world: dist.World
 
 
 def train(
@@ -90,6 +100,9 @@ def train(
     and checkpoints not) that size a new run's step count, and so its LR schedule, in place of
     cfg.train.steps (budget.TimeBudget; a "schedule" event gives the count)."""
     cfg.validate()
+    world = dist.world()
+    if world.enabled:
+        dist.per_rank_batch(cfg.train.batch_size, world)
     if time_budget is not None and resume:
         raise ConfigError(
             "`time_budget` sizes a new run's schedule; a resumed run keeps its own (`steps` "
@@ -109,34 +122,38 @@ def train(
             f"{m.num_classes}"
         )
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     options = _Options(
         torch.device(device), precision, resume, on_event or (lambda name, info: None),
         should_stop or (lambda: False), final_strip, evaluator, compile, channels_last,
-        time_budget,
+        time_budget, world,
     )  # fmt: skip
-    with RunLock(run_dir):
+    # rank 0 alone holds the lock; the others never touch the folder's files
+    with RunLock(run_dir) if world.is_main else contextlib.nullcontext(), dist.peer_faults(world):
         return _run(cfg, run_dir, data, options)
 
 
 def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     began = time.perf_counter()
-    t, emit = cfg.train, o.emit
+    t, emit, w = cfg.train, o.emit, o.world
 
     # --- the state: a new run's, or that of the run's latest checkpoint
     ckpt_root = run_dir / "checkpoints"
-    last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume)
-    state = TrainState.create(cfg, data, o.device, o.precision)
+    last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume, w)
+    state = TrainState.create(cfg, data, o.device, o.precision, w)
     if o.resume:
         state.load(last_ckpt, emit)
-    out = RunOutputs(
-        run_dir, state.step if o.resume else None, note=lambda text: emit("note", {"text": text})
-    )
-    out.real_grid(lambda: real_grid(data, t.preview_per_class))
+    out = None  # rank 0's files
+    if w.is_main:
+        note = lambda text: emit("note", {"text": text})  # noqa: E731
+        out = RunOutputs(run_dir, state.step if o.resume else None, note=note)
+        out.real_grid(lambda: real_grid(data, t.preview_per_class))
     emit("start", {
         "step": state.step, "total": None if o.time_budget is not None else t.steps,
         "params": count_parameters(state.net), "device": str(o.device),
-        "precision": o.precision, "run_dir": str(run_dir),
+        "precision": o.precision, "run_dir": str(run_dir), "world_size": w.size,
+        "batch_size": t.batch_size, "batch_size_per_rank": t.batch_size // w.size,
     })  # fmt: skip
 
     # --- the step's network: eager, or compiled and checked against eager (timed with the run)
@@ -147,6 +164,15 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     if o.compile:
         with faults.out_of_memory(state.step, last_ckpt):
             forward = _compiled_or_eager(state, o.channels_last, emit)
+    if w.enabled:
+        # DDP's construction broadcasts rank 0's weights; the EMA starts from them (a resumed
+        # EMA was read from the same checkpoint on every rank). Dropout, the one draw from the
+        # global RNG, gets a stream of its own per rank, from (seed, rank, step).
+        ddp = dist.wrap(state.net, o.device)
+        forward = torch.compile(ddp) if forward is not state.net else ddp
+        if not o.resume:
+            state.ema = EMA(state.net, t.ema_decay)
+        torch.manual_seed(dist.rank_seed(t.seed, w.rank, state.step))
     budget = TimeBudget(o.time_budget, began)
     if o.time_budget is not None:  # until the budget's probe fixes the count
         t = dataclasses.replace(t, steps=MAX_STEPS)
@@ -168,7 +194,7 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
             if t.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), t.grad_clip)
                 finite = finite & torch.isfinite(norm)
-            if t.skip_nonfinite and not bool(finite):
+            if t.skip_nonfinite and not dist.every_rank(bool(finite), w):
                 skipped = faults.skip(state.step + 1, last_ckpt)
                 emit("skip", {"step": state.step + 1, "skipped": skipped})
                 continue
@@ -180,6 +206,7 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
         # a time budget fixes the step count once its probe steps are timed
         total = budget.observe(state.step, o.device)
         if total is not None:
+            total = dist.broadcast_int(total, w)  # rank 0's clock decides for all
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total))
             state.cfg, t = cfg, cfg.train
             emit(
@@ -189,40 +216,49 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
         # the loss: summed on the device, read once per log interval (the one host sync)
         state.loss_sum += loss.detach()
         state.loss_n += 1
-        images += x.shape[0]
+        images += x.shape[0] * w.size
         if state.step % t.log_every == 0 or state.step == t.steps:
-            faults.check(last_ckpt)
+            faults.check(last_ckpt, w)
             now = time.perf_counter()
             ips, t_window, images = images / max(now - t_window, 1e-9), now, 0
-            out.add_loss(state.step, state.take_loss(), lr, ips, now - t0)
-        emit("step", {"step": state.step, "loss": out.last_loss, "images_per_s": ips, "lr": lr})
+            mean = state.take_loss()
+            if out is not None:
+                out.add_loss(state.step, mean, lr, ips, now - t0)
+        last_loss = out.last_loss if out is not None else None
+        emit("step", {"step": state.step, "loss": last_loss, "images_per_s": ips, "lr": lr})
 
         # previews, evaluations and checkpoints: aside, a time budget does not count them
+        # (rank 0 alone previews and evaluates; the others wait at the next collective)
         if t.sample_every and state.step % t.sample_every == 0:
-            faults.check(last_ckpt)
-            with budget.aside():
-                _preview(state, out, data, emit)
-        if o.evaluator is not None and t.eval_every and state.step % t.eval_every == 0:
-            faults.check(last_ckpt)
-            with budget.aside():
-                metrics = o.evaluator(state.ema_model())
-                out.add_eval(state.step, metrics)
-                emit("eval", {"step": state.step, **metrics})
+            faults.check(last_ckpt, w)
+            if out is not None:
+                with budget.aside():
+                    _preview(state, out, data, emit)
+        evaluating = o.evaluator is not None or w.enabled  # the same on every rank
+        if evaluating and t.eval_every and state.step % t.eval_every == 0:
+            faults.check(last_ckpt, w)
+            if o.evaluator is not None and out is not None:
+                with budget.aside():
+                    metrics = o.evaluator(state.ema_model())
+                    out.add_eval(state.step, metrics)
+                    emit("eval", {"step": state.step, **metrics})
         if t.checkpoint_every and state.step % t.checkpoint_every == 0:
-            faults.check(last_ckpt)
+            faults.check(last_ckpt, w)
             with budget.aside():
                 last_ckpt = _checkpoint(state, ckpt_root, emit)
-        if o.should_stop() and state.step < t.steps:
+        # a stop asked of any rank stops all of them after this same step
+        if dist.any_rank(o.should_stop(), w) and state.step < t.steps:
             stopped = True
             break
 
     # --- the end: a last checkpoint, the loss plot, a last preview and the guidance strip
-    faults.check(last_ckpt)
+    faults.check(last_ckpt, w)
     with budget.aside():
         if last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}"):
             last_ckpt = _checkpoint(state, ckpt_root, emit)
-        out.loss_plot()
-        if not stopped:
+        if out is not None:
+            out.loss_plot()
+        if not stopped and out is not None:
             if not t.sample_every or state.step % t.sample_every:
                 _preview(state, out, data, emit)
             if o.final_strip:
@@ -233,15 +269,20 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     end = time.perf_counter()
     return TrainResult(
         state.step, last_ckpt, stopped, (state.step - start) * t.batch_size / max(end - t0, 1e-9),
-        end - t0, out.last_loss, budget.aside_s, budget.training_seconds(end),
+        end - t0, out.last_loss if out is not None else None, budget.aside_s,
+        budget.training_seconds(end),
     )  # fmt: skip
 
 
-def _existing_checkpoint(ckpt_root: Path, run_dir: Path, resume: bool) -> Path | None:
+def _existing_checkpoint(
+    ckpt_root: Path, run_dir: Path, resume: bool, w: dist.World
+) -> Path | None:
     """The checkpoint a resume continues from (None for a new run); a new run in a folder that
     holds checkpoints, or a resume in one that holds none, is refused. Leftovers of a killed
-    process are removed first (the caller holds the run lock)."""
-    ckpt_io.clean_stale(ckpt_root)
+    process are removed first (by rank 0, which holds the run lock; the others look after it)."""
+    if w.is_main:
+        ckpt_io.clean_stale(ckpt_root)
+    dist.barrier(w)
     existing = ckpt_io.latest_checkpoint(ckpt_root)
     if existing is not None and not resume:
         raise ConfigError(
@@ -261,6 +302,13 @@ def _preview(state: TrainState, out: RunOutputs, data, emit: Event) -> None:
 
 
 def _checkpoint(state: TrainState, ckpt_root: Path, emit: Event) -> Path:
+    """Rank 0 writes the checkpoint, after the EMA was found equal on every rank and the loss
+    sum averaged over them (both collectives); the others return the path it writes."""
+    w = state.world
+    dist.check_equal(state.ema.state_dict(), "the EMA", w)
+    state.average_loss()
+    if not w.is_main:
+        return ckpt_root / f"step-{state.step:07d}"
     path = state.save(ckpt_root)
     emit("checkpoint", {"step": state.step, "path": str(path)})
     return path
@@ -280,8 +328,11 @@ class _Faults:
     def record(self, step: int, finite: torch.Tensor) -> None:
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
 
-    def check(self, last_ckpt: Path | None) -> None:
+    def check(self, last_ckpt: Path | None, w: dist.World | None = None) -> None:
+        """A RuntimeFault when a step was non-finite, on this rank or (w) any other."""
         bad = int(self.first_bad)
+        if w is not None:
+            bad = dist.first_step(bad, w)
         if bad >= 0:
             raise RuntimeFault(
                 f"loss or gradient became non-finite at step {bad}; stopped without saving "

@@ -5,6 +5,10 @@ the preset or the resumed run's config, the dataset's changes, the overrides), t
 run's size and channels, the device and precision (a resumed run keeps the precision it trained
 with where "auto" would now pick another), whether to compile (runtime.compile_training), and
 the in-training evaluator. Then it calls the loop (loop.train).
+
+Under torchrun the same decisions are made on every process (the global batch refused first
+when it does not split over them); rank 0 reads the data first, so that a cache is written
+once, and alone builds and runs the in-training evaluator.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from cfgdiff import checkpoint as ckpt_io
+from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.data import DatasetName, check_name, load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
@@ -102,10 +107,16 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
     size, channels = req.image_size, req.channels
     if resumed is not None:
         size, channels = size or resumed.model.image_size, channels or resumed.model.in_channels
-    data = load_dataset(resolved.dataset, req.data_dir, image_size=size, channels=channels, log=log)
+    world = dist.world()
+    if world.enabled:
+        dist.per_rank_batch(resolved.config.train.batch_size, world)
+    with dist.main_first(world):  # rank 0 writes the data cache, the others read it
+        data = load_dataset(
+            resolved.dataset, req.data_dir, image_size=size, channels=channels, log=log
+        )
     cfg = config_for_dataset(resolved.config, data, resolved.dataset)
     evaluator = None
-    if cfg.train.eval_every:
+    if cfg.train.eval_every and world.is_main:
         from cfgdiff.metrics.evaluate import TrainingEvaluator
 
         evaluator = TrainingEvaluator(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cfgdiff import checkpoint as ckpt_io
+from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.data import canonical_name
 from cfgdiff.data.batches import DeviceBatches
@@ -122,26 +123,34 @@ class TrainState:
     step: int = 0
     loss_sum: torch.Tensor | None = None  # on the device: no host sync per step
     loss_n: int = 0
+    # the processes this state is one of (one, unless torchrun started several): each trains
+    # on its part of the global batch; the loss sum is averaged over them before it is read
+    world: dist.World = dataclasses.field(default_factory=dist.World)
 
     @classmethod
-    def create(cls, cfg: RunConfig, data, device: torch.device, precision: str) -> TrainState:
+    def create(
+        cls, cfg: RunConfig, data, device: torch.device, precision: str,
+        world: dist.World | None = None,
+    ) -> TrainState:  # fmt: skip
         """A new run's state. The global RNG is seeded, then drawn from only by the networks'
         initialisation (and dropout, where the model has it) and saved in every checkpoint."""
         t = cfg.train
+        world = world or dist.World()
         torch.manual_seed(t.seed)
         net = UNet(cfg.model).to(device)
         ema = EMA(net, t.ema_decay)
         opt = make_optimizer(net, t, device)
         gen = torch.Generator(device=device).manual_seed(t.seed)
         batches = DeviceBatches(
-            data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
-        )
+            data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
+            part=(world.rank, world.size),
+        )  # fmt: skip
         # before a resume restores the global RNG: its initialisation draws from it
         ema_net = UNet(cfg.model).to(device).eval()
         schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
         return cls(
             cfg, device, precision, net, ema, ema_net, opt, gen, batches, schedule,
-            data_identity(data), loss_sum=torch.zeros((), device=device),
+            data_identity(data), loss_sum=torch.zeros((), device=device), world=world,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,6 +217,7 @@ class TrainState:
         self.loss_n = state.loss_acc_n
 
     def save(self, ckpt_root: Path) -> Path:
+        """Write a checkpoint (rank 0's job; the caller averaged the loss sum first)."""
         return ckpt_io.save_checkpoint(
             ckpt_root,
             self.step,
@@ -221,17 +231,26 @@ class TrainState:
     def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch through `forward` (the network, or its compiled form),
         gradients zeroed and computed."""
+        w = self.world
+        rows = (w.rank * x.shape[0], w.size * x.shape[0]) if w.enabled else None
         with autocast(self.device, self.precision):
             loss = training_loss(
                 forward, x, y, self.schedule, self.cfg.diffusion, self.cfg.model.num_classes,
-                self.gen,
+                self.gen, rows=rows,
             )  # fmt: skip
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss
 
+    def average_loss(self) -> None:
+        """The loss sum <- its mean over the processes (a collective: every rank calls it at the
+        same step). Averaging again later is harmless: mean(S + l_r) = S + mean(l_r)."""
+        dist.mean_(self.loss_sum, self.world)
+
     def take_loss(self) -> float:
-        """The mean loss since the last call (one host sync), and the sum reset."""
+        """The mean loss since the last call (one host sync; over all processes), and the sum
+        reset."""
+        self.average_loss()
         mean = float(self.loss_sum) / self.loss_n
         self.loss_sum.zero_()
         self.loss_n = 0
