@@ -29,6 +29,7 @@ from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast
 from cfgdiff.schedule import Schedule, make_schedule
+from cfgdiff.text import TextConditions
 from cfgdiff.unet import UNet
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -122,6 +123,8 @@ class TrainState:
     step: int = 0
     loss_sum: torch.Tensor | None = None  # on the device: no host sync per step
     loss_n: int = 0
+    # a text model's caption table; its batches' "labels" are then the images' caption groups
+    text: TextConditions | None = None
 
     @classmethod
     def create(cls, cfg: RunConfig, data, device: torch.device, precision: str) -> TrainState:
@@ -133,15 +136,20 @@ class TrainState:
         ema = EMA(net, t.ema_decay)
         opt = make_optimizer(net, t, device)
         gen = torch.Generator(device=device).manual_seed(t.seed)
+        text, labels = None, data.labels
+        if cfg.model.condition == "text":  # captions encoded once, here, not in the step
+            text, labels = TextConditions.for_dataset(
+                data.images, data.labels, data.class_names, cfg.model
+            )
         batches = DeviceBatches(
-            data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
+            data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip)
         )
         # before a resume restores the global RNG: its initialisation draws from it
         ema_net = UNet(cfg.model).to(device).eval()
         schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
         return cls(
             cfg, device, precision, net, ema, ema_net, opt, gen, batches, schedule,
-            data_identity(data), loss_sum=torch.zeros((), device=device),
+            data_identity(data), loss_sum=torch.zeros((), device=device), text=text,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +228,8 @@ class TrainState:
 
     def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch through `forward` (the network, or its compiled form),
-        gradients zeroed and computed."""
+        gradients zeroed and computed. A text model's y (caption groups) becomes embeddings."""
+        y = self.condition(y)
         with autocast(self.device, self.precision):
             loss = training_loss(
                 forward, x, y, self.schedule, self.cfg.diffusion, self.cfg.model.num_classes,
@@ -229,6 +238,13 @@ class TrainState:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss
+
+    def condition(self, y: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The network's condition for a batch's labels: the labels themselves, or for a text
+        model a caption embedding per image drawn from its group (with the training generator)."""
+        if self.text is None:
+            return y
+        return self.text.training_condition(y, self.gen if gen is None else gen)
 
     def take_loss(self) -> float:
         """The mean loss since the last call (one host sync), and the sum reset."""
