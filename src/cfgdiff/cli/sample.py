@@ -232,8 +232,9 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     record = {**record, "given": given, "prompts": prompts}
     names = prompts if kind != "folder" else [f"prompt-{i:03d}" for i in range(len(prompts))]
     write_samples(
-        a.out, images, labels, names, record, per_class=a.per_class, classes=range(len(prompts))
-    )
+        a.out, images, labels, names, record, per_class=a.per_class, classes=range(len(prompts)),
+        label_chars=48,
+    )  # fmt: skip
     print(
         f"wrote {len(labels)} images of {len(prompts)} prompts to {a.out} (s={scale:g}, "
         f"w={scale - 1:g}{', negative prompt' if a.negative_prompt is not None else ''}, "
