@@ -357,3 +357,8 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert "--prompt" in one_line(
         main([str(a) for a in argv]), capsys.readouterr().err.splitlines()
     )
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10"]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert "bench/text_adherence.py" in err
+    assert main(["info", "--checkpoint", str(run)]) == 0
+    assert "conditioned on text: wordllama-l2-256 (256 dims" in capsys.readouterr().out
