@@ -13,11 +13,11 @@ ROOT = Path(cfgdiff.__file__).parent
 # docs/DESIGN.md, "Dependency direction": bottom first; a part may import its own layer's parts
 # and any below it.
 LAYERS = [
-    {"errors", "files", "layers", "ema", "dist"},
+    {"errors", "files", "layers", "ema", "dist", "text_encoder"},
     {"schedule", "data"},
     {"samplers", "viz", "plots"},
     {"config"},
-    {"diffusion", "presets", "runtime", "unet", "records"},
+    {"diffusion", "presets", "runtime", "unet", "text", "records"},
     {"guidance", "checkpoint", "compiled", "oracles"},
     {"sample"},
     {"previews"},

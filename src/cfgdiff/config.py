@@ -32,10 +32,12 @@ MAX_RES_BLOCKS = 16
 MAX_HEADS = 64
 MAX_PREVIEW_PER_CLASS = 64
 MAX_SEED = 2**32 - 1
+MAX_TEXT_DIM = 4096  # the largest sentence-embedding dimension a text model may take
 MAX_NAME_CHARS = 4096  # a class name, a dataset name or path, a preset name
 
 # The choices of the string fields, each said once here and read by validation and the CLI.
 PREDICTIONS = ("eps", "v")
+CONDITIONS = ("class", "text")  # what the network is conditioned on (ModelConfig.condition)
 LOSS_WEIGHTINGS = ("none", "min-snr")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine")
@@ -72,8 +74,28 @@ class ModelConfig:
     # patch into channels on the way in (pixel unshuffle) and back on the way out, so the first
     # level runs at half the resolution (patch size 2 in DiT, U-ViT)
     patch_size: int = 1
+    # what the network is conditioned on: "class" (a label index; the null label is index
+    # num_classes) or "text" (a caption's sentence embedding of text_dim components, added to the
+    # timestep embedding through an MLP, i.e. FiLM in every residual block; the null condition
+    # is a learned vector, asked for by an all-zero embedding)
+    condition: str = "class"
+    text_encoder: str = ""  # text: the encoder's name (text_encoder.ENCODERS); "" for class
+    text_encoder_sha256: str = ""  # text: the SHA-256 of its weights, compared on loading
+    text_dim: int = 0  # text: the embedding's dimension; 0 for class
 
     def validate(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ConfigError(
+                f"`condition` must be {' or '.join(CONDITIONS)}, got {self.condition!r}"
+            )
+        if self.condition == "text" and not 1 <= self.text_dim <= MAX_TEXT_DIM:
+            raise ConfigError(
+                f"`text_dim` must be in [1, {MAX_TEXT_DIM}] for a text model, got {self.text_dim}"
+            )
+        if self.condition == "class" and (
+            self.text_dim or self.text_encoder or self.text_encoder_sha256
+        ):
+            raise ConfigError("`text_encoder` and `text_dim` are for `condition` text only")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"`in_channels` must be 1 or 3, got {self.in_channels}")
         if self.num_classes < 1:

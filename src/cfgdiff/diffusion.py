@@ -97,10 +97,13 @@ def drop_labels(
     y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Replace each label by the null label independently with probability p (Ho & Salimans 2022,
-    Algorithm 1, p_uncond)."""
+    Algorithm 1, p_uncond). For text conditions y (B, D) float, a dropped row becomes all zeros,
+    the null condition of a text network (unet.UNet); the draw is the same (B,) uniforms."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    drop = torch.rand(y.shape[:1], generator=generator, device=y.device) < p
+    if y.is_floating_point():
+        return torch.where(drop[:, None], torch.zeros_like(y), y)
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 

@@ -27,6 +27,8 @@ Variants (each an option of `Guidance`, combinable unless stated):
   pred_rescaled = pred_cfg * std(pred_c) / std(pred_cfg) (per sample);
   pred = phi * pred_rescaled + (1 - phi) * pred_cfg.
 - negative class k: the reference prediction is the one for class k instead of the null label.
+- negative prompt (text models): the reference condition is the negative prompt's embedding
+  instead of the null (all-zero) embedding; still one batched forward over [x_t; x_t].
 - autoguidance (Karras et al. 2024, Eq. 2): the reference is D_guide(x; sigma, y) of a weaker
   network of the same kind (e.g. an early checkpoint): D = D_guide + s (D_main - D_guide).
   Two networks, one forward pass each per step.
@@ -77,6 +79,8 @@ class Guidance:
     interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guide only there
     rescale: float = 0.0  # phi in [0, 1]; 0 is plain CFG
     negative_class: int | None = None  # reference label instead of the null label
+    # text models: (D,) embedding of a negative prompt, the reference instead of the null
+    negative_condition: torch.Tensor | None = None
     guide_net: Net | None = None  # autoguidance: a weaker network as the reference
     threshold: str = "static"  # "static" | "dynamic" | "none"
     threshold_percentile: float = 0.995  # p of dynamic thresholding, in (0, 1]
@@ -111,6 +115,10 @@ class Guidance:
                 )
         if self.guide_net is not None and self.negative_class is not None:
             raise ConfigError("`guide_checkpoint` and `negative_class` cannot be combined")
+        if self.guide_net is not None and self.negative_condition is not None:
+            raise ConfigError("`guide_checkpoint` and `negative_prompt` cannot be combined")
+        if self.negative_class is not None and self.negative_condition is not None:
+            raise ConfigError("`negative_class` and `negative_prompt` cannot be combined")
 
     def to_record(self) -> dict:
         """These settings as plain data for output files (settings.json, --json results, .npz),
@@ -128,7 +136,7 @@ class Guidance:
             "threshold": self.threshold,
             "threshold_percentile": self.threshold_percentile,
             "apg": dataclasses.asdict(self.apg) if self.apg else None,
-        }
+        } | ({"negative_prompt": True} if self.negative_condition is not None else {})
 
 
 def cfg_combine(
@@ -200,8 +208,16 @@ def guided_denoiser(
     scales = g.scale if isinstance(g.scale, torch.Tensor) else torch.tensor([float(g.scale)])
     all_one = bool((scales == 1).all())
     all_zero = bool((scales == 0).all())
-    ref_label = null_label if g.negative_class is None else g.negative_class
-    y_ref = torch.full_like(y, ref_label)
+    if y.is_floating_point():  # text: (B, D) embeddings; the null is the all-zero row
+        if g.negative_class is not None:
+            raise ConfigError("`negative_class` is for class models; pass `negative_prompt`")
+        neg = g.negative_condition
+        y_ref = torch.zeros_like(y) if neg is None else neg.to(y).expand_as(y).contiguous()
+    else:
+        if g.negative_condition is not None:
+            raise ConfigError("`negative_prompt` is for text models; pass `negative_class`")
+        ref_label = null_label if g.negative_class is None else g.negative_class
+        y_ref = torch.full_like(y, ref_label)
     state: dict[str, torch.Tensor] = {}
 
     def in_interval(t: torch.Tensor) -> bool:

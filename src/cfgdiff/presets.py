@@ -23,6 +23,7 @@ from cfgdiff.config import (
 )
 from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import CfgDiffError, ConfigError
+from cfgdiff.text_encoder import DEFAULT_ENCODER, ENCODERS
 
 DEMO_FP32_STEPS = 1400
 
@@ -229,6 +230,12 @@ class Resolved:
     notes: tuple[str, ...] = ()
 
 
+def encoder_fields(name: str = DEFAULT_ENCODER) -> dict[str, Any]:
+    """The ModelConfig fields that record text encoder `name` (a text run's defaults)."""
+    spec = ENCODERS[name]
+    return {"text_encoder": name, "text_encoder_sha256": spec.sha256, "text_dim": spec.dim}
+
+
 def resolve_config(
     overrides: dict[str, Any],
     *,
@@ -265,6 +272,8 @@ def resolve_config(
                     f"the preset's {o.t_sampling} law (docs/results.md; `t_sampling` chooses)"
                 )
     cfg = replace_fields(base, overrides)
+    if cfg.model.condition == "text" and not cfg.model.text_encoder:  # the default encoder
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **encoder_fields()))
     if overrides.get("diffusion.t_sampling") == "uniform" and resumed is None:
         unset = DiffusionConfig()
         cfg = replace_fields(

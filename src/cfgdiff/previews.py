@@ -39,15 +39,18 @@ SHOWS = {"x0": "predicted x0", "xt": "x_t"}
 ANIMATION_MAX_IMAGES = 400  # images per frame: an animation is for looking at
 
 
-def preview_grid(net, cfg: RunConfig, class_names, device, precision: str, seed: int = 0):
-    """Rows = classes (shown_classes), `preview_per_class` samples each at the preview scale."""
+def preview_grid(
+    net, cfg: RunConfig, class_names, device, precision: str, seed: int = 0, conditions=None
+):
+    """Rows = classes (shown_classes), `preview_per_class` samples each at the preview scale.
+    conditions: for a text model, class labels -> caption embeddings (text.TextConditions)."""
     t = cfg.train
     classes = shown_classes(cfg.model.num_classes)
     labels = class_grid_labels(classes, t.preview_per_class)
     imgs = generate(
         net,
         cfg,
-        labels,
+        labels if conditions is None else conditions(labels),
         scale=t.preview_scale,
         sampler=t.preview_sampler,
         steps=t.preview_steps,
@@ -83,16 +86,17 @@ def guidance_strip(
     seed: int = 0,
     scales=STRIP_SCALES,
     steps: int | None = None,
+    conditions=None,
 ):
     """Rows = classes (shown_classes), columns = guidance scales; every cell starts from the
-    same noise."""
+    same noise. conditions: as preview_grid's."""
     classes = shown_classes(cfg.model.num_classes)
     labels = torch.tensor([c for c in classes for _ in scales])
     per = torch.tensor([float(s) for _ in classes for s in scales])
     imgs = generate(
         net,
         cfg,
-        labels,
+        labels if conditions is None else conditions(labels),
         scale=per,
         sampler=cfg.train.preview_sampler,
         steps=steps or cfg.train.preview_steps,

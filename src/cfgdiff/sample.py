@@ -67,6 +67,9 @@ def generate(
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
+    labels: (N,) class labels, or for a text model (cfg.model.condition "text") an (N, text_dim)
+    float tensor of caption embeddings (text.TextConditions.embed gives them).
+
     scale: guidance scale s (float, or (N,) tensor of per-sample scales); or pass a full
     `guidance` (its scale may also be an (N,) tensor); not both.
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
@@ -88,7 +91,10 @@ def generate(
     its part (dist.shard) and all of them return all the images (every process must call; the
     callback sees this process's batches only). None: this process alone.
     """
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+        labels = labels.float()  # a text model's (N, text_dim) caption embeddings
+    else:
+        labels = torch.as_tensor(labels, dtype=torch.long)
     if world is not None and world.enabled:
         n = labels.shape[0]
         part = dist.shard(n, world)
@@ -152,7 +158,17 @@ def _generate(
     """generate's work at one batch size."""
     n = labels.shape[0]
     m = cfg.model
-    if n and (labels.min() < 0 or labels.max() >= m.num_classes):
+    if labels.is_floating_point() != (m.condition == "text"):
+        raise ConfigError(
+            "a text model takes prompts and a class model class labels"
+            if m.condition == "text"
+            else "a class model takes class labels, not prompts"
+        )
+    if labels.is_floating_point() and labels.shape[1:] != (m.text_dim,):
+        raise ConfigError(
+            f"caption embeddings must have {m.text_dim} components, got {tuple(labels.shape[1:])}"
+        )
+    if not labels.is_floating_point() and n and (labels.min() < 0 or labels.max() >= m.num_classes):
         raise ConfigError(
             f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}"
         )

@@ -1,8 +1,12 @@
-"""The network f(x_t, t, y): a class-conditional UNet.
+"""The network f(x_t, t, c): a UNet conditioned on a class label or a text embedding.
 
-Owns: shapes, channels and the label embedding table, whose extra last row (index num_classes) is
-the null label used for classifier-free guidance. It does not know the noise schedule, the loss,
-what its output means (eps or v) or any guidance scale.
+Owns: shapes, channels and the condition's embedding. For a class model (cfg.condition "class")
+that is the label embedding table, whose extra last row (index num_classes) is the null label
+used for classifier-free guidance. For a text model ("text") c is a (B, text_dim) sentence
+embedding mapped by an MLP into the timestep embedding (FiLM: every residual block's scale and
+shift read it); an all-zero row is the null condition, replaced by a learned vector `null_text`
+(sentence embeddings are unit vectors, so no caption is all zero). It does not know the noise
+schedule, the loss, what its output means (eps or v) or any guidance scale.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ class UNet(nn.Module):
         emb_ch = 4 * ch0
         self.null_label = cfg.num_classes
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_ch)  # last row: null label
+        if cfg.condition == "class":
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_ch)  # last row: null label
+        else:
+            self.text_mlp = nn.Sequential(
+                nn.Linear(cfg.text_dim, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
+            )
+            self.null_text = nn.Parameter(torch.randn(cfg.text_dim) / cfg.text_dim**0.5)
         self.patch = cfg.patch_size
         pixels = cfg.in_channels * self.patch**2  # channels of the (unshuffled) input
         self.conv_in = nn.Conv2d(pixels, ch0, 3, padding=1)
@@ -71,10 +81,21 @@ class UNet(nn.Module):
             mods.append(Attention(cout, self.cfg.num_heads))
         return nn.ModuleList(mods)
 
+    def condition_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, emb_ch) of the condition: a label's row, or a text embedding through the MLP (the
+        learned null vector in place of all-zero rows)."""
+        if self.cfg.condition == "class":
+            return self.label_emb(y)
+        null = (y == 0).all(dim=1, keepdim=True)  # (B, 1)
+        c = torch.where(null, self.null_text.to(y.dtype), y)
+        return self.text_mlp(c)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy images; t: (B,) timesteps (float or int); y: (B,) labels in
-        [0, num_classes], num_classes meaning "no label". Returns (B, C, H, W)."""
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.label_emb(y)
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps (float or int); y: the condition,
+        (B,) labels in [0, num_classes], num_classes meaning "no label", or for a text model
+        (B, text_dim) embeddings, an all-zero row meaning "no caption". Returns (B, C, H, W)."""
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        emb = emb + self.condition_embedding(y)
         if self.patch > 1:  # (B, C, H, W) -> (B, C p^2, H/p, W/p)
             x = torch.nn.functional.pixel_unshuffle(x, self.patch)
         h = self.conv_in(x)

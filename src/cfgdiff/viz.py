@@ -189,12 +189,14 @@ def write_samples(
     *,
     per_class: int,
     classes: Sequence[int],
+    label_chars: int = 12,
 ) -> None:
     """Samples in the form `out` asks for (sample_output_kind): a grid with one row of
     `per_class` images per class of `classes`; an .npz with images uint8 (N, C, H, W), labels
     (class indices; class_names[i] names index i), the guidance and sampler settings and
     `record` whole as JSON; or a folder of PNGs with settings.json. `record`: what made them
-    (guidance.to_record and the sampler's settings)."""
+    (guidance.to_record and the sampler's settings). label_chars: of a
+    grid's row labels (class names; a text model's prompts are longer)."""
     import numpy as np
 
     kind = sample_output_kind(out)
@@ -203,7 +205,7 @@ def write_samples(
     if kind == "folder":
         write_image_folder(images, labels.tolist(), names, out, record)
     elif kind == "png":
-        save_png(labelled_grid(images, per_class, [names[c][:12] for c in classes]), out)
+        save_png(labelled_grid(images, per_class, [names[c][:label_chars] for c in classes]), out)
     else:
         buf = io.BytesIO()
         np.savez(

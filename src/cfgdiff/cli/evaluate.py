@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cfgdiff.cli.options import (
+    UsageError,
     floats,
     int_in,
     reference_options,
@@ -114,6 +115,11 @@ def run_eval(a: argparse.Namespace) -> int:
         return run_eval_samples(a)
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
+    if loaded.cfg.model.condition == "text":
+        raise UsageError(
+            "eval does not measure text models yet: python bench/text_adherence.py "
+            f"--checkpoint {a.checkpoint} measures prompt and attribute adherence (docs/text.md)"
+        )
     scale, _ = scale_of(a)
     # The options first: building the reference may train a classifier for minutes.
     guidance, record = guidance_of(a, loaded, scale, device)
@@ -256,6 +262,11 @@ def run_sweep(a: argparse.Namespace) -> int:
     refuse_writing_inputs(a, ("--out", a.out))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
+    if loaded.cfg.model.condition == "text":
+        raise UsageError(
+            "sweep does not measure text models yet: python bench/text_adherence.py "
+            f"--checkpoint {a.checkpoint} --scales S,S,... (docs/text.md)"
+        )
     out = a.out if a.out is not None else default_sweep_dir(loaded.path)
     # The options first: building the reference may train a classifier for minutes.
     guidance, record = guidance_of(a, loaded, 1.0, device)

@@ -96,7 +96,13 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
         f"  network:   {count_parameters(loaded.net) / 1e6:.2f} M parameters, base channels "
         f"{m.base_channels}, mult {m.channel_mult}, {m.num_res_blocks} res blocks per level, "
         f"attention at levels {m.attn_levels}"
-        + (f", {m.patch_size}x{m.patch_size} patches" if m.patch_size > 1 else ""),
+        + (f", {m.patch_size}x{m.patch_size} patches" if m.patch_size > 1 else "")
+        + (
+            f"; conditioned on text: {m.text_encoder} ({m.text_dim} dims, weights SHA-256 "
+            f"{m.text_encoder_sha256[:16]}...), a learned null vector"
+            if m.condition == "text"
+            else ""
+        ),
         f"  diffusion: {d.schedule} schedule, T = {d.timesteps}, {d.prediction}-prediction, "
         f"label dropout {d.label_dropout:g}{timesteps}",
         f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfgdiff.config import MAX_STEPS, T_SAMPLINGS
+from cfgdiff.config import CONDITIONS, MAX_STEPS, T_SAMPLINGS
 from cfgdiff.errors import CfgDiffError
 from cfgdiff.guidance import THRESHOLDS
 from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_IMAGE_STEPS, DEVICES, PRECISIONS
@@ -177,6 +177,28 @@ TIMESTEP_HELP = (
     "fashion-mnist, where it measured better; every other preset's uniform)"
 )
 CONFIG_FLAGS = (
+    ConfigFlag(
+        "--condition",
+        "model.condition",
+        "text",
+        dict(
+            choices=CONDITIONS,
+            help="what the model is conditioned on: class labels, or text prompts (captions made "
+            "from each image's label and measured attributes, encoded once by the `text` extra's "
+            "sentence encoder; docs/text.md)",
+        ),
+    ),
+    ConfigFlag(
+        "--patch-size",
+        "model.patch_size",
+        "4",
+        dict(
+            type=int,
+            choices=(1, 2, 4),
+            help="side of the square patches the network works on (2: the first level runs at "
+            "half resolution, about 3x faster per step on a CPU)",
+        ),
+    ),
     ConfigFlag("--steps", "train.steps", "7", dict(type=int_in(1, MAX_STEPS))),
     ConfigFlag("--batch-size", "train.batch_size", "12", dict(type=int_in(1, 65536))),
     ConfigFlag("--lr", "train.lr", "0.003", dict(type=float_in(0, 1, True, True))),

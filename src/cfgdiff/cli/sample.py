@@ -33,6 +33,23 @@ def add_parser(sub) -> None:
         help="FILE.png (grid), FILE.npz (arrays) or a new or empty FOLDER (FOLDER/CLASS/NNNNN.png, "
         "one PNG per image, plus settings.json); --out or --animate or both",
     )
+    tx = sa.add_argument_group("text models (cfgdiff train --condition text; docs/text.md)")
+    tx.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt, one grid row of --per-class images (repeatable; default: each class's "
+        'name as a word, "seven"); captions seen in training need no encoder, others the '
+        "`text` extra",
+    )
+    tx.add_argument(
+        "--prompts", type=Path, metavar="FILE", help="prompts, one per line (after any --prompt)"
+    )
+    tx.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="guide away from this prompt: the reference in place of the null condition",
+    )
     an = sa.add_argument_group("animation of the denoising (docs/guidance.md)")
     an.add_argument(
         "--animate",
@@ -144,6 +161,10 @@ def run(a: argparse.Namespace) -> int:
     refuse_writing_inputs(a, ("--out", a.out), ("--animate", getattr(a, "animate", None)))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
+    if loaded.cfg.model.condition == "text":
+        return _run_text(a, loaded, kind, device)
+    if a.prompt or a.prompts or a.negative_prompt is not None:
+        raise UsageError("--prompt, --prompts and --negative-prompt are for text models")
     k = loaded.cfg.model.num_classes
     wanted = loaded.cfg.class_indices(a.classes) if a.classes is not None else list(range(k))
     scale, given = scale_of(a)
@@ -166,6 +187,63 @@ def run(a: argparse.Namespace) -> int:
     print(
         f"wrote {len(labels)} images to {where} (s={scale:g}, w={scale - 1:g}, {a.sampler} "
         f"{a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)"
+    )
+    return 0
+
+
+def prompts_of(a: argparse.Namespace, cfg) -> list[str]:
+    """--prompt and --prompts FILE, in order; by default each class's label-only caption."""
+    prompts = list(a.prompt or [])
+    if a.prompts is not None:
+        try:
+            lines = a.prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts {a.prompts}: cannot read it ({e})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        from cfgdiff.data.captions import DIGIT_WORDS
+
+        names = cfg.label_names()
+        digits = names == [str(i) for i in range(10)]
+        prompts = list(DIGIT_WORDS) if digits else names
+    return prompts
+
+
+def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
+    """sample for a text model: a row per prompt."""
+    import dataclasses
+
+    import torch
+
+    from cfgdiff.text import embed_prompts, run_caption_table
+    from cfgdiff.viz import write_samples
+
+    if a.classes is not None or a.animate is not None:
+        raise UsageError("a text model takes --prompt/--prompts, not --classes or --animate")
+    prompts = prompts_of(a, loaded.cfg)
+    table = run_caption_table(loaded.path)
+    scale, given = scale_of(a)
+    guidance, record = guidance_of(a, loaded, scale, device)
+    if a.negative_prompt is not None:
+        neg = embed_prompts([a.negative_prompt], loaded.cfg.model, table)[0]
+        guidance = dataclasses.replace(guidance, negative_condition=neg)
+        record = {**guidance.to_record(), **record, "negative_prompt": a.negative_prompt}
+    rows = embed_prompts(prompts, loaded.cfg.model, table)
+    conditions = rows.repeat_interleave(a.per_class, dim=0)
+    labels = torch.arange(len(prompts)).repeat_interleave(a.per_class)
+    t0 = time.perf_counter()
+    images = generate_with(a, loaded, conditions, guidance, device)
+    dt = time.perf_counter() - t0
+    record = {**record, "given": given, "prompts": prompts}
+    names = prompts if kind != "folder" else [f"prompt-{i:03d}" for i in range(len(prompts))]
+    write_samples(
+        a.out, images, labels, names, record, per_class=a.per_class, classes=range(len(prompts)),
+        label_chars=48,
+    )  # fmt: skip
+    print(
+        f"wrote {len(labels)} images of {len(prompts)} prompts to {a.out} (s={scale:g}, "
+        f"w={scale - 1:g}{', negative prompt' if a.negative_prompt is not None else ''}, "
+        f"{a.sampler} {a.steps} steps, seed {a.seed}; {len(labels) / dt:.1f} images/s)"
     )
     return 0
 

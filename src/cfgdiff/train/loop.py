@@ -35,6 +35,7 @@ from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
 from cfgdiff.previews import guidance_strip, preview_grid, real_grid
 from cfgdiff.runtime import autocast, error_line, is_out_of_memory
+from cfgdiff.text import CAPTIONS_FILE
 from cfgdiff.train.budget import TimeBudget
 from cfgdiff.train.run_folder import RunLock, RunOutputs
 from cfgdiff.train.state import Event, TrainState, lr_at
@@ -149,6 +150,8 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
         note = lambda text: emit("note", {"text": text})  # noqa: E731
         out = RunOutputs(run_dir, state.step if o.resume else None, note=note)
         out.real_grid(lambda: real_grid(data, t.preview_per_class))
+        if state.text is not None:  # the caption table: sampling its captions needs no encoder
+            state.text.save(run_dir / CAPTIONS_FILE)
     emit("start", {
         "step": state.step, "total": None if o.time_budget is not None else t.steps,
         "params": count_parameters(state.net), "device": str(o.device),
@@ -263,8 +266,9 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
                 _preview(state, out, data, emit)
             if o.final_strip:
                 strip = guidance_strip(
-                    state.ema_model(), cfg, data.class_names, o.device, o.precision
-                )
+                    state.ema_model(), cfg, data.class_names, o.device, o.precision,
+                    conditions=state.text.class_condition if state.text else None,
+                )  # fmt: skip
                 emit("strip", {"path": str(out.strip(strip))})
     end = time.perf_counter()
     return TrainResult(
@@ -296,8 +300,9 @@ def _existing_checkpoint(
 
 def _preview(state: TrainState, out: RunOutputs, data, emit: Event) -> None:
     img = preview_grid(
-        state.ema_model(), state.cfg, data.class_names, state.device, state.precision
-    )
+        state.ema_model(), state.cfg, data.class_names, state.device, state.precision,
+        conditions=state.text.class_condition if state.text else None,
+    )  # fmt: skip
     emit("sample", {"step": state.step, "path": str(out.preview(state.step, img))})
 
 
@@ -378,8 +383,9 @@ def _compiled_or_eager(state: TrainState, channels_last: bool, emit: Event):
 
     def loss_of(f):
         gen = torch.Generator(device=device).manual_seed(seed)
+        c = state.condition(y, gen)
         with autocast(device, precision):
-            return training_loss(f, x, y, state.schedule, d, cfg.model.num_classes, gen)
+            return training_loss(f, x, c, state.schedule, d, cfg.model.num_classes, gen)
 
     compiled = torch.compile(net)
     try:

@@ -30,6 +30,7 @@ from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast
 from cfgdiff.schedule import Schedule, make_schedule
+from cfgdiff.text import TextConditions
 from cfgdiff.unet import UNet
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -126,6 +127,8 @@ class TrainState:
     # the processes this state is one of (one, unless torchrun started several): each trains
     # on its part of the global batch; the loss sum is averaged over them before it is read
     world: dist.World = dataclasses.field(default_factory=dist.World)
+    # a text model's caption table; its batches' "labels" are then the images' caption groups
+    text: TextConditions | None = None
 
     @classmethod
     def create(
@@ -141,8 +144,13 @@ class TrainState:
         ema = EMA(net, t.ema_decay)
         opt = make_optimizer(net, t, device)
         gen = torch.Generator(device=device).manual_seed(t.seed)
+        text, labels = None, data.labels
+        if cfg.model.condition == "text":  # captions encoded once, here, not in the step
+            text, labels = TextConditions.for_dataset(
+                data.images, data.labels, data.class_names, cfg.model
+            )
         batches = DeviceBatches(
-            data.images, data.labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
+            data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
             part=(world.rank, world.size),
         )  # fmt: skip
         # before a resume restores the global RNG: its initialisation draws from it
@@ -150,7 +158,7 @@ class TrainState:
         schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
         return cls(
             cfg, device, precision, net, ema, ema_net, opt, gen, batches, schedule,
-            data_identity(data), loss_sum=torch.zeros((), device=device), world=world,
+            data_identity(data), loss_sum=torch.zeros((), device=device), world=world, text=text,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -230,7 +238,8 @@ class TrainState:
 
     def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch through `forward` (the network, or its compiled form),
-        gradients zeroed and computed."""
+        gradients zeroed and computed. A text model's y (caption groups) becomes embeddings."""
+        y = self.condition(y)
         w = self.world
         rows = (w.rank * x.shape[0], w.size * x.shape[0]) if w.enabled else None
         with autocast(self.device, self.precision):
@@ -246,6 +255,13 @@ class TrainState:
         """The loss sum <- its mean over the processes (a collective: every rank calls it at the
         same step). Averaging again later is harmless: mean(S + l_r) = S + mean(l_r)."""
         dist.mean_(self.loss_sum, self.world)
+
+    def condition(self, y: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The network's condition for a batch's labels: the labels themselves, or for a text
+        model a caption embedding per image drawn from its group (with the training generator)."""
+        if self.text is None:
+            return y
+        return self.text.training_condition(y, self.gen if gen is None else gen)
 
     def take_loss(self) -> float:
         """The mean loss since the last call (one host sync; over all processes), and the sum

@@ -1,0 +1,150 @@
+"""Text conditions: the caption table of a text model, and prompts turned into embeddings.
+
+Owns: `TextConditions` (every distinct training caption with its sentence embedding, computed
+once when a run starts, the encoder's record, and the caption set's phrasings), its file
+(captions.safetensors in the run folder: the table, with captions and records as JSON in the
+format's string metadata, no pickle), the training condition of a batch (a caption row per image
+drawn from its group's training phrasings: a table lookup, no encoder in the step), and
+prompts -> embeddings for sampling (a known caption from the table; a new one through the
+encoder the model was trained with, refused when another encoder is installed). "" is the null
+condition (the all-zero embedding). It knows nothing about the loss or guidance scales.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cfgdiff.config import ModelConfig
+from cfgdiff.data.captions import CaptionSet, dataset_captions
+from cfgdiff.errors import CheckpointError, ConfigError
+from cfgdiff.files import atomic_write_bytes
+from cfgdiff.text_encoder import TextEncoder, load_encoder
+
+CAPTIONS_FILE = "captions.safetensors"
+
+
+def check_encoder(model: ModelConfig, encoder: TextEncoder) -> None:
+    """Refuse an encoder other than the one `model` was trained with."""
+    want = {"name": model.text_encoder, "sha256": model.text_encoder_sha256, "dim": model.text_dim}
+    if encoder.record() != want:
+        raise CheckpointError(
+            f"the model was trained with text encoder {want}, this one is {encoder.record()}; "
+            "prompts it encodes would mean nothing to the model"
+        )
+
+
+@dataclass
+class TextConditions:
+    captions: tuple[str, ...]  # distinct captions, row i of `table`
+    table: torch.Tensor  # (K, D) float32 unit embeddings
+    encoder: dict  # {"name", "sha256", "dim"}
+    caption_set: CaptionSet | None = None  # how training draws captions (None when loaded)
+    caption_record: dict | None = None
+
+    @classmethod
+    def for_dataset(
+        cls, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], model
+    ) -> tuple[TextConditions, torch.Tensor]:
+        """The table of a dataset's captions, encoded once, and the group of every image."""
+        cs, groups = dataset_captions(images, labels, class_names)
+        encoder = load_encoder(model.text_encoder)
+        check_encoder(model, encoder)
+        table = encoder.encode(list(cs.captions))
+        return cls(cs.captions, table, encoder.record(), cs, cs.to_record()), groups
+
+    # --- training: a caption row per image, drawn from its group's training phrasings
+    def training_condition(self, groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, D) embeddings: for each image's group a training phrasing drawn uniformly with
+        `gen` (the training generator, so a resumed run draws the same captions)."""
+        rows = self.caption_set.rows.to(groups.device)  # (groups, phrasings)
+        j = torch.randint(rows.shape[1], groups.shape, generator=gen, device=groups.device)
+        return self.table.to(groups.device)[rows[groups, j]]
+
+    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings of the label-only caption of each class (its name as a word, the
+        second training phrasing: "seven", "Sneaker"), for previews."""
+        cs = self.caption_set
+        j = 1 if len(cs.templates) > 1 else 0
+        return self.table[cs.rows[labels.cpu() * 9, j]].cpu()
+
+    # --- the file
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save
+
+        meta = {
+            "captions": json.dumps(list(self.captions)),
+            "encoder": json.dumps(self.encoder),
+            "caption_set": json.dumps(self.caption_record or {}),
+        }
+        atomic_write_bytes(path, save({"table": self.table.cpu().contiguous()}, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path) -> TextConditions:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                table = f.get_tensor("table").float()
+            captions = tuple(json.loads(meta["captions"]))
+            encoder = json.loads(meta["encoder"])
+            record = json.loads(meta.get("caption_set", "{}"))
+        except Exception as e:  # a damaged file: safetensors, JSON or a missing key
+            raise CheckpointError(f"{path}: not a caption table ({type(e).__name__})") from None
+        if (
+            table.ndim != 2
+            or table.shape[0] != len(captions)
+            or not all(isinstance(c, str) for c in captions)
+        ):
+            raise CheckpointError(f"{path}: its table does not match its captions")
+        return cls(captions, table, encoder, None, record)
+
+    # --- sampling: prompts -> embeddings
+    def embed(self, prompts: Sequence[str], model: ModelConfig) -> torch.Tensor:
+        """(N, D): "" the null (zeros); a caption of the table its row; any other prompt through
+        the model's encoder (the `text` extra), checked against the model's record."""
+        return embed_prompts(prompts, model, self)
+
+
+def embed_prompts(
+    prompts: Sequence[str], model: ModelConfig, table: TextConditions | None = None
+) -> torch.Tensor:
+    """(N, text_dim) embeddings of `prompts` for text model `model` (see TextConditions.embed);
+    `table`: a run's caption table, so that its captions need no encoder."""
+    if model.condition != "text":
+        raise ConfigError("`prompt` is for text models; this model takes class labels")
+    if table is not None and table.encoder != {
+        "name": model.text_encoder,
+        "sha256": model.text_encoder_sha256,
+        "dim": model.text_dim,
+    }:
+        raise CheckpointError("the caption table was encoded with another encoder than the model's")
+    out = torch.zeros(len(prompts), model.text_dim)
+    index = {c: i for i, c in enumerate(table.captions)} if table is not None else {}
+    new = [p for p in dict.fromkeys(prompts) if p and p not in index]
+    encoded: dict[str, torch.Tensor] = {}
+    if new:
+        encoder = load_encoder(model.text_encoder)
+        check_encoder(model, encoder)
+        encoded = dict(zip(new, encoder.encode(new), strict=True))
+    for i, p in enumerate(prompts):
+        if p in index:
+            out[i] = table.table[index[p]]
+        elif p:
+            out[i] = encoded[p]
+    return out
+
+
+def run_caption_table(path: Path) -> TextConditions | None:
+    """The caption table of the run a checkpoint folder belongs to (RUN/checkpoints/step-N ->
+    RUN/captions.safetensors), or None (a model file, or a run without one)."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / CAPTIONS_FILE).is_file():
+            return TextConditions.load(folder / CAPTIONS_FILE)
+    return None

@@ -1,0 +1,364 @@
+"""The conditioning seam: class models unchanged, text models' shapes and null vector, captions
+and the attributes they are made from, the encoder's checksum, negative prompts as the
+reference with one forward pass per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from cfgdiff.config import ModelConfig, RunConfig
+from cfgdiff.data.captions import (
+    HELD_OUT_TEMPLATES,
+    caption_set,
+    dataset_captions,
+    image_groups,
+    measure_attributes,
+    phrase,
+)
+from cfgdiff.diffusion import drop_labels
+from cfgdiff.errors import CheckpointError, ConfigError, DataError
+from cfgdiff.guidance import Guidance, guided_denoiser
+from cfgdiff.presets import encoder_fields, resolve_config
+from cfgdiff.samplers import run_sampler
+from cfgdiff.schedule import make_schedule
+from cfgdiff.text import TextConditions, check_encoder, embed_prompts
+from cfgdiff.text_encoder import ENCODERS, encoder_available, load_encoder
+from cfgdiff.unet import UNet
+
+SMALL = dict(
+    base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), image_size=8
+)
+needs_encoder = pytest.mark.skipif(
+    not encoder_available(), reason="the `text` extra (wordllama) is not installed"
+)
+
+
+def text_model(dim: int = 6) -> ModelConfig:
+    return ModelConfig(
+        **SMALL, num_classes=3, condition="text", text_encoder="x", text_encoder_sha256="0" * 64,
+        text_dim=dim,
+    )  # fmt: skip
+
+
+# --- the class path, unchanged
+
+
+def test_class_model_is_bit_for_bit_what_it_was():
+    """Digests written by the code before the text path existed (commit 9815b02): the class
+    model's parameter names and initial values (so its draws from the global RNG), the next
+    draw after it, and a forward pass."""
+    torch.manual_seed(0)
+    net = UNet(ModelConfig(**SMALL, num_classes=3))
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.numpy().tobytes())
+    assert h.hexdigest() == "b19778053974088d7edff702fd75768542bf58c170f0ccb661882834683f771e"
+    assert torch.rand(1).item() == pytest.approx(0.8018503189086914, abs=0)
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    out = net(torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 500]), torch.tensor([0, 1, 2, 3]))
+    assert out.double().sum().item() == pytest.approx(4.053664286439016, rel=1e-5)
+    assert out.abs().double().sum().item() == pytest.approx(9.602326251966588, rel=1e-5)
+    assert "label_emb.weight" in net.state_dict()
+    assert not any(k.startswith(("text_mlp", "null_text")) for k in net.state_dict())
+
+
+# --- the text path
+
+
+def test_text_model_shapes_and_learned_null_vector():
+    torch.manual_seed(0)
+    net = UNet(text_model())
+    keys = net.state_dict().keys()
+    assert "null_text" in keys and "text_mlp.0.weight" in keys and "label_emb.weight" not in keys
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))  # a fresh net's output layer is zero
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 500])
+    c = torch.nn.functional.normalize(torch.randn(3, 6), dim=1)
+    c[1] = 0  # the null condition
+    out = net(x, t, c)
+    assert out.shape == x.shape
+    explicit = c.clone()
+    explicit[1] = net.null_text.detach()
+    assert torch.equal(out, net(x, t, explicit))
+    with torch.no_grad():
+        net.null_text.add_(1.0)  # the null row follows the learned vector, the others do not
+    moved = net(x, t, c)
+    assert not torch.allclose(moved[1], out[1]) and torch.equal(moved[[0, 2]], out[[0, 2]])
+
+
+def test_text_dropout_zeroes_the_rows_class_dropout_would_drop():
+    y = torch.arange(200) % 10
+    e = torch.nn.functional.normalize(torch.randn(200, 4), dim=1)
+    dropped_y = drop_labels(y, 0.3, 10, torch.Generator().manual_seed(1))
+    dropped_e = drop_labels(e, 0.3, 10, torch.Generator().manual_seed(1))
+    mask = dropped_y == 10
+    assert 30 < int(mask.sum()) < 90
+    assert torch.equal((dropped_e == 0).all(dim=1), mask)
+    assert torch.equal(dropped_e[~mask], e[~mask])
+
+
+def test_text_config_is_validated_and_round_trips():
+    m = text_model()
+    cfg = dataclasses.replace(RunConfig(), model=m)
+    back = RunConfig.from_dict(cfg.to_dict())
+    assert back.model == m
+    with pytest.raises(ConfigError, match="`text_dim`"):
+        dataclasses.replace(m, text_dim=0).validate()
+    with pytest.raises(ConfigError, match="`condition`"):
+        dataclasses.replace(m, condition="audio").validate()
+    with pytest.raises(ConfigError, match="`condition` text only"):
+        ModelConfig(text_dim=4).validate()
+    resolved = resolve_config({"model.condition": "text"}).config.model
+    assert resolved.text_dim == ENCODERS[resolved.text_encoder].dim == encoder_fields()["text_dim"]
+
+
+# --- guidance: the negative prompt is the reference, one forward pass per step
+
+
+def test_negative_prompt_is_the_reference_in_one_forward_pass_per_step():
+    calls, refs = [], []
+    target = torch.full((2, 1, 8, 8), 0.5)
+
+    def net(x, t, c):
+        calls.append(x.shape[0])
+        refs.append(c[x.shape[0] // 2 :].clone())
+        # eps depends on the condition's first component: guidance must move along it
+        return torch.zeros_like(x) + c[:, :1, None, None]
+
+    y = torch.nn.functional.normalize(torch.ones(2, 4), dim=1)
+    neg = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    schedule = make_schedule("cosine", 1000)
+    denoise = guided_denoiser(
+        net, y, schedule, null_label=3, guidance=Guidance(scale=3.0, negative_condition=neg)
+    )
+    run_sampler("ddim", denoise, target.clone(), schedule, 7)
+    assert calls == [4] * 7  # one batched forward of [cond; reference] per step
+    assert all(torch.equal(r, neg.expand(2, 4)) for r in refs)
+    calls.clear(), refs.clear()
+    denoise = guided_denoiser(net, y, schedule, null_label=3, scale=3.0)
+    run_sampler("ddim", denoise, target.clone(), schedule, 5)
+    assert calls == [4] * 5 and all(torch.equal(r, torch.zeros(2, 4)) for r in refs)
+    with pytest.raises(ConfigError, match="`negative_prompt`"):
+        guided_denoiser(net, y, schedule, null_label=3, guidance=Guidance(negative_class=1))
+    with pytest.raises(ConfigError, match="`negative_class`"):
+        guided_denoiser(
+            net, torch.tensor([0, 1]), schedule, null_label=3,
+            guidance=Guidance(negative_condition=neg),
+        )  # fmt: skip
+
+
+# --- attributes measured on hand-made images
+
+
+def _canvas() -> torch.Tensor:
+    return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+
+
+def test_thickness_is_the_stroke_width_of_a_bar():
+    for w in (1, 2, 3, 5):
+        img = _canvas()
+        img[0, 0, 4:24, 10 : 10 + w] = 255  # a vertical bar, 20 long, w wide
+        thick = float(measure_attributes(img)["thickness"][0])
+        assert thick == pytest.approx(2 * 20 * w / (2 * 20 + 2 * w))
+    grey = _canvas()
+    grey[0, 0, 4:24, 10:13] = 127  # below the ink threshold: no ink at all
+    a = measure_attributes(grey)
+    assert float(a["thickness"][0]) == 0 and float(a["width"][0]) == 0
+
+
+def test_slant_is_the_shear_of_the_ink_and_width_its_columns():
+    upright = _canvas()
+    upright[0, 0, 4:24, 12:15] = 200
+    a = measure_attributes(upright)
+    assert float(a["slant"][0]) == pytest.approx(0, abs=1e-6)
+    assert float(a["width"][0]) == 3
+    for k in (0.5, -0.25):
+        img = _canvas()
+        for r in range(4, 24):
+            y = 27 - r  # rows count down, y counts up
+            img[0, 0, r, round(13 + k * (y - 13))] = 255
+        assert float(measure_attributes(img)["slant"][0]) == pytest.approx(k, abs=0.03)
+    leaning = _canvas()
+    for r in range(4, 24):
+        leaning[0, 0, r, 20 - (24 - r) // 2 : 22 - (24 - r) // 2] = 255  # top to the left
+    assert float(measure_attributes(leaning)["slant"][0]) < -0.3
+    with pytest.raises(DataError, match="uint8"):
+        measure_attributes(upright.float())
+
+
+# --- captions
+
+
+def test_captions_from_label_and_attributes_with_held_out_phrasings():
+    digits = [str(i) for i in range(10)]
+    assert phrase("a {thick}, {slant} {word}", 7, digits, 2, 2) == "a thick, slanted seven"
+    assert phrase("the digit {word} written {thick} and {slant}", 7, digits, 0, 1) == (
+        "the digit seven written thin and upright"
+    )
+    cs = caption_set(digits, {"thickness": (1.0, 2.0), "slant": (-0.1, 0.1)})
+    train = {cs.captions[int(i)] for i in cs.rows.flatten()}
+    held = {cs.captions[int(i)] for i in cs.held_out_rows.flatten()}
+    assert {"7", "seven", "a thick, slanted seven"} <= train
+    assert not train & held and len(held) == 10 * 9 * len(HELD_OUT_TEMPLATES)
+    assert "a handwritten seven that is thick and slanted" in held
+    assert len(cs.captions) == len(set(cs.captions)) == len(train) + len(held)
+    # the group of an image: its label and its measured levels
+    img = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    img[0, 0, 4:24, 10:16] = 255  # thick, upright
+    img[1, 0, 4:24, 10:11] = 255  # thin, upright
+    groups = image_groups(img, torch.tensor([7, 1]), cs)  # edges: thickness 1, 2; slant +-0.1
+    assert groups.tolist() == [7 * 9 + 2 * 3 + 1, 1 * 9 + 0 * 3 + 1]
+    # cut at the data's own terciles: thicknesses 4.6 and 0.95, slants both 0 (edges 0, 0)
+    own, groups = dataset_captions(img, torch.tensor([7, 1]), digits)
+    assert own.edges["slant"] == (0, 0) and groups.tolist() == [7 * 9 + 2 * 3 + 2, 9 + 0 + 2]
+    fashion = caption_set(["T-shirt/top", "Sneaker"], {})
+    assert "a Sneaker" in fashion.captions and "an image of a Sneaker" in {
+        fashion.captions[int(i)] for i in fashion.held_out_rows.flatten()
+    }
+
+
+def test_training_draws_only_training_phrasings_of_the_image_group():
+    cs = caption_set([str(i) for i in range(10)], {"thickness": (1, 2), "slant": (0, 1)})
+    table = torch.eye(len(cs.captions))
+    tc = TextConditions(cs.captions, table, {}, cs, cs.to_record())
+    groups = torch.tensor([7 * 9 + 8] * 500)
+    rows = tc.training_condition(groups, torch.Generator().manual_seed(0)).argmax(dim=1)
+    assert set(rows.tolist()) == set(cs.rows[7 * 9 + 8].tolist())
+
+
+def test_caption_table_round_trip_and_prompts_without_encoder(tmp_path, monkeypatch):
+    m = text_model(dim=3)
+    rec = {"name": m.text_encoder, "sha256": m.text_encoder_sha256, "dim": 3}
+    table = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    TextConditions(("seven", "a thick seven"), table, rec).save(tmp_path / "c.safetensors")
+    back = TextConditions.load(tmp_path / "c.safetensors")
+    assert back.captions == ("seven", "a thick seven") and torch.equal(back.table, table)
+
+    def no_encoder(name):
+        raise AssertionError("the encoder was loaded for captions the table holds")
+
+    monkeypatch.setattr("cfgdiff.text.load_encoder", no_encoder)
+    e = embed_prompts(["a thick seven", "", "seven"], m, back)
+    assert torch.equal(e[0], table[1]) and torch.equal(e[2], table[0]) and not e[1].any()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a table")
+    with pytest.raises(CheckpointError, match="not a caption table"):
+        TextConditions.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="text models"):
+        embed_prompts(["seven"], ModelConfig(**SMALL))
+
+
+# --- the encoder: offline, checked, refused when it is another
+
+
+@needs_encoder
+def test_encoder_checksum_refusal(tmp_path):
+    from cfgdiff.text_encoder import package_file
+
+    spec = ENCODERS["wordllama-l2-256"]
+    for rel in (spec.weights, spec.tokenizer):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(package_file(spec.package, rel), tmp_path / rel)
+    enc = load_encoder(root=tmp_path)
+    z = enc.encode(["a thick, slanted seven", "a thin, upright one"])
+    assert z.shape == (2, spec.dim) and torch.allclose(z.norm(dim=1), torch.ones(2))
+    with open(tmp_path / spec.weights, "r+b") as f:  # one flipped byte in the weights
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(DataError, match="SHA-256"):
+        load_encoder(root=tmp_path)
+
+
+@needs_encoder
+def test_model_refuses_another_encoder():
+    enc = load_encoder()
+    model = ModelConfig(**SMALL, condition="text", **encoder_fields())
+    check_encoder(model, enc)
+    other = dataclasses.replace(model, text_encoder_sha256="1" * 64)
+    with pytest.raises(CheckpointError, match="trained with text encoder"):
+        check_encoder(other, enc)
+    with pytest.raises(CheckpointError, match="trained with text encoder"):
+        embed_prompts(["a new prompt"], other)
+
+
+# --- measurement
+
+
+def test_spearman_against_closed_forms():
+    from cfgdiff.metrics.text_adherence import spearman
+
+    a = torch.tensor([0.0, 1, 2, 3, 4])
+    assert spearman(a, a**3) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, torch.ones(5)) == 0.0
+    # ties take their mean rank: ranks (0.5, 0.5, 2) against (0, 1, 2)
+    assert spearman(torch.tensor([0.0, 0, 1]), torch.tensor([1.0, 2, 3])) == pytest.approx(
+        0.8660254, abs=1e-6
+    )
+
+
+def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
+    from cfgdiff.metrics.text_adherence import held_out_prompts
+
+    digits = [str(i) for i in range(10)]
+    cs = caption_set(digits, {"thickness": (1.5, 2.5), "slant": (-0.1, 0.1)})
+    tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
+    prompts, labels, thick, slant = held_out_prompts(tc, digits)
+    assert len(prompts) == 90 and set(prompts).isdisjoint(
+        cs.captions[int(i)] for i in cs.rows.flatten()
+    )
+    g = 7 * 9 + 2 * 3 + 2
+    assert (labels[g], thick[g], slant[g]) == (7, 2, 2)
+    assert prompts[g] == "number 7, thick strokes, slanted"  # g is odd: the second phrasing
+    assert prompts[g - 1] == "a handwritten seven that is thick and upright"
+
+
+# --- through the CLI: train a text model, sample prompts with a negative prompt
+
+
+@needs_encoder
+def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
+    import json
+
+    from conftest import one_line
+
+    from cfgdiff.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--condition", "text", "--preset", "tiny", "--dataset", "mnist"]
+    argv += ["--data-dir", idx_dir, "--image-size", "8", "--steps", "3", "--out", run]
+    assert main([str(a) for a in [*argv, "--no-progress", "--sample-every", "0"]]) == 0
+    cfg = json.loads((run / "checkpoints" / "step-0000003" / "config.json").read_text())
+    assert cfg["model"]["condition"] == "text" and cfg["model"]["text_dim"] == 256
+    assert cfg["model"]["text_encoder_sha256"] == ENCODERS["wordllama-l2-256"].sha256
+    table = TextConditions.load(run / "captions.safetensors")
+    assert "a thick, slanted seven" in table.captions and table.table.shape[1] == 256
+    capsys.readouterr()
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--checkpoint", run, "--prompt", "a thick seven", "--prompt", "one"]
+    argv += ["--negative-prompt", "slanted", "--scale", "3", "--steps", "2", "--per-class", "2"]
+    assert main([str(a) for a in [*argv, "--out", out]]) == 0
+    import numpy as np
+
+    saved = np.load(out)
+    assert saved["images"].shape == (4, 1, 8, 8)
+    record = json.loads(str(saved["settings"]))
+    assert record["negative_prompt"] == "slanted" and record["prompts"] == ["a thick seven", "one"]
+    assert list(saved["class_names"]) == ["a thick seven", "one"]
+    argv = ["sample", "--checkpoint", run, "--classes", "1", "--scale", "3", "--out", out]
+    assert "--prompt" in one_line(
+        main([str(a) for a in argv]), capsys.readouterr().err.splitlines()
+    )
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10"]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert "bench/text_adherence.py" in err
+    assert main(["info", "--checkpoint", str(run)]) == 0
+    assert "conditioned on text: wordllama-l2-256 (256 dims" in capsys.readouterr().out
