@@ -56,8 +56,10 @@ demo: install
 	cat $(DEMO_OUT)/SUMMARY.txt; \
 	echo "phases: $$PHASES" | tee $(DEMO_OUT)/phases.txt
 
+# Two or more workers (pytest-xdist; one torch thread each, tests/conftest.py), a test file per
+# worker at a time: the suite's subprocesses, servers and sleeps overlap with computation.
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Every benchmark's quick mode (CPU, about a minute; the full modes are run by hand, see README).
 bench-quick: install

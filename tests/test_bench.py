@@ -99,7 +99,7 @@ def test_tune_demo_quick_uses_each_candidates_own_speed():
     speeds = BENCH / "results" / "cpu_throughput.json"
     out = subprocess.run(
         [sys.executable, str(BENCH / "tune_demo.py"), "--quick", "--throughput", str(speeds)]
-        + ["--only", "base,pad32,lr1e-3", "--device", "cpu"],
+        + ["--only", "base,pad32,lr1e-3", "--device", "cpu", "--precision", "fp32"],
         capture_output=True,
         text=True,
         timeout=300,
