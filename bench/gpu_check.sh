@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool) for the speed issue's GPU targets, most important first:
+# One prepared GPU run for the GPU speed targets, most important first:
 # CUDA smoke test, training throughput of the 35 M preset, time to 98 % on MNIST, compiled guided
 # sampling with the memory-sized batch, then the 35 M preset at batch 256. Every benchmark includes
 # its fp32 eager baseline, and every compiled training step is checked against eager (the "!"
