@@ -5,7 +5,7 @@
 # its fp32 eager baseline, and every compiled training step is checked against eager (the "!"
 # mark, the "compile:" lines).
 #
-# The device tool allows 600 s per command, so the sections share a deadline (DEADLINE seconds,
+# A run may be cut off after 600 s, so the sections share a deadline (DEADLINE seconds,
 # default 560): each gets at most its cap and what is left; a section that would get under 30 s
 # is skipped and says so. Output goes to $OUT/gpu_check.log as it is produced, so a cut-off run
 # still returns what it measured.

@@ -25,80 +25,64 @@ from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import CfgDiffError, ConfigError
 from cfgdiff.text_encoder import DEFAULT_ENCODER, ENCODERS
 
-DEMO_FP32_STEPS = 1400
+# Tuned for quality per CPU-minute on 2 cores at 28x28 (docs/results.md, "Tuning the demo
+# preset").
+_CPU_DEMO = RunConfig(
+    model=ModelConfig(
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_levels=(2,),
+        num_heads=4,
+    ),
+    # timesteps: half uniform, half logit-normal (0.5, 1), shifted to the noisy end where the
+    # class is decided (docs/results.md, "Training timesteps").
+    diffusion=DiffusionConfig(
+        schedule="cosine",
+        prediction="v",
+        loss_weighting="none",
+        t_sampling="logit-normal",
+        t_mean=0.5,
+        t_std=1.0,
+        t_uniform=0.5,
+    ),
+    train=TrainConfig(
+        steps=1000,
+        batch_size=64,
+        lr=2e-3,
+        lr_schedule="cosine",
+        lr_min_ratio=0.05,
+        warmup_steps=100,
+        # never binds in 1000 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
+        ema_decay=0.995,
+        sample_every=250,
+        checkpoint_every=250,
+    ),
+    preset="cpu-demo",
+)
 
 # Named presets. Each is a complete RunConfig; data-dependent model fields (channels, size,
 # classes) are replaced from the dataset when a run starts.
 PRESETS: dict[str, RunConfig] = {
-    # Tuned for quality per CPU-minute on 2 cores at 28x28 (docs/results.md, "Tuning the demo
-    # preset").
-    "cpu-demo": RunConfig(
-        model=ModelConfig(
-            base_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attn_levels=(2,),
-            num_heads=4,
-        ),
-        # timesteps: half uniform, half logit-normal (0.5, 1), shifted to the noisy end where the
-        # class is decided (docs/results.md, "Training timesteps").
-        diffusion=DiffusionConfig(
-            schedule="cosine",
-            prediction="v",
-            loss_weighting="none",
-            t_sampling="logit-normal",
-            t_mean=0.5,
-            t_std=1.0,
-            t_uniform=0.5,
-        ),
-        train=TrainConfig(
-            steps=1000,
-            batch_size=64,
-            lr=2e-3,
-            lr_schedule="cosine",
-            lr_min_ratio=0.05,
-            warmup_steps=100,
-            # never binds in 1000 steps: EMA's warm-up term (1 + n)/(10 + n) stays below it
-            ema_decay=0.995,
-            sample_every=250,
-            checkpoint_every=250,
-        ),
-        preset="cpu-demo",
-    ),
+    "cpu-demo": _CPU_DEMO,
     # cpu-demo for a CPU that trains in fp32 (no AMX or AVX512-BF16): a 2x2 patch stem runs the
     # network at 14x14 and 7x7 for about a quarter of cpu-demo's FLOPs per image, trained for
-    # more steps in the same time (docs/results.md, "The demo on a CPU without native bf16").
-    "cpu-demo-fp32": RunConfig(
-        model=ModelConfig(
-            patch_size=2,
-            base_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attn_levels=(1,),
-            num_heads=4,
-        ),
-        diffusion=DiffusionConfig(
-            schedule="cosine",
-            prediction="v",
-            loss_weighting="none",
-            t_sampling="logit-normal",
-            t_mean=0.5,
-            t_std=1.0,
-            t_uniform=0.5,
-        ),
-        train=TrainConfig(
-            steps=DEMO_FP32_STEPS,
-            batch_size=64,
-            lr=2e-3,
-            lr_schedule="cosine",
-            lr_min_ratio=0.05,
-            warmup_steps=100,
-            ema_decay=0.995,
-            sample_every=DEMO_FP32_STEPS // 4,
-            checkpoint_every=DEMO_FP32_STEPS // 4,
+    # more steps in the same time (docs/results.md, "The demo on a CPU without native bf16");
+    # otherwise cpu-demo's recipe.
+    "cpu-demo-fp32": dataclasses.replace(
+        replace_fields(
+            _CPU_DEMO,
+            {
+                "model.patch_size": 2,
+                "model.channel_mult": (1, 2),
+                "model.attn_levels": (1,),
+                "train.steps": 1400,
+                "train.sample_every": 350,
+                "train.checkpoint_every": 350,
+            },
         ),
         preset="cpu-demo-fp32",
-    ),
+    ),  # fmt: skip
     # MNIST on one GPU: a wider network and more steps.
     "mnist": RunConfig(
         model=ModelConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
