@@ -219,3 +219,15 @@ def one_line(rc: int, err: list[str], status=(2,)) -> str:
     assert len(errors) == 1 and err[-1] == errors[0], err
     assert not any(e.startswith("Traceback") for e in err), err
     return errors[0]
+
+
+def tiny_folder_run(root):
+    """A finished 2-step run of the tiny preset on a 3-class folder under `root`: (run, folder)."""
+    from cfgdiff.cli import main
+
+    folder = image_folder(root / "folder", 6)
+    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", root / "run",
+            "--steps", "2", "--sample-every", "0", "--no-progress", "--precision", "fp32",
+            "--device", "cpu"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    return root / "run", folder

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import cli, image_folder, one_line
+from conftest import cli, image_folder, one_line, tiny_folder_run
 
 from cfgdiff.errors import DataError
 
@@ -22,14 +22,10 @@ def made(tmp_path_factory):
     from cfgdiff.cli import main
 
     root = tmp_path_factory.mktemp("inout")
-    folder = image_folder(root / "folder", 6)
-    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", root / "run",
-            "--steps", "2", "--sample-every", "0", "--no-progress", "--precision", "fp32",
-            "--device", "cpu"]  # fmt: skip
-    assert main([str(a) for a in argv]) == 0
+    run, folder = tiny_folder_run(root)
     model = root / "model.safetensors"
-    assert main(["export", "--checkpoint", str(root / "run"), "--out", str(model)]) == 0
-    return root / "run", folder, model
+    assert main(["export", "--checkpoint", str(run), "--out", str(model)]) == 0
+    return run, folder, model
 
 
 def snapshot(*paths):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import cli, image_folder, one_line
+from conftest import cli, one_line, tiny_folder_run
 
 from cfgdiff.errors import ConfigError, RuntimeFault, WriteFault
 from cfgdiff.files import append_bytes, atomic_write_csv, atomic_write_json, write_error
@@ -51,15 +51,7 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A module's finished run of the tiny preset on a folder."""
-    from cfgdiff.cli import main
-
-    root = tmp_path_factory.mktemp("writes")
-    folder = image_folder(root / "folder", 6)
-    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", root / "run",
-            "--steps", "2", "--sample-every", "0", "--no-progress", "--precision", "fp32",
-            "--device", "cpu"]  # fmt: skip
-    assert main([str(a) for a in argv]) == 0
-    return root / "run", folder
+    return tiny_folder_run(tmp_path_factory.mktemp("writes"))
 
 
 SAMPLE = ["--scale", "2", "--steps", "2", "--device", "cpu", "--per-class", "2"]
