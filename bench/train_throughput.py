@@ -273,6 +273,9 @@ def main() -> int:
     )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
+        "--steps", type=int, default=8, help="timed steps per variant (after 3 warm-up steps)"
+    )
+    p.add_argument(
         "--optimizer",
         action="store_true",
         help="time the AdamW step alone instead: cfgdiff's (fused) against a per-tensor loop",
@@ -305,7 +308,7 @@ def main() -> int:
             p.error(f"--variants: {v!r} is not PRECISION[-compile[-cg]][-cl][-bm][-adamloop]")
     device = torch.device(a.device)
     print(f"# {describe_machine(device)}, torch {torch.__version__}", flush=True)
-    steps, warmup = (2, 1) if a.quick else (8, 3)
+    steps, warmup = (2, 1) if a.quick else (a.steps, 3)
     results: dict = {}
     if a.optimizer:
         reps = 5 if a.quick else 50

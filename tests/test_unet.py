@@ -1,9 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from cfgdiff.config import ModelConfig
 from cfgdiff.errors import ConfigError
-from cfgdiff.unet import UNet
+from cfgdiff.unet import UNet, _normal
 
 
 @pytest.mark.parametrize(
@@ -131,3 +134,29 @@ def test_patch_size_is_checked():
         ModelConfig(image_size=28, channel_mult=(1, 2, 2), patch_size=2).validate()
     # a config written before the field existed works on pixels
     assert ModelConfig().patch_size == 1
+
+
+def test_initial_weights_are_randns_and_the_meta_count_draws_nothing():
+    """The label embedding and the null text vector hold the numbers nn.Embedding's init and
+    torch.randn draw for the seed, and counting a network's parameters on the meta device, as
+    every command that reads a checkpoint does, imports neither torch._dynamo nor sympy (seconds
+    each; a fresh interpreter, since other tests import them)."""
+    torch.manual_seed(0)
+    drawn = _normal(11, 32), _normal(16, over=4.0), torch.rand(3)
+    torch.manual_seed(0)
+    expected = torch.nn.Embedding(11, 32).weight, torch.randn(16) / 4.0, torch.rand(3)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
+    with torch.device("meta"):
+        assert _normal(5).is_meta
+    code = (
+        "import sys, dataclasses\n"
+        "from cfgdiff.checkpoint import check_network_size\n"
+        "from cfgdiff.presets import PRESETS\n"
+        "cfg = PRESETS['cpu-demo']\n"
+        "text = dataclasses.replace(cfg.model, condition='text', text_dim=64)\n"
+        "check_network_size(cfg, '.')\n"
+        "check_network_size(dataclasses.replace(cfg, model=text), '.')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -18,6 +18,16 @@ from cfgdiff.config import ModelConfig
 from cfgdiff.layers import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 
+def _normal(*shape: int, over: float = 1.0) -> torch.Tensor:
+    """N(0, 1) values divided by `over`: the numbers torch.randn(shape) / over (and, over = 1,
+    nn.Embedding's own init) would give. None on the meta device, where
+    checkpoint.check_network_size counts parameters: meta tensors hold no values, and drawing
+    them runs torch's Python reference kernels, whose first use imports torch._dynamo and sympy,
+    seconds of every command that reads a checkpoint."""
+    t = torch.empty(shape)
+    return t if t.is_meta else t.normal_() / over
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -28,12 +38,13 @@ class UNet(nn.Module):
         self.null_label = cfg.num_classes
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.condition == "class":
-            self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_ch)  # last row: null label
+            rows = cfg.num_classes + 1  # last row: the null label
+            self.label_emb = nn.Embedding(rows, emb_ch, _weight=_normal(rows, emb_ch))
         else:
             self.text_mlp = nn.Sequential(
                 nn.Linear(cfg.text_dim, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
             )
-            self.null_text = nn.Parameter(torch.randn(cfg.text_dim) / cfg.text_dim**0.5)
+            self.null_text = nn.Parameter(_normal(cfg.text_dim, over=cfg.text_dim**0.5))
         self.patch = cfg.patch_size
         pixels = cfg.in_channels * self.patch**2  # channels of the (unshuffled) input
         self.conv_in = nn.Conv2d(pixels, ch0, 3, padding=1)
