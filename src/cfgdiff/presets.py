@@ -67,8 +67,8 @@ PRESETS: dict[str, RunConfig] = {
     "cpu-demo": _CPU_DEMO,
     # cpu-demo for a CPU that trains in fp32 (no AMX or AVX512-BF16): a 2x2 patch stem runs the
     # network at 14x14 and 7x7 for about a quarter of cpu-demo's FLOPs per image, trained for
-    # more steps in the same time (docs/results.md, "The demo on a CPU without native bf16");
-    # otherwise cpu-demo's recipe.
+    # as many steps as fit the demo's ten minutes there (docs/results.md, "The demo on a CPU
+    # without native bf16"); otherwise cpu-demo's recipe.
     "cpu-demo-fp32": dataclasses.replace(
         replace_fields(
             _CPU_DEMO,
@@ -76,9 +76,9 @@ PRESETS: dict[str, RunConfig] = {
                 "model.patch_size": 2,
                 "model.channel_mult": (1, 2),
                 "model.attn_levels": (1,),
-                "train.steps": 1400,
-                "train.sample_every": 350,
-                "train.checkpoint_every": 350,
+                "train.steps": 1100,
+                "train.sample_every": 550,
+                "train.checkpoint_every": 550,
             },
         ),
         preset="cpu-demo-fp32",
