@@ -1,6 +1,7 @@
 """Prompt and attribute adherence of a text model against the guidance scale, on prompts in
 held-out phrasings; a class model's judged accuracy beside it; a negative prompt's effect on
-the measured attributes. Prints markdown tables and writes the rows as JSON.
+the measured attributes. Prints markdown tables and writes the rows as JSON. (`cfgdiff eval`
+and `cfgdiff sweep` measure the adherence alone, with the same library function.)
 
     python bench/text_adherence.py --checkpoint RUN [--class-checkpoint RUN2]
         [--scales 1,2,3,5] [--per-prompt 1] [--steps 20] [--json out.json]
@@ -16,16 +17,15 @@ from pathlib import Path
 import torch
 
 from cfgdiff.checkpoint import load_for_sampling
-from cfgdiff.data.specs import DatasetName
-from cfgdiff.metrics.classifier import ClassifierFeatures, get_classifier
+from cfgdiff.metrics.evaluate import judge_for as judge_and_meta
 from cfgdiff.metrics.text_adherence import adherence, class_model_accuracy, negative_prompt_effect
 from cfgdiff.runtime import describe_machine
 from cfgdiff.text import run_caption_table
 
 
 def judge_for(cfg, data_dir):
-    net, meta = get_classifier(DatasetName.parse(cfg.dataset).spec.name, data_dir)
-    return ClassifierFeatures(net, image_size=meta["image_size"], channels=meta["in_channels"])
+    """The classifier that judges the checkpoint's samples (the one `cfgdiff eval` uses)."""
+    return judge_and_meta(cfg, data_dir=data_dir)[0]
 
 
 def main() -> int:

@@ -505,6 +505,7 @@ def test_bad_options_are_refused_before_any_classifier_training(run, tmp_path, c
     for bad, message in (
         (["--negative-class", "7"], "negative"),
         (["--steps", "5000"], "--steps must be in [1, 1000]"),
+        (["--negative-prompt", "thin"], "--negative-prompt: only for text models"),
     ):
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ from cfgdiff.data.captions import (
 )
 from cfgdiff.diffusion import drop_labels
 from cfgdiff.errors import CheckpointError, ConfigError, DataError
-from cfgdiff.guidance import Guidance, guided_denoiser
+from cfgdiff.guidance import GUIDANCE_CONVENTION, Guidance, guided_denoiser
 from cfgdiff.presets import encoder_fields, resolve_config
 from cfgdiff.samplers import run_sampler
 from cfgdiff.schedule import make_schedule
@@ -321,7 +321,7 @@ def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
     assert prompts[g - 1] == "a handwritten seven that is thick and upright"
 
 
-# --- through the CLI: train a text model, sample prompts with a negative prompt
+# --- through the CLI: train a text model, sample prompts with a negative prompt, measure it
 
 
 @needs_encoder
@@ -357,8 +357,57 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert "--prompt" in one_line(
         main([str(a) for a in argv]), capsys.readouterr().err.splitlines()
     )
-    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10"]
-    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
-    assert "bench/text_adherence.py" in err
     assert main(["info", "--checkpoint", str(run)]) == 0
     assert "conditioned on text: wordllama-l2-256 (256 dims" in capsys.readouterr().out
+
+    # eval: adherence on the 90 held-out prompts at one scale (--n 10: one round of them);
+    # judged by the (synthetic) MNIST classifier at its 28x28, the 8x8 samples resized to it
+    fast = ["--data-dir", idx_dir, "--steps", "2", "--precision", "fp32"]
+    js = tmp_path / "e.json"
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10", "--json", js, *fast]
+    argv += ["--negative-prompt", "slanted"]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert "90 samples (1 per held-out prompt x 90) at s=3 (w=2)" in printed
+    r = json.loads(js.read_text())
+    assert (r["scale"], r["w"], r["convention"]) == (3.0, 2.0, GUIDANCE_CONVENTION)
+    assert (r["n"], r["n_asked"], r["per_prompt"], r["num_prompts"]) == (90, 10, 1, 90)
+    assert (r["sampler"], r["steps"], r["seed"], r["dataset"]) == ("dpmpp-2m", 2, 0, "mnist")
+    assert r["checkpoint"].startswith(str(run)) and r["machine"] and r["device"] == "cpu"
+    assert r["negative_prompt"] == "slanted"
+    _check_adherence(r)
+
+    # sweep: a row per scale in sweep.csv and sweep.json, and the plot
+    out = tmp_path / "sw"
+    argv = ["sweep", "--checkpoint", run, "--scales", "1,3", "--n", "100", "--out", out, *fast]
+    assert main([str(a) for a in argv]) == 0
+    assert "wrote" in capsys.readouterr().out
+    sw = json.loads((out / "sweep.json").read_text())
+    assert sw["scales"] == [1.0, 3.0] and "scale" not in sw and sw["convention"]
+    assert (sw["n"], sw["per_prompt"]) == (180, 2)  # 100 rounded up to whole rounds of 90
+    assert [row["scale"] for row in sw["rows"]] == [1.0, 3.0]
+    for row in sw["rows"]:
+        assert row["n"] == 180 and row["w"] == row["scale"] - 1
+        _check_adherence(row)
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0] == "scale,w,n,class_accuracy,thickness_spearman,slant_spearman"
+    assert len(lines) == 3
+    assert (out / "adherence_vs_scale.png").is_file() and (out / "adherence_vs_scale.svg").is_file()
+
+    # options only a class model's evaluation reads are refused, naming the flag
+    for extra, flag in (
+        (["--negative-class", "1"], "--negative-class 1: only for class models"),
+        (["--features", "inception"], "--features inception: only for class models"),
+    ):
+        argv = ["eval", "--checkpoint", run, "--scale", "3", *extra, *fast]
+        err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+        assert flag in err
+    argv = ["sweep", "--checkpoint", run, "--negative-class", "1", "--out", out, *fast]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert "--negative-class 1: only for class models" in err
+
+
+def _check_adherence(r: dict) -> None:
+    """An untrained model's figures: only their ranges."""
+    assert 0 <= r["class_accuracy"] <= 1
+    assert -1 <= r["thickness_spearman"] <= 1 and -1 <= r["slant_spearman"] <= 1

@@ -452,11 +452,13 @@ def load_for_sampling(
 
 def load_guide(path: Path, loaded: Loaded, device: torch.device | str = "cpu") -> Loaded:
     """Autoguidance's weaker network (a checkpoint or model file), checked to be of the same
-    kind as `loaded`: the same images and classes, the same diffusion process."""
+    kind as `loaded`: the same images and classes, the same condition (a text model's guide
+    reads the same embeddings), the same diffusion process."""
     guide = load_for_sampling(path, device, arg="`guide_checkpoint`")
     m, g = loaded.cfg, guide.cfg
+    text = ("condition", "text_dim", "text_encoder_sha256")
     for section, names in (
-        ("model", ("in_channels", "image_size", "num_classes")),
+        ("model", ("in_channels", "image_size", "num_classes", *text)),
         ("diffusion", ("prediction", "schedule", "timesteps")),
     ):
         for name in names:

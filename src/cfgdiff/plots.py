@@ -1,6 +1,7 @@
-"""Plots, drawn with matplotlib: the training loss curve and the guidance sweep's four plots
+"""Plots, drawn with matplotlib: the training loss curve, the guidance sweep's four plots
 (FID, class accuracy, precision and recall against the guidance scale, and the FID-vs-IS
-frontier), each written as PNG and SVG side by side.
+frontier) and a text model's adherence against the scale, each written as PNG and SVG side by
+side.
 
 Owns: what each plot shows (the real-vs-real floor as a reference line, s and w = s - 1 on the
 scale axes, the frontier's points labelled by s and w) and how it is written. Figures are made
@@ -155,3 +156,24 @@ def sweep_plots(
     ax.margins(x=0.12, y=0.1)
     written.extend(save_figure(fig, out / "fid_vs_is"))
     return written
+
+
+def adherence_plot(rows: Sequence[dict], path: Path) -> list[Path]:
+    """A text model's sweep: the judge's class accuracy on held-out prompts and the rank
+    correlations of requested and measured thickness and slant, against the guidance scale.
+    `rows`: one dict per scale (scale, class_accuracy, thickness_spearman, slant_spearman)."""
+    fig, ax = _figure()
+    rows = sorted(rows, key=lambda r: r["scale"])
+    scales = [r["scale"] for r in rows]
+    for key, label, color in (
+        ("class_accuracy", "class accuracy (judge), held-out prompts", _GENERATED),
+        ("thickness_spearman", "thickness: Spearman, requested vs measured", "#d62728"),
+        ("slant_spearman", "slant: Spearman, requested vs measured", "#2ca02c"),
+    ):
+        ax.plot(scales, [r[key] for r in rows], "o-", color=color, label=label)
+    ax.axhline(0, color=_REAL, linewidth=0.8)
+    _scale_axes(ax)
+    ax.set_ylabel("accuracy; rank correlation")
+    ax.set_ylim(-1.05, 1.05)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)

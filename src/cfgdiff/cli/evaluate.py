@@ -1,5 +1,6 @@
 """`cfgdiff eval` (a checkpoint at one scale, samples made elsewhere, or training a judge) and
-`cfgdiff sweep` (every metric across guidance scales)."""
+`cfgdiff sweep` (every metric across guidance scales). A text model is measured by its prompt
+and attribute adherence on held-out prompts instead (metrics/text_adherence.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from cfgdiff.cli.options import (
     UsageError,
     floats,
     int_in,
+    negative_prompt_option,
     reference_options,
     refuse_writing_inputs,
     sampling_options,
 )
 from cfgdiff.cli.progress import log
-from cfgdiff.cli.sample import generate_with, guidance_of, scale_of
+from cfgdiff.cli.sample import generate_with, guidance_of, scale_of, text_guidance_of
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import check_output_file
 
@@ -29,6 +31,8 @@ METRIC_ROWS = [
     ("class_accuracy", "class accuracy", "{:.4f}"),
     ("memorisation", "memorised", "{:.4f}"),
 ]
+# Text models are measured by adherence (docs/text.md): the options that only they read.
+TEXT_GROUP = "text models (prompt and attribute adherence on held-out prompts; docs/text.md)"
 
 
 def add_eval_parser(sub) -> None:
@@ -52,7 +56,8 @@ def add_eval_parser(sub) -> None:
         "--n",
         "--num-samples",  # under torchrun, whose parser takes --n for an abbreviation of its own
         type=int_in(10, 1_000_000),
-        help="samples in total (default 1000; --samples: all)",
+        help="samples in total (default 1000; --samples: all; a text model: rounded up to whole "
+        "rounds of its held-out prompts)",
     )
     ev.add_argument("--json", type=Path, help="also write the results here")
     ev.add_argument(
@@ -68,6 +73,7 @@ def add_eval_parser(sub) -> None:
         "cfgdiff (MNIST's), replacing the cached one",
     )
     reference_options(ev)
+    negative_prompt_option(ev.add_argument_group(TEXT_GROUP))
 
 
 def add_sweep_parser(sub) -> None:
@@ -77,10 +83,15 @@ def add_sweep_parser(sub) -> None:
     g.add_argument("--scales", type=floats, default=None, help="comma-separated scales s")
     g.add_argument("--ws", type=floats, help="comma-separated paper weights w = s - 1")
     sw.add_argument(
-        "--n", "--num-samples", type=int_in(10, 1_000_000), default=5000, help="samples per scale"
+        "--n",
+        "--num-samples",
+        type=int_in(10, 1_000_000),
+        default=5000,
+        help="samples per scale (a text model: rounded up to whole rounds of its held-out prompts)",
     )
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     reference_options(sw)
+    negative_prompt_option(sw.add_argument_group(TEXT_GROUP))
 
 
 def _reference(a: argparse.Namespace, loaded, device):
@@ -115,11 +126,9 @@ def run_eval(a: argparse.Namespace) -> int:
         return run_eval_samples(a)
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
+    _check_condition_options(a, loaded.cfg.model.condition)
     if loaded.cfg.model.condition == "text":
-        raise UsageError(
-            "eval does not measure text models yet: python bench/text_adherence.py "
-            f"--checkpoint {a.checkpoint} measures prompt and attribute adherence (docs/text.md)"
-        )
+        return run_eval_text(a, loaded, device)
     scale, _ = scale_of(a)
     # The options first: building the reference may train a classifier for minutes.
     guidance, record = guidance_of(a, loaded, scale, device)
@@ -139,6 +148,95 @@ def run_eval(a: argparse.Namespace) -> int:
     )
     _report(a, result, loaded.cfg.label_names(), head)
     return 0
+
+
+def _check_condition_options(a: argparse.Namespace, condition: str) -> None:
+    """Refuse, before any work, an option the model's kind of condition does not read: a text
+    model is measured by adherence, so FID's feature space and a negative class mean nothing
+    to it; a class model has no negative prompt."""
+    if condition == "class":
+        if a.negative_prompt is not None:
+            raise UsageError(
+                "--negative-prompt: only for text models (a class model is steered away from "
+                "a class: --negative-class K)"
+            )
+        return
+    if a.negative_class is not None:
+        raise UsageError(
+            f"--negative-class {a.negative_class}: only for class models (a text model is "
+            "steered away from a prompt: --negative-prompt TEXT)"
+        )
+    if a.features != "classifier":
+        raise UsageError(
+            f"--features {a.features}: only for class models (a text model is measured by the "
+            "judge's class accuracy and attribute rank correlations, not FID)"
+        )
+    if a.inception is not None:
+        raise UsageError("--inception: only for class models, with --features inception")
+
+
+def _text_options(a: argparse.Namespace, device) -> dict:
+    """text_adherence's keyword arguments from the sampling and reference options."""
+    from cfgdiff import dist
+    from cfgdiff.runtime import resolve_precision
+
+    return dict(
+        dataset=a.dataset, data_dir=a.data_dir, sampler=a.sampler, steps=a.steps, eta=a.eta,
+        spacing=a.spacing, seed=a.seed, batch_size=a.batch_size, compile=a.compile,
+        device=device, precision=resolve_precision(a.precision, device), log=log,
+        world=dist.world(),
+    )  # fmt: skip
+
+
+def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
+    """eval of a text model: prompt and attribute adherence at one scale."""
+    from cfgdiff import dist
+    from cfgdiff.metrics.text_adherence import at_one_scale, text_adherence
+    from cfgdiff.text import run_caption_table
+
+    scale, _ = scale_of(a)
+    table = run_caption_table(loaded.path)
+    guidance, record = text_guidance_of(a, loaded, scale, device, table)
+    result = text_adherence(
+        loaded, [scale], a.n, guidance=guidance, record=record, **_text_options(a, device)
+    )
+    if not dist.world().is_main:  # the sampling was shared out; rank 0 reports and writes
+        return 0
+    result = at_one_scale(result)
+    print(
+        f"{result['n']} samples ({result['per_prompt']} per held-out prompt x "
+        f"{result['num_prompts']}) at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} "
+        f"steps, {result['sampling_images_per_s']:.1f} images/s"
+    )
+    print(adherence_table([result]))
+    _judge_note(result)
+    if a.json is not None:
+        from cfgdiff.files import atomic_write_json
+
+        atomic_write_json(a.json, result)
+    return 0
+
+
+def adherence_table(rows: list[dict]) -> str:
+    """A text model's adherence rows (metrics.text_adherence) as a table."""
+    lines = [f"{'s':>6s} {'w':>6s} {'n':>7s} {'accuracy':>9s} {'thickness':>10s} {'slant':>7s}"]
+    for r in rows:
+        lines.append(
+            f"{r['scale']:6g} {r['w']:6g} {r['n']:7d} {r['class_accuracy']:9.4f} "
+            f"{r['thickness_spearman']:10.3f} {r['slant_spearman']:7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _judge_note(result: dict) -> None:
+    print(
+        "(accuracy: the judge's on prompts in phrasings held out of training; thickness, slant: "
+        "Spearman's rank correlation of the requested and the measured level)"
+    )
+    print(
+        f"(judge: {result['dataset']} classifier, test accuracy "
+        f"{result['classifier_test_accuracy']:.4f})"
+    )
 
 
 def _check_eval_options(a: argparse.Namespace) -> None:
@@ -262,12 +360,10 @@ def run_sweep(a: argparse.Namespace) -> int:
     refuse_writing_inputs(a, ("--out", a.out))
     device = resolve_device(a.device)
     loaded = load_for_sampling(a.checkpoint, device)
-    if loaded.cfg.model.condition == "text":
-        raise UsageError(
-            "sweep does not measure text models yet: python bench/text_adherence.py "
-            f"--checkpoint {a.checkpoint} --scales S,S,... (docs/text.md)"
-        )
+    _check_condition_options(a, loaded.cfg.model.condition)
     out = a.out if a.out is not None else default_sweep_dir(loaded.path)
+    if loaded.cfg.model.condition == "text":
+        return run_sweep_text(a, loaded, scales, out, device)
     # The options first: building the reference may train a classifier for minutes.
     guidance, record = guidance_of(a, loaded, 1.0, device)
     ref = _reference(a, loaded, device)
@@ -297,4 +393,26 @@ def run_sweep(a: argparse.Namespace) -> int:
         f"wrote {out}/sweep.csv, sweep.json, fid_vs_scale, accuracy_vs_scale, "
         "precision_recall_vs_scale and fid_vs_is (.png and .svg), strip.png"
     )
+    return 0
+
+
+def run_sweep_text(a: argparse.Namespace, loaded, scales: list[float], out: Path, device) -> int:
+    """sweep of a text model: prompt and attribute adherence at every scale."""
+    from cfgdiff.metrics.sweep import text_sweep
+    from cfgdiff.text import run_caption_table
+
+    table = run_caption_table(loaded.path)
+    guidance, record = text_guidance_of(a, loaded, 1.0, device, table)
+    result = text_sweep(
+        loaded, scales, a.n, out, guidance=guidance, record=record, **_text_options(a, device)
+    )
+    if result is None:  # not rank 0 of a torchrun job: it sampled its share
+        return 0
+    print(
+        f"{len(scales)} scales x {result['n']} samples ({result['per_prompt']} per held-out "
+        f"prompt x {result['num_prompts']}; {result['sampling_images_per_s']:.1f} images/s)"
+    )
+    print(adherence_table(result["rows"]))
+    _judge_note(result)
+    print(f"wrote {out}/sweep.csv, sweep.json, adherence_vs_scale (.png and .svg)")
     return 0

@@ -382,6 +382,16 @@ def sampling_options(sp: argparse.ArgumentParser, required: bool = True, scale: 
     v.add_argument("--apg-momentum", type=float_in(-1, 1), default=0.0)
 
 
+def negative_prompt_option(group) -> None:
+    """--negative-prompt, of sample, eval and sweep (text models only)."""
+    group.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="text models: guide away from this prompt: the reference in place of the null "
+        "condition",
+    )
+
+
 def reference_options(sp: argparse.ArgumentParser) -> None:
     """Options of the real data eval and sweep compare with."""
     from cfgdiff.metrics.evaluate import FEATURES

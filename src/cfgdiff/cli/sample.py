@@ -12,6 +12,7 @@ from cfgdiff.cli.options import (
     classes,
     floats,
     int_in,
+    negative_prompt_option,
     refuse_writing_inputs,
     sampling_options,
 )
@@ -45,11 +46,7 @@ def add_parser(sub) -> None:
     tx.add_argument(
         "--prompts", type=Path, metavar="FILE", help="prompts, one per line (after any --prompt)"
     )
-    tx.add_argument(
-        "--negative-prompt",
-        metavar="TEXT",
-        help="guide away from this prompt: the reference in place of the null condition",
-    )
+    negative_prompt_option(tx)
     an = sa.add_argument_group("animation of the denoising (docs/guidance.md)")
     an.add_argument(
         "--animate",
@@ -110,6 +107,22 @@ def guidance_of(a: argparse.Namespace, loaded, scale: float, device):
         "guide_checkpoint": str(a.guide_checkpoint) if a.guide_checkpoint else None,
     }
     return g, record
+
+
+def text_guidance_of(a: argparse.Namespace, loaded, scale: float, device, table):
+    """guidance_of for a text model, with --negative-prompt's embedding (from the run's caption
+    `table`, else the encoder) as the reference of the guidance in place of the null."""
+    import dataclasses
+
+    from cfgdiff.text import embed_prompts
+
+    guidance, record = guidance_of(a, loaded, scale, device)
+    if a.negative_prompt is not None:
+        neg = embed_prompts([a.negative_prompt], loaded.cfg.model, table)[0]
+        guidance = dataclasses.replace(guidance, negative_condition=neg)
+        guidance.validate(loaded.cfg.model.num_classes)
+        record = {**guidance.to_record(), **record, "negative_prompt": a.negative_prompt}
+    return guidance, record
 
 
 def generate_with(a: argparse.Namespace, loaded, labels, guidance, device, indices=None):
@@ -211,8 +224,6 @@ def prompts_of(a: argparse.Namespace, cfg) -> list[str]:
 
 def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     """sample for a text model: a row per prompt."""
-    import dataclasses
-
     import torch
 
     from cfgdiff.text import embed_prompts, run_caption_table
@@ -223,11 +234,7 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     prompts = prompts_of(a, loaded.cfg)
     table = run_caption_table(loaded.path)
     scale, given = scale_of(a)
-    guidance, record = guidance_of(a, loaded, scale, device)
-    if a.negative_prompt is not None:
-        neg = embed_prompts([a.negative_prompt], loaded.cfg.model, table)[0]
-        guidance = dataclasses.replace(guidance, negative_condition=neg)
-        record = {**guidance.to_record(), **record, "negative_prompt": a.negative_prompt}
+    guidance, record = text_guidance_of(a, loaded, scale, device, table)
     rows = embed_prompts(prompts, loaded.cfg.model, table)
     conditions = rows.repeat_interleave(a.per_class, dim=0)
     labels = torch.arange(len(prompts)).repeat_interleave(a.per_class)

@@ -1,12 +1,13 @@
 """Evaluating generated samples against real data: the report behind `cfgdiff eval`, the
 sweep (sweep.py) and the small evaluations during training.
 
-Owns: the choice of feature extractor (the dataset's own classifier, or the FID Inception
-network), the real reference (N training images), the real-vs-real floor (N test images
-measured exactly like generated ones, so every number has a baseline), the record of an
-evaluation, samples made elsewhere (`read_samples`, `samples_reference`) and the evaluator a
-training run calls. Measuring is given images and their requested labels; only the training
-evaluator samples (through sample.generate).
+Owns: the judge of a model's samples (`judge_for`: the dataset's classifier at its own size,
+which text adherence uses too), the choice of feature extractor (the dataset's own classifier,
+or the FID Inception network), the real reference (N training images), the real-vs-real floor
+(N test images measured exactly like generated ones, so every number has a baseline), the
+record of an evaluation, samples made elsewhere (`read_samples`, `samples_reference`) and the
+evaluator a training run calls. Measuring is given images and their requested labels; only the
+training evaluator samples (through sample.generate).
 """
 
 from __future__ import annotations
@@ -69,6 +70,56 @@ def check_compatible(cfg: RunConfig, dataset: str, data: Dataset) -> None:
         )
 
 
+def _dataset_of(cfg: RunConfig, dataset: str | None) -> str:
+    """The dataset samples of `cfg`'s model are compared with: `dataset`, else the checkpoint's
+    own, refused when that is a folder no longer on this machine."""
+    if dataset is not None:
+        return dataset
+    name = DatasetName.parse(cfg.dataset)
+    if name.is_folder and not name.folder.is_dir():
+        raise ConfigError(
+            f"the checkpoint was trained on {cfg.dataset}, which is not on this machine; pass "
+            "`dataset` folder:PATH (the same class sub-folders) to evaluate against it"
+        )
+    return cfg.dataset
+
+
+def judge_for(
+    cfg: RunConfig,
+    dataset: str | None = None,
+    *,
+    data_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    log=None,
+    data: Dataset | None = None,
+) -> tuple[ClassifierFeatures, dict]:
+    """The classifier that judges samples of a model with config `cfg` (of `dataset`, default
+    the checkpoint's), as features of the model's images, and its meta. The judge of a built-in
+    dataset is trained at the data's native size and channels, whatever model comes first (the
+    model's images are converted to them); a folder has no native size, so its judge is trained
+    at this model's. data: a folder as loaded at the model's size, if the caller has it."""
+    dataset = _dataset_of(cfg, dataset)
+    m = cfg.model
+    folder = DatasetName.parse(dataset).is_folder
+    net, meta = get_classifier(
+        dataset,
+        data_dir,
+        device=device,
+        log=log,
+        image_size=m.image_size if folder else None,
+        channels=m.in_channels if folder else None,
+        data=data,
+        flip=folder and bool(cfg.train.hflip),
+    )
+    if meta["num_classes"] != m.num_classes:
+        raise ConfigError(
+            f"`dataset` {dataset} has {meta['num_classes']} classes; the checkpoint has "
+            f"{m.num_classes}"
+        )
+    size, channels = meta["image_size"], meta["in_channels"]
+    return ClassifierFeatures(net, device, image_size=size, channels=channels), meta
+
+
 def build_reference(
     cfg: RunConfig,
     n: int,
@@ -84,15 +135,10 @@ def build_reference(
 ) -> Reference:
     """Real reference for comparing n generated samples of a model with config `cfg`.
     n_arg: the parameter that set n, for the message when the data is too small for it."""
-    given, dataset = dataset, dataset or cfg.dataset
+    dataset = _dataset_of(cfg, dataset)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
     name = DatasetName.parse(dataset)
-    if given is None and name.is_folder and not name.folder.is_dir():
-        raise ConfigError(
-            f"the checkpoint was trained on {dataset}, which is not on this machine; pass "
-            "`dataset` folder:PATH (the same class sub-folders) to evaluate against it"
-        )
     # The checkpoint's own dataset is read as training read it, at the model's size and channels
     # (training with channels=3 on MNIST converts it); another dataset must have the model's
     # channels.
@@ -128,20 +174,8 @@ def build_reference(
             f"{n_arg} must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real "
             f"floor compares N training with N held-out images), got {n}"
         )
-    # The judge of a built-in dataset is trained at the data's native size and channels, whatever
-    # model comes first; a folder has no native size, so it is trained at this model's.
-    clf_net, clf_meta = get_classifier(
-        dataset,
-        data_dir,
-        device=device,
-        log=log,
-        image_size=m.image_size if folder else None,
-        channels=m.in_channels if folder else None,
-        data=whole if folder else None,
-        flip=folder and bool(cfg.train.hflip),
-    )
-    clf = ClassifierFeatures(
-        clf_net, device, image_size=clf_meta["image_size"], channels=clf_meta["in_channels"]
+    clf, clf_meta = judge_for(
+        cfg, dataset, data_dir=data_dir, device=device, log=log, data=whole if folder else None
     )
     if features == "classifier":
         extractor = clf

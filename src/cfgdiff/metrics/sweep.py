@@ -5,6 +5,8 @@ Owns: sampling n images per scale in one job (sample i gets the same noise at ev
 measuring each scale against one reference, and the sweep folder: sweep.csv (one row per scale
 and the real floor), sweep.json, the plots fid_vs_scale, accuracy_vs_scale,
 precision_recall_vs_scale and fid_vs_is (each .png and .svg; plots.py draws them) and strip.png.
+A text model's sweep (`text_sweep`) is its prompt and attribute adherence at each scale
+(text_adherence.py): sweep.csv, sweep.json and adherence_vs_scale (.png and .svg).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from cfgdiff import dist
 from cfgdiff.files import atomic_write_csv, atomic_write_json
 from cfgdiff.guidance import Guidance
 from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
-from cfgdiff.plots import sweep_plots
+from cfgdiff.metrics.text_adherence import ADHERENCE_KEYS, text_adherence
+from cfgdiff.plots import adherence_plot, sweep_plots
 from cfgdiff.previews import guidance_strip
 from cfgdiff.sample import generate
 from cfgdiff.viz import save_png
@@ -110,4 +113,20 @@ def sweep(
         scales=scales, steps=steps,
     )  # fmt: skip
     save_png(strip, out / "strip.png")
+    return result
+
+
+def text_sweep(loaded, scales: list[float], n: int, out: Path, **kwargs) -> dict | None:
+    """A text model's sweep: text_adherence (its keyword arguments: guidance, record, sampler,
+    steps, ..., world) at every scale, written to the sweep folder `out` as sweep.csv (a row per
+    scale), sweep.json (the record) and the adherence_vs_scale plot. Rank 0 of a torchrun job
+    alone writes and returns the record (the others share the sampling and return None)."""
+    world = kwargs.get("world") or dist.World()
+    result = text_adherence(loaded, scales, n, **kwargs)
+    if not world.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "sweep.csv", result["rows"], ["scale", "w", "n", *ADHERENCE_KEYS])
+    atomic_write_json(out / "sweep.json", result)
+    adherence_plot(result["rows"], out / "adherence_vs_scale")
     return result

@@ -4,21 +4,30 @@ Owns: the held-out prompts of a text run (one per (class, thickness level, slant
 the held-out phrasings taken in turn), prompt adherence (the judge's class accuracy on their
 samples), attribute adherence (Spearman's rank correlation between the requested level and the
 thickness or slant measured on the sample, data/captions.py's definitions), and the effect of a
-negative prompt on a measured attribute. It samples through sample.generate and judges with
-the dataset's classifier; it knows nothing of files or the CLI.
+negative prompt on a measured attribute, and the record of a measurement (`text_adherence`,
+what `cfgdiff eval` and `cfgdiff sweep` report for a text model: n samples per scale as whole
+rounds of the held-out prompts). It samples through sample.generate and judges with the
+dataset's classifier (evaluate.judge_for); it knows nothing of files or the CLI.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 
 import torch
 
+from cfgdiff import dist
 from cfgdiff.data.captions import LEVEL_WORDS, caption_set, measure_attributes
 from cfgdiff.errors import ConfigError
 from cfgdiff.guidance import Guidance
+from cfgdiff.metrics.evaluate import judge_for
 from cfgdiff.sample import generate
-from cfgdiff.text import TextConditions, embed_prompts
+from cfgdiff.text import TextConditions, embed_prompts, run_caption_table
+
+# the figures of an adherence row (besides scale, w and n), in the order tables show them
+ADHERENCE_KEYS = ("class_accuracy", "thickness_spearman", "slant_spearman")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,31 +67,109 @@ def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     return prompts, torch.tensor(labels), torch.tensor(thick), torch.tensor(slant)
 
 
+def samples_per_prompt(n: int, num_prompts: int) -> int:
+    """Samples per held-out prompt for n samples in total: n rounded up to whole rounds of the
+    prompts, so that every (class, thickness, slant) group weighs the same."""
+    if n < 1:
+        raise ConfigError(f"`n` must be >= 1, got {n}")
+    return -(-n // num_prompts)
+
+
 def adherence(
     net, cfg, table: TextConditions, judge, scales: Sequence[float], *, per_prompt: int = 1,
-    sampler: str = "dpmpp-2m", steps: int = 20, seed: int = 0, device="cpu",
-    precision: str = "fp32",
+    guidance: Guidance | None = None, sampler: str = "dpmpp-2m", steps: int = 20,
+    eta: float = 0.0, spacing: str = "trailing", seed: int = 0, batch_size: int | None = 256,
+    device="cpu", precision: str = "fp32", compile: str = "off", log=None,
+    world: dist.World | None = None,
 ) -> list[dict]:  # fmt: skip
     """A row per scale: class accuracy (judge) and the rank correlation of requested and
-    measured thickness and slant over the held-out prompts (the same noise at every scale)."""
+    measured thickness and slant over the held-out prompts, per_prompt samples each (sample i
+    has the same noise at every scale). guidance: the variant to guide with (its scale replaced
+    by each of `scales`; default plain CFG); the other options are sample.generate's."""
     prompts, labels, thick, slant = held_out_prompts(table, cfg.label_names())
     cond = embed_prompts(prompts, cfg.model, table).repeat_interleave(per_prompt, dim=0)
     labels, thick, slant = (v.repeat_interleave(per_prompt) for v in (labels, thick, slant))
+    n = len(cond)
+    per_sample = torch.tensor([float(s) for s in scales for _ in range(n)])
+    guidance = dataclasses.replace(guidance or Guidance(), scale=per_sample)
+    images = generate(
+        net, cfg, cond.repeat(len(scales), 1), guidance=guidance, sampler=sampler, steps=steps,
+        eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
+        indices=list(range(n)) * len(scales),  # the same noise at every scale
+        device=device, precision=precision, compile=compile, log=log, world=world,
+    )  # fmt: skip
     rows = []
-    for s in scales:
-        images = generate(
-            net, cfg, cond, guidance=Guidance(scale=float(s)), sampler=sampler, steps=steps,
-            seed=seed, device=device, precision=precision,
-        )  # fmt: skip
-        _, logits = judge(images)
-        m = measure_attributes(images)
+    for i, s in enumerate(scales):
+        part = images[i * n : (i + 1) * n]
+        _, logits = judge(part)
+        m = measure_attributes(part)
         rows.append({
-            "scale": float(s), "n": len(images),
+            "scale": float(s), "w": float(s) - 1, "n": n,
             "class_accuracy": float((logits.argmax(1) == labels).float().mean()),
             "thickness_spearman": spearman(thick.float(), m["thickness"]),
             "slant_spearman": spearman(slant.float(), m["slant"]),
         })  # fmt: skip
     return rows
+
+
+def text_adherence(
+    loaded, scales: Sequence[float], n: int, *, guidance: Guidance | None = None,
+    record: dict | None = None, dataset: str | None = None, data_dir=None,
+    sampler: str = "dpmpp-2m", steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
+    seed: int = 0, batch_size: int | None = None, compile: str = "off", device="cpu",
+    precision: str = "fp32", log=None, world: dist.World | None = None,
+) -> dict:  # fmt: skip
+    """Prompt and attribute adherence of a text checkpoint (`loaded`: checkpoint.
+    load_for_sampling's) at each of `scales`, on n samples per scale rounded up to whole rounds
+    of the held-out prompts (samples_per_prompt), judged by `dataset`'s classifier (default the
+    checkpoint's). Returns the record `cfgdiff eval` and `cfgdiff sweep` write: `record` (how
+    it was sampled, without a single scale), what was measured (prompts, samples, judge,
+    machine) and `rows`, one per scale (adherence's). `world`: the processes of a torchrun job,
+    which share the sampling; every one returns the record."""
+    from cfgdiff.runtime import describe_machine
+
+    cfg = loaded.cfg
+    if cfg.model.condition != "text":
+        raise ConfigError("text adherence measures text models; this one takes class labels")
+    table = run_caption_table(loaded.path)
+    if table is None:
+        raise ConfigError(
+            f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file from "
+            "cfgdiff export?); the held-out prompts are read from the run folder's caption table"
+        )
+    world = world or dist.World()
+    with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
+        judge, meta = judge_for(
+            cfg, dataset, data_dir=data_dir, device=device, log=log if world.is_main else None
+        )
+    num_prompts = len(held_out_prompts(table, cfg.label_names())[0])
+    per_prompt = samples_per_prompt(n, num_prompts)
+    t0 = time.perf_counter()
+    rows = adherence(
+        loaded.net, cfg, table, judge, scales, per_prompt=per_prompt, guidance=guidance,
+        sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed,
+        batch_size=batch_size, device=device, precision=precision, compile=compile,
+        log=log if world.is_main else None, world=world,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    record = {k: v for k, v in (record or {}).items() if k not in ("scale", "w")}
+    return {
+        **record, "scales": [float(s) for s in scales], "n": num_prompts * per_prompt,
+        "n_asked": n, "per_prompt": per_prompt, "num_prompts": num_prompts,
+        "prompts": "held-out phrasings, one prompt per (class, thickness level, slant level) "
+        "group, the phrasings in turn",
+        "dataset": meta["dataset"], "classifier_test_accuracy": meta["test_accuracy"],
+        "rows": rows, "sampling_images_per_s": num_prompts * per_prompt * len(scales) / dt,
+        "device": torch.device(device).type, "machine": describe_machine(torch.device(device)),
+    }  # fmt: skip
+
+
+def at_one_scale(result: dict) -> dict:
+    """text_adherence's record of a single scale as `cfgdiff eval` writes it: its row's scale,
+    w and figures at the top level in place of `scales` and `rows`."""
+    (row,) = result["rows"]
+    rest = {k: v for k, v in result.items() if k not in ("scales", "rows", "n")}
+    return {"scale": row["scale"], "w": row["w"], **rest, **row}
 
 
 def class_model_accuracy(
