@@ -13,12 +13,14 @@ import torch
 
 from cfgdiff.config import ModelConfig, RunConfig
 from cfgdiff.data.captions import (
+    FOLDER_CAPTIONS,
     HELD_OUT_TEMPLATES,
     caption_set,
     dataset_captions,
     image_groups,
     measure_attributes,
     phrase,
+    read_folder_captions,
 )
 from cfgdiff.diffusion import drop_labels
 from cfgdiff.errors import CheckpointError, ConfigError, DataError
@@ -254,6 +256,119 @@ def test_caption_table_round_trip_and_prompts_without_encoder(tmp_path, monkeypa
         embed_prompts(["seven"], ModelConfig(**SMALL))
 
 
+# --- a folder's captions file: per class and per image, several phrasings, every refusal
+
+FOLDER_CAPTION_LINES = (
+    "\ufeff# a comment, then a blank line; CRLF line ends are read too\n\n"
+    "class0\ta bar on the left\r\n"
+    "class0\tleft bar\n"
+    "class1\t  a bar in the middle  \n"
+    "class2/1.png\tthe last bar\n"
+    "class2/1.png\tlast\n"
+    "class0\tleft bar\n"  # a duplicate counts once
+)
+
+
+def _folder_with_captions(root, text):
+    from conftest import image_folder
+
+    from cfgdiff.data import load_dataset
+
+    folder = image_folder(root / "folder", 2)  # class0..2 x 0.png, 1.png
+    (folder / FOLDER_CAPTIONS).write_text(text, encoding="utf-8")
+    return folder, load_dataset(f"folder:{folder}", root / "data")
+
+
+def test_folder_captions_per_class_and_per_image(tmp_path):
+    folder, data = _folder_with_captions(tmp_path, FOLDER_CAPTION_LINES)
+    cs, groups = dataset_captions(data.images, data.labels, data.class_names, folder)
+    assert cs.from_file and cs.num_classes == 3 and not cs.with_attributes
+    # groups 0..2 the classes (class2 has no line: its name and paraphrases), 3 the image
+    # class2/1.png, which has lines of its own
+    assert groups.tolist() == [0, 0, 1, 1, 2, 3]
+    assert cs.counts.tolist() == [2, 1, 3, 2]
+
+    def phrasings(g):
+        return [cs.captions[int(r)] for r in cs.rows[g, : int(cs.counts[g])]]
+
+    assert phrasings(0) == ["a bar on the left", "left bar"]
+    assert phrasings(1) == ["a bar in the middle"]
+    assert phrasings(2) == ["class2", "a class2", "a photo of a class2"]
+    assert phrasings(3) == ["the last bar", "last"]
+    assert len(cs.captions) == len(set(cs.captions)) == 8
+    assert cs.held_out_rows.shape == (4, 0)  # nothing held out of a captions file
+    assert [cs.captions[int(r)] for r in cs.class_rows()] == [
+        "a bar on the left", "a bar in the middle", "class2",
+    ]  # fmt: skip
+    record = cs.to_record()
+    assert record["source"] == "file" and record["file"] == str(folder / FOLDER_CAPTIONS)
+    # training draws every phrasing of an image's group, and only those
+    tc = TextConditions(cs.captions, torch.eye(len(cs.captions)), {}, cs, record)
+    for g, n in ((0, 2), (1, 1), (2, 3), (3, 2)):
+        drawn = tc.training_condition(torch.full((300,), g), torch.Generator().manual_seed(g))
+        rows = drawn.argmax(dim=1)
+        assert set(rows.tolist()) == set(cs.rows[g, :n].tolist())
+        counts = torch.bincount(rows)[cs.rows[g, :n]].float()  # each about 300 / n: uniform
+        assert (counts - 300 / n).abs().max() < 0.25 * 300 / n
+    assert torch.equal(tc.class_condition(torch.tensor([1, 0])), torch.eye(8)[[2, 0]])
+    # eval and sweep refuse such a run: nothing is held out and there are no levels
+    from cfgdiff.metrics.text_adherence import held_out_prompts
+
+    with pytest.raises(ConfigError, match="came from the captions file .*captions.txt"):
+        held_out_prompts(tc, data.class_names)
+    # without the file: the class names and paraphrases, one phrasing held out
+    (folder / FOLDER_CAPTIONS).unlink()
+    cs, groups = dataset_captions(data.images, data.labels, data.class_names, folder)
+    assert not cs.from_file and groups.tolist() == [0, 0, 9, 9, 18, 18]
+    assert cs.captions[int(cs.held_out_rows[9, 0])] == "an image of a class1"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"class0\tok\nclass1 a bar\n", r"captions.txt:2: no tab in 'class1 a bar'; a line is"),
+        (
+            b"# c\nclassX\ta bar\n",
+            r"captions.txt:2: 'classX' is not a class folder of .*"
+            r"\(classes: 'class0', 'class1', 'class2'; an image is CLASS/FILE\)",
+        ),
+        (b"class0/9.png\ta bar\n", r"captions.txt:1: 'class0/9.png' is not an image of "),
+        (b"class0/0.png\ta\nclass2/\ta\n", r"captions.txt:2: 'class2/' is not an image of "),
+        (b"class0\tok\n\nclass1\t  \n", r"captions.txt:3: empty caption for 'class1'"),
+        (b"class0\tok\nclass1\tcaf\xe9\n", r"captions.txt:2: not UTF-8 text \(byte 0xe9\)"),
+        (b"# only a comment\n\n", r"captions.txt: no captions; a line is KEY<TAB>caption"),
+    ],
+)
+def test_folder_captions_file_refusals(tmp_path, content, message):
+    path = tmp_path / FOLDER_CAPTIONS
+    path.write_bytes(content)
+    names = ["class0", "class1", "class2"]
+    images = [f"{c}/{i}.png" for c in names for i in range(2)]
+    with pytest.raises(ConfigError, match=message) as e:
+        read_folder_captions(path, names, images)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_text_adherence_refuses_a_model_of_colour_images_before_any_work(tmp_path):
+    from types import SimpleNamespace
+
+    from cfgdiff.metrics.text_adherence import text_adherence
+
+    cfg = dataclasses.replace(RunConfig(), model=dataclasses.replace(text_model(), in_channels=3))
+    loaded = SimpleNamespace(cfg=cfg, path=tmp_path, net=None)
+    with pytest.raises(ConfigError, match="one-channel images; this model makes 3-channel"):
+        text_adherence(loaded, [3.0], 10)
+
+
+def test_folder_captions_file_is_read_when_the_folder_has_one(tmp_path):
+    folder, data = _folder_with_captions(tmp_path, "class3\ta bar\n")
+    with pytest.raises(ConfigError, match=r"captions.txt:1: 'class3' is not a class folder"):
+        dataset_captions(data.images, data.labels, data.class_names, folder)
+    # the images given must be the folder's, in its order: a caption per image depends on it
+    with pytest.raises(DataError, match=r"the 5 images given are not the 6 its class folders"):
+        dataset_captions(data.images[1:], data.labels[1:], data.class_names, folder)
+
+
 # --- the encoder: offline, checked, refused when it is another
 
 
@@ -411,3 +526,45 @@ def _check_adherence(r: dict) -> None:
     """An untrained model's figures: only their ranges."""
     assert 0 <= r["class_accuracy"] <= 1
     assert -1 <= r["thickness_spearman"] <= 1 and -1 <= r["slant_spearman"] <= 1
+
+
+@needs_encoder
+def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+
+    import numpy as np
+    from conftest import one_line
+
+    from cfgdiff.cli import main
+
+    folder, _ = _folder_with_captions(tmp_path, FOLDER_CAPTION_LINES)
+    run = tmp_path / "run"
+    argv = ["train", "--condition", "text", "--preset", "tiny", "--dataset", f"folder:{folder}"]
+    argv += ["--data-dir", tmp_path / "data", "--steps", "2", "--sample-every", "0", "--out", run]
+    assert main([str(a) for a in [*argv, "--no-progress", "--precision", "fp32"]]) == 0
+    cfg = json.loads((run / "checkpoints" / "step-0000002" / "config.json").read_text())
+    assert cfg["model"]["condition"] == "text" and cfg["dataset"] == f"folder:{folder}"
+    table = TextConditions.load(run / "captions.safetensors")
+    assert {"a bar on the left", "left bar", "the last bar", "class2"} <= set(table.captions)
+    assert table.caption_record["source"] == "file" and table.table.shape == (8, 256)
+    capsys.readouterr()
+
+    # the file's captions are rows of the run's table: sampling them needs no encoder
+    def no_encoder(name):
+        raise AssertionError("the encoder was loaded for captions the table holds")
+
+    monkeypatch.setattr("cfgdiff.text.load_encoder", no_encoder)
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--checkpoint", run, "--prompt", "a bar on the left", "--prompt", "last"]
+    argv += ["--scale", "3", "--steps", "2", "--per-class", "2", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    saved = np.load(out)
+    assert saved["images"].shape == (4, 1, 8, 8)
+    assert json.loads(str(saved["settings"]))["prompts"] == ["a bar on the left", "last"]
+
+    # eval refuses it in one line, before training a judge
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10", "--steps", "2"]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert "came from the captions file" in err and str(folder / FOLDER_CAPTIONS) in err

@@ -4,10 +4,11 @@ Owns: `TextConditions` (every distinct training caption with its sentence embedd
 once when a run starts, the encoder's record, and the caption set's phrasings), its file
 (captions.safetensors in the run folder: the table, with captions and records as JSON in the
 format's string metadata, no pickle), the training condition of a batch (a caption row per image
-drawn from its group's training phrasings: a table lookup, no encoder in the step), and
-prompts -> embeddings for sampling (a known caption from the table; a new one through the
-encoder the model was trained with, refused when another encoder is installed). "" is the null
-condition (the all-zero embedding). It knows nothing about the loss or guidance scales.
+drawn from its group's training phrasings, generated or from a folder's captions.txt: a table
+lookup, no encoder in the step), and prompts -> embeddings for sampling (a known caption from
+the table; a new one through the encoder the model was trained with, refused when another
+encoder is installed). "" is the null condition (the all-zero embedding). It knows nothing
+about the loss or guidance scales.
 """
 
 from __future__ import annotations
@@ -48,10 +49,17 @@ class TextConditions:
 
     @classmethod
     def for_dataset(
-        cls, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], model
+        cls,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        model,
+        folder: Path | None = None,
     ) -> tuple[TextConditions, torch.Tensor]:
-        """The table of a dataset's captions, encoded once, and the group of every image."""
-        cs, groups = dataset_captions(images, labels, class_names)
+        """The table of a dataset's captions, encoded once, and the group of every image.
+        folder: a folder dataset's root, whose captions.txt gives the captions when it has one
+        (data/captions.py)."""
+        cs, groups = dataset_captions(images, labels, class_names, folder)
         encoder = load_encoder(model.text_encoder)
         check_encoder(model, encoder)
         table = encoder.encode(list(cs.captions))
@@ -60,17 +68,22 @@ class TextConditions:
     # --- training: a caption row per image, drawn from its group's training phrasings
     def training_condition(self, groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B, D) embeddings: for each image's group a training phrasing drawn uniformly with
-        `gen` (the training generator, so a resumed run draws the same captions)."""
-        rows = self.caption_set.rows.to(groups.device)  # (groups, phrasings)
-        j = torch.randint(rows.shape[1], groups.shape, generator=gen, device=groups.device)
-        return self.table.to(groups.device)[rows[groups, j]]
+        `gen` (the training generator, so a resumed run draws the same captions). Groups with
+        phrasings of their own number (a captions file's) draw among their own."""
+        cs, dev = self.caption_set, groups.device
+        rows = cs.rows.to(dev)  # (groups, phrasings)
+        if cs.counts is None:  # every group has every phrasing
+            j = torch.randint(rows.shape[1], groups.shape, generator=gen, device=dev)
+        else:
+            n = cs.counts.to(dev)[groups]
+            u = torch.rand(groups.shape, generator=gen, device=dev)
+            j = torch.minimum((u * n).long(), n - 1)
+        return self.table.to(dev)[rows[groups, j]]
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, D) embeddings of the label-only caption of each class (its name as a word, the
-        second training phrasing: "seven", "Sneaker"), for previews."""
-        cs = self.caption_set
-        j = 1 if len(cs.templates) > 1 else 0
-        return self.table[cs.rows[labels.cpu() * 9, j]].cpu()
+        """(B, D) embeddings of the caption that stands for each class (its name as a word:
+        "seven", "Sneaker"; a captions file's first caption of the class), for previews."""
+        return self.table[self.caption_set.class_rows()[labels.cpu()]].cpu()
 
     # --- the file
     def save(self, path: Path) -> None:

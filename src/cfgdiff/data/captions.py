@@ -15,16 +15,23 @@ Definitions (ink = pixels >= 128 of 255; x to the right, y upwards, in pixels):
   shear that best explains the ink (the moment used to deskew MNIST). > 0 leans right, 0 is
   upright; a bar x = x0 + k y has slant k.
 - width: the number of columns that hold ink (the bounding box's width), in pixels.
+
+Image folders (folder:PATH) may carry their own captions: a UTF-8 file captions.txt beside the
+class sub-folders, one `KEY<TAB>caption` per line, KEY a class folder's name or an image's path
+under the folder (CLASS/FILE); read_folder_captions parses and checks it, and a folder's
+caption set takes every caption of the file for training (none held out; docs/text.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from cfgdiff.errors import DataError
+from cfgdiff.errors import ConfigError, DataError
 
 INK = 128  # uint8 threshold of an ink pixel
 ATTRIBUTES = ("thickness", "slant", "width")
@@ -52,6 +59,9 @@ HELD_OUT_TEMPLATES = (
 # Fashion-MNIST and other class-named data: the class name and paraphrases (no attributes)
 NAME_TEMPLATES = ("{name}", "a {name}", "a photo of a {name}")
 NAME_HELD_OUT = ("an image of a {name}",)
+
+# A folder dataset's own captions: this file in the folder's root, beside its class sub-folders
+FOLDER_CAPTIONS = "captions.txt"
 
 
 def measure_attributes(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -111,12 +121,18 @@ def phrase(template: str, label: int, class_names: Sequence[str], thick: int, sl
 @dataclass(frozen=True)
 class CaptionSet:
     """The captions of a dataset. An image's group is (label, thickness level, slant level),
-    numbered label * 9 + thick * 3 + slant (attribute-free data: the label, levels 0).
+    numbered label * 9 + thick * 3 + slant (attribute-free data: the label, levels 0). From a
+    folder's captions file (`origin` says so): groups 0..num_classes-1 are the classes, then
+    one group per image that has captions of its own.
 
     captions: every distinct caption, training ones first, then the held-out ones.
-    rows: (groups, len(TRAIN_TEMPLATES)) the caption row of each group in each training phrasing.
+    rows: (groups, len(TRAIN_TEMPLATES)) the caption row of each group in each training phrasing
+      (from a file: (groups, most captions of a group), a group's first `counts` entries used).
     held_out_rows: (groups, len(held-out templates)) likewise for the held-out phrasings.
     edges: {attribute: tercile edges} the levels were cut at (empty for attribute-free data).
+    counts: (groups,) how many training phrasings each group has; None when every group has
+      them all (generated captions).
+    origin: {} for generated captions; {"source": "file", "file", "sha256"} for a captions file.
     """
 
     captions: tuple[str, ...]
@@ -126,13 +142,28 @@ class CaptionSet:
     held_out_templates: tuple[str, ...]
     edges: dict[str, tuple[float, float]]
     num_classes: int
+    counts: torch.Tensor | None = None
+    origin: dict = field(default_factory=dict)
 
     @property
     def with_attributes(self) -> bool:
         return bool(self.edges)
 
+    @property
+    def from_file(self) -> bool:
+        return self.origin.get("source") == "file"
+
     def group(self, label: int, thick: int = 0, slant: int = 0) -> int:
         return label * 9 + thick * 3 + slant
+
+    def class_rows(self) -> torch.Tensor:
+        """(num_classes,) the caption row that stands for each class in previews: its name as a
+        word ("seven", "Sneaker"; the second generated phrasing), or a captions file's first
+        caption of the class (its folder name when the file has none)."""
+        labels = torch.arange(self.num_classes)
+        if self.from_file:
+            return self.rows[labels, 0]
+        return self.rows[labels * 9, 1 if len(self.templates) > 1 else 0]
 
     def to_record(self) -> dict:
         return {
@@ -141,6 +172,7 @@ class CaptionSet:
             "held_out_templates": list(self.held_out_templates),
             "edges": {k: list(v) for k, v in self.edges.items()},
             "num_classes": self.num_classes,
+            **self.origin,
         }
 
 
@@ -192,10 +224,18 @@ def image_groups(
 
 
 def dataset_captions(
-    images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    folder: Path | None = None,
 ) -> tuple[CaptionSet, torch.Tensor]:
     """The caption set of a dataset (attribute levels cut at its own terciles where it is
-    digits) and the group of each image."""
+    digits) and the group of each image. folder: the root of a folder dataset, whose
+    captions.txt, when it has one, gives the captions (folder_caption_set)."""
+    if folder is not None:
+        path = Path(folder) / FOLDER_CAPTIONS
+        if path.exists() or path.is_symlink():
+            return folder_caption_set(Path(folder), labels, class_names)
     edges: dict[str, tuple[float, float]] = {}
     a = None
     digits = len(class_names) == 10 and all(n == str(i) for i, n in enumerate(class_names))
@@ -204,3 +244,133 @@ def dataset_captions(
         edges = {name: tercile_edges(a[name]) for name in ("thickness", "slant")}
     cs = caption_set(class_names, edges)
     return cs, image_groups(images, labels, cs, a)
+
+
+# --- a folder's captions file
+
+
+@dataclass(frozen=True)
+class FolderCaptions:
+    """A folder's captions.txt, parsed and checked: the distinct captions of each class and of
+    each image (by its index in the folder's order: classes sorted, then files sorted)."""
+
+    path: Path
+    classes: dict[int, tuple[str, ...]]
+    images: dict[int, tuple[str, ...]]
+    sha256: str
+
+
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def read_folder_captions(
+    path: Path, class_names: Sequence[str], image_paths: Sequence[str]
+) -> FolderCaptions:
+    """Parse captions file `path` of a folder whose class folders are `class_names` and whose
+    images are `image_paths` (CLASS/FILE, "/"-separated, in the dataset's order).
+
+    The format (docs/text.md): UTF-8 text (a byte-order mark is allowed), one `KEY<TAB>caption`
+    per line, split at the first tab; KEY is a class folder's name (the caption describes every
+    image of the class) or an image's path under the folder, CLASS/FILE (that image alone).
+    Several lines with one KEY are several phrasings, drawn from at random in training;
+    duplicates count once. The caption is stripped of surrounding spaces; blank lines and lines
+    starting with # are skipped. Raises ConfigError naming the file and line for anything else:
+    bytes that are not UTF-8, a line without a tab, an unknown class or image, an empty caption,
+    or a file without a caption."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the captions file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); a captions file must be "
+            "saved as UTF-8"
+        ) from None
+    class_index = {name: k for k, name in enumerate(class_names)}
+    image_index = {p: i for i, p in enumerate(image_paths)}
+    classes: dict[int, dict[str, None]] = {}
+    images: dict[int, dict[str, None]] = {}
+    form = "a line is KEY<TAB>caption, KEY a class folder or an image path CLASS/FILE"
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, tab, caption = line.partition("\t")
+        if not tab:
+            raise ConfigError(f"{path}:{n}: no tab in {line[:80]!r}; {form}")
+        caption = caption.strip()
+        if not caption:
+            raise ConfigError(
+                f"{path}:{n}: empty caption for {key!r}; a caption needs a non-space character"
+            )
+        if "/" in key:
+            if key not in image_index:
+                raise ConfigError(
+                    f"{path}:{n}: {key!r} is not an image of {path.parent} (an image is named by "
+                    f"its path CLASS/FILE under the folder, e.g. {image_paths[0]!r})"
+                )
+            images.setdefault(image_index[key], {})[caption] = None
+        else:
+            if key not in class_index:
+                raise ConfigError(
+                    f"{path}:{n}: {key!r} is not a class folder of {path.parent} (classes: "
+                    f"{_listed(list(class_names))}; an image is CLASS/FILE)"
+                )
+            classes.setdefault(class_index[key], {})[caption] = None
+    if not classes and not images:
+        raise ConfigError(f"{path}: no captions; {form}")
+    return FolderCaptions(
+        path,
+        {k: tuple(v) for k, v in sorted(classes.items())},
+        {i: tuple(v) for i, v in sorted(images.items())},
+        hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def folder_caption_set(
+    root: Path, labels: torch.Tensor, class_names: Sequence[str]
+) -> tuple[CaptionSet, torch.Tensor]:
+    """The caption set of a folder dataset from its captions.txt, and the group of each image
+    (labels: the dataset's, in the folder's order). Groups 0..K-1 are the classes: a class's
+    lines, or without any its name and paraphrases (NAME_TEMPLATES); an image with lines of its
+    own is a group of its own. Every caption trains; none is held out (a single caption cannot
+    be, and the captions are the data the model has to learn)."""
+    from cfgdiff.data.folders import list_folder
+
+    listing = list_folder(root)
+    listed = [k for _, k in listing.files]
+    if listing.class_names != list(class_names) or listed != [int(k) for k in labels.tolist()]:
+        raise DataError(
+            f"folder dataset {root}: the {len(labels)} images given are not the {len(listed)} "
+            "its class folders list now (did they change while it was read?); run again"
+        )
+    image_paths = [f"{p.parent.name}/{p.name}" for p, _ in listing.files]
+    fc = read_folder_captions(root / FOLDER_CAPTIONS, class_names, image_paths)
+    k = len(class_names)
+    phrasings = [
+        fc.classes.get(c) or tuple(t.format(name=class_names[c]) for t in NAME_TEMPLATES)
+        for c in range(k)
+    ]
+    groups = labels.long().clone()
+    for i, caps in fc.images.items():
+        groups[i] = len(phrasings)
+        phrasings.append(caps)
+    captions: dict[str, int] = {}
+    width = max(len(p) for p in phrasings)
+    rows = torch.zeros(len(phrasings), width, dtype=torch.long)
+    for g, caps in enumerate(phrasings):
+        for j in range(width):  # past a group's count: its first caption (never drawn)
+            rows[g, j] = captions.setdefault(caps[j if j < len(caps) else 0], len(captions))
+    counts = torch.tensor([len(p) for p in phrasings], dtype=torch.long)
+    origin = {"source": "file", "file": str(fc.path), "sha256": fc.sha256}
+    cs = CaptionSet(
+        tuple(captions), rows, torch.zeros(len(phrasings), 0, dtype=torch.long), (), (), {}, k,
+        counts=counts, origin=origin,
+    )  # fmt: skip
+    return cs, groups

@@ -51,8 +51,17 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     """(prompts, labels, thickness levels, slant levels): one held-out prompt per group, the
-    held-out phrasings in turn, from the caption set the run recorded."""
+    held-out phrasings in turn, from the caption set the run recorded. Refused (ConfigError)
+    for a run whose captions came from a folder's captions file: it holds no phrasing out of
+    training and its groups have no attribute levels to measure."""
     rec = table.caption_record or {}
+    if rec.get("source") == "file":
+        raise ConfigError(
+            f"the run's captions came from the captions file {rec.get('file')}, which holds no "
+            "phrasing out of training and no attribute levels; eval and sweep measure text "
+            "models trained on generated captions (MNIST, Fashion-MNIST, a folder without "
+            "captions.txt), see docs/text.md"
+        )
     edges = {k: tuple(v) for k, v in rec.get("edges", {}).items()}
     cs = caption_set(class_names, edges)
     if cs.captions != table.captions:
@@ -131,18 +140,23 @@ def text_adherence(
     cfg = loaded.cfg
     if cfg.model.condition != "text":
         raise ConfigError("text adherence measures text models; this one takes class labels")
+    if cfg.model.in_channels != 1:  # refused before a judge is trained and samples are drawn
+        raise ConfigError(
+            "text adherence measures stroke thickness and slant on one-channel images; this "
+            f"model makes {cfg.model.in_channels}-channel ones"
+        )
     table = run_caption_table(loaded.path)
     if table is None:
         raise ConfigError(
             f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file from "
             "cfgdiff export?); the held-out prompts are read from the run folder's caption table"
         )
+    num_prompts = len(held_out_prompts(table, cfg.label_names())[0])  # before any judge
     world = world or dist.World()
     with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
         judge, meta = judge_for(
             cfg, dataset, data_dir=data_dir, device=device, log=log if world.is_main else None
         )
-    num_prompts = len(held_out_prompts(table, cfg.label_names())[0])
     per_prompt = samples_per_prompt(n, num_prompts)
     t0 = time.perf_counter()
     rows = adherence(

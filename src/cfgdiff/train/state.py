@@ -23,7 +23,7 @@ import torch
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff import dist
 from cfgdiff.config import RunConfig
-from cfgdiff.data import canonical_name
+from cfgdiff.data import DatasetName, canonical_name, is_folder
 from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
@@ -146,8 +146,9 @@ class TrainState:
         gen = torch.Generator(device=device).manual_seed(t.seed)
         text, labels = None, data.labels
         if cfg.model.condition == "text":  # captions encoded once, here, not in the step
+            folder = DatasetName.parse(data.name).folder if is_folder(data.name) else None
             text, labels = TextConditions.for_dataset(
-                data.images, data.labels, data.class_names, cfg.model
+                data.images, data.labels, data.class_names, cfg.model, folder
             )
         batches = DeviceBatches(
             data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
