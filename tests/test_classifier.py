@@ -64,6 +64,42 @@ def _mnist_judged_by_the_shipped_one(d, monkeypatch, wrong: int):
     return mnist_idx(d, monkeypatch, fake_digits(200, 0), (xt, yt))
 
 
+def test_shipped_judge_on_the_split_it_was_measured_on_is_not_measured_again(
+    tmp_path, monkeypatch, capsys
+):
+    """A test split whose SHA-256 is the one the shipped judge records (MNIST's own) gets the
+    judge without 10,000 images through it; any other split is measured as before (the test
+    below). Here a synthetic split stands for MNIST's: its digest is put in the meta."""
+    import cfgdiff.metrics.classifier as clf
+    from cfgdiff.data import load_dataset
+
+    d = _mnist_judged_by_the_shipped_one(tmp_path / "d", monkeypatch, wrong=6)
+    digest = clf.split_sha(load_dataset("mnist", d, split="test"))
+    real = clf.shipped_judge
+    monkeypatch.setattr(
+        clf,
+        "shipped_judge",
+        lambda ds: (lambda n, m: (n, {**m, "test_split_sha256": digest}))(*real(ds)),
+    )
+    measured = []
+    real_accuracy = clf.accuracy
+    monkeypatch.setattr(
+        clf, "accuracy", lambda *a, **k: measured.append(1) or real_accuracy(*a, **k)
+    )
+    notes: list[str] = []
+    _, meta = clf.get_classifier("mnist", d, log=notes.append)
+    assert measured == [] and meta["source"] == "shipped" and "test_accuracy_here" not in meta
+    assert any("the one it was measured on" in n for n in notes)
+    assert main(["eval", "train-classifier", "--dataset", "mnist", "--data-dir", str(d)]) == 0
+    assert "the split it was measured on; shipped with cfgdiff" in capsys.readouterr().out
+    assert clf.shipped_judge("mnist")[1]["test_split_sha256"] == digest
+    other = clf.split_sha(load_dataset("mnist", d, split="train"))
+    assert other != digest  # other images: another digest, so the judge would be measured
+    assert real("mnist")[1]["test_split_sha256"] == (
+        "a0863a96c44e5666edbb30c4071ee79ca0514c621e6349c5967fc78e7305c891"
+    )  # MNIST's test split (10,000 images) as every source of cfgdiff's delivers it
+
+
 def test_shipped_judge_is_used_where_it_scores_as_recorded(tmp_path, monkeypatch, capsys):
     """A test split on which the shipped judge scores its recorded 0.9937 (to 0.001) gets it,
     untrained, cached as shipped; one on which it scores otherwise (another MNIST) gets a judge

@@ -339,8 +339,9 @@ def run_train_classifier(a: argparse.Namespace) -> int:
     how = f"{meta['train_seconds']} s", f"{meta['precision']}, {epochs} epochs"
     made = f"trained in {how[0]} ({how[1]})"
     if meta.get("source") == "shipped":
-        here = meta["test_accuracy_here"]
-        made = f"{here:.4f} on this test split; shipped with cfgdiff (trained in {', '.join(how)})"
+        here = meta.get("test_accuracy_here")
+        where = "the split it was measured on" if here is None else f"{here:.4f} on this test split"
+        made = f"{where}; shipped with cfgdiff (trained in {', '.join(how)})"
     print(
         f"{a.dataset}: test accuracy {meta['test_accuracy']:.4f}, {made}, weights "
         f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"

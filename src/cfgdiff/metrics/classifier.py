@@ -349,6 +349,15 @@ def _shipped(
     like = (meta["image_size"], meta["in_channels"]) == (test.image_size, test.channels)
     if not (_same_recipe(meta, recipe) and like and meta["num_classes"] == test.num_classes):
         return None
+    if meta.get("test_split_sha256") == split_sha(test):
+        # the very split it was measured on: its recorded accuracy holds without 10,000 images
+        # through it (most of a first evaluation's time on a 2-core CPU)
+        if log is not None:
+            log(
+                f"{dataset} judge: the one shipped with cfgdiff (test accuracy "
+                f"{meta['test_accuracy']:.4f} on this test split, the one it was measured on)"
+            )
+        return net, {**meta, "source": "shipped"}
     acc = accuracy(net.to(device), test.images, test.labels, device=device)
     if abs(acc - meta["test_accuracy"]) > SHIPPED_TOLERANCE:
         if log is not None:
@@ -360,6 +369,14 @@ def _shipped(
     if log is not None:
         log(f"{dataset} judge: the one shipped with cfgdiff (test accuracy {acc:.4f} here)")
     return net, {**meta, "source": "shipped", "test_accuracy_here": acc}
+
+
+def split_sha(data: Dataset) -> str:
+    """SHA-256 of a split's pixels (uint8, N x C x H x W in order) and labels (int64): the
+    same number only for the same images with the same labels."""
+    h = hashlib.sha256(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
 
 
 def _labels_sha(data: Dataset) -> str:
