@@ -64,6 +64,13 @@ def _mnist_judged_by_the_shipped_one(d, monkeypatch, wrong: int):
     return mnist_idx(d, monkeypatch, fake_digits(200, 0), (xt, yt))
 
 
+def _calls(monkeypatch, module, name: str) -> list:
+    """A list that gains a 1 at each call of module.name, which still does its work."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def test_shipped_judge_on_the_split_it_was_measured_on_is_not_measured_again(
     tmp_path, monkeypatch, capsys
 ):
@@ -81,11 +88,7 @@ def test_shipped_judge_on_the_split_it_was_measured_on_is_not_measured_again(
         "shipped_judge",
         lambda ds: (lambda n, m: (n, {**m, "test_split_sha256": digest}))(*real(ds)),
     )
-    measured = []
-    real_accuracy = clf.accuracy
-    monkeypatch.setattr(
-        clf, "accuracy", lambda *a, **k: measured.append(1) or real_accuracy(*a, **k)
-    )
+    measured = _calls(monkeypatch, clf, "accuracy")
     notes: list[str] = []
     _, meta = clf.get_classifier("mnist", d, log=notes.append)
     assert measured == [] and meta["source"] == "shipped" and "test_accuracy_here" not in meta
@@ -107,11 +110,7 @@ def test_shipped_judge_is_used_where_it_scores_as_recorded(tmp_path, monkeypatch
     import cfgdiff.metrics.classifier as clf
 
     fits = _mnist_judged_by_the_shipped_one(tmp_path / "fits", monkeypatch, wrong=6)  # 0.994
-    trainings = []
-    real_train = clf.train_classifier
-    monkeypatch.setattr(
-        clf, "train_classifier", lambda *a, **k: trainings.append(1) or real_train(*a, **k)
-    )
+    trainings = _calls(monkeypatch, clf, "train_classifier")
     notes: list[str] = []
     _, meta = clf.get_classifier("mnist", fits, log=notes.append)
     assert trainings == [] and meta["source"] == "shipped"
