@@ -98,13 +98,14 @@ def same_speed_as(name: str, measured: dict) -> str | None:
     """The first measured candidate with `name`'s network, padding and batch size (so its
     speed), or None where that is `name` itself: "base" for a change of cpu-demo's recipe
     alone, "p2-c32" for one of p2-c32's."""
-    ov = candidates()[name]
+    every = candidates()
 
     def shape(o: dict) -> tuple:
         return repr(o.get("model", {})), o.get("pad", 0), o.get("train", {}).get("batch_size")
 
-    for other in candidates():  # the first of the list with this shape speaks for all
-        if other in measured and shape(candidates()[other]) == shape(ov):
+    mine = shape(every[name])
+    for other, ov in every.items():  # the first of the list with this shape speaks for all
+        if other in measured and shape(ov) == mine:
             return None if other == name else other
     return None
 
