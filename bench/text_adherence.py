@@ -28,6 +28,34 @@ def judge_for(cfg, data_dir):
     return judge_and_meta(cfg, data_dir=data_dir)[0]
 
 
+def phrasing_accuracy(loaded, table, judge, scales, steps: int) -> list[dict]:
+    """The judge's accuracy per phrasing (each training template and each held-out one), one
+    prompt per (digit, thickness, slant) group, 90 samples per phrasing and scale (the same
+    noise for every phrasing and scale): which phrasings the digit is obeyed in."""
+    from cfgdiff.data.captions import caption_set
+    from cfgdiff.sample import generate
+    from cfgdiff.text import embed_prompts
+
+    cfg = loaded.cfg
+    edges = {k: tuple(v) for k, v in table.caption_record["edges"].items()}
+    cs = caption_set(cfg.label_names(), edges)
+    labels = torch.arange(cs.rows.shape[0]) // 9
+    rows = []
+    for held_out, templates, table_rows in (
+        (False, cs.templates, cs.rows),
+        (True, cs.held_out_templates, cs.held_out_rows),
+    ):
+        for j, template in enumerate(templates):
+            prompts = [cs.captions[int(r)] for r in table_rows[:, j]]
+            cond = embed_prompts(prompts, cfg.model, table)
+            acc = []
+            for scale in scales:
+                images = generate(loaded.net, cfg, cond, scale=scale, steps=steps, seed=0)
+                acc.append(float((judge(images)[1].argmax(1) == labels).float().mean()))
+            rows.append({"phrasing": template, "held_out": held_out, "class_accuracy": acc})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -61,6 +89,12 @@ def main() -> int:
             f"| {r['scale']:g} | {r['n']} | {r['class_accuracy']:.3f} | "
             f"{r['thickness_spearman']:.3f} | {r['slant_spearman']:.3f} |"
         )
+    out["phrasings"] = phrasing_accuracy(loaded, table, judge, scales, a.steps)
+    print("\n| phrasing | " + " | ".join(f"s = {s:g}" for s in scales) + " |")
+    print("|---" * (len(scales) + 1) + "|")
+    for r in out["phrasings"]:
+        cells = " | ".join(f"{acc:.3f}" for acc in r["class_accuracy"])
+        print(f"| {r['phrasing']}{' (held out)' if r['held_out'] else ''} | {cells} |")
     out["negative"] = negative_prompt_effect(
         loaded.net, loaded.cfg, table, a.negative_scale, per_class=a.per_class_negative,
         steps=a.steps,

@@ -25,7 +25,8 @@ from cfgdiff.data.captions import (
 from cfgdiff.diffusion import drop_labels
 from cfgdiff.errors import CheckpointError, ConfigError, DataError
 from cfgdiff.guidance import GUIDANCE_CONVENTION, Guidance, guided_denoiser
-from cfgdiff.presets import encoder_fields, resolve_config
+from cfgdiff.layers import CrossAttention
+from cfgdiff.presets import TEXT_TOKENS, encoder_fields, resolve_config
 from cfgdiff.samplers import run_sampler
 from cfgdiff.schedule import make_schedule
 from cfgdiff.text import TextConditions, check_encoder, embed_prompts
@@ -95,6 +96,27 @@ def test_text_model_shapes_and_learned_null_vector():
     assert not torch.allclose(moved[1], out[1]) and torch.equal(moved[[0, 2]], out[[0, 2]])
 
 
+def test_a_caption_starts_at_the_label_rows_scale():
+    """At init a unit-length caption embedding comes out of the text MLP as about N(0, 1) per
+    component, as a class model's label rows start, and different captions differ by as much
+    (torch's default init started them about 90x smaller, docs/text.md)."""
+    torch.manual_seed(0)
+    m = dataclasses.replace(text_model(256), base_channels=32)
+    net = UNet(m)
+    c = torch.nn.functional.normalize(torch.randn(4000, 256), dim=1)
+    with torch.no_grad():
+        e = net.condition_embedding(c)
+    assert e.shape == (4000, 128)
+    assert 0.85 < e.std(dim=0).mean().item() < 1.15  # caption to caption, per component
+    assert e.mean(dim=0).abs().mean().item() < 0.6  # no shared offset (zero biases)
+    label_rows = UNet(dataclasses.replace(m, condition="class", text_encoder="", text_dim=0,
+                                          text_encoder_sha256="")).label_emb.weight  # fmt: skip
+    assert 0.85 < label_rows.std().item() < 1.15
+    # the meta device (checkpoint.check_network_size) builds it without values
+    with torch.device("meta"):
+        assert UNet(m).text_mlp[0].weight.is_meta
+
+
 def test_text_dropout_zeroes_the_rows_class_dropout_would_drop():
     y = torch.arange(200) % 10
     e = torch.nn.functional.normalize(torch.randn(200, 4), dim=1)
@@ -119,6 +141,13 @@ def test_text_config_is_validated_and_round_trips():
         ModelConfig(text_dim=4).validate()
     resolved = resolve_config({"model.condition": "text"}).config.model
     assert resolved.text_dim == ENCODERS[resolved.text_encoder].dim == encoder_fields()["text_dim"]
+    # a new text model reads 16 tokens unless told otherwise; a resumed one keeps its own
+    assert resolved.text_tokens == TEXT_TOKENS == 16
+    pooled = {"model.condition": "text", "model.text_tokens": 0}
+    assert resolve_config(pooled).config.model.text_tokens == 0
+    old = dataclasses.replace(RunConfig(), model=dataclasses.replace(resolved, text_tokens=0))
+    assert resolve_config({}, resumed=old).config.model.text_tokens == 0
+    assert RunConfig.from_dict(old.to_dict()).model.text_tokens == 0
 
 
 # --- guidance: the negative prompt is the reference, one forward pass per step
@@ -404,6 +433,69 @@ def test_model_refuses_another_encoder():
         embed_prompts(["a new prompt"], other)
 
 
+# --- cross-attention to tokens
+
+
+def token_model(n: int = 4, dim: int = 6) -> ModelConfig:
+    return dataclasses.replace(text_model(dim), text_tokens=n)
+
+
+def test_token_model_reads_tokens_by_cross_attention_and_pools_them_for_film():
+    torch.manual_seed(0)
+    net = UNet(token_model())
+    keys = net.state_dict().keys()
+    assert "null_token" in keys and any(".kv.weight" in k for k in keys)
+    assert sum(isinstance(m, CrossAttention) for m in net.modules()) == 4  # 3 blocks + mid
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    x, t = torch.randn(1, 1, 8, 8).expand(4, -1, -1, -1), torch.tensor([50] * 4)
+    a, b = torch.randn(6), torch.randn(6)
+    c = torch.zeros(4, 4, 6)
+    c[0, :2] = torch.stack([a, b])  # "a b"
+    c[1, 1], c[1, 3] = b, a  # the same tokens, padding between: padding is not read
+    c[2, :2] = (a + b) / 2  # the same pooled embedding, other tokens
+    out = net(x, t, c.reshape(4, 24))
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert not torch.allclose(out[0], out[2], atol=1e-3)  # the tokens matter, not only the sum
+    # the pooled embedding is the normalised sum: FiLM sees "a b" as the encoder's pooling
+    pooled = net.condition_embedding(c.reshape(4, 24))
+    assert torch.allclose(pooled[0], net.text_mlp(torch.nn.functional.normalize(a + b, dim=0)))
+    # row 3 is the null caption: the learned null vector and the one learned null token
+    tokens, mask = net.context(c.reshape(4, 24))
+    assert mask[3].tolist() == [True, False, False, False] and mask[0].tolist() == [1, 1, 0, 0]
+    assert torch.equal(tokens[3, 0], net.null_token.detach())
+    assert torch.allclose(pooled[3], net.text_mlp(net.null_text), atol=1e-6)
+    with torch.no_grad():
+        net.null_token.add_(torch.randn(6))  # (not a constant shift: LayerNorm removes those)
+    moved = net(x, t, c.reshape(4, 24))
+    assert not torch.allclose(moved[3], out[3]) and torch.equal(moved[:3], out[:3])
+
+
+def test_token_model_config_is_validated():
+    with pytest.raises(ConfigError, match="`text_tokens` must be in"):
+        token_model(n=-1).validate()
+    with pytest.raises(ConfigError, match="`attn_levels` is empty"):
+        dataclasses.replace(token_model(), attn_levels=()).validate()
+    with pytest.raises(ConfigError, match="for `condition` text only"):
+        ModelConfig(**SMALL, text_tokens=4).validate()
+    assert token_model(n=4, dim=6).cond_dim == 24 and text_model(6).cond_dim == 6
+
+
+@needs_encoder
+def test_token_encoding_pools_to_the_sentence_embedding_and_refuses_long_prompts():
+    enc = load_encoder()
+    model = ModelConfig(**SMALL, condition="text", text_tokens=8, **encoder_fields())
+    captions = ["a thick, slanted seven", "seven"]
+    z = embed_prompts([*captions, ""], model)
+    assert z.shape == (3, 8 * enc.dim) and not z[2].any()
+    tokens = z.reshape(3, 8, enc.dim)
+    assert tokens[0, :6].ne(0).any(1).all() and not tokens[0, 6:].any()  # 6 tokens, padding
+    pooled = torch.nn.functional.normalize(tokens[:2].sum(1), dim=1)
+    assert torch.allclose(pooled, enc.encode(captions), atol=1e-6)
+    with pytest.raises(ConfigError, match="has 12 tokens; this model reads at most 8"):
+        embed_prompts(["the digit seven written thin and upright, slanted"], model)
+
+
 # --- measurement
 
 
@@ -454,8 +546,9 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     cfg = json.loads((run / "checkpoints" / "step-0000003" / "config.json").read_text())
     assert cfg["model"]["condition"] == "text" and cfg["model"]["text_dim"] == 256
     assert cfg["model"]["text_encoder_sha256"] == ENCODERS["wordllama-l2-256"].sha256
+    assert cfg["model"]["text_tokens"] == 16  # a new text model reads tokens
     table = TextConditions.load(run / "captions.safetensors")
-    assert "a thick, slanted seven" in table.captions and table.table.shape[1] == 256
+    assert "a thick, slanted seven" in table.captions and table.table.shape[1] == 16 * 256
     capsys.readouterr()
     out = tmp_path / "s.npz"
     argv = ["sample", "--checkpoint", run, "--prompt", "a thick seven", "--prompt", "one"]
@@ -543,9 +636,11 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     run = tmp_path / "run"
     argv = ["train", "--condition", "text", "--preset", "tiny", "--dataset", f"folder:{folder}"]
     argv += ["--data-dir", tmp_path / "data", "--steps", "2", "--sample-every", "0", "--out", run]
+    argv += ["--text-tokens", "0"]  # the pooled embedding alone (FiLM only)
     assert main([str(a) for a in [*argv, "--no-progress", "--precision", "fp32"]]) == 0
     cfg = json.loads((run / "checkpoints" / "step-0000002" / "config.json").read_text())
     assert cfg["model"]["condition"] == "text" and cfg["dataset"] == f"folder:{folder}"
+    assert cfg["model"]["text_tokens"] == 0
     table = TextConditions.load(run / "captions.safetensors")
     assert {"a bar on the left", "left bar", "the last bar", "class2"} <= set(table.captions)
     assert table.caption_record["source"] == "file" and table.table.shape == (8, 256)

@@ -456,7 +456,7 @@ def load_guide(path: Path, loaded: Loaded, device: torch.device | str = "cpu") -
     reads the same embeddings), the same diffusion process."""
     guide = load_for_sampling(path, device, arg="`guide_checkpoint`")
     m, g = loaded.cfg, guide.cfg
-    text = ("condition", "text_dim", "text_encoder_sha256")
+    text = ("condition", "text_dim", "text_tokens", "text_encoder_sha256")
     for section, names in (
         ("model", ("in_channels", "image_size", "num_classes", *text)),
         ("diffusion", ("prediction", "schedule", "timesteps")),

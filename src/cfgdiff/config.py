@@ -33,6 +33,7 @@ MAX_HEADS = 64
 MAX_PREVIEW_PER_CLASS = 64
 MAX_SEED = 2**32 - 1
 MAX_TEXT_DIM = 4096  # the largest sentence-embedding dimension a text model may take
+MAX_TEXT_TOKENS = 64  # the most token embeddings a cross-attention text model reads
 MAX_NAME_CHARS = 4096  # a class name, a dataset name or path, a preset name
 
 # The choices of the string fields, each said once here and read by validation and the CLI.
@@ -82,6 +83,16 @@ class ModelConfig:
     text_encoder: str = ""  # text: the encoder's name (text_encoder.ENCODERS); "" for class
     text_encoder_sha256: str = ""  # text: the SHA-256 of its weights, compared on loading
     text_dim: int = 0  # text: the embedding's dimension; 0 for class
+    # text: 0 conditions on the caption's one pooled embedding (FiLM only); N > 0 on its first N
+    # token embeddings laid end to end (N * text_dim numbers, zero rows padding a shorter
+    # caption), which every attention level's blocks also read by cross-attention, the pooled
+    # embedding still going through FiLM (docs/text.md, "Cross-attention")
+    text_tokens: int = 0
+
+    @property
+    def cond_dim(self) -> int:
+        """The length of a text model's condition vector: text_dim, or text_tokens of them."""
+        return self.text_dim * max(1, self.text_tokens)
 
     def validate(self) -> None:
         if self.condition not in CONDITIONS:
@@ -93,9 +104,20 @@ class ModelConfig:
                 f"`text_dim` must be in [1, {MAX_TEXT_DIM}] for a text model, got {self.text_dim}"
             )
         if self.condition == "class" and (
-            self.text_dim or self.text_encoder or self.text_encoder_sha256
+            self.text_dim or self.text_encoder or self.text_encoder_sha256 or self.text_tokens
         ):
-            raise ConfigError("`text_encoder` and `text_dim` are for `condition` text only")
+            raise ConfigError(
+                "`text_encoder`, `text_dim` and `text_tokens` are for `condition` text only"
+            )
+        if not 0 <= self.text_tokens <= MAX_TEXT_TOKENS:
+            raise ConfigError(
+                f"`text_tokens` must be in [0, {MAX_TEXT_TOKENS}], got {self.text_tokens}"
+            )
+        if self.text_tokens and not self.attn_levels:
+            raise ConfigError(
+                f"`text_tokens` {self.text_tokens}: cross-attention runs at the attention "
+                "levels, and `attn_levels` is empty"
+            )
         if self.in_channels not in (1, 3):
             raise ConfigError(f"`in_channels` must be 1 or 3, got {self.in_channels}")
         if self.num_classes < 1:

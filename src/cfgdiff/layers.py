@@ -80,6 +80,35 @@ class Attention(nn.Module):
         return x + self.proj(h)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from spatial positions (queries) to a caption's token embeddings
+    (keys and values), pre-norm, residual, zero-initialised output (a new model starts as if
+    it were absent). `mask` (B, N) marks the tokens to attend to (False: padding)."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            num_heads = 1
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        heads, n = self.num_heads, context.shape[1]
+        q = self.q(self.norm(x)).reshape(b, heads, c // heads, hgt * wid).transpose(-1, -2)
+        kv = self.kv(self.context_norm(context)).reshape(b, n, 2, heads, c // heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        h = h.transpose(-1, -2).reshape(b, c, hgt, wid)
+        return x + self.proj(h)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()

@@ -67,7 +67,7 @@ def generate(
 ) -> torch.Tensor:
     """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
 
-    labels: (N,) class labels, or for a text model (cfg.model.condition "text") an (N, text_dim)
+    labels: (N,) class labels, or for a text model (cfg.model.condition "text") an (N, cond_dim)
     float tensor of caption embeddings (text.TextConditions.embed gives them).
 
     scale: guidance scale s (float, or (N,) tensor of per-sample scales); or pass a full
@@ -92,7 +92,7 @@ def generate(
     callback sees this process's batches only). None: this process alone.
     """
     if isinstance(labels, torch.Tensor) and labels.is_floating_point():
-        labels = labels.float()  # a text model's (N, text_dim) caption embeddings
+        labels = labels.float()  # a text model's (N, cond_dim) caption embeddings
     else:
         labels = torch.as_tensor(labels, dtype=torch.long)
     if world is not None and world.enabled:
@@ -164,9 +164,9 @@ def _generate(
             if m.condition == "text"
             else "a class model takes class labels, not prompts"
         )
-    if labels.is_floating_point() and labels.shape[1:] != (m.text_dim,):
+    if labels.is_floating_point() and labels.shape[1:] != (m.cond_dim,):
         raise ConfigError(
-            f"caption embeddings must have {m.text_dim} components, got {tuple(labels.shape[1:])}"
+            f"caption embeddings must have {m.cond_dim} components, got {tuple(labels.shape[1:])}"
         )
     if not labels.is_floating_point() and n and (labels.min() < 0 or labels.max() >= m.num_classes):
         raise ConfigError(

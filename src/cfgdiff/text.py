@@ -42,7 +42,7 @@ def check_encoder(model: ModelConfig, encoder: TextEncoder) -> None:
 @dataclass
 class TextConditions:
     captions: tuple[str, ...]  # distinct captions, row i of `table`
-    table: torch.Tensor  # (K, D) float32 unit embeddings
+    table: torch.Tensor  # (K, cond_dim) float32: unit embeddings, or token embeddings (text_tokens)
     encoder: dict  # {"name", "sha256", "dim"}
     caption_set: CaptionSet | None = None  # how training draws captions (None when loaded)
     caption_record: dict | None = None
@@ -62,7 +62,7 @@ class TextConditions:
         cs, groups = dataset_captions(images, labels, class_names, folder)
         encoder = load_encoder(model.text_encoder)
         check_encoder(model, encoder)
-        table = encoder.encode(list(cs.captions))
+        table = encode_for(model, encoder, list(cs.captions))
         return cls(cs.captions, table, encoder.record(), cs, cs.to_record()), groups
 
     # --- training: a caption row per image, drawn from its group's training phrasings
@@ -124,10 +124,18 @@ class TextConditions:
         return embed_prompts(prompts, model, self)
 
 
+def encode_for(model: ModelConfig, encoder: TextEncoder, captions: list[str]) -> torch.Tensor:
+    """(N, model.cond_dim): what `model` reads of each caption, its pooled embedding or (a
+    cross-attention model) its first text_tokens token embeddings."""
+    if model.text_tokens:
+        return encoder.encode_tokens(captions, model.text_tokens)
+    return encoder.encode(captions)
+
+
 def embed_prompts(
     prompts: Sequence[str], model: ModelConfig, table: TextConditions | None = None
 ) -> torch.Tensor:
-    """(N, text_dim) embeddings of `prompts` for text model `model` (see TextConditions.embed);
+    """(N, cond_dim) embeddings of `prompts` for text model `model` (see TextConditions.embed);
     `table`: a run's caption table, so that its captions need no encoder."""
     if model.condition != "text":
         raise ConfigError("`prompt` is for text models; this model takes class labels")
@@ -137,14 +145,19 @@ def embed_prompts(
         "dim": model.text_dim,
     }:
         raise CheckpointError("the caption table was encoded with another encoder than the model's")
-    out = torch.zeros(len(prompts), model.text_dim)
+    if table is not None and table.table.shape[1] != model.cond_dim:
+        raise CheckpointError(
+            f"the caption table has {table.table.shape[1]} numbers per caption, the model reads "
+            f"{model.cond_dim}"
+        )
+    out = torch.zeros(len(prompts), model.cond_dim)
     index = {c: i for i, c in enumerate(table.captions)} if table is not None else {}
     new = [p for p in dict.fromkeys(prompts) if p and p not in index]
     encoded: dict[str, torch.Tensor] = {}
     if new:
         encoder = load_encoder(model.text_encoder)
         check_encoder(model, encoder)
-        encoded = dict(zip(new, encoder.encode(new), strict=True))
+        encoded = dict(zip(new, encode_for(model, encoder, new), strict=True))
     for i, p in enumerate(prompts):
         if p in index:
             out[i] = table.table[index[p]]

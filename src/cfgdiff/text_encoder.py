@@ -73,15 +73,36 @@ class TextEncoder:
         return {"name": self.name, "sha256": self.spec.sha256, "dim": self.dim}
 
     def encode(self, captions: list[str]) -> torch.Tensor:
+        """(N, dim): each caption's pooled embedding, the normalised mean of its tokens."""
         if not captions:
             return torch.zeros(0, self.dim)
         out = torch.empty(len(captions), self.dim)
-        for i, enc in enumerate(self.tokenizer.encode_batch(captions, add_special_tokens=False)):
-            ids = torch.tensor(enc.ids, dtype=torch.long)
-            if ids.numel() == 0:
-                raise ConfigError(f"`prompt` {captions[i]!r} has no words the encoder knows")
+        for i, ids in enumerate(self._ids(captions)):
             out[i] = self.table[ids].mean(dim=0)
         return torch.nn.functional.normalize(out, dim=1)
+
+    def encode_tokens(self, captions: list[str], n: int) -> torch.Tensor:
+        """(N, n * dim): each caption's token embeddings laid end to end, zeros after its last
+        token (what a cross-attention model reads, ModelConfig.text_tokens). A caption of more
+        than n tokens is refused: the model was trained to read n."""
+        out = torch.zeros(len(captions), n, self.dim)
+        for i, ids in enumerate(self._ids(captions)):
+            if len(ids) > n:
+                raise ConfigError(
+                    f"`prompt` {captions[i]!r} has {len(ids)} tokens; this model reads at most {n}"
+                )
+            out[i, : len(ids)] = self.table[ids]
+        return out.reshape(len(captions), n * self.dim)
+
+    def _ids(self, captions: list[str]) -> list[torch.Tensor]:
+        out = []
+        for caption, enc in zip(
+            captions, self.tokenizer.encode_batch(captions, add_special_tokens=False), strict=True
+        ):
+            if not enc.ids:
+                raise ConfigError(f"`prompt` {caption!r} has no words the encoder knows")
+            out.append(torch.tensor(enc.ids, dtype=torch.long))
+        return out
 
 
 def package_file(package: str, rel: str) -> Path:

@@ -100,6 +100,7 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
         + (
             f"; conditioned on text: {m.text_encoder} ({m.text_dim} dims, weights SHA-256 "
             f"{m.text_encoder_sha256[:16]}...), a learned null vector"
+            + (f"; cross-attention to {m.text_tokens} tokens" if m.text_tokens else "")
             if m.condition == "text"
             else ""
         ),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfgdiff.config import CONDITIONS, MAX_STEPS, T_SAMPLINGS
+from cfgdiff.config import CONDITIONS, MAX_STEPS, MAX_TEXT_TOKENS, T_SAMPLINGS
 from cfgdiff.errors import CfgDiffError
 from cfgdiff.guidance import THRESHOLDS
 from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_IMAGE_STEPS, DEVICES, PRECISIONS
@@ -197,6 +197,17 @@ CONFIG_FLAGS = (
             choices=(1, 2, 4),
             help="side of the square patches the network works on (2: the first level runs at "
             "half resolution, about 3x faster per step on a CPU)",
+        ),
+    ),
+    ConfigFlag(
+        "--text-tokens",
+        "model.text_tokens",
+        "16",
+        dict(
+            type=int_in(0, MAX_TEXT_TOKENS),
+            help="text models: also read a caption's first N token embeddings by "
+            "cross-attention at the attention levels (default 16; longer prompts are refused); "
+            "0 reads its pooled embedding only, through FiLM (docs/text.md)",
         ),
     ),
     ConfigFlag("--steps", "train.steps", "7", dict(type=int_in(1, MAX_STEPS))),
