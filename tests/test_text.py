@@ -262,6 +262,15 @@ def test_training_draws_only_training_phrasings_of_the_image_group():
     groups = torch.tensor([7 * 9 + 8] * 500)
     rows = tc.training_condition(groups, torch.Generator().manual_seed(0)).argmax(dim=1)
     assert set(rows.tolist()) == set(cs.rows[7 * 9 + 8].tolist())
+    # a token model's captions (here one token each, of 3 slots) get filler words after them
+    k = len(cs.captions)
+    tokens = torch.cat([torch.eye(k + 1)[:k, None], torch.zeros(k, 2, k + 1)], 1)
+    filler = torch.zeros(1, 3, k + 1)
+    filler[0, 0, k] = 1.0
+    tc = TextConditions(cs.captions, tokens.reshape(k, -1), {}, cs, None, 1.0, filler)
+    c = tc.training_condition(groups, torch.Generator().manual_seed(0)).reshape(500, 3, k + 1)
+    assert set(c[:, 0].argmax(1).tolist()) == set(cs.rows[7 * 9 + 8].tolist())
+    assert (c[:, 1:, k].sum(1) >= 1).all() and not c[:, 1:, :k].any()
 
 
 def test_caption_table_round_trip_and_prompts_without_encoder(tmp_path, monkeypatch):
@@ -471,6 +480,107 @@ def test_token_model_reads_tokens_by_cross_attention_and_pools_them_for_film():
     assert not torch.allclose(moved[3], out[3]) and torch.equal(moved[:3], out[:3])
 
 
+def test_filler_words_follow_the_caption_whole_and_leave_the_null_alone():
+    from cfgdiff.text import MAX_FILLER, add_filler_words
+
+    n, dim = 6, 2
+    filler = torch.zeros(3, n, dim)
+    filler[0, 0] = torch.tensor([1.0, 1])  # a one-token word
+    filler[1, :2] = torch.tensor([[2.0, 2], [3, 3]])  # two tokens
+    filler[2, 0] = torch.tensor([4.0, 4])
+    caption = torch.zeros(n, dim)
+    caption[:2] = torch.tensor([[-1.0, 0], [-2, 0]])
+    long = torch.zeros(n, dim)
+    long[:5] = -torch.ones(5, dim)  # room for one token
+    gap = torch.zeros(n, dim)
+    gap[0], gap[2] = -1, -2  # padding between tokens: filler goes after the last one
+    c = torch.stack([caption] * 300 + [long] * 300 + [gap] * 300 + [torch.zeros(n, dim)] * 10)
+    gen = torch.Generator().manual_seed(0)
+    out = add_filler_words(c.reshape(len(c), -1), filler, 1.0, gen).reshape(c.shape)
+    words = {(1.0,), (2.0, 3.0), (4.0,)}
+    for first, ends in ((0, 2), (300, 5), (600, 3)):
+        row = out[first : first + 300]
+        assert torch.equal(row[:, :ends], c[first : first + 300, :ends])  # the caption is kept
+        for r in row:
+            tail = [float(v) for v in r[ends:, 0] if v != 0]
+            # the first word always fits after 2 or 3 tokens; after 5 only a 1-token one does
+            assert (ends == 5 or len(tail) >= 1) and len(tail) <= n - ends
+            assert all(v > 0 for v in tail) and torch.equal(r[ends:, 0], r[ends:, 1])
+            i, seen = 0, 0  # the tail is whole words laid end to end
+            while i < len(tail):
+                w = next(w for w in words if tuple(tail[i : i + len(w)]) == w)
+                i, seen = i + len(w), seen + 1
+            assert seen <= MAX_FILLER
+    assert {float(r[5, 0]) for r in out[300:600]} == {0.0, 1.0, 4.0}
+    assert not out[900:].any()  # the null condition stays the null
+    counts = [sum(float(v) != 0 for v in r[2:, 0]) for r in out[:300]]
+    assert {1, 2, 3, 4, 5, 6} >= set(counts) and len(set(counts)) >= 4
+    # p is the share of captions that get any; the generator advances the same for any p
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    half = add_filler_words(c[:300].reshape(300, -1), filler, 0.5, g1).reshape(300, n, dim)
+    share = half[:, 2:].ne(0).any(2).any(1).float().mean()
+    assert 0.4 < share < 0.6
+    none = add_filler_words(c[:300].reshape(300, -1), filler, 0.0, g2)
+    assert torch.equal(none, c[:300].reshape(300, -1))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_filler_words_are_no_held_out_word_and_carry_no_class_or_level():
+    from cfgdiff.data.captions import (
+        DIGIT_WORDS,
+        FILLER_WORDS,
+        LEVEL_WORDS,
+        NAME_HELD_OUT,
+        NAME_TEMPLATES,
+        TRAIN_TEMPLATES,
+    )
+
+    held_out = {w.strip(",") for t in (*HELD_OUT_TEMPLATES, *NAME_HELD_OUT) for w in t.split()}
+    trained = {w.strip(",") for t in (*TRAIN_TEMPLATES, *NAME_TEMPLATES) for w in t.split()}
+    meaning = set(DIGIT_WORDS) | {w for v in LEVEL_WORDS.values() for w in v} | {"digit", "photo"}
+    assert len(set(FILLER_WORDS)) == len(FILLER_WORDS) >= 40
+    assert (held_out - trained).isdisjoint(FILLER_WORDS) and meaning.isdisjoint(FILLER_WORDS)
+    assert not any(c.isdigit() for w in FILLER_WORDS for c in w)
+    if encoder_available():  # ... nor a token of a held-out phrasing (so none is taught)
+        enc = load_encoder()
+        cs = caption_set([str(i) for i in range(10)], {"thickness": (1, 2), "slant": (0, 1)})
+
+        def tokens(captions):
+            return {int(t) for ids in enc._ids(list(captions)) for t in ids}
+
+        unseen = tokens(cs.captions[int(i)] for i in cs.held_out_rows.flatten())
+        unseen -= tokens(cs.captions[int(i)] for i in cs.rows.flatten())
+        assert len(unseen) >= 5 and unseen.isdisjoint(tokens(FILLER_WORDS))
+
+
+def test_filler_words_are_a_token_model_default_and_refused_elsewhere():
+    from cfgdiff.presets import FILLER_WORDS
+
+    text = {"model.condition": "text"}
+    assert resolve_config(text).config.diffusion.filler_words == FILLER_WORDS == 0.5
+    pooled = resolve_config({**text, "model.text_tokens": 0}).config
+    assert pooled.diffusion.filler_words == 0.0
+    assert resolve_config({}).config.diffusion.filler_words == 0.0
+    own = resolve_config({**text, "diffusion.filler_words": 0.2}).config
+    assert own.diffusion.filler_words == 0.2
+    own.validate()
+    resumed = dataclasses.replace(own, diffusion=dataclasses.replace(own.diffusion, filler_words=0))
+    assert resolve_config({}, resumed=resumed).config.diffusion.filler_words == 0.0
+    d = own.to_dict()
+    del d["diffusion"]["filler_words"]  # a run from before filler words
+    assert RunConfig.from_dict(d).diffusion.filler_words == 0.0
+    for bad, message in (
+        (pooled, "are for text models that read tokens"),
+        (RunConfig(), "are for text models that read tokens"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(
+                bad, diffusion=dataclasses.replace(bad.diffusion, filler_words=0.5)
+            ).validate()
+    with pytest.raises(ConfigError, match=r"`filler_words` must be in \[0, 1\], got 1.5"):
+        dataclasses.replace(own.diffusion, filler_words=1.5).validate()
+
+
 def test_token_model_config_is_validated():
     with pytest.raises(ConfigError, match="`text_tokens` must be in"):
         token_model(n=-1).validate()
@@ -547,6 +657,13 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert cfg["model"]["condition"] == "text" and cfg["model"]["text_dim"] == 256
     assert cfg["model"]["text_encoder_sha256"] == ENCODERS["wordllama-l2-256"].sha256
     assert cfg["model"]["text_tokens"] == 16  # a new text model reads tokens
+    assert cfg["diffusion"]["filler_words"] == 0.5  # ... with filler words in its captions
+    bad = [*argv[:-1], tmp_path / "bad", "--text-tokens", "0", "--filler-words", "0.3"]
+    assert main([str(a) for a in bad]) == 2
+    assert "--filler-words 0.3: filler words are for text models that read tokens" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "bad").exists()
     table = TextConditions.load(run / "captions.safetensors")
     assert "a thick, slanted seven" in table.captions and table.table.shape[1] == 16 * 256
     capsys.readouterr()

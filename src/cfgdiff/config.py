@@ -174,6 +174,9 @@ class DiffusionConfig:
     schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal)
     prediction: str = "eps"  # network target: "eps" or "v" (Salimans & Ho 2022)
     label_dropout: float = 0.1  # probability a training label is replaced by the null label
+    # probability a training caption of a token text model gets 1-3 filler words (text.py;
+    # docs/text.md, "Filler words"); 0 for every other model
+    filler_words: float = 0.0
     loss_weighting: str = "none"  # "none" (plain MSE on the target) or "min-snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
     # Training timesteps: "uniform" t ~ U{0..T-1} (DDPM), or "logit-normal": t/T = sigmoid(n),
@@ -192,6 +195,8 @@ class DiffusionConfig:
         _check_choice("prediction", self.prediction, PREDICTIONS)
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"`label_dropout` must be in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.filler_words <= 1:
+            raise ConfigError(f"`filler_words` must be in [0, 1], got {self.filler_words}")
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if self.min_snr_gamma <= 0:
             raise ConfigError(f"`min_snr_gamma` must be > 0, got {self.min_snr_gamma}")
@@ -292,6 +297,11 @@ class RunConfig:
         self.model.validate()
         self.diffusion.validate()
         self.train.validate()
+        if self.diffusion.filler_words and not self.model.text_tokens:
+            raise ConfigError(
+                f"`filler_words` {self.diffusion.filler_words:g}: filler words are for text "
+                "models that read tokens (`condition` text, `text_tokens` > 0)"
+            )
         if self.class_names and len(self.class_names) != self.model.num_classes:
             raise ConfigError(
                 f"`class_names` has {len(self.class_names)} names for "

@@ -219,6 +219,10 @@ class Resolved:
 # for 5-15 % more time per step (docs/text.md, "Cross-attention"); MNIST's captions have at
 # most 10 tokens.
 TEXT_TOKENS = 16
+# The probability that a training caption of a new token model gets filler words: it obeyed
+# phrasings held out of training far more often, at no cost on the training phrasings
+# (docs/text.md, "Filler words").
+FILLER_WORDS = 0.5
 
 
 def encoder_fields(name: str = DEFAULT_ENCODER) -> dict[str, Any]:
@@ -265,8 +269,11 @@ def resolve_config(
     cfg = replace_fields(base, overrides)
     if cfg.model.condition == "text" and not cfg.model.text_encoder:  # a new text model
         tokens = overrides.get("model.text_tokens", TEXT_TOKENS)
+        filler = overrides.get("diffusion.filler_words", FILLER_WORDS if tokens else 0.0)
         cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, **encoder_fields(), text_tokens=tokens)
+            cfg,
+            model=dataclasses.replace(cfg.model, **encoder_fields(), text_tokens=tokens),
+            diffusion=dataclasses.replace(cfg.diffusion, filler_words=filler),
         )
     if overrides.get("diffusion.t_sampling") == "uniform" and resumed is None:
         unset = DiffusionConfig()

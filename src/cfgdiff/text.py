@@ -5,10 +5,10 @@ once when a run starts, the encoder's record, and the caption set's phrasings), 
 (captions.safetensors in the run folder: the table, with captions and records as JSON in the
 format's string metadata, no pickle), the training condition of a batch (a caption row per image
 drawn from its group's training phrasings, generated or from a folder's captions.txt: a table
-lookup, no encoder in the step), and prompts -> embeddings for sampling (a known caption from
-the table; a new one through the encoder the model was trained with, refused when another
-encoder is installed). "" is the null condition (the all-zero embedding). It knows nothing
-about the loss or guidance scales.
+lookup, no encoder in the step, with filler words added to some for a token model), and
+prompts -> embeddings for sampling (a known caption from the table; a new one through the
+encoder the model was trained with, refused when another encoder is installed). "" is the
+null condition (the all-zero embedding). It knows nothing about the loss or guidance scales.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import ModelConfig
-from cfgdiff.data.captions import CaptionSet, dataset_captions
+from cfgdiff.data.captions import FILLER_WORDS, CaptionSet, dataset_captions
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import atomic_write_bytes
 from cfgdiff.text_encoder import TextEncoder, load_encoder
@@ -46,6 +46,10 @@ class TextConditions:
     encoder: dict  # {"name", "sha256", "dim"}
     caption_set: CaptionSet | None = None  # how training draws captions (None when loaded)
     caption_record: dict | None = None
+    # filler words (a token model's training only): the probability a caption gets some, and
+    # each word's token embeddings (W, text_tokens, dim), zero rows after its last token
+    filler_words: float = 0.0
+    filler: torch.Tensor | None = None
 
     @classmethod
     def for_dataset(
@@ -55,15 +59,22 @@ class TextConditions:
         class_names: Sequence[str],
         model,
         folder: Path | None = None,
+        filler_words: float = 0.0,
     ) -> tuple[TextConditions, torch.Tensor]:
         """The table of a dataset's captions, encoded once, and the group of every image.
         folder: a folder dataset's root, whose captions.txt gives the captions when it has one
-        (data/captions.py)."""
+        (data/captions.py). filler_words: the probability that a training caption gets filler
+        words (a token model's; DiffusionConfig.filler_words), encoded here too."""
         cs, groups = dataset_captions(images, labels, class_names, folder)
         encoder = load_encoder(model.text_encoder)
         check_encoder(model, encoder)
         table = encode_for(model, encoder, list(cs.captions))
-        return cls(cs.captions, table, encoder.record(), cs, cs.to_record()), groups
+        filler = None
+        if filler_words:
+            n = model.text_tokens
+            filler = encoder.encode_tokens(list(FILLER_WORDS), n).reshape(-1, n, encoder.dim)
+        record = cs.to_record()
+        return cls(cs.captions, table, encoder.record(), cs, record, filler_words, filler), groups
 
     # --- training: a caption row per image, drawn from its group's training phrasings
     def training_condition(self, groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +89,10 @@ class TextConditions:
             n = cs.counts.to(dev)[groups]
             u = torch.rand(groups.shape, generator=gen, device=dev)
             j = torch.minimum((u * n).long(), n - 1)
-        return self.table.to(dev)[rows[groups, j]]
+        c = self.table.to(dev)[rows[groups, j]]
+        if self.filler_words:
+            c = add_filler_words(c, self.filler.to(dev), self.filler_words, gen)
+        return c
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings of the caption that stands for each class (its name as a word:
@@ -122,6 +136,37 @@ class TextConditions:
         """(N, D): "" the null (zeros); a caption of the table its row; any other prompt through
         the model's encoder (the `text` extra), checked against the model's record."""
         return embed_prompts(prompts, model, self)
+
+
+MAX_FILLER = 3  # the most filler words a training caption gets
+
+
+def add_filler_words(
+    c: torch.Tensor, filler: torch.Tensor, p: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Token conditions c (B, n * dim) with, with probability p each, 1 to MAX_FILLER words of
+    `filler` (W, n, dim: each word's tokens, then zero rows) written after the caption's last
+    token, a word only where it fits whole in the n slots. The model reads the tokens as a bag
+    (no position embedding), so after the caption is as good as anywhere. Draws from `gen` the
+    same numbers whatever it adds. The null condition (all zeros) gets none."""
+    B, (_, n, dim), dev = c.shape[0], filler.shape, c.device
+    x = c.reshape(B, n, dim).clone()
+    nonzero = x.ne(0).any(2)  # (B, n)
+    used = torch.where(nonzero.any(1), n - nonzero.flip(1).int().argmax(1), 0)  # last token + 1
+    add = (torch.rand(B, generator=gen, device=dev) < p) & (used > 0)
+    k = torch.randint(1, MAX_FILLER + 1, (B,), generator=gen, device=dev)
+    w = torch.randint(filler.shape[0], (B, MAX_FILLER), generator=gen, device=dev)
+    slot = torch.arange(MAX_FILLER, device=dev)
+    length = filler.ne(0).any(2).sum(1)[w] * ((slot < k[:, None]) & add[:, None])  # (B, M)
+    start = used[:, None] + length.cumsum(1) - length
+    length = length * (start + length <= n)  # a word that does not fit whole is left out
+    t = torch.arange(n, device=dev)
+    keep = t < length[..., None]  # (B, M, n): token t of word m is written
+    b = torch.arange(B, device=dev)[:, None, None].expand_as(keep)
+    x[b[keep], (start[..., None] + t)[keep]] = filler[
+        w[..., None].expand_as(keep)[keep], t.expand_as(keep)[keep]
+    ]
+    return x.reshape(B, n * dim)
 
 
 def encode_for(model: ModelConfig, encoder: TextEncoder, captions: list[str]) -> torch.Tensor:

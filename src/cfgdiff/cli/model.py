@@ -105,7 +105,9 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
             else ""
         ),
         f"  diffusion: {d.schedule} schedule, T = {d.timesteps}, {d.prediction}-prediction, "
-        f"label dropout {d.label_dropout:g}{timesteps}",
+        f"label dropout {d.label_dropout:g}"
+        + (f", filler words {d.filler_words:g}" if d.filler_words else "")
+        + timesteps,
         f"  training:  preset {cfg.preset}, {t.steps} steps x {t.batch_size} planned, lr {t.lr:g} "
         f"({t.lr_schedule}), EMA {t.ema_decay:g}"
         + (", random horizontal flips" if t.hflip else "")

@@ -210,6 +210,17 @@ CONFIG_FLAGS = (
             "0 reads its pooled embedding only, through FiLM (docs/text.md)",
         ),
     ),
+    ConfigFlag(
+        "--filler-words",
+        "diffusion.filler_words",
+        "0.25",
+        dict(
+            type=float_in(0, 1),
+            help="text models that read tokens: the probability a training caption gets 1-3 "
+            "filler words, so that words the model has no use for change nothing (default "
+            "0.5; 0 turns it off; docs/text.md)",
+        ),
+    ),
     ConfigFlag("--steps", "train.steps", "7", dict(type=int_in(1, MAX_STEPS))),
     ConfigFlag("--batch-size", "train.batch_size", "12", dict(type=int_in(1, 65536))),
     ConfigFlag("--lr", "train.lr", "0.003", dict(type=float_in(0, 1, True, True))),

@@ -60,6 +60,17 @@ HELD_OUT_TEMPLATES = (
 NAME_TEMPLATES = ("{name}", "a {name}", "a photo of a {name}")
 NAME_HELD_OUT = ("an image of a {name}",)
 
+# Filler words: content-free words a cross-attention text model sees added to some training
+# captions (DiffusionConfig.filler_words), so that it learns a word it has no use for changes
+# nothing, as an unseen word of a new phrasing should not (docs/text.md, "Filler words"). None
+# is a word only the held-out phrasings have (those stay unseen), a digit or a level (tested);
+# the few function words of the training phrasings ("the", "and", "of") are among them.
+FILLER_WORDS = tuple(
+    """the of and to in for on with as at by from this my your his her our their its very quite
+    some here there now then again also just only even really rather so too much more most well
+    still yet both each every any other such same own""".split()
+)
+
 # A folder dataset's own captions: this file in the folder's root, beside its class sub-folders
 FOLDER_CAPTIONS = "captions.txt"
 

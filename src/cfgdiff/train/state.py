@@ -148,8 +148,9 @@ class TrainState:
         if cfg.model.condition == "text":  # captions encoded once, here, not in the step
             folder = DatasetName.parse(data.name).folder if is_folder(data.name) else None
             text, labels = TextConditions.for_dataset(
-                data.images, data.labels, data.class_names, cfg.model, folder
-            )
+                data.images, data.labels, data.class_names, cfg.model, folder,
+                cfg.diffusion.filler_words,
+            )  # fmt: skip
         batches = DeviceBatches(
             data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
             part=(world.rank, world.size),
