@@ -506,6 +506,7 @@ def test_bad_options_are_refused_before_any_classifier_training(run, tmp_path, c
         (["--negative-class", "7"], "negative"),
         (["--steps", "5000"], "--steps must be in [1, 1000]"),
         (["--negative-prompt", "thin"], "--negative-prompt: only for text models"),
+        (["--prompts", "p.txt"], "--prompts p.txt: only for text models"),
     ):
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err

@@ -622,6 +622,20 @@ def test_spearman_against_closed_forms():
     )
 
 
+def test_labelled_prompts_by_class_name_or_index():
+    from cfgdiff.metrics.text_adherence import labelled_prompts
+
+    cfg = dataclasses.replace(
+        RunConfig(), model=text_model(), class_names=("T-shirt", "Sneaker", "Bag")
+    )
+    lines = ["\ufeff# comment", "Sneaker\t a white sneaker ", "", "2\ta bag\twith a tab"]
+    ps = labelled_prompts(lines, "f.txt", cfg)
+    assert ps.prompts == ["a white sneaker", "a bag\twith a tab"] and ps.labels.tolist() == [1, 2]
+    assert not ps.levels and ps.source == "the prompts of f.txt"
+    with pytest.raises(ConfigError, match=r"line 1: class 'Boot' is not one of .*T-shirt, Sneaker"):
+        labelled_prompts(["Boot\ta boot"], "f.txt", cfg)
+
+
 def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
     from cfgdiff.metrics.text_adherence import held_out_prompts
 
@@ -719,6 +733,48 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert len(lines) == 3
     assert (out / "adherence_vs_scale.png").is_file() and (out / "adherence_vs_scale.svg").is_file()
 
+    # prompts of one's own (--prompts FILE: CLASS<TAB>prompt): accuracy per prompt and in all,
+    # each prompt's mean thickness and slant, no rank correlation (no level is asked for)
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# class, prompt\n7\ta bold seven\n\n2\tan italic two\n", encoding="utf-8")
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10", "--json", js, *fast]
+    assert main([str(a) for a in [*argv, "--prompts", pf]]) == 0
+    printed = capsys.readouterr().out
+    assert "10 samples (5 per prompt x 2) at s=3" in printed and "a bold seven" in printed
+    r = json.loads(js.read_text())
+    assert r["prompts"] == f"the prompts of {pf}" and r["thickness_spearman"] is None
+    assert [(p["prompt"], p["class"]) for p in r["prompt_rows"]] == [
+        ("a bold seven", "7"), ("an italic two", "2"),
+    ]  # fmt: skip
+    assert r["class_accuracy"] == sum(p["class_accuracy"] for p in r["prompt_rows"]) / 2
+    assert all(p["thickness"] >= 0 and "slant" in p for p in r["prompt_rows"])
+    model_file = tmp_path / "model.safetensors"  # no caption table beside it: --prompts only
+    assert main(["export", "--checkpoint", str(run), "--out", str(model_file)]) == 0
+    argv = ["eval", "--checkpoint", model_file, "--scale", "3", "--n", "10", *fast]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert "no captions.safetensors beside it" in err and "--prompts FILE" in err
+    assert main([str(a) for a in [*argv, "--prompts", pf]]) == 0
+    assert "a bold seven" in capsys.readouterr().out
+    argv = ["sweep", "--checkpoint", run, "--scales", "1,3", "--n", "10", "--out", out, *fast]
+    assert main([str(a) for a in [*argv, "--prompts", pf]]) == 0
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("1.0,0.0,10,") and lines[1].endswith(",,")
+    assert len(json.loads((out / "sweep.json").read_text())["rows"][1]["prompt_rows"]) == 2
+    for text, message in (
+        ("7 a bold seven\n", "line 1: expected CLASS<TAB>prompt"),
+        ("\n12\ta twelve\n", "line 2: class '12' is not one of the model's classes"),
+        ("7\t  \n", "line 1: the prompt is empty"),
+        ("# nothing\n", "no CLASS<TAB>prompt line in it"),
+    ):
+        pf.write_text(text, encoding="utf-8")
+        argv = ["eval", "--checkpoint", run, "--scale", "3", "--prompts", pf, *fast]
+        err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+        assert err.startswith(f"cfgdiff: error: --prompts {pf}") and message in err, err
+    pf.write_bytes(b"7\t\xff\n")
+    argv = ["eval", "--checkpoint", run, "--scale", "3", "--prompts", pf, *fast]
+    err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
+    assert f"--prompts {pf}: cannot read it" in err
+
     # options only a class model's evaluation reads are refused, naming the flag
     for extra, flag in (
         (["--negative-class", "1"], "--negative-class 1: only for class models"),
@@ -780,3 +836,14 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     argv = ["eval", "--checkpoint", run, "--scale", "3", "--n", "10", "--steps", "2"]
     err = one_line(main([str(a) for a in argv]), capsys.readouterr().err.splitlines())
     assert "came from the captions file" in err and str(folder / FOLDER_CAPTIONS) in err
+    assert "--prompts FILE" in err
+    # ... and measures it on prompts of one's own, judged by the folder's classifier
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("class2\tthe last bar\nclass0\ta new bar on the left\n", encoding="utf-8")
+    js = tmp_path / "f.json"
+    argv += ["--prompts", pf, "--json", js, "--data-dir", tmp_path / "data"]
+    monkeypatch.undo()  # the new prompt needs the encoder
+    assert main([str(a) for a in argv]) == 0
+    r = json.loads(js.read_text())
+    assert r["dataset"] == f"folder:{folder}" and r["n"] == 10
+    assert [p["class"] for p in r["prompt_rows"]] == ["class2", "class0"]

@@ -166,11 +166,12 @@ def adherence_plot(rows: Sequence[dict], path: Path) -> list[Path]:
     rows = sorted(rows, key=lambda r: r["scale"])
     scales = [r["scale"] for r in rows]
     for key, label, color in (
-        ("class_accuracy", "class accuracy (judge), held-out prompts", _GENERATED),
+        ("class_accuracy", "class accuracy (judge)", _GENERATED),
         ("thickness_spearman", "thickness: Spearman, requested vs measured", "#d62728"),
         ("slant_spearman", "slant: Spearman, requested vs measured", "#2ca02c"),
     ):
-        ax.plot(scales, [r[key] for r in rows], "o-", color=color, label=label)
+        if rows[0][key] is not None:  # (prompts of a file ask for no level)
+            ax.plot(scales, [r[key] for r in rows], "o-", color=color, label=label)
     ax.axhline(0, color=_REAL, linewidth=0.8)
     _scale_axes(ax)
     ax.set_ylabel("accuracy; rank correlation")

@@ -73,7 +73,7 @@ def add_eval_parser(sub) -> None:
         "cfgdiff (MNIST's), replacing the cached one",
     )
     reference_options(ev)
-    negative_prompt_option(ev.add_argument_group(TEXT_GROUP))
+    _text_options_of(ev)
 
 
 def add_sweep_parser(sub) -> None:
@@ -91,7 +91,21 @@ def add_sweep_parser(sub) -> None:
     )
     sw.add_argument("--out", type=Path, help="output folder (default: RUN/sweep)")
     reference_options(sw)
-    negative_prompt_option(sw.add_argument_group(TEXT_GROUP))
+    _text_options_of(sw)
+
+
+def _text_options_of(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group(TEXT_GROUP)
+    negative_prompt_option(g)
+    g.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="measure these prompts instead of the run's held-out phrasings: one "
+        "CLASS<TAB>prompt per line, CLASS the class the prompt asks for (a name or an index); "
+        "reports the judge's accuracy per prompt and in all, and each prompt's mean thickness "
+        "and slant",
+    )
 
 
 def _reference(a: argparse.Namespace, loaded, device):
@@ -160,6 +174,8 @@ def _check_condition_options(a: argparse.Namespace, condition: str) -> None:
                 "--negative-prompt: only for text models (a class model is steered away from "
                 "a class: --negative-class K)"
             )
+        if a.prompts is not None:
+            raise UsageError(f"--prompts {a.prompts}: only for text models")
         return
     if a.negative_class is not None:
         raise UsageError(
@@ -188,6 +204,26 @@ def _text_options(a: argparse.Namespace, device) -> dict:
     )  # fmt: skip
 
 
+def _prompt_set(a: argparse.Namespace, cfg):
+    """--prompts FILE as a PromptSet (None without it: the run's held-out phrasings)."""
+    from cfgdiff.metrics.text_adherence import labelled_prompts
+
+    if a.prompts is None:
+        return None
+    try:
+        lines = a.prompts.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts {a.prompts}: cannot read it ({e})") from None
+    return labelled_prompts(lines, str(a.prompts), cfg)
+
+
+def _samples_line(result: dict) -> str:
+    from cfgdiff.metrics.text_adherence import HELD_OUT
+
+    which = "held-out prompt" if result["prompts"] == HELD_OUT else "prompt"
+    return f"{result['per_prompt']} per {which} x {result['num_prompts']}"
+
+
 def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
     """eval of a text model: prompt and attribute adherence at one scale."""
     from cfgdiff import dist
@@ -195,20 +231,23 @@ def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
     from cfgdiff.text import run_caption_table
 
     scale, _ = scale_of(a)
+    prompts = _prompt_set(a, loaded.cfg)
     table = run_caption_table(loaded.path)
     guidance, record = text_guidance_of(a, loaded, scale, device, table)
     result = text_adherence(
-        loaded, [scale], a.n, guidance=guidance, record=record, **_text_options(a, device)
-    )
+        loaded, [scale], a.n, guidance=guidance, record=record, prompts=prompts,
+        **_text_options(a, device),
+    )  # fmt: skip
     if not dist.world().is_main:  # the sampling was shared out; rank 0 reports and writes
         return 0
     result = at_one_scale(result)
     print(
-        f"{result['n']} samples ({result['per_prompt']} per held-out prompt x "
-        f"{result['num_prompts']}) at s={scale:g} (w={scale - 1:g}), {a.sampler} {a.steps} "
-        f"steps, {result['sampling_images_per_s']:.1f} images/s"
+        f"{result['n']} samples ({_samples_line(result)}) at s={scale:g} (w={scale - 1:g}), "
+        f"{a.sampler} {a.steps} steps, {result['sampling_images_per_s']:.1f} images/s"
     )
     print(adherence_table([result]))
+    if "prompt_rows" in result:
+        print(per_prompt_table(result["prompt_rows"]))
     _judge_note(result)
     if a.json is not None:
         from cfgdiff.files import atomic_write_json
@@ -218,21 +257,48 @@ def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
 
 
 def adherence_table(rows: list[dict]) -> str:
-    """A text model's adherence rows (metrics.text_adherence) as a table."""
+    """A text model's adherence rows (metrics.text_adherence) as a table ("-": a correlation
+    not measured, prompts of a file ask for no level)."""
+
+    def rho(v, width: int) -> str:
+        return f"{'-':>{width}s}" if v is None else f"{v:{width}.3f}"
+
     lines = [f"{'s':>6s} {'w':>6s} {'n':>7s} {'accuracy':>9s} {'thickness':>10s} {'slant':>7s}"]
     for r in rows:
         lines.append(
             f"{r['scale']:6g} {r['w']:6g} {r['n']:7d} {r['class_accuracy']:9.4f} "
-            f"{r['thickness_spearman']:10.3f} {r['slant_spearman']:7.3f}"
+            f"{rho(r['thickness_spearman'], 10)} {rho(r['slant_spearman'], 7)}"
         )
     return "\n".join(lines)
 
 
+def per_prompt_table(rows: list[dict]) -> str:
+    """adherence's per-prompt rows: class, accuracy, mean thickness and slant, prompt."""
+    lines = [f"{'class':>10s} {'accuracy':>9s} {'thickness':>10s} {'slant':>7s}  prompt"]
+    for r in rows:
+        attrs = (
+            f"{r['thickness']:10.2f} {r['slant']:7.3f}"
+            if "thickness" in r
+            else f"{'-':>10s} {'-':>7s}"
+        )
+        lines.append(f"{r['class'][:10]:>10s} {r['class_accuracy']:9.4f} {attrs}  {r['prompt']}")
+    return "\n".join(lines)
+
+
 def _judge_note(result: dict) -> None:
-    print(
-        "(accuracy: the judge's on prompts in phrasings held out of training; thickness, slant: "
-        "Spearman's rank correlation of the requested and the measured level)"
-    )
+    from cfgdiff.metrics.text_adherence import HELD_OUT
+
+    if result["prompts"] != HELD_OUT:
+        print(
+            "(accuracy: the judge's, against the class each prompt asks for, on "
+            f"{result['prompts']}; thickness in px and slant: the means measured on each "
+            "prompt's samples)"
+        )
+    else:
+        print(
+            "(accuracy: the judge's on prompts in phrasings held out of training; thickness, "
+            "slant: Spearman's rank correlation of the requested and the measured level)"
+        )
     print(
         f"(judge: {result['dataset']} classifier, test accuracy "
         f"{result['classifier_test_accuracy']:.4f})"
@@ -402,16 +468,18 @@ def run_sweep_text(a: argparse.Namespace, loaded, scales: list[float], out: Path
     from cfgdiff.metrics.sweep import text_sweep
     from cfgdiff.text import run_caption_table
 
+    prompts = _prompt_set(a, loaded.cfg)
     table = run_caption_table(loaded.path)
     guidance, record = text_guidance_of(a, loaded, 1.0, device, table)
     result = text_sweep(
-        loaded, scales, a.n, out, guidance=guidance, record=record, **_text_options(a, device)
-    )
+        loaded, scales, a.n, out, guidance=guidance, record=record, prompts=prompts,
+        **_text_options(a, device),
+    )  # fmt: skip
     if result is None:  # not rank 0 of a torchrun job: it sampled its share
         return 0
     print(
-        f"{len(scales)} scales x {result['n']} samples ({result['per_prompt']} per held-out "
-        f"prompt x {result['num_prompts']}; {result['sampling_images_per_s']:.1f} images/s)"
+        f"{len(scales)} scales x {result['n']} samples ({_samples_line(result)}; "
+        f"{result['sampling_images_per_s']:.1f} images/s)"
     )
     print(adherence_table(result["rows"]))
     _judge_note(result)

@@ -8,6 +8,11 @@ negative prompt on a measured attribute, and the record of a measurement (`text_
 what `cfgdiff eval` and `cfgdiff sweep` report for a text model: n samples per scale as whole
 rounds of the held-out prompts). It samples through sample.generate and judges with the
 dataset's classifier (evaluate.judge_for); it knows nothing of files or the CLI.
+
+A caller may bring its own prompts instead (`labelled_prompts`: lines `CLASS<TAB>prompt`, the
+class each prompt asks for): prompt adherence is then the judge's accuracy on them, per prompt
+too, with each prompt's mean measured thickness and slant (one-channel models); there are no
+requested levels, so no rank correlations.
 """
 
 from __future__ import annotations
@@ -49,6 +54,68 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb).item() / den) if den > 0 else 0.0
 
 
+HELD_OUT = (
+    "held-out phrasings, one prompt per (class, thickness level, slant level) group, the "
+    "phrasings in turn"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The prompts a text model is measured on, each with the class it asks for and, for
+    generated captions' held-out phrasings, the thickness and slant levels it asks for."""
+
+    prompts: list[str]
+    labels: torch.Tensor  # (P,) class index of each prompt
+    thickness: torch.Tensor | None = None  # (P,) requested level 0-2, None: not asked
+    slant: torch.Tensor | None = None
+    source: str = HELD_OUT
+
+    @property
+    def levels(self) -> bool:
+        return self.thickness is not None
+
+
+def labelled_prompts(lines: Sequence[str], source: str, cfg) -> PromptSet:
+    """Prompts to measure, from lines `CLASS<TAB>prompt` (CLASS: a class name of the model, or
+    its index; the prompt stripped of the spaces around it; blank lines and lines that start
+    with # skipped). `source` names the lines in errors (a file's path). Refused with a
+    ConfigError naming the line: a line without a tab, an unknown class, an empty prompt, and
+    no prompt at all."""
+    prompts, labels = [], []
+    for i, line in enumerate(lines, 1):
+        line = line.removeprefix("\ufeff") if i == 1 else line  # a byte-order mark
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"`prompts` {source} line {i}"
+        key, tab, prompt = line.partition("\t")
+        if not tab:
+            raise ConfigError(f"{where}: expected CLASS<TAB>prompt, got {line.strip()[:60]!r}")
+        key, prompt = key.strip(), prompt.strip()
+        try:
+            (label,) = cfg.class_indices([key])
+        except ConfigError:
+            names = cfg.label_names()
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ConfigError(
+                f"{where}: class {key!r} is not one of the model's classes ({shown}) or an "
+                f"index in [0, {len(names)})"
+            ) from None
+        if not prompt:
+            raise ConfigError(f"{where}: the prompt is empty")
+        prompts.append(prompt)
+        labels.append(label)
+    if not prompts:
+        raise ConfigError(f"`prompts` {source}: no CLASS<TAB>prompt line in it")
+    return PromptSet(prompts, torch.tensor(labels), source=f"the prompts of {source}")
+
+
+def held_out_set(table: TextConditions, class_names: Sequence[str]) -> PromptSet:
+    """held_out_prompts as a PromptSet."""
+    prompts, labels, thick, slant = held_out_prompts(table, class_names)
+    return PromptSet(prompts, labels, thick, slant)
+
+
 def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     """(prompts, labels, thickness levels, slant levels): one held-out prompt per group, the
     held-out phrasings in turn, from the caption set the run recorded. Refused (ConfigError)
@@ -58,9 +125,8 @@ def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     if rec.get("source") == "file":
         raise ConfigError(
             f"the run's captions came from the captions file {rec.get('file')}, which holds no "
-            "phrasing out of training and no attribute levels; eval and sweep measure text "
-            "models trained on generated captions (MNIST, Fashion-MNIST, a folder without "
-            "captions.txt), see docs/text.md"
+            "phrasing out of training and no attribute levels; measure it on prompts of your "
+            "own: `prompts` FILE (CLASS<TAB>prompt lines, docs/text.md)"
         )
     edges = {k: tuple(v) for k, v in rec.get("edges", {}).items()}
     cs = caption_set(class_names, edges)
@@ -85,19 +151,23 @@ def samples_per_prompt(n: int, num_prompts: int) -> int:
 
 
 def adherence(
-    net, cfg, table: TextConditions, judge, scales: Sequence[float], *, per_prompt: int = 1,
-    guidance: Guidance | None = None, sampler: str = "dpmpp-2m", steps: int = 20,
-    eta: float = 0.0, spacing: str = "trailing", seed: int = 0, batch_size: int | None = 256,
+    net, cfg, table: TextConditions | None, judge, scales: Sequence[float], *,
+    per_prompt: int = 1, prompts: PromptSet | None = None, guidance: Guidance | None = None,
+    sampler: str = "dpmpp-2m", steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
+    seed: int = 0, batch_size: int | None = 256,
     device="cpu", precision: str = "fp32", compile: str = "off", log=None,
     world: dist.World | None = None,
 ) -> list[dict]:  # fmt: skip
     """A row per scale: class accuracy (judge) and the rank correlation of requested and
-    measured thickness and slant over the held-out prompts, per_prompt samples each (sample i
-    has the same noise at every scale). guidance: the variant to guide with (its scale replaced
-    by each of `scales`; default plain CFG); the other options are sample.generate's."""
-    prompts, labels, thick, slant = held_out_prompts(table, cfg.label_names())
-    cond = embed_prompts(prompts, cfg.model, table).repeat_interleave(per_prompt, dim=0)
-    labels, thick, slant = (v.repeat_interleave(per_prompt) for v in (labels, thick, slant))
+    measured thickness and slant over `prompts` (default the run's held-out prompts), per_prompt
+    samples each (sample i has the same noise at every scale). Prompts without requested levels
+    (a caller's) get None for the correlations and a row per prompt instead (`prompt_rows`:
+    accuracy, and mean measured thickness and slant on one-channel images). guidance: the
+    variant to guide with (its scale replaced by each of `scales`; default plain CFG); the
+    other options are sample.generate's."""
+    ps = prompts or held_out_set(table, cfg.label_names())
+    cond = embed_prompts(ps.prompts, cfg.model, table).repeat_interleave(per_prompt, dim=0)
+    labels = ps.labels.repeat_interleave(per_prompt)
     n = len(cond)
     per_sample = torch.tensor([float(s) for s in scales for _ in range(n)])
     guidance = dataclasses.replace(guidance or Guidance(), scale=per_sample)
@@ -107,17 +177,34 @@ def adherence(
         indices=list(range(n)) * len(scales),  # the same noise at every scale
         device=device, precision=precision, compile=compile, log=log, world=world,
     )  # fmt: skip
+    ink = cfg.model.in_channels == 1  # thickness and slant are measured on one-channel ink
+    names = cfg.label_names()
     rows = []
     for i, s in enumerate(scales):
         part = images[i * n : (i + 1) * n]
         _, logits = judge(part)
-        m = measure_attributes(part)
-        rows.append({
-            "scale": float(s), "w": float(s) - 1, "n": n,
-            "class_accuracy": float((logits.argmax(1) == labels).float().mean()),
-            "thickness_spearman": spearman(thick.float(), m["thickness"]),
-            "slant_spearman": spearman(slant.float(), m["slant"]),
-        })  # fmt: skip
+        right = (logits.argmax(1) == labels).float()
+        row = {"scale": float(s), "w": float(s) - 1, "n": n, "class_accuracy": float(right.mean())}
+        m = measure_attributes(part) if ink else None
+        if ps.levels:
+            for key, want in (("thickness", ps.thickness), ("slant", ps.slant)):
+                row[f"{key}_spearman"] = spearman(
+                    want.repeat_interleave(per_prompt).float(), m[key]
+                )
+        else:
+            row.update(thickness_spearman=None, slant_spearman=None)
+            row["prompt_rows"] = [
+                {
+                    "prompt": p, "class": names[int(ps.labels[j])],
+                    "class_accuracy": float(right[j * per_prompt : (j + 1) * per_prompt].mean()),
+                    **({
+                        k: float(m[k][j * per_prompt : (j + 1) * per_prompt].mean())
+                        for k in ("thickness", "slant")
+                    } if ink else {}),
+                }
+                for j, p in enumerate(ps.prompts)
+            ]  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -127,31 +214,41 @@ def text_adherence(
     sampler: str = "dpmpp-2m", steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
     seed: int = 0, batch_size: int | None = None, compile: str = "off", device="cpu",
     precision: str = "fp32", log=None, world: dist.World | None = None,
+    prompts: PromptSet | None = None,
 ) -> dict:  # fmt: skip
     """Prompt and attribute adherence of a text checkpoint (`loaded`: checkpoint.
     load_for_sampling's) at each of `scales`, on n samples per scale rounded up to whole rounds
-    of the held-out prompts (samples_per_prompt), judged by `dataset`'s classifier (default the
-    checkpoint's). Returns the record `cfgdiff eval` and `cfgdiff sweep` write: `record` (how
-    it was sampled, without a single scale), what was measured (prompts, samples, judge,
-    machine) and `rows`, one per scale (adherence's). `world`: the processes of a torchrun job,
-    which share the sampling; every one returns the record."""
+    of the prompts (samples_per_prompt), judged by `dataset`'s classifier (default the
+    checkpoint's). The prompts are the run's held-out phrasings, or `prompts` (labelled_prompts:
+    then the run's caption table is not needed, so a model file can be measured, and a model of
+    colour images is judged by class accuracy alone). Returns the record `cfgdiff eval` and
+    `cfgdiff sweep` write: `record` (how it was sampled, without a single scale), what was
+    measured (prompts, samples, judge, machine) and `rows`, one per scale (adherence's).
+    `world`: the processes of a torchrun job, which share the sampling; every one returns the
+    record."""
     from cfgdiff.runtime import describe_machine
 
     cfg = loaded.cfg
     if cfg.model.condition != "text":
         raise ConfigError("text adherence measures text models; this one takes class labels")
-    if cfg.model.in_channels != 1:  # refused before a judge is trained and samples are drawn
-        raise ConfigError(
-            "text adherence measures stroke thickness and slant on one-channel images; this "
-            f"model makes {cfg.model.in_channels}-channel ones"
-        )
     table = run_caption_table(loaded.path)
-    if table is None:
-        raise ConfigError(
-            f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file from "
-            "cfgdiff export?); the held-out prompts are read from the run folder's caption table"
-        )
-    num_prompts = len(held_out_prompts(table, cfg.label_names())[0])  # before any judge
+    if prompts is None:  # refused before a judge is trained and samples are drawn
+        if cfg.model.in_channels != 1:
+            raise ConfigError(
+                "text adherence measures stroke thickness and slant on one-channel images; this "
+                f"model makes {cfg.model.in_channels}-channel ones (`prompts` FILE measures "
+                "class accuracy alone)"
+            )
+        if table is None:
+            raise ConfigError(
+                f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file "
+                "from cfgdiff export?); the held-out prompts are read from the run folder's "
+                "caption table (`prompts` FILE measures prompts of your own)"
+            )
+        prompts = held_out_set(table, cfg.label_names())
+    else:  # every prompt through the encoder now, before any judge
+        embed_prompts(prompts.prompts, cfg.model, table)
+    num_prompts = len(prompts.prompts)
     world = world or dist.World()
     with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
         judge, meta = judge_for(
@@ -160,7 +257,8 @@ def text_adherence(
     per_prompt = samples_per_prompt(n, num_prompts)
     t0 = time.perf_counter()
     rows = adherence(
-        loaded.net, cfg, table, judge, scales, per_prompt=per_prompt, guidance=guidance,
+        loaded.net, cfg, table, judge, scales, per_prompt=per_prompt, prompts=prompts,
+        guidance=guidance,
         sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed,
         batch_size=batch_size, device=device, precision=precision, compile=compile,
         log=log if world.is_main else None, world=world,
@@ -170,8 +268,7 @@ def text_adherence(
     return {
         **record, "scales": [float(s) for s in scales], "n": num_prompts * per_prompt,
         "n_asked": n, "per_prompt": per_prompt, "num_prompts": num_prompts,
-        "prompts": "held-out phrasings, one prompt per (class, thickness level, slant level) "
-        "group, the phrasings in turn",
+        "prompts": prompts.source,
         "dataset": meta["dataset"], "classifier_test_accuracy": meta["test_accuracy"],
         "rows": rows, "sampling_images_per_s": num_prompts * per_prompt * len(scales) / dt,
         "device": torch.device(device).type, "machine": describe_machine(torch.device(device)),
