@@ -86,7 +86,7 @@ class ModelConfig:
     # text: 0 conditions on the caption's one pooled embedding (FiLM only); N > 0 on its first N
     # token embeddings laid end to end (N * text_dim numbers, zero rows padding a shorter
     # caption), which every attention level's blocks also read by cross-attention, the pooled
-    # embedding still going through FiLM (docs/text.md, "Cross-attention")
+    # embedding still going through FiLM (docs/text.md, "Cross-attention against FiLM alone")
     text_tokens: int = 0
 
     @property

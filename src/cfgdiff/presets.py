@@ -216,8 +216,8 @@ class Resolved:
 
 # The token embeddings a new text model reads by cross-attention unless `text_tokens` says
 # otherwise: it obeyed held-out phrasings' digit far more often than the pooled embedding alone
-# for 5-15 % more time per step (docs/text.md, "Cross-attention"); MNIST's captions have at
-# most 10 tokens.
+# for a little more time per step (docs/text.md, "Cross-attention against FiLM alone"); the
+# slots MNIST's captions leave free take filler words.
 TEXT_TOKENS = 16
 # The probability that a training caption of a new token model gets filler words: it obeyed
 # phrasings held out of training far more often, at no cost on the training phrasings
