@@ -249,10 +249,12 @@ def test_captions_from_label_and_attributes_with_held_out_phrasings():
     # cut at the data's own terciles: thicknesses 4.6 and 0.95, slants both 0 (edges 0, 0)
     own, groups = dataset_captions(img, torch.tensor([7, 1]), digits)
     assert own.edges["slant"] == (0, 0) and groups.tolist() == [7 * 9 + 2 * 3 + 2, 9 + 0 + 2]
-    fashion = caption_set(["T-shirt/top", "Sneaker"], {})
+    fashion = caption_set(["T-shirt/top", "Sneaker", "Ankle boot"], {})
     assert "a Sneaker" in fashion.captions and "an image of a Sneaker" in {
         fashion.captions[int(i)] for i in fashion.held_out_rows.flatten()
     }
+    assert {"an Ankle boot", "a photo of an Ankle boot"} <= set(fashion.captions)
+    assert "a Ankle boot" not in fashion.captions
 
 
 def test_training_draws_only_training_phrasings_of_the_image_group():
@@ -387,15 +389,26 @@ def test_folder_captions_file_refusals(tmp_path, content, message):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_text_adherence_refuses_a_model_of_colour_images_before_any_work(tmp_path):
+def test_text_adherence_refuses_levels_on_colour_images_before_any_work(tmp_path, monkeypatch):
+    """Held-out prompts that ask for thickness and slant cannot be measured on a colour model
+    (refused before a judge or a sample); those of class names can (accuracy alone)."""
     from types import SimpleNamespace
 
-    from cfgdiff.metrics.text_adherence import text_adherence
+    from cfgdiff.metrics import text_adherence as ta
 
-    cfg = dataclasses.replace(RunConfig(), model=dataclasses.replace(text_model(), in_channels=3))
+    digits = [str(i) for i in range(10)]
+    cs = caption_set(digits, {"thickness": (1.5, 2.5), "slant": (-0.1, 0.1)})
+    tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
+    monkeypatch.setattr(ta, "run_caption_table", lambda path: tc)
+    model = dataclasses.replace(text_model(), in_channels=3, num_classes=10)
+    cfg = dataclasses.replace(RunConfig(), model=model)
     loaded = SimpleNamespace(cfg=cfg, path=tmp_path, net=None)
     with pytest.raises(ConfigError, match="one-channel images; this model makes 3-channel"):
-        text_adherence(loaded, [3.0], 10)
+        ta.text_adherence(loaded, [3.0], 10)
+    names = ["cat", "dog"]
+    cs = caption_set(names, {})
+    tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
+    assert not ta.held_out_set(tc, names).levels  # class names: no levels, nothing to refuse
 
 
 def test_folder_captions_file_is_read_when_the_folder_has_one(tmp_path):
@@ -652,6 +665,19 @@ def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
     assert prompts[g - 1] == "a handwritten seven that is thick and upright"
 
 
+def test_held_out_prompts_of_class_names_ask_for_no_levels():
+    from cfgdiff.metrics.text_adherence import held_out_set
+
+    names = ["T-shirt/top", "Trouser", "Ankle boot"]
+    cs = caption_set(names, {})
+    tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
+    ps = held_out_set(tc, names)
+    assert ps.prompts == [
+        "an image of a T-shirt/top", "an image of a Trouser", "an image of an Ankle boot"
+    ]  # fmt: skip
+    assert ps.labels.tolist() == [0, 1, 2] and not ps.levels and ps.slant is None
+
+
 # --- through the CLI: train a text model, sample prompts with a negative prompt, measure it
 
 
@@ -847,3 +873,20 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     r = json.loads(js.read_text())
     assert r["dataset"] == f"folder:{folder}" and r["n"] == 10
     assert [p["class"] for p in r["prompt_rows"]] == ["class2", "class0"]
+
+    # without the file: the class names and paraphrases; eval measures the held-out phrasing
+    # of every class by accuracy alone (no level asked for, so no rank correlation)
+    (folder / FOLDER_CAPTIONS).unlink()
+    run2 = tmp_path / "run2"
+    argv = ["train", "--condition", "text", "--preset", "tiny", "--dataset", f"folder:{folder}"]
+    argv += ["--data-dir", tmp_path / "data", "--steps", "2", "--sample-every", "0", "--out", run2]
+    assert main([str(a) for a in [*argv, "--no-progress", "--precision", "fp32"]]) == 0
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", run2, "--scale", "3", "--n", "10", "--steps", "2"]
+    assert main([str(a) for a in [*argv, "--json", js, "--data-dir", tmp_path / "data"]]) == 0
+    printed = capsys.readouterr().out
+    assert "12 samples (4 per held-out prompt x 3)" in printed
+    assert "on phrasings held out of training" in printed
+    r = json.loads(js.read_text())
+    assert r["levels"] is False and r["thickness_spearman"] is None
+    assert [p["prompt"] for p in r["prompt_rows"]] == [f"an image of a class{i}" for i in range(3)]

@@ -288,11 +288,12 @@ def per_prompt_table(rows: list[dict]) -> str:
 def _judge_note(result: dict) -> None:
     from cfgdiff.metrics.text_adherence import HELD_OUT
 
-    if result["prompts"] != HELD_OUT:
+    if not result["levels"]:  # prompts of a file, or held-out ones of class names
+        which = "phrasings held out of training" if result["prompts"] == HELD_OUT else ""
         print(
             "(accuracy: the judge's, against the class each prompt asks for, on "
-            f"{result['prompts']}; thickness in px and slant: the means measured on each "
-            "prompt's samples)"
+            f"{which or result['prompts']}; thickness in px and slant: the means measured on "
+            "each prompt's samples, in sweep.json for a sweep)"
         )
     else:
         print(

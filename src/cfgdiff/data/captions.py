@@ -57,8 +57,9 @@ HELD_OUT_TEMPLATES = (
     "number {num}, {thick} strokes, {slant}",
 )
 # Fashion-MNIST and other class-named data: the class name and paraphrases (no attributes)
-NAME_TEMPLATES = ("{name}", "a {name}", "a photo of a {name}")
-NAME_HELD_OUT = ("an image of a {name}",)
+# ({a}: the name's indefinite article, "an" before a vowel: "an Ankle boot", "an airplane")
+NAME_TEMPLATES = ("{name}", "{a} {name}", "a photo of {a} {name}")
+NAME_HELD_OUT = ("an image of {a} {name}",)
 
 # Filler words: content-free words a cross-attention text model sees added to some training
 # captions (DiffusionConfig.filler_words), so that it learns a word it has no use for changes
@@ -127,6 +128,11 @@ def phrase(template: str, label: int, class_names: Sequence[str], thick: int, sl
         thick=LEVEL_WORDS["thickness"][thick],
         slant=LEVEL_WORDS["slant"][slant],
     )
+
+
+def name_phrase(template: str, name: str) -> str:
+    """One caption of a class name: `template` filled with the name and its article."""
+    return template.format(name=name, a="an" if name[:1].lower() in "aeiou" else "a")
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ def caption_set(class_names: Sequence[str], edges: dict[str, tuple[float, float]
                         if attributed:
                             text = phrase(tpl, label, class_names, thick, slant)
                         else:
-                            text = tpl.format(name=class_names[label])
+                            text = name_phrase(tpl, class_names[label])
                         out[g, j] = captions.setdefault(text, len(captions))
         return out
 
@@ -365,7 +371,7 @@ def folder_caption_set(
     fc = read_folder_captions(root / FOLDER_CAPTIONS, class_names, image_paths)
     k = len(class_names)
     phrasings = [
-        fc.classes.get(c) or tuple(t.format(name=class_names[c]) for t in NAME_TEMPLATES)
+        fc.classes.get(c) or tuple(name_phrase(t, class_names[c]) for t in NAME_TEMPLATES)
         for c in range(k)
     ]
     groups = labels.long().clone()

@@ -1,18 +1,20 @@
 """How well a text model obeys its prompts, measured on prompts in phrasings it never saw.
 
 Owns: the held-out prompts of a text run (one per (class, thickness level, slant level) group,
-the held-out phrasings taken in turn), prompt adherence (the judge's class accuracy on their
-samples), attribute adherence (Spearman's rank correlation between the requested level and the
-thickness or slant measured on the sample, data/captions.py's definitions), and the effect of a
-negative prompt on a measured attribute, and the record of a measurement (`text_adherence`,
-what `cfgdiff eval` and `cfgdiff sweep` report for a text model: n samples per scale as whole
-rounds of the held-out prompts). It samples through sample.generate and judges with the
-dataset's classifier (evaluate.judge_for); it knows nothing of files or the CLI.
+the held-out phrasings taken in turn; for captions of class names alone, as Fashion-MNIST's,
+every held-out phrasing of every class, with no levels), prompt adherence (the judge's class
+accuracy on their samples), attribute adherence (Spearman's rank correlation between the
+requested level and the thickness or slant measured on the sample, data/captions.py's
+definitions), and the effect of a negative prompt on a measured attribute, and the record of a
+measurement (`text_adherence`, what `cfgdiff eval` and `cfgdiff sweep` report for a text model:
+n samples per scale as whole rounds of the held-out prompts). It samples through
+sample.generate and judges with the dataset's classifier (evaluate.judge_for); it knows nothing
+of files or the CLI.
 
 A caller may bring its own prompts instead (`labelled_prompts`: lines `CLASS<TAB>prompt`, the
 class each prompt asks for): prompt adherence is then the judge's accuracy on them, per prompt
 too, with each prompt's mean measured thickness and slant (one-channel models); there are no
-requested levels, so no rank correlations.
+requested levels, so no rank correlations. So it is for the held-out prompts of class names.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def held_out_set(table: TextConditions, class_names: Sequence[str]) -> PromptSet
 
 def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     """(prompts, labels, thickness levels, slant levels): one held-out prompt per group, the
-    held-out phrasings in turn, from the caption set the run recorded. Refused (ConfigError)
+    held-out phrasings in turn, from the caption set the run recorded; for attribute-free
+    captions (class names, Fashion-MNIST) every held-out phrasing of every class, and no
+    levels (None). Refused (ConfigError)
     for a run whose captions came from a folder's captions file: it holds no phrasing out of
     training and its groups have no attribute levels to measure."""
     rec = table.caption_record or {}
@@ -132,6 +136,11 @@ def held_out_prompts(table: TextConditions, class_names: Sequence[str]):
     cs = caption_set(class_names, edges)
     if cs.captions != table.captions:
         raise ConfigError("the run's caption table is not this version's caption set")
+    if not cs.with_attributes:  # class names and paraphrases: no levels to ask for
+        rows = cs.held_out_rows[torch.arange(cs.num_classes) * 9]  # (classes, held-out phrasings)
+        prompts = [cs.captions[int(r)] for r in rows.T.flatten()]
+        labels = torch.arange(cs.num_classes).repeat(rows.shape[1])
+        return prompts, labels, None, None
     prompts, labels, thick, slant = [], [], [], []
     for g in range(cs.held_out_rows.shape[0]):
         j = g % cs.held_out_rows.shape[1]
@@ -233,12 +242,6 @@ def text_adherence(
         raise ConfigError("text adherence measures text models; this one takes class labels")
     table = run_caption_table(loaded.path)
     if prompts is None:  # refused before a judge is trained and samples are drawn
-        if cfg.model.in_channels != 1:
-            raise ConfigError(
-                "text adherence measures stroke thickness and slant on one-channel images; this "
-                f"model makes {cfg.model.in_channels}-channel ones (`prompts` FILE measures "
-                "class accuracy alone)"
-            )
         if table is None:
             raise ConfigError(
                 f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file "
@@ -246,6 +249,12 @@ def text_adherence(
                 "caption table (`prompts` FILE measures prompts of your own)"
             )
         prompts = held_out_set(table, cfg.label_names())
+        if prompts.levels and cfg.model.in_channels != 1:
+            raise ConfigError(
+                "text adherence measures stroke thickness and slant on one-channel images; this "
+                f"model makes {cfg.model.in_channels}-channel ones (`prompts` FILE measures "
+                "class accuracy alone)"
+            )
     else:  # every prompt through the encoder now, before any judge
         embed_prompts(prompts.prompts, cfg.model, table)
     num_prompts = len(prompts.prompts)
@@ -268,7 +277,7 @@ def text_adherence(
     return {
         **record, "scales": [float(s) for s in scales], "n": num_prompts * per_prompt,
         "n_asked": n, "per_prompt": per_prompt, "num_prompts": num_prompts,
-        "prompts": prompts.source,
+        "prompts": prompts.source, "levels": prompts.levels,
         "dataset": meta["dataset"], "classifier_test_accuracy": meta["test_accuracy"],
         "rows": rows, "sampling_images_per_s": num_prompts * per_prompt * len(scales) / dt,
         "device": torch.device(device).type, "machine": describe_machine(torch.device(device)),
