@@ -118,3 +118,29 @@ def events(data: bytes) -> list[dict]:
             if line.startswith("data: "):
                 out.append(json.loads(line[6:]))
     return out
+
+
+def train_text_run(root, steps: int = 3):
+    """A tiny text checkpoint of a 3-class folder (class0..class2, no captions file: captions
+    of the class names), trained for a few steps; needs the `text` extra's encoder."""
+    from conftest import image_folder
+
+    from cfgdiff.cli import main
+
+    folder = image_folder(root / "folder", 6)
+    out = root / "run"
+    argv = ["train", "--condition", "text", "--dataset", f"folder:{folder}", "--preset", "tiny",
+            "--out", str(out), "--steps", str(steps), "--no-progress", "--precision", "fp32",
+            "--sample-every", "0"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def text_engine_model(run):
+    """serve.jobs.Model of a text run, with its caption table (as `cfgdiff serve` loads it)."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.serve.jobs import Model
+    from cfgdiff.text import run_caption_table
+
+    loaded = load_for_sampling(run)
+    return Model(loaded.net, loaded.cfg, str(loaded.path), run_caption_table(loaded.path))

@@ -108,6 +108,31 @@ def test_every_field_is_checked_with_a_one_line_reason(body, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"class": 0}, "`class` is for a model of class labels; this one reads prompts"),
+        ({"prompt": "a", "negative_class": 1}, "`negative_class` is for a model of class labels"),
+        ({"scale": 2}, "`prompt` must be a non-empty string, got None"),
+        ({"prompt": "  "}, "`prompt` must be a non-empty string, got '  '"),
+        ({"prompt": 7}, "`prompt` must be a non-empty string, got 7"),
+        ({"prompt": "x" * 201}, "`prompt` must be at most 200 characters, got 201"),
+        ({"prompt": "a\nb"}, "`prompt` must be one line of printable text, got 'a\\nb'"),
+        ({"prompt": "a", "negative_prompt": ""}, "`negative_prompt` must be a non-empty string"),
+    ],
+)
+def test_a_text_models_fields_are_checked_with_a_one_line_reason(body, message):
+    with pytest.raises(ConfigError) as e:
+        parse_settings(body, 3, 1000, LIMITS, text=True)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_class_model_refuses_prompts():
+    for key in ("prompt", "negative_prompt"):
+        with pytest.raises(ConfigError, match=f"`{key}` is for a text model; this one takes cl"):
+            parse_settings({"class": 0, key: "seven"}, 3, 1000, LIMITS)
+
+
 def test_a_good_request_and_its_defaults():
     s = parse_settings({"class": 2, "mode": "strip", "scales": [0, 2.5]}, 3, 1000, LIMITS)
     assert s == Settings(2, 3.0, "dpmpp-2m", 20, 0, 1, "strip", (0.0, 2.5))
@@ -405,3 +430,87 @@ def test_the_command_names_the_class_so_that_the_cli_reads_it_back():
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert cfg.class_indices(args.classes) == [label]
         assert (args.scale, args.steps, args.seed, args.per_class) == (2.5, 5, 1, 2)
+
+
+# --- a text model: prompts, a negative prompt, the command that makes the same images
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    pytest.importorskip("wordllama", reason="the text extra is not installed")
+    from serving import train_text_run
+
+    return train_text_run(tmp_path_factory.mktemp("serve-text"))
+
+
+def test_a_text_model_is_asked_for_prompts_and_its_command_makes_the_same_png(text_run, tmp_path):
+    import base64
+
+    from serving import text_engine_model
+
+    engine = Engine(text_engine_model(text_run), LIMITS, "cpu", "fp32")
+    try:
+        engine.warm_up()
+        info = engine.info()
+        assert info["condition"] == "text" and info["max_prompt_chars"] == 200
+        assert info["examples"] == ["class0", "class1", "class2"]  # the classes' names
+        # a prompt the model cannot read is refused when it is checked, before it waits
+        with pytest.raises(ConfigError, match="has 20 tokens; this model reads at most 16"):
+            engine.parse({"prompt": " ".join(["bar"] * 20)})
+        body = {"prompt": "-a bar on the left", "negative_prompt": "a class2", "scale": 2.5,
+                "steps": 4, "seed": 3, "n": 3}  # fmt: skip
+        got, done, sink = _collect()
+        engine.submit(engine.parse(body), sink)
+        assert done.wait(60)
+        strip, strip_done, sink = _collect()
+        body = {"prompt": "a class1", "mode": "strip", "scales": [0, 3], "n": 2, "steps": 3}
+        engine.submit(engine.parse(body), sink)
+        assert strip_done.wait(60)
+    finally:
+        engine.close()
+    final = got[-1]
+    assert final["type"] == "done" and final["settings"]["prompt"] == "-a bar on the left"
+    (command,) = final["commands"]
+    assert "'--prompt=-a bar on the left'" in command and "--classes" not in command
+    assert "'--negative-prompt=a class2'" in command
+    argv = shlex.split(command)
+    argv[-1] = str(tmp_path / "again.png")
+    assert main(argv[1:]) == 0
+    assert (tmp_path / "again.png").read_bytes() == base64.b64decode(final["png"])
+    assert strip[-1]["type"] == "done" and len(strip[-1]["commands"]) == 2
+
+
+def test_the_http_api_of_a_text_model(text_run):
+    from serving import text_engine_model
+
+    from cfgdiff.serve.app import start_in_thread
+
+    engine = Engine(text_engine_model(text_run), LIMITS, "cpu", "fp32")
+    running = start_in_thread(engine)
+    try:
+        status, _, body = request(running.url, "GET", "/api/model")
+        assert status == 200 and b'"condition":"text"' in body.replace(b" ", b"")
+        status, _, body = request(running.url, "POST", "/api/generate", {"class": 1})
+        assert status == 422 and b"this one reads prompts" in body
+        status, _, body = request(
+            running.url, "POST", "/api/generate", {"prompt": "a class0", "steps": 2}
+        )
+        assert status == 200 and events(body)[-1]["type"] == "done"
+    finally:
+        running.stop()
+
+
+def test_cli_serve_of_a_text_model_loads_its_caption_table(text_run, monkeypatch, capsys):
+    import cfgdiff.serve.app as app
+
+    served = {}
+    real_bind = app.bind
+    monkeypatch.setattr(app, "bind", lambda host, port: real_bind("127.0.0.1", 0))
+    monkeypatch.setattr(app, "serve_forever", lambda engine, sock, host: served.update(
+        info=engine.info(), captions=engine.model.captions, encoder=engine._encoder
+    ) or sock.close() or engine.close())  # fmt: skip
+    assert main(["serve", "--checkpoint", str(text_run), "--device", "cpu"]) == 0
+    assert served["info"]["condition"] == "text" and served["info"]["examples"][0] == "class0"
+    assert "a class0" in served["captions"].captions  # the run's table: no encoder for these
+    assert served["encoder"] is not None  # loaded once, when the server started
+    capsys.readouterr()

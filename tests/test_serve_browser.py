@@ -179,3 +179,76 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
     assert all(u.startswith(server.url) or u.startswith("data:") for u in urls), urls
     assert errors == []
     page.close()
+
+
+@pytest.fixture
+def text_server(tmp_path):
+    """A text model's server: $CFGDIFF_SERVE_TEXT_CHECKPOINT (a trained MNIST text model, for
+    docs/walkthrough's screenshot) or a tiny text run of a 3-class folder."""
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    pytest.importorskip("wordllama", reason="the text extra is not installed")
+    from serving import text_engine_model, train_text_run
+
+    from cfgdiff.serve.app import start_in_thread
+    from cfgdiff.serve.jobs import Engine, Limits
+
+    given = os.environ.get("CFGDIFF_SERVE_TEXT_CHECKPOINT")
+    run = Path(given) if given else train_text_run(tmp_path)
+    engine = Engine(text_engine_model(run), Limits(queue=2), "cpu", "fp32")
+    engine.warm_up()
+    running = start_in_thread(engine)
+    yield running
+    running.stop()
+
+
+def test_the_page_of_a_text_model_takes_prompts(chromium, text_server, tmp_path):
+    page = chromium.new_page(viewport={"width": 1000, "height": 640})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(text_server.url)
+    page.wait_for_selector("#classes button")
+    examples = text_server.engine.examples()
+    assert page.locator("#classes button").all_inner_texts() == examples
+    assert page.text_content("#classes-title") == "Prompt" and page.is_visible("#prompt")
+    assert "text prompts" in page.inner_text("#model-name")
+
+    def done_with(part: str) -> str:
+        page.wait_for_function(
+            f"""() => document.getElementById('status').dataset.state === 'done'
+                && document.getElementById('command').textContent.includes({part!r})""",
+            timeout=120_000,
+        )
+        return page.inner_text("#command")
+
+    # a prompt's button fills the box and asks for it
+    page.fill("#steps", "8")
+    page.fill("#n", "4")
+    page.click("#classes button[data-class='1']")
+    assert page.input_value("#prompt") == examples[1]
+    command = done_with(f"--prompt={examples[1]}")
+    assert command.startswith("cfgdiff sample --checkpoint ") and "--classes" not in command
+
+    # a prompt of one's own, sent with Enter, steered away from a negative prompt
+    prompt = "a thick, slanted seven" if examples[7:8] == ["seven"] else f"a wide {examples[2]}"
+    page.click("#options summary")
+    assert page.is_hidden("#negative-class-row") and page.is_visible("#negative-prompt")
+    page.fill("#negative-prompt", "thin")
+    page.fill("#prompt", prompt)
+    assert page.locator("#classes button.selected").count() == 0
+    page.press("#prompt", "Enter")
+    command = done_with(f"'--prompt={prompt}'")
+    assert "--negative-prompt=thin " in command
+    assert page.get_attribute("#download", "download").startswith("cfgdiff-a_")
+    _screenshot(page, tmp_path / "serve-text.png")
+
+    # a prompt the model cannot read: the server's one-line reason, shown on the page
+    page.fill("#negative-prompt", "")
+    page.fill("#prompt", " ".join(["seven"] * 20))
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#status[data-state=error]")
+    assert page.inner_text("#status").endswith("has 20 tokens; this model reads at most 16")
+    errors.remove("Failed to load resource: the server responded with a status of 422 "
+                  "(Unprocessable Entity)")  # fmt: skip
+    assert errors == []
+    page.close()

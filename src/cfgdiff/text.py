@@ -178,10 +178,14 @@ def encode_for(model: ModelConfig, encoder: TextEncoder, captions: list[str]) ->
 
 
 def embed_prompts(
-    prompts: Sequence[str], model: ModelConfig, table: TextConditions | None = None
+    prompts: Sequence[str],
+    model: ModelConfig,
+    table: TextConditions | None = None,
+    encoder: TextEncoder | None = None,
 ) -> torch.Tensor:
     """(N, cond_dim) embeddings of `prompts` for text model `model` (see TextConditions.embed);
-    `table`: a run's caption table, so that its captions need no encoder."""
+    `table`: a run's caption table, so that its captions need no encoder; `encoder`: the
+    model's, already loaded (a server keeps one), else it is loaded when a prompt needs it."""
     if model.condition != "text":
         raise ConfigError("`prompt` is for text models; this model takes class labels")
     if table is not None and table.encoder != {
@@ -200,7 +204,7 @@ def embed_prompts(
     new = [p for p in dict.fromkeys(prompts) if p and p not in index]
     encoded: dict[str, torch.Tensor] = {}
     if new:
-        encoder = load_encoder(model.text_encoder)
+        encoder = encoder or load_encoder(model.text_encoder)
         check_encoder(model, encoder)
         encoded = dict(zip(new, encode_for(model, encoder, new), strict=True))
     for i, p in enumerate(prompts):

@@ -20,6 +20,8 @@ from cfgdiff.data.folders import class_folder_names
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import atomic_write_bytes, writing
 
+PROMPT_LABEL_CHARS = 48  # of a text model's prompt as a grid's row label (sample, serve)
+
 
 def grid_image(images: torch.Tensor, ncols: int, pad: int = 2, upscale: int = 1) -> Image.Image:
     """uint8 (N, C, H, W) -> one PIL image, row-major, `ncols` per row."""

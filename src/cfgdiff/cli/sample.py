@@ -227,7 +227,7 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     import torch
 
     from cfgdiff.text import embed_prompts, run_caption_table
-    from cfgdiff.viz import write_samples
+    from cfgdiff.viz import PROMPT_LABEL_CHARS, write_samples
 
     if a.classes is not None or a.animate is not None:
         raise UsageError("a text model takes --prompt/--prompts, not --classes or --animate")
@@ -245,7 +245,7 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     names = prompts if kind != "folder" else [f"prompt-{i:03d}" for i in range(len(prompts))]
     write_samples(
         a.out, images, labels, names, record, per_class=a.per_class, classes=range(len(prompts)),
-        label_chars=48,
+        label_chars=PROMPT_LABEL_CHARS,
     )  # fmt: skip
     print(
         f"wrote {len(labels)} images of {len(prompts)} prompts to {a.out} (s={scale:g}, "

@@ -1,7 +1,11 @@
 """The work behind the page, without the web: a request's settings checked against the model
 and the limits, one generation at a time per model with a small queue, and the events a job
 sends (queued, started, previews of the predicted x0, the final PNG with the command that
-reproduces it, or why it stopped).
+reproduces it, or why it stopped). A class model is asked for a class (and a negative class);
+a text model for a prompt (and a negative prompt, the reference of the guidance in place of
+the null, as `cfgdiff sample --negative-prompt`): embedded when the request is checked (the
+run's caption table, else the encoder the engine holds), so a prompt the model cannot read is
+refused before it waits.
 
 Everything here is a thin layer over `sample.generate` and its per-step callback: a preview is
 the callback's x0_hat every few steps, a cancel is the callback raising, the final PNG is the
@@ -29,11 +33,13 @@ from cfgdiff.errors import CfgDiffError, ConfigError
 from cfgdiff.guidance import Guidance
 from cfgdiff.sample import generate, to_uint8
 from cfgdiff.samplers import SAMPLERS
-from cfgdiff.viz import labelled_grid, png_bytes
+from cfgdiff.viz import PROMPT_LABEL_CHARS, labelled_grid, png_bytes
 
 MAX_SCALE = 10.0  # the page's slider: s in [0, 10]
 MAX_SEED = 2**53 - 1  # a JavaScript number holds every integer up to here
 MODES = ("images", "strip")
+MAX_PROMPT_CHARS = 200  # a prompt's length on the page; a model reads at most its text_tokens
+_EMBEDDINGS_KEPT = 256  # prompt embeddings an engine keeps
 # the sampler a request gets by default (the CLI's default)
 DEFAULT_SAMPLER = "dpmpp-2m"
 
@@ -75,6 +81,8 @@ class Settings:
     scales: tuple[float, ...] = ()
     negative_class: int | None = None
     interval: tuple[float, float] | None = None
+    prompt: str | None = None  # a text model's (then `label` is unused: -1)
+    negative_prompt: str | None = None
 
     @property
     def columns(self) -> tuple[float, ...]:
@@ -88,8 +96,10 @@ class Settings:
 # the fields a request may have
 FIELDS = (
     "class", "scale", "sampler", "steps", "seed", "n", "mode", "scales", "negative_class",
-    "interval",
+    "interval", "prompt", "negative_prompt",
 )  # fmt: skip
+CLASS_FIELDS = ("class", "negative_class")  # a class model's only
+TEXT_FIELDS = ("prompt", "negative_prompt")  # a text model's only
 
 
 def _number(body: dict, key: str, lo: float, hi: float, default=None) -> float:
@@ -112,15 +122,39 @@ def _integer(body: dict, key: str, lo: int, hi: int, default=None) -> int:
     return v
 
 
-def parse_settings(body: Any, num_classes: int, timesteps: int, limits: Limits) -> Settings:
+def _prompt(body: dict, key: str) -> str:
+    v = body.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"`{key}` must be a non-empty string, got {v!r:.40}")
+    v = v.strip()
+    if len(v) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"`{key}` must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
+    if not v.isprintable():
+        raise ConfigError(f"`{key}` must be one line of printable text, got {v[:40]!r}")
+    return v
+
+
+def parse_settings(
+    body: Any, num_classes: int, timesteps: int, limits: Limits, text: bool = False
+) -> Settings:
     """A request body (parsed JSON) checked field by field; a ConfigError whose one line names
-    the field (in backticks) for the first thing wrong. Nothing in a body names a file."""
+    the field (in backticks) for the first thing wrong. Nothing in a body names a file.
+    text: the model reads prompts (`prompt`, `negative_prompt`) in place of class labels."""
     if not isinstance(body, dict):
         raise ConfigError("the request must be a JSON object")
     unknown = sorted(k for k in body if k not in FIELDS)
     if unknown:
         raise ConfigError(f"unknown field `{str(unknown[0])[:40]}` (allowed: {', '.join(FIELDS)})")
-    label = _integer(body, "class", 0, num_classes - 1)
+    for key in CLASS_FIELDS if text else TEXT_FIELDS:
+        if key in body:
+            raise ConfigError(
+                f"`{key}` is for a model of class labels; this one reads prompts (`prompt`)"
+                if text
+                else f"`{key}` is for a text model; this one takes class labels (`class`)"
+            )
+    label = -1 if text else _integer(body, "class", 0, num_classes - 1)
+    prompt = _prompt(body, "prompt") if text else None
+    negative_prompt = _prompt(body, "negative_prompt") if "negative_prompt" in body else None
     scale = _number(body, "scale", 0.0, MAX_SCALE, 3.0)
     sampler = body.get("sampler", DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
@@ -153,7 +187,10 @@ def parse_settings(body: Any, num_classes: int, timesteps: int, limits: Limits) 
         if not lo < hi:
             raise ConfigError(f"`interval` must satisfy lo < hi, got [{lo:g}, {hi:g}]")
         interval = (lo, hi)
-    s = Settings(label, scale, sampler, steps, seed, n, mode, scales, negative, interval)
+    s = Settings(
+        label, scale, sampler, steps, seed, n, mode, scales, negative, interval, prompt,
+        negative_prompt,
+    )  # fmt: skip
     if s.images > limits.max_images:
         raise ConfigError(
             f"`n` x `scales`: at most {limits.max_images} images a request, got {s.images}"
@@ -178,11 +215,12 @@ def sample_command(
     """The `cfgdiff sample` commands that write this request's images, one per scale (a strip
     has several): each writes the grid of that scale's images, as the page shows it for mode
     "images"; a strip's columns are the same images, sampled in one batch."""
-    name = class_names[s.label]
-    # by name where `--classes` can say it (it splits on commas and strips), else by index
-    cls = ["--classes", name if "," not in name and name.strip() == name and name else str(s.label)]
-    if cls[1].startswith("-"):  # not to be read as an option
-        cls = [f"--classes={cls[1]}"]
+    if s.prompt is not None:  # `--prompt=P`: a prompt that starts with "-" is not an option
+        cls = [f"--prompt={s.prompt}"]
+    else:  # by name where `--classes` can say it (it splits on commas and strips), else index
+        name = class_names[s.label]
+        word = name if "," not in name and name.strip() == name and name else str(s.label)
+        cls = ["--classes", word] if not word.startswith("-") else [f"--classes={word}"]
     out = []
     for scale in s.columns:
         words = [
@@ -192,6 +230,8 @@ def sample_command(
         ]  # fmt: skip
         if s.negative_class is not None:
             words += ["--negative-class", str(s.negative_class)]
+        if s.negative_prompt is not None:
+            words += [f"--negative-prompt={s.negative_prompt}"]
         if s.interval is not None:
             words += ["--guidance-interval", ",".join(_number_word(v) for v in s.interval)]
         name = "sample.png" if s.mode == "images" else f"strip-s{_number_word(scale)}.png"
@@ -235,11 +275,14 @@ class Job:
 @dataclass
 class Model:
     """What the engine samples from: a network, its config, and the checkpoint path shown in
-    the command (checkpoint.load_for_sampling's Loaded has all three)."""
+    the command (checkpoint.load_for_sampling's Loaded has all three); for a text model, the
+    run's caption table when it has one (text.run_caption_table: its captions need no
+    encoder)."""
 
     net: Any
     cfg: Any
     path: str
+    captions: Any = None
 
 
 class Engine:
@@ -254,6 +297,9 @@ class Engine:
         self.model, self.limits = model, limits
         self.device, self.precision = torch.device(device), precision
         self.names = model.cfg.label_names()
+        self.text = model.cfg.model.condition == "text"
+        self._encoder = None  # a text model's, loaded by warm_up or the first new prompt
+        self._embeddings: dict[str, torch.Tensor] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(limits.queue, 0) or 1)
         self._lock = threading.Lock()
         self._waiting = 0
@@ -269,6 +315,8 @@ class Engine:
         """What the page needs to draw its controls."""
         m, lim = self.model.cfg.model, self.limits
         return {
+            "condition": m.condition, "examples": self.examples(),
+            "max_prompt_chars": MAX_PROMPT_CHARS,
             "classes": self.names, "image_size": m.image_size, "channels": m.in_channels,
             "samplers": list(SAMPLERS), "sampler": DEFAULT_SAMPLER,
             "max_steps": min(lim.max_steps, self.model.cfg.diffusion.timesteps),
@@ -278,9 +326,56 @@ class Engine:
             "device": str(self.device), "precision": self.precision,
         }  # fmt: skip
 
+    def examples(self) -> list[str]:
+        """A text model's example prompts, one per class: its name, a digit's as a word
+        ("seven", "Sneaker"; what `cfgdiff sample` draws without --prompt); [] for a class
+        model."""
+        if not self.text:
+            return []
+        from cfgdiff.data.captions import DIGIT_WORDS
+
+        digits = self.names == [str(i) for i in range(10)]
+        return list(DIGIT_WORDS) if digits else list(self.names)
+
     def parse(self, body: Any) -> Settings:
+        """A request checked (parse_settings); a text model's prompts are embedded now, so
+        that one it cannot read (too many tokens, no encoder) is refused before it waits."""
         cfg = self.model.cfg
-        return parse_settings(body, cfg.model.num_classes, cfg.diffusion.timesteps, self.limits)
+        s = parse_settings(
+            body, cfg.model.num_classes, cfg.diffusion.timesteps, self.limits, self.text
+        )
+        for p in (s.prompt, s.negative_prompt):
+            if p is not None:
+                self.embed(p)
+        return s
+
+    def _load_encoder(self) -> None:
+        """The model's text encoder, loaded once and checked against the model's record."""
+        if self._encoder is None:
+            from cfgdiff.text import check_encoder
+            from cfgdiff.text_encoder import load_encoder
+
+            encoder = load_encoder(self.model.cfg.model.text_encoder)
+            check_encoder(self.model.cfg.model, encoder)
+            self._encoder = encoder
+
+    def embed(self, prompt: str) -> torch.Tensor:
+        """(cond_dim,) a prompt's embedding (text.embed_prompts), kept for the next request."""
+        from cfgdiff.text import embed_prompts
+
+        with self._lock:
+            kept = self._embeddings.get(prompt)
+        if kept is not None:
+            return kept
+        m, table = self.model.cfg.model, self.model.captions
+        if table is None or prompt not in table.captions:
+            self._load_encoder()
+        row = embed_prompts([prompt], m, table, self._encoder)[0]
+        with self._lock:
+            if len(self._embeddings) >= _EMBEDDINGS_KEPT:
+                self._embeddings.pop(next(iter(self._embeddings)))
+            self._embeddings[prompt] = row
+        return row
 
     def submit(self, settings: Settings, sink: Sink) -> Job:
         """Queue a job, or raise Busy when `limits.queue` jobs already wait (the running one
@@ -347,8 +442,15 @@ class Engine:
     def warm_up(self) -> None:
         """One small guided generation, so that the first request does not pay for the first
         network call (memory allocation, kernel selection)."""
+        c = [0]
+        if self.text:  # and the encoder, when it can be had (else new prompts are refused)
+            c = self.embed(self.examples()[0])[None]
+            try:
+                self._load_encoder()
+            except CfgDiffError:
+                pass
         generate(
-            self.model.net, self.model.cfg, [0], scale=2.0, steps=2, batch_size=1,
+            self.model.net, self.model.cfg, c, scale=2.0, steps=2, batch_size=1,
             device=self.device, precision=self.precision,
         )  # fmt: skip
 
@@ -383,15 +485,24 @@ class Engine:
     def _run(self, job: Job) -> None:
         s, m = job.settings, self.model
         cols = s.columns
-        labels = torch.full((s.images,), s.label, dtype=torch.long)
+        if s.prompt is not None:
+            labels = self.embed(s.prompt).expand(s.images, -1)
+            negative = None if s.negative_prompt is None else self.embed(s.negative_prompt)
+            name = s.prompt[:PROMPT_LABEL_CHARS]
+        else:
+            labels = torch.full((s.images,), s.label, dtype=torch.long)
+            negative, name = None, self.names[s.label][:12]
         # image i of column k is noise stream i: the stream `cfgdiff sample` gives image i
         indices = [i for i in range(s.n) for _ in cols]
         scale: float | torch.Tensor = s.scale
         if s.mode == "strip":
             scale = torch.tensor([c for _ in range(s.n) for c in cols], dtype=torch.float32)
-        guidance = Guidance(scale=scale, interval=s.interval, negative_class=s.negative_class)
+        guidance = Guidance(
+            scale=scale, interval=s.interval, negative_class=s.negative_class,
+            negative_condition=negative,
+        )  # fmt: skip
         every = max(1, math.ceil(s.steps / self.limits.previews))
-        row_names = [self.names[s.label][:12]] + [""] * (s.n - 1 if s.mode == "strip" else 0)
+        row_names = [name] + [""] * (s.n - 1 if s.mode == "strip" else 0)
         col_names = [f"s={c:g}" for c in cols] if s.mode == "strip" else None
         ncols = s.n if s.mode == "images" else len(cols)
 

@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 let model = null;       // GET api/model
-let selected = null;    // the class index picked
+let selected = null;    // the class index picked (a class model)
+let text = false;       // the model reads prompts: the prompt box stands for the class
 let current = null;     // the request in flight: {controller, job, frames}
 
 function fmt(v) {
@@ -37,13 +38,31 @@ async function init() {
   const resp = await fetch("api/model");
   model = await resp.json();
   $("model-name").textContent =
-    `${model.dataset} · ${model.classes.length} classes · ${model.image_size}×${model.image_size}` +
+    `${model.dataset} · ${model.classes.length} classes` +
+    `${model.condition === "text" ? " · text prompts" : ""} · ` +
+    `${model.image_size}×${model.image_size}` +
     ` · ${model.device}, ${model.precision} · ${model.checkpoint}`;
-  model.classes.forEach((name, i) => {
+  text = model.condition === "text";
+  if (text) {  // a prompt box; the classes' prompts as buttons that fill it
+    $("classes-title").textContent = "Prompt";
+    $("prompt-form").hidden = false;
+    $("prompt").maxLength = model.max_prompt_chars;
+    $("negative-prompt").maxLength = model.max_prompt_chars;
+    $("negative-class-row").hidden = true;
+    $("negative-prompt-row").hidden = false;
+    $("classes").classList.add("prompts");
+    $("prompt-form").addEventListener("submit", (e) => { e.preventDefault(); start(); });
+    $("prompt").addEventListener("input", () => {  // a prompt of one's own: no button is it
+      selected = null;
+      for (const b of $("classes").children) b.classList.remove("selected");
+    });
+  }
+  const buttons = text ? model.examples : model.classes;
+  buttons.forEach((name, i) => {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = name;
-    b.title = `class ${i}: ${name}`;
+    b.title = text ? `prompt: ${name}` : `class ${i}: ${name}`;
     b.dataset.class = String(i);
     b.addEventListener("click", () => pick(i));
     $("classes").appendChild(b);
@@ -58,7 +77,7 @@ async function init() {
   $("scale").max = model.max_scale;
   updateScale();
   $("scale").addEventListener("input", updateScale);
-  $("scale").addEventListener("change", () => { if (selected !== null) start(); });
+  $("scale").addEventListener("change", () => { if (ready()) start(); });
   $("mode").addEventListener("change", () => {
     const strip = $("mode").value === "strip";
     $("scales").disabled = !strip;
@@ -72,7 +91,11 @@ async function init() {
   $("copy").addEventListener("click", () => navigator.clipboard.writeText($("command").textContent));
   $("final").addEventListener("load", () => zoom($("final")));
   $("preview").addEventListener("load", () => zoom($("preview")));
-  setStatus("idle", "pick a class");
+  setStatus("idle", text ? "type a prompt or pick one" : "pick a class");
+}
+
+function ready() {  // whether there is something to ask for
+  return text ? $("prompt").value.trim() !== "" : selected !== null;
 }
 
 function zoom(img) {  // show small images at a whole multiple of their size, pixels kept sharp
@@ -82,13 +105,13 @@ function zoom(img) {  // show small images at a whole multiple of their size, pi
 
 function pick(i) {
   selected = i;
+  if (text) $("prompt").value = model.examples[i];
   for (const b of $("classes").children) b.classList.toggle("selected", b.dataset.class === String(i));
   start();
 }
 
 function settings() {
   const body = {
-    class: selected,
     scale: Number($("scale").value),
     sampler: $("sampler").value,
     steps: Number($("steps").value),
@@ -99,7 +122,14 @@ function settings() {
   if (body.mode === "strip") {
     body.scales = $("scales").value.split(",").filter((x) => x.trim() !== "").map(Number);
   }
-  if ($("negative").value !== "") body.negative_class = Number($("negative").value);
+  if (text) {
+    body.prompt = $("prompt").value.trim();
+    const neg = $("negative-prompt").value.trim();
+    if (neg !== "") body.negative_prompt = neg;
+  } else {
+    body.class = selected;
+    if ($("negative").value !== "") body.negative_class = Number($("negative").value);
+  }
   const lo = $("interval-lo").value, hi = $("interval-hi").value;
   if (lo !== "" || hi !== "") body.interval = [Number(lo || 0), Number(hi || 0)];
   return body;
@@ -127,7 +157,10 @@ async function cancel() {
 }
 
 async function start() {
-  if (selected === null) { setStatus("error", "pick a class first"); return; }
+  if (!ready()) {
+    setStatus("error", text ? "type a prompt first" : "pick a class first");
+    return;
+  }
   const old = current;
   if (old) {  // a new request replaces the one in flight
     current = null;
@@ -199,7 +232,8 @@ function handle(req, ev) {
       const a = $("download");
       a.href = png(ev.png);
       const what = s.mode === "strip" ? "strip" : `s${s.scale}`;
-      const name = `cfgdiff-${model.classes[s.label]}-${what}-seed${s.seed}`;
+      const who = s.prompt !== null ? s.prompt.slice(0, 40) : model.classes[s.label];
+      const name = `cfgdiff-${who}-${what}-seed${s.seed}`;
       a.download = `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.png`;
       a.hidden = false;
       $("command").textContent = ev.commands.join("\n");
