@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -890,3 +891,32 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     r = json.loads(js.read_text())
     assert r["levels"] is False and r["thickness_spearman"] is None
     assert [p["prompt"] for p in r["prompt_rows"]] == [f"an image of a class{i}" for i in range(3)]
+
+
+def test_the_caption_folder_benchmark_writes_a_folder_its_captions_and_prompts(
+    tmp_path, monkeypatch, capsys
+):
+    """bench/caption_folder.py on (fake) Fashion-MNIST: class folders of PNGs, a captions.txt
+    the folder reader accepts, and prompts whose classes are the folder's."""
+    import runpy
+    import sys
+
+    from conftest import fake_digits, fashion_system_dir
+
+    from cfgdiff.data import load_dataset
+
+    fashion_system_dir(tmp_path / "sys", monkeypatch, fake_digits(40, 0), fake_digits(10, 1))
+    bench = Path(__file__).resolve().parents[1] / "bench" / "caption_folder.py"
+    argv = [str(bench), "--out", str(tmp_path / "f"), "--data-dir", str(tmp_path / "d")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--per-class", "2"])
+    runpy.run_path(str(bench), run_name="__main__")
+    assert "wrote 20 images of 10 classes" in capsys.readouterr().out
+    data = load_dataset(f"folder:{tmp_path / 'f' / 'data'}", tmp_path / "d")
+    assert len(data) == 20 and data.class_names[0] == "Ankle_boot"  # sorted by name
+    cs, groups = dataset_captions(data.images, data.labels, data.class_names, tmp_path / "f/data")
+    assert cs.from_file and "a knitted sweater" in cs.captions and groups.tolist()[:2] == [0, 0]
+    prompts = (tmp_path / "f" / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 12 and {p.split("\t")[0] for p in prompts} == set(data.class_names)
+    assert set(p.split("\t")[1] for p in prompts[:10]).isdisjoint(cs.captions)  # all new
+    with pytest.raises(SystemExit, match="exists already"):
+        runpy.run_path(str(bench), run_name="__main__")
