@@ -920,3 +920,24 @@ def test_the_caption_folder_benchmark_writes_a_folder_its_captions_and_prompts(
     assert set(p.split("\t")[1] for p in prompts[:10]).isdisjoint(cs.captions)  # all new
     with pytest.raises(SystemExit, match="exists already"):
         runpy.run_path(str(bench), run_name="__main__")
+
+
+@needs_encoder
+def test_a_text_model_trains_and_samples_in_bf16(idx_dir, tmp_path):
+    """The precision a GPU run takes: autocast bf16 through the text MLP, the cross-attention
+    and the null vector, in training and in guided sampling with a negative prompt."""
+    import numpy as np
+
+    from cfgdiff.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--condition", "text", "--preset", "tiny", "--dataset", "mnist"]
+    argv += ["--data-dir", idx_dir, "--image-size", "8", "--steps", "2", "--out", run]
+    argv += ["--precision", "bf16", "--no-progress", "--sample-every", "0"]
+    assert main([str(a) for a in argv]) == 0
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--checkpoint", run, "--prompt", "a thick seven", "--negative-prompt"]
+    argv += ["thin", "--scale", "3", "--steps", "2", "--per-class", "2", "--precision", "bf16"]
+    assert main([str(a) for a in [*argv, "--out", out]]) == 0
+    images = np.load(out)["images"]
+    assert images.shape == (2, 1, 8, 8) and images.std() > 0
