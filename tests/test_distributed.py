@@ -264,6 +264,19 @@ def test_two_processes_train_as_one_and_resume_across_world_sizes(one, folder, t
 
 
 @pytest.mark.slow
+def test_two_processes_train_a_text_model_as_one(folder, tmp_path):
+    """A text model (captions of the class names, filler words) on 2 processes draws each
+    image's caption and filler words as 1 process does, so it trains the same."""
+    pytest.importorskip("wordllama", reason="the text extra is not installed")
+    text = ["--condition", "text", "--steps", "6", "--filler-words", "0.5"]
+    one_text, two_text = tmp_path / "one", tmp_path / "two"
+    assert main(_train_argv(folder, one_text, *text)) == 0
+    r = _torchrun(_train_argv(folder, two_text, *text))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_close_runs(one_text, two_text, 5)
+
+
+@pytest.mark.slow
 def test_sharded_sample_and_eval_equal_one_process(one, tmp_path, capsys):
     """`sample` on 2 processes writes the .npz one process writes; `eval` reports the same
     figures (the judge is trained once, before, into a shared data directory)."""

@@ -539,6 +539,59 @@ def test_filler_words_follow_the_caption_whole_and_leave_the_null_alone():
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
+def test_split_training_loss_of_text_conditions_is_the_whole_batch_loss():
+    """diffusion.training_loss over parts of a global batch of text conditions (as torchrun
+    runs it) averages to the one-process loss: the conditions keep their shape."""
+    from cfgdiff.diffusion import training_loss
+
+    net = UNet(text_model()).eval()
+    d = RunConfig().diffusion
+    schedule = make_schedule(d.schedule, d.timesteps)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    c = torch.randn(8, 6)
+
+    def loss(xs, cs, rows=None):
+        return training_loss(net, xs, cs, schedule, d, 3, torch.Generator().manual_seed(4), rows)
+
+    whole = loss(x, c)
+    halves = [loss(x[r * 4 : r * 4 + 4], c[r * 4 : r * 4 + 4], (r * 4, 8)) for r in (0, 1)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, whole, atol=1e-6)
+
+
+def test_split_caption_draws_are_the_whole_batch_draws(tmp_path):
+    """Processes that each hold part of a global batch draw its captions and filler words for
+    the whole batch and keep their rows: their parts put together are what one process draws
+    (generated captions, and a captions file's groups with phrasings of their own number)."""
+    digits = [str(i) for i in range(10)]
+    cs = caption_set(digits, {"thickness": (1.5, 2.5), "slant": (-0.1, 0.1)})
+    n, dim = 4, 3
+    table = torch.randn(len(cs.captions), n, dim)
+    table[:, 2:] = 0  # two tokens a caption, room for filler
+    filler = torch.zeros(5, n, dim)
+    filler[:, 0] = torch.randn(5, dim)
+    folder, data = _folder_with_captions(tmp_path, FOLDER_CAPTION_LINES)
+    fcs, fgroups = dataset_captions(data.images, data.labels, data.class_names, folder)
+    ftable = torch.randn(len(fcs.captions), n * dim)
+    for tc, groups in (
+        (TextConditions(cs.captions, table.reshape(len(table), -1), {}, cs, None, 0.7, filler),
+         torch.randint(90, (12,), generator=torch.Generator().manual_seed(3))),
+        (TextConditions(fcs.captions, ftable, {}, fcs, None), fgroups.repeat(2)),
+    ):  # fmt: skip
+        whole = tc.training_condition(groups, torch.Generator().manual_seed(9))
+        assert torch.equal(
+            whole, tc.training_condition(groups, torch.Generator().manual_seed(9), (0, 12))
+        )
+        for size in (2, 3, 4):
+            b = 12 // size
+            parts = [
+                tc.training_condition(
+                    groups[r * b : (r + 1) * b], torch.Generator().manual_seed(9), (r * b, 12)
+                )
+                for r in range(size)
+            ]
+            assert torch.equal(torch.cat(parts), whole), size
+
+
 def test_filler_words_are_no_held_out_word_and_carry_no_class_or_level():
     from cfgdiff.data.captions import (
         DIGIT_WORDS,

@@ -150,8 +150,8 @@ def training_loss(
     t = sample_timesteps(B, schedule.T, cfg, generator, dev)[keep]
     eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=dev, dtype=x0.dtype)[keep]
     y_all = y
-    if rows is not None:  # this part's labels at their rows of the global batch
-        y_all = torch.zeros(B, dtype=y.dtype, device=dev)
+    if rows is not None:  # this part's labels (or text conditions) at their global rows
+        y_all = torch.zeros((B, *y.shape[1:]), dtype=y.dtype, device=dev)
         y_all[keep] = y
     y_in = drop_labels(y_all, cfg.label_dropout, null_label, generator)[keep]
     a, s = alpha_sigma(schedule, t, x0)

@@ -77,21 +77,28 @@ class TextConditions:
         return cls(cs.captions, table, encoder.record(), cs, record, filler_words, filler), groups
 
     # --- training: a caption row per image, drawn from its group's training phrasings
-    def training_condition(self, groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def training_condition(
+        self, groups: torch.Tensor, gen: torch.Generator, part: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """(B, D) embeddings: for each image's group a training phrasing drawn uniformly with
         `gen` (the training generator, so a resumed run draws the same captions). Groups with
-        phrasings of their own number (a captions file's) draw among their own."""
+        phrasings of their own number (a captions file's) draw among their own. part: (first,
+        B) when `groups` are rows [first, first + b) of a global batch of B split over
+        processes: the draws are made for all B rows and this part's kept, as
+        diffusion.training_loss does, so any number of processes draws what one does."""
         cs, dev = self.caption_set, groups.device
+        first, total = (0, groups.shape[0]) if part is None else part
+        mine = slice(first, first + groups.shape[0])
         rows = cs.rows.to(dev)  # (groups, phrasings)
         if cs.counts is None:  # every group has every phrasing
-            j = torch.randint(rows.shape[1], groups.shape, generator=gen, device=dev)
+            j = torch.randint(rows.shape[1], (total,), generator=gen, device=dev)[mine]
         else:
             n = cs.counts.to(dev)[groups]
-            u = torch.rand(groups.shape, generator=gen, device=dev)
+            u = torch.rand((total,), generator=gen, device=dev)[mine]
             j = torch.minimum((u * n).long(), n - 1)
         c = self.table.to(dev)[rows[groups, j]]
         if self.filler_words:
-            c = add_filler_words(c, self.filler.to(dev), self.filler_words, gen)
+            c = add_filler_words(c, self.filler.to(dev), self.filler_words, gen, part)
         return c
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
@@ -142,20 +149,27 @@ MAX_FILLER = 3  # the most filler words a training caption gets
 
 
 def add_filler_words(
-    c: torch.Tensor, filler: torch.Tensor, p: float, gen: torch.Generator
+    c: torch.Tensor,
+    filler: torch.Tensor,
+    p: float,
+    gen: torch.Generator,
+    part: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Token conditions c (B, n * dim) with, with probability p each, 1 to MAX_FILLER words of
     `filler` (W, n, dim: each word's tokens, then zero rows) written after the caption's last
     token, a word only where it fits whole in the n slots. The model reads the tokens as a bag
     (no position embedding), so after the caption is as good as anywhere. Draws from `gen` the
-    same numbers whatever it adds. The null condition (all zeros) gets none."""
+    same numbers whatever it adds. The null condition (all zeros) gets none. part: as
+    TextConditions.training_condition's (the draws of the global batch, this part's kept)."""
     B, (_, n, dim), dev = c.shape[0], filler.shape, c.device
+    first, total = (0, B) if part is None else part
+    mine = slice(first, first + B)
     x = c.reshape(B, n, dim).clone()
     nonzero = x.ne(0).any(2)  # (B, n)
     used = torch.where(nonzero.any(1), n - nonzero.flip(1).int().argmax(1), 0)  # last token + 1
-    add = (torch.rand(B, generator=gen, device=dev) < p) & (used > 0)
-    k = torch.randint(1, MAX_FILLER + 1, (B,), generator=gen, device=dev)
-    w = torch.randint(filler.shape[0], (B, MAX_FILLER), generator=gen, device=dev)
+    add = (torch.rand(total, generator=gen, device=dev)[mine] < p) & (used > 0)
+    k = torch.randint(1, MAX_FILLER + 1, (total,), generator=gen, device=dev)[mine]
+    w = torch.randint(filler.shape[0], (total, MAX_FILLER), generator=gen, device=dev)[mine]
     slot = torch.arange(MAX_FILLER, device=dev)
     length = filler.ne(0).any(2).sum(1)[w] * ((slot < k[:, None]) & add[:, None])  # (B, M)
     start = used[:, None] + length.cumsum(1) - length

@@ -241,9 +241,9 @@ class TrainState:
     def loss(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch through `forward` (the network, or its compiled form),
         gradients zeroed and computed. A text model's y (caption groups) becomes embeddings."""
-        y = self.condition(y)
         w = self.world
         rows = (w.rank * x.shape[0], w.size * x.shape[0]) if w.enabled else None
+        y = self.condition(y, part=rows)
         with autocast(self.device, self.precision):
             loss = training_loss(
                 forward, x, y, self.schedule, self.cfg.diffusion, self.cfg.model.num_classes,
@@ -258,12 +258,15 @@ class TrainState:
         same step). Averaging again later is harmless: mean(S + l_r) = S + mean(l_r)."""
         dist.mean_(self.loss_sum, self.world)
 
-    def condition(self, y: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    def condition(
+        self, y: torch.Tensor, gen: torch.Generator | None = None, part: tuple | None = None
+    ) -> torch.Tensor:
         """The network's condition for a batch's labels: the labels themselves, or for a text
-        model a caption embedding per image drawn from its group (with the training generator)."""
+        model a caption embedding per image drawn from its group (with the training generator;
+        `part`: this process's rows of the global batch, TextConditions.training_condition)."""
         if self.text is None:
             return y
-        return self.text.training_condition(y, self.gen if gen is None else gen)
+        return self.text.training_condition(y, self.gen if gen is None else gen, part)
 
     def take_loss(self) -> float:
         """The mean loss since the last call (one host sync; over all processes), and the sum
