@@ -994,3 +994,37 @@ def test_a_text_model_trains_and_samples_in_bf16(idx_dir, tmp_path):
     assert main([str(a) for a in [*argv, "--out", out]]) == 0
     images = np.load(out)["images"]
     assert images.shape == (2, 1, 8, 8) and images.std() > 0
+
+
+@needs_encoder
+def test_a_text_run_resumes_exactly(tmp_path, data):
+    """2N steps straight == N steps, resume, N more: the captions and filler words drawn after
+    the resume are those of the run that did not stop (loss, weights and EMA bit for bit)."""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    from cfgdiff.presets import encoder_fields
+    from cfgdiff.train import train
+
+    def config(steps: int):
+        cfg = tiny_config(steps=steps, log_every=1, checkpoint_every=4, sample_every=0)
+        model = dataclasses.replace(cfg.model, condition="text", text_tokens=16, **encoder_fields())
+        diffusion = dataclasses.replace(cfg.diffusion, filler_words=0.5)
+        return dataclasses.replace(cfg, model=model, diffusion=diffusion, dataset="folder:x")
+
+    train(config(8), tmp_path / "a", data, final_strip=False)
+    train(config(4), tmp_path / "b", data, final_strip=False)
+    train(config(8), tmp_path / "b", data, resume=True, final_strip=False)
+    for run in ("a", "b"):
+        assert (tmp_path / run / "captions.safetensors").is_file()
+    import csv
+
+    def losses(run):
+        with open(tmp_path / run / "loss.csv") as f:
+            return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+    assert losses("a") == losses("b") and len(losses("a")) == 8
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000008" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000008" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
