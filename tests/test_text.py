@@ -776,6 +776,20 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert "--prompt" in one_line(
         main([str(a) for a in argv]), capsys.readouterr().err.splitlines()
     )
+    # a denoising animation of prompts: a row per prompt; its images are --out's at --scale
+    gif, png, again = tmp_path / "a.gif", tmp_path / "a.png", tmp_path / "again.png"
+    argv = ["sample", "--checkpoint", run, "--prompt", "a thick seven", "--prompt", "one"]
+    argv += ["--negative-prompt", "slanted", "--steps", "3", "--per-class", "2"]
+    assert main([str(a) for a in [*argv, "--scale", "3", "--animate", gif, "--out", png]]) == 0
+    assert "rows = prompts, columns = s 3 x 2" in capsys.readouterr().out
+    assert main([str(a) for a in [*argv, "--scale", "3", "--out", again]]) == 0
+    assert png.read_bytes() == again.read_bytes()
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert im.n_frames == 3
+    assert main([str(a) for a in [*argv, "--animate-scales", "1,3", "--animate", gif]]) == 0
+    assert "columns = s 1,3 x 2" in capsys.readouterr().out
     assert main(["info", "--checkpoint", str(run)]) == 0
     assert "conditioned on text: wordllama-l2-256 (256 dims" in capsys.readouterr().out
 

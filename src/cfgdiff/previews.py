@@ -18,7 +18,7 @@ from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError
 from cfgdiff.guidance import Guidance
 from cfgdiff.sample import class_grid_labels, generate, to_uint8
-from cfgdiff.viz import captioned, labelled_grid
+from cfgdiff.viz import PROMPT_LABEL_CHARS, captioned, labelled_grid
 
 STRIP_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 # Rows of a preview grid, real grid or guidance strip: a run of more classes shows this many,
@@ -124,10 +124,11 @@ class Animation:
 def denoising_animation(
     net,
     cfg: RunConfig,
-    classes: Sequence[int],
+    classes: Sequence[int] | torch.Tensor,
     *,
     scales: Sequence[float],
     per_class: int = 1,
+    names: Sequence[str] | None = None,
     guidance: Guidance | None = None,
     sampler: str = "dpmpp-2m",
     steps: int = 20,
@@ -147,12 +148,15 @@ def denoising_animation(
 
     Image j of class row r starts from noise stream r * per_class + j at every scale, which is
     the stream `cfgdiff sample --classes ... --per-class per_class` gives it: each scale's images
-    are that command's. `guidance`: its variants are kept, its scale replaced by `scales`."""
+    are that command's. `guidance`: its variants are kept, its scale replaced by `scales`.
+
+    A text model's rows are prompts: `classes` is then their (R, cond_dim) embeddings
+    (text.embed_prompts) and `names` the prompts, the rows' labels (default: class names)."""
     if show not in SHOWS:
         raise ConfigError(f"`show` must be one of {', '.join(SHOWS)}, got {show!r}")
     if not scales:
         raise ConfigError("`scales`: at least one guidance scale")
-    if per_class < 1 or not classes:
+    if per_class < 1 or len(classes) == 0:
         raise ConfigError("`per_class` and `classes`: at least one image of one class")
     if max_frames < 1:
         raise ConfigError(f"`max_frames` must be >= 1, got {max_frames}")
@@ -163,7 +167,11 @@ def denoising_animation(
             f"({len(classes)} classes x {len(scales)} scales x {per_class} per class)"
         )
     cells = [(r, s, j) for r in range(len(classes)) for s in scales for j in range(per_class)]
-    labels = torch.tensor([classes[r] for r, _, _ in cells], dtype=torch.long)
+    text = isinstance(classes, torch.Tensor) and classes.is_floating_point()
+    if text:
+        labels = classes[torch.tensor([r for r, _, _ in cells], dtype=torch.long)]
+    else:
+        labels = torch.tensor([classes[r] for r, _, _ in cells], dtype=torch.long)
     base = guidance or Guidance()
     if len(scales) == 1:  # a float scale: the images are exactly `cfgdiff sample --scale s`'s
         g = dataclasses.replace(base, scale=float(scales[0]))
@@ -182,8 +190,11 @@ def denoising_animation(
         seed=seed, batch_size=n, indices=[r * per_class + j for r, _, j in cells],
         device=device, precision=precision, log=log, callback=grab,
     )  # fmt: skip
-    names = cfg.label_names()
-    rows = [str(names[c])[:12] for c in classes]
+    if names is not None:
+        rows = [str(name)[:PROMPT_LABEL_CHARS] for name in names]
+    else:
+        class_names = cfg.label_names()
+        rows = [str(class_names[c])[:12] for c in classes]
     cols = [f"s={s:g}" if j == 0 else "" for s in scales for j in range(per_class)]
     ncols = len(scales) * per_class
     frames = [

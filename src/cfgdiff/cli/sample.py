@@ -226,21 +226,29 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     """sample for a text model: a row per prompt."""
     import torch
 
+    from cfgdiff import dist
     from cfgdiff.text import embed_prompts, run_caption_table
     from cfgdiff.viz import PROMPT_LABEL_CHARS, write_samples
 
-    if a.classes is not None or a.animate is not None:
-        raise UsageError("a text model takes --prompt/--prompts, not --classes or --animate")
+    if a.classes is not None:
+        raise UsageError("a text model takes --prompt/--prompts, not --classes")
     prompts = prompts_of(a, loaded.cfg)
     table = run_caption_table(loaded.path)
     scale, given = scale_of(a)
+    if scale is None:  # --animate-scales alone
+        scale = a.animate_scales[0]
     guidance, record = text_guidance_of(a, loaded, scale, device, table)
     rows = embed_prompts(prompts, loaded.cfg.model, table)
     conditions = rows.repeat_interleave(a.per_class, dim=0)
     labels = torch.arange(len(prompts)).repeat_interleave(a.per_class)
     t0 = time.perf_counter()
-    images = generate_with(a, loaded, conditions, guidance, device)
+    if a.animate is not None:
+        images = _animate(a, loaded, rows, guidance, scale, device, names=prompts)
+    else:
+        images = generate_with(a, loaded, conditions, guidance, device)
     dt = time.perf_counter() - t0
+    if kind is None or not dist.world().is_main:  # rank 0 alone writes
+        return 0
     record = {**record, "given": given, "prompts": prompts}
     names = prompts if kind != "folder" else [f"prompt-{i:03d}" for i in range(len(prompts))]
     write_samples(
@@ -255,8 +263,9 @@ def _run_text(a: argparse.Namespace, loaded, kind, device) -> int:
     return 0
 
 
-def _animate(a: argparse.Namespace, loaded, wanted, guidance, scale: float, device):
-    """Write --animate; returns the final images (those --out takes, at --scale)."""
+def _animate(a: argparse.Namespace, loaded, wanted, guidance, scale: float, device, names=None):
+    """Write --animate; returns the final images (those --out takes, at --scale). A text
+    model's `wanted` are its prompts' embeddings and `names` the prompts."""
     from cfgdiff.previews import denoising_animation
     from cfgdiff.runtime import resolve_precision
     from cfgdiff.viz import save_animation
@@ -264,6 +273,7 @@ def _animate(a: argparse.Namespace, loaded, wanted, guidance, scale: float, devi
     scales = a.animate_scales or [scale]
     anim = denoising_animation(
         loaded.net, loaded.cfg, wanted, scales=scales, per_class=a.per_class, guidance=guidance,
+        names=names,
         sampler=a.sampler, steps=a.steps, eta=a.eta, spacing=a.spacing, seed=a.seed,
         device=device, precision=resolve_precision(a.precision, device), show=a.animate_show,
         log=log,
@@ -271,7 +281,8 @@ def _animate(a: argparse.Namespace, loaded, wanted, guidance, scale: float, devi
     save_animation(anim.frames, a.animate)
     print(
         f"wrote {a.animate}: {len(anim.frames)} frames of {a.steps} {a.sampler} steps, "
-        f"{'predicted x0' if a.animate_show == 'x0' else 'x_t'}; rows = classes, columns = "
+        f"{'predicted x0' if a.animate_show == 'x0' else 'x_t'}; rows = "
+        f"{'prompts' if names is not None else 'classes'}, columns = "
         f"s {','.join(f'{s:g}' for s in scales)} x {a.per_class} (seed {a.seed})"
     )
     return anim.images
