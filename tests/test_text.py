@@ -809,6 +809,10 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert r["checkpoint"].startswith(str(run)) and r["machine"] and r["device"] == "cpu"
     assert r["negative_prompt"] == "slanted"
     _check_adherence(r)
+    # FID and the rest against as many real images as the (50-image) test split has
+    assert r["reference_n"] == 50 and r["features"] == "classifier"
+    assert set(r["real_floor"]) == {"fid", "is", "precision", "recall"}
+    assert "(FID, IS, precision, recall: the samples against 50 real" in printed
 
     # sweep: a row per scale in sweep.csv and sweep.json, and the plot
     out = tmp_path / "sw"
@@ -823,7 +827,9 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
         assert row["n"] == 180 and row["w"] == row["scale"] - 1
         _check_adherence(row)
     lines = (out / "sweep.csv").read_text().splitlines()
-    assert lines[0] == "scale,w,n,class_accuracy,thickness_spearman,slant_spearman"
+    assert lines[0] == (
+        "scale,w,n,class_accuracy,thickness_spearman,slant_spearman,fid,is,precision,recall"
+    )
     assert len(lines) == 3
     assert (out / "adherence_vs_scale.png").is_file() and (out / "adherence_vs_scale.svg").is_file()
 
@@ -837,6 +843,7 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
     assert "10 samples (5 per prompt x 2) at s=3" in printed and "a bold seven" in printed
     r = json.loads(js.read_text())
     assert r["prompts"] == f"the prompts of {pf}" and r["thickness_spearman"] is None
+    assert r["fid"] is None and "real_floor" not in r  # a file's prompts: not the data's mix
     assert [(p["prompt"], p["class"]) for p in r["prompt_rows"]] == [
         ("a bold seven", "7"), ("an italic two", "2"),
     ]  # fmt: skip
@@ -883,9 +890,11 @@ def test_cli_trains_and_samples_a_text_model(idx_dir, tmp_path, capsys):
 
 
 def _check_adherence(r: dict) -> None:
-    """An untrained model's figures: only their ranges."""
+    """An untrained model's figures: only their ranges; held-out prompts' samples are also
+    measured against real images (FID, IS, precision, recall)."""
     assert 0 <= r["class_accuracy"] <= 1
     assert -1 <= r["thickness_spearman"] <= 1 and -1 <= r["slant_spearman"] <= 1
+    assert r["fid"] > 0 and r["is"] >= 1 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
 
 
 @needs_encoder
@@ -957,6 +966,7 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     assert "on phrasings held out of training" in printed
     r = json.loads(js.read_text())
     assert r["levels"] is False and r["thickness_spearman"] is None
+    assert r["fid"] is None and "real_floor" not in r  # 6 images: 3 to compare with, too few
     assert [p["prompt"] for p in r["prompt_rows"]] == [f"an image of a class{i}" for i in range(3)]
 
 

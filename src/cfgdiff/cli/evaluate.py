@@ -245,7 +245,7 @@ def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
         f"{result['n']} samples ({_samples_line(result)}) at s={scale:g} (w={scale - 1:g}), "
         f"{a.sampler} {a.steps} steps, {result['sampling_images_per_s']:.1f} images/s"
     )
-    print(adherence_table([result]))
+    print(adherence_table([result], result.get("real_floor")))
     if "prompt_rows" in result:
         print(per_prompt_table(result["prompt_rows"]))
     _judge_note(result)
@@ -256,18 +256,29 @@ def run_eval_text(a: argparse.Namespace, loaded, device) -> int:
     return 0
 
 
-def adherence_table(rows: list[dict]) -> str:
+def adherence_table(rows: list[dict], real: dict | None = None) -> str:
     """A text model's adherence rows (metrics.text_adherence) as a table ("-": a correlation
-    not measured, prompts of a file ask for no level)."""
+    not measured, prompts of a file ask for no level), with FID, IS, precision and recall
+    against real images when they were measured, and `real` (the real-vs-real floor) last."""
 
-    def rho(v, width: int) -> str:
-        return f"{'-':>{width}s}" if v is None else f"{v:{width}.3f}"
+    def num(v, width: int, digits: int = 3) -> str:
+        return f"{'-':>{width}s}" if v is None else f"{v:{width}.{digits}f}"
 
-    lines = [f"{'s':>6s} {'w':>6s} {'n':>7s} {'accuracy':>9s} {'thickness':>10s} {'slant':>7s}"]
+    fidelity = rows[0].get("fid") is not None
+    head = f"{'s':>6s} {'w':>6s} {'n':>7s} {'accuracy':>9s} {'thickness':>10s} {'slant':>7s}"
+    lines = [head + (f" {'FID':>8s} {'IS':>6s} {'prec':>6s} {'recall':>6s}" if fidelity else "")]
     for r in rows:
-        lines.append(
+        line = (
             f"{r['scale']:6g} {r['w']:6g} {r['n']:7d} {r['class_accuracy']:9.4f} "
-            f"{rho(r['thickness_spearman'], 10)} {rho(r['slant_spearman'], 7)}"
+            f"{num(r['thickness_spearman'], 10)} {num(r['slant_spearman'], 7)}"
+        )
+        if fidelity:
+            line += f" {r['fid']:8.3f} {r['is']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f}"
+        lines.append(line)
+    if fidelity and real is not None:
+        lines.append(
+            f"{'real':>6s} {'':>6s} {'':>7s} {'':>9s} {'':>10s} {'':>7s} {real['fid']:8.3f} "
+            f"{real['is']:6.3f} {real['precision']:6.3f} {real['recall']:6.3f}"
         )
     return "\n".join(lines)
 
@@ -299,6 +310,12 @@ def _judge_note(result: dict) -> None:
         print(
             "(accuracy: the judge's on prompts in phrasings held out of training; thickness, "
             "slant: Spearman's rank correlation of the requested and the measured level)"
+        )
+    if "real_floor" in result:
+        print(
+            f"(FID, IS, precision, recall: the samples against {result['reference_n']} real "
+            f"images in the judge's features; real: {result['reference_n']} other real images "
+            "against them, the floor)"
         )
     print(
         f"(judge: {result['dataset']} classifier, test accuracy "
@@ -482,7 +499,7 @@ def run_sweep_text(a: argparse.Namespace, loaded, scales: list[float], out: Path
         f"{len(scales)} scales x {result['n']} samples ({_samples_line(result)}; "
         f"{result['sampling_images_per_s']:.1f} images/s)"
     )
-    print(adherence_table(result["rows"]))
+    print(adherence_table(result["rows"], result.get("real_floor")))
     _judge_note(result)
     print(f"wrote {out}/sweep.csv, sweep.json, adherence_vs_scale (.png and .svg)")
     return 0

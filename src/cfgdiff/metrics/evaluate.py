@@ -132,9 +132,12 @@ def build_reference(
     seed: int = 0,
     log=None,
     n_arg: str = "`n`",
+    at_most: bool = False,
 ) -> Reference:
     """Real reference for comparing n generated samples of a model with config `cfg`.
-    n_arg: the parameter that set n, for the message when the data is too small for it."""
+    n_arg: the parameter that set n, for the message when the data is too small for it.
+    at_most: n is an upper bound, the reference takes as many real images as the data has up
+    to it (a text sweep's sample count is whole rounds of its prompts, not a number asked for)."""
     dataset = _dataset_of(cfg, dataset)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     m = cfg.model
@@ -159,6 +162,8 @@ def build_reference(
         # No test split: every k-th image (classes are contiguous, so each class is represented)
         # is held out of the reference, k = 10 unless that leaves fewer than n, down to halves.
         # The generator saw them all; the floor only needs two disjoint sets of real images.
+        if at_most:
+            n = min(n, len(train) // 2)
         if n > len(train) // 2:
             raise ConfigError(
                 f"{n_arg} must be <= {len(train) // 2} for {dataset} ({len(train)} images: the "
@@ -169,6 +174,8 @@ def build_reference(
         test = load_dataset(
             dataset, data_dir, split="test", image_size=m.image_size, channels=m.in_channels
         )
+    if at_most:
+        n = min(n, len(test), len(train))
     if n > len(test) or n > len(train):
         raise ConfigError(
             f"{n_arg} must be <= {min(len(test), len(train))} for {dataset} (the real-vs-real "

@@ -21,7 +21,7 @@ from cfgdiff import dist
 from cfgdiff.files import atomic_write_csv, atomic_write_json
 from cfgdiff.guidance import Guidance
 from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
-from cfgdiff.metrics.text_adherence import ADHERENCE_KEYS, text_adherence
+from cfgdiff.metrics.text_adherence import ADHERENCE_KEYS, FIDELITY_KEYS, text_adherence
 from cfgdiff.plots import adherence_plot, sweep_plots
 from cfgdiff.previews import guidance_strip
 from cfgdiff.sample import generate
@@ -126,7 +126,8 @@ def text_sweep(loaded, scales: list[float], n: int, out: Path, **kwargs) -> dict
     if not world.is_main:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / "sweep.csv", result["rows"], ["scale", "w", "n", *ADHERENCE_KEYS])
+    fields = ["scale", "w", "n", *ADHERENCE_KEYS, *FIDELITY_KEYS]
+    atomic_write_csv(out / "sweep.csv", result["rows"], fields)
     atomic_write_json(out / "sweep.json", result)
     adherence_plot(result["rows"], out / "adherence_vs_scale")
     return result

@@ -29,12 +29,16 @@ from cfgdiff import dist
 from cfgdiff.data.captions import LEVEL_WORDS, caption_set, measure_attributes
 from cfgdiff.errors import ConfigError
 from cfgdiff.guidance import Guidance
-from cfgdiff.metrics.evaluate import judge_for
+from cfgdiff.metrics.evaluate import build_reference, floor, judge_for, measure
 from cfgdiff.sample import generate
 from cfgdiff.text import TextConditions, embed_prompts, run_caption_table
 
 # the figures of an adherence row (besides scale, w and n), in the order tables show them
 ADHERENCE_KEYS = ("class_accuracy", "thickness_spearman", "slant_spearman")
+# fidelity and diversity of the held-out prompts' samples against real images (evaluate.measure,
+# classifier features): None for prompts of a file, whose classes need not be the data's mix
+FIDELITY_KEYS = ("fid", "is", "precision", "recall")
+MIN_REFERENCE = 10  # real images at the least for them (the fewest `cfgdiff eval --n` takes)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +169,7 @@ def adherence(
     sampler: str = "dpmpp-2m", steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
     seed: int = 0, batch_size: int | None = 256,
     device="cpu", precision: str = "fp32", compile: str = "off", log=None,
-    world: dist.World | None = None,
+    world: dist.World | None = None, reference=None,
 ) -> list[dict]:  # fmt: skip
     """A row per scale: class accuracy (judge) and the rank correlation of requested and
     measured thickness and slant over `prompts` (default the run's held-out prompts), per_prompt
@@ -173,7 +177,9 @@ def adherence(
     (a caller's) get None for the correlations and a row per prompt instead (`prompt_rows`:
     accuracy, and mean measured thickness and slant on one-channel images). guidance: the
     variant to guide with (its scale replaced by each of `scales`; default plain CFG); the
-    other options are sample.generate's."""
+    other options are sample.generate's. `reference` (evaluate.build_reference): each scale's
+    samples are also measured against real images (FIDELITY_KEYS: FID, IS, precision,
+    recall; every process of `world` must call); without it those are None."""
     ps = prompts or held_out_set(table, cfg.label_names())
     cond = embed_prompts(ps.prompts, cfg.model, table).repeat_interleave(per_prompt, dim=0)
     labels = ps.labels.repeat_interleave(per_prompt)
@@ -194,6 +200,8 @@ def adherence(
         _, logits = judge(part)
         right = (logits.argmax(1) == labels).float()
         row = {"scale": float(s), "w": float(s) - 1, "n": n, "class_accuracy": float(right.mean())}
+        fidelity = measure(reference, part, labels, world) if reference is not None else {}
+        row.update({k: fidelity.get(k) for k in FIDELITY_KEYS})
         m = measure_attributes(part) if ink else None
         if ps.levels:
             for key, want in (("thickness", ps.thickness), ("slant", ps.slant)):
@@ -241,7 +249,8 @@ def text_adherence(
     if cfg.model.condition != "text":
         raise ConfigError("text adherence measures text models; this one takes class labels")
     table = run_caption_table(loaded.path)
-    if prompts is None:  # refused before a judge is trained and samples are drawn
+    held_out = prompts is None
+    if held_out:  # refused before a judge is trained and samples are drawn
         if table is None:
             raise ConfigError(
                 f"`checkpoint` {loaded.path}: no captions.safetensors beside it (a model file "
@@ -258,28 +267,48 @@ def text_adherence(
     else:  # every prompt through the encoder now, before any judge
         embed_prompts(prompts.prompts, cfg.model, table)
     num_prompts = len(prompts.prompts)
-    world = world or dist.World()
-    with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
-        judge, meta = judge_for(
-            cfg, dataset, data_dir=data_dir, device=device, log=log if world.is_main else None
-        )
     per_prompt = samples_per_prompt(n, num_prompts)
+    world = world or dist.World()
+    reference = None
+    with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
+        main_log = log if world.is_main else None
+        if held_out:  # the held-out prompts ask for the data's mix: compare with real images
+            reference = build_reference(
+                cfg, num_prompts * per_prompt, dataset=dataset, data_dir=data_dir,
+                device=device, log=main_log, at_most=True,
+            )  # fmt: skip
+            judge, meta = reference.classifier, reference.classifier_meta
+            if reference.n < MIN_REFERENCE:  # a tiny folder: too few for the k-NN figures
+                if main_log:
+                    main_log(
+                        f"only {reference.n} real images to compare the samples with (at least "
+                        f"{MIN_REFERENCE}): no FID, IS, precision or recall"
+                    )
+                reference = None
+        else:
+            judge, meta = judge_for(cfg, dataset, data_dir=data_dir, device=device, log=main_log)
     t0 = time.perf_counter()
     rows = adherence(
         loaded.net, cfg, table, judge, scales, per_prompt=per_prompt, prompts=prompts,
         guidance=guidance,
         sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed,
         batch_size=batch_size, device=device, precision=precision, compile=compile,
-        log=log if world.is_main else None, world=world,
+        log=log if world.is_main else None, world=world, reference=reference,
     )  # fmt: skip
     dt = time.perf_counter() - t0
+    real = {}
+    if reference is not None:  # real-vs-real: the figures' floor
+        real_floor = floor(reference, world)
+        real = {"reference_n": reference.n, "features": reference.features.name,
+                "real_floor": {k: real_floor[k] for k in FIDELITY_KEYS}}  # fmt: skip
     record = {k: v for k, v in (record or {}).items() if k not in ("scale", "w")}
     return {
         **record, "scales": [float(s) for s in scales], "n": num_prompts * per_prompt,
         "n_asked": n, "per_prompt": per_prompt, "num_prompts": num_prompts,
         "prompts": prompts.source, "levels": prompts.levels,
         "dataset": meta["dataset"], "classifier_test_accuracy": meta["test_accuracy"],
-        "rows": rows, "sampling_images_per_s": num_prompts * per_prompt * len(scales) / dt,
+        "rows": rows, **real,
+        "sampling_images_per_s": num_prompts * per_prompt * len(scales) / dt,
         "device": torch.device(device).type, "machine": describe_machine(torch.device(device)),
     }  # fmt: skip
 
