@@ -214,11 +214,9 @@ def prompts_of(a: argparse.Namespace, cfg) -> list[str]:
             raise UsageError(f"--prompts {a.prompts}: cannot read it ({e})") from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
-        from cfgdiff.data.captions import DIGIT_WORDS
+        from cfgdiff.data.captions import class_words
 
-        names = cfg.label_names()
-        digits = names == [str(i) for i in range(10)]
-        prompts = list(DIGIT_WORDS) if digits else names
+        prompts = class_words(cfg.label_names())
     return prompts
 
 

@@ -117,6 +117,17 @@ def levels(values: torch.Tensor, edges: tuple[float, float]) -> torch.Tensor:
     return (values >= edges[0]).long() + (values >= edges[1]).long()
 
 
+def are_digits(class_names: Sequence[str]) -> bool:
+    """Whether the classes are the ten digits, named "0".."9" (MNIST's)."""
+    return len(class_names) == 10 and all(n == str(i) for i, n in enumerate(class_names))
+
+
+def class_words(class_names: Sequence[str]) -> list[str]:
+    """The prompt that stands for each class: a digit as a word ("seven"), else the class's
+    name ("Sneaker"): what `cfgdiff sample` draws without prompts and the page offers."""
+    return list(DIGIT_WORDS) if are_digits(class_names) else list(class_names)
+
+
 def phrase(template: str, label: int, class_names: Sequence[str], thick: int, slant: int) -> str:
     """One caption: `template` filled with a class and the attribute levels."""
     name = class_names[label]
@@ -196,8 +207,7 @@ class CaptionSet:
 def caption_set(class_names: Sequence[str], edges: dict[str, tuple[float, float]]) -> CaptionSet:
     """The captions of every group: digits (ten classes named "0".."9") with attribute levels
     when `edges` is given, otherwise the class names and their paraphrases."""
-    digits = len(class_names) == 10 and all(n == str(i) for i, n in enumerate(class_names))
-    attributed = digits and bool(edges)
+    attributed = are_digits(class_names) and bool(edges)
     train_t = TRAIN_TEMPLATES if attributed else NAME_TEMPLATES
     held_t = HELD_OUT_TEMPLATES if attributed else NAME_HELD_OUT
     k = len(class_names)
@@ -255,8 +265,7 @@ def dataset_captions(
             return folder_caption_set(Path(folder), labels, class_names)
     edges: dict[str, tuple[float, float]] = {}
     a = None
-    digits = len(class_names) == 10 and all(n == str(i) for i, n in enumerate(class_names))
-    if digits and images.shape[1] == 1:
+    if are_digits(class_names) and images.shape[1] == 1:
         a = measure_attributes(images)
         edges = {name: tercile_edges(a[name]) for name in ("thickness", "slant")}
     cs = caption_set(class_names, edges)

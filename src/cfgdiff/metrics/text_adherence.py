@@ -345,10 +345,9 @@ def negative_prompt_effect(
 ) -> list[dict]:  # fmt: skip
     """Mean measured thickness and slant of label-only prompts ("seven") with no negative
     prompt and with each attribute's extreme words as the negative prompt (the same noise)."""
-    from cfgdiff.data.captions import DIGIT_WORDS
+    from cfgdiff.data.captions import class_words
 
-    k = cfg.model.num_classes
-    prompts = [DIGIT_WORDS[c] if k == 10 else cfg.label_names()[c] for c in range(k)]
+    prompts = class_words(cfg.label_names())
     cond = embed_prompts(prompts, cfg.model, table).repeat_interleave(per_class, dim=0)
     negatives = [None] + [w for a in ("thickness", "slant") for w in LEVEL_WORDS[a][::2]]
     rows = []

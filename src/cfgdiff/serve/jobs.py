@@ -330,12 +330,9 @@ class Engine:
         """A text model's example prompts, one per class: its name, a digit's as a word
         ("seven", "Sneaker"; what `cfgdiff sample` draws without --prompt); [] for a class
         model."""
-        if not self.text:
-            return []
-        from cfgdiff.data.captions import DIGIT_WORDS
+        from cfgdiff.data.captions import class_words
 
-        digits = self.names == [str(i) for i in range(10)]
-        return list(DIGIT_WORDS) if digits else list(self.names)
+        return class_words(self.names) if self.text else []
 
     def parse(self, body: Any) -> Settings:
         """A request checked (parse_settings); a text model's prompts are embedded now, so
