@@ -12,6 +12,7 @@ The batch is the one `cfgdiff sample` would choose (64 on the CPU; on CUDA from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -20,8 +21,10 @@ import torch
 from cfgdiff.compiled import CompiledForward
 from cfgdiff.presets import PRESETS
 from cfgdiff.runtime import describe_machine, sampling_batch_size
-from cfgdiff.sample import generate
-from cfgdiff.samplers import SAMPLERS
+from cfgdiff.sampling.generate import generate
+from cfgdiff.sampling.guidance import Guidance
+from cfgdiff.sampling.samplers import SAMPLERS
+from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.unet import UNet
 
 
@@ -74,15 +77,19 @@ def main() -> int:
         for name, (precision, f) in variants.items():
             # every variant but the plain fp32 baseline runs as `cfgdiff sample` does on CUDA
             torch.backends.cudnn.benchmark = name != "fp32"
-            kw = dict(scale=3.0, sampler=sampler, seed=0, batch_size=bs, device=device)
-            kw.update(precision=precision, static_batches=f is not net)
+            s = SamplingSettings(
+                sampler=sampler, steps=steps, seed=0, batch_size=bs, device=device.type,
+                precision=precision, compile="off", static_batches=f is not net,
+            )  # fmt: skip
+            kw = dict(guidance=Guidance(scale=3.0))
             t0 = time.perf_counter()
-            generate(f, cfg, labels[: min(n, bs)], steps=2, **kw)  # warm-up (and compilation)
+            warm = dataclasses.replace(s, steps=2)
+            generate(f, cfg, labels[: min(n, bs)], settings=warm, **kw)  # warm-up, compilation
             if device.type == "cuda":
                 torch.cuda.synchronize()
             warm = time.perf_counter() - t0
             t0 = time.perf_counter()
-            generate(f, cfg, labels, steps=steps, **kw)
+            generate(f, cfg, labels, settings=s, **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ips[name] = n / (time.perf_counter() - t0)

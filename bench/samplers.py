@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from cfgdiff.guidance import Guidance, guided_denoiser
 from cfgdiff.oracles import GaussianClassesNet
-from cfgdiff.samplers import SAMPLERS
+from cfgdiff.sampling.guidance import Guidance, guided_denoiser
+from cfgdiff.sampling.samplers import SAMPLERS
+from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.schedule import cosine_schedule
 
 
@@ -76,7 +77,7 @@ def checkpoint_table(path: Path, steps_by_sampler: dict, n: int, device: str) ->
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
     from cfgdiff.runtime import resolve_precision
-    from cfgdiff.sample import generate
+    from cfgdiff.sampling.generate import generate
 
     dev = torch.device(device)
     loaded = load_for_sampling(path, dev)
@@ -99,17 +100,12 @@ def checkpoint_table(path: Path, steps_by_sampler: dict, n: int, device: str) ->
             acc = {}
             for s in (1.0, 3.0):
                 t0 = time.perf_counter()
+                settings = SamplingSettings(
+                    sampler=name, steps=steps, seed=0,
+                    batch_size=64 if dev.type == "cpu" else 1024, precision=prec, compile="off",
+                )  # fmt: skip
                 imgs = generate(
-                    loaded.net,
-                    loaded.cfg,
-                    labels,
-                    scale=s,
-                    sampler=name,
-                    steps=steps,
-                    seed=0,
-                    batch_size=64 if dev.type == "cpu" else 1024,
-                    device=dev,
-                    precision=prec,
+                    loaded.net, loaded.cfg, labels, settings=settings, guidance=Guidance(scale=s)
                 )
                 dt = time.perf_counter() - t0
                 acc[s] = class_accuracy(predict(clf, imgs, device=dev), labels)[0]

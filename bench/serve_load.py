@@ -123,18 +123,25 @@ def main() -> int:
         page_ips = n * requests / (time.perf_counter() - t0)
         from cfgdiff.checkpoint import load_for_sampling
         from cfgdiff.runtime import resolve_precision
-        from cfgdiff.sample import generate
+        from cfgdiff.sampling.generate import generate
+        from cfgdiff.sampling.guidance import Guidance
+        from cfgdiff.sampling.settings import SamplingSettings
 
         loaded = load_for_sampling(a.checkpoint, a.device)
         precision = resolve_precision("auto", torch.device(a.device))
-        generate(loaded.net, loaded.cfg, [0], scale=3.0, steps=2, precision=precision)
+        warm = SamplingSettings(steps=2, precision=precision, compile="off")
+        generate(loaded.net, loaded.cfg, [0], settings=warm, guidance=Guidance(scale=3.0))
         alone: list[float] = []
 
         def alone_run() -> None:  # in a thread of its own, as the server's worker runs
             t0 = time.perf_counter()
             for i in range(requests):
-                generate(loaded.net, loaded.cfg, [i % k] * n, scale=3.0, sampler="dpmpp-2m",
-                         steps=steps, seed=i, batch_size=n, precision=precision)  # fmt: skip
+                settings = SamplingSettings(
+                    sampler="dpmpp-2m", steps=steps, seed=i, batch_size=n, precision=precision,
+                    compile="off",
+                )  # fmt: skip
+                generate(loaded.net, loaded.cfg, [i % k] * n, settings=settings,
+                         guidance=Guidance(scale=3.0))  # fmt: skip
             alone.append(n * requests / (time.perf_counter() - t0))
 
         worker = threading.Thread(target=alone_run)

@@ -1,7 +1,7 @@
 """Prompt and attribute adherence of a text model against the guidance scale, on prompts in
 held-out phrasings; a class model's judged accuracy beside it; a negative prompt's effect on
 the measured attributes. Prints markdown tables and writes the rows as JSON. (`cfgdiff eval`
-and `cfgdiff sweep` measure the adherence alone, with the same library function.)
+and `cfgdiff sweep` measure the adherence alone, with the same judge: metrics.judging.)
 
     python bench/text_adherence.py --checkpoint RUN [--class-checkpoint RUN2]
         [--scales 1,2,3,5] [--per-prompt 1] [--steps 20] [--json out.json]
@@ -17,10 +17,68 @@ from pathlib import Path
 import torch
 
 from cfgdiff.checkpoint import load_for_sampling
+from cfgdiff.metrics.adherence import held_out_set
 from cfgdiff.metrics.evaluate import judge_for as judge_and_meta
-from cfgdiff.metrics.text_adherence import adherence, class_model_accuracy, negative_prompt_effect
+from cfgdiff.metrics.judging import ReferenceOptions, judge_of, measure_scales
 from cfgdiff.runtime import describe_machine
-from cfgdiff.text import run_caption_table
+from cfgdiff.sampling.conditions import Asks, Model
+from cfgdiff.sampling.generate import generate
+from cfgdiff.sampling.guidance import Guidance
+from cfgdiff.sampling.request import SampleRequest, job_for
+from cfgdiff.sampling.settings import SamplingSettings
+from cfgdiff.text.captions import LEVEL_WORDS, class_words, measure_attributes
+from cfgdiff.text.embedding import embed_prompts, run_caption_table
+
+# the sampler these figures were measured with (docs/text.md)
+SAMPLER = "dpmpp-2m"
+
+
+def settings(steps: int) -> SamplingSettings:
+    return SamplingSettings(sampler=SAMPLER, steps=steps, seed=0, compile="off")
+
+
+def adherence(loaded, scales, per_prompt: int, steps: int, data_dir) -> list[dict]:
+    """The held-out prompts' adherence at each scale (what `cfgdiff sweep` measures)."""
+    model = Model.of(loaded)
+    n = per_prompt * len(held_out_set(model.captions, loaded.cfg.label_names()).prompts)
+    judge = judge_of(model, Asks(), n, ReferenceOptions(data_dir=data_dir), device="cpu")
+    req = SampleRequest(loaded.path, settings=settings(steps))
+    job = job_for(model, Asks(), req, 1.0, rows=judge.rows)
+    return measure_scales(job, judge, list(scales))[0]
+
+
+def class_model_accuracy(loaded, judge, scales, *, per_class: int, steps: int) -> list[dict]:
+    """The class part's baseline: a class model's judged accuracy per scale."""
+    cfg = loaded.cfg
+    labels = torch.arange(cfg.model.num_classes).repeat_interleave(per_class)
+    rows = []
+    for s in scales:
+        g = Guidance(scale=float(s))
+        images = generate(loaded.net, cfg, labels, settings=settings(steps), guidance=g)
+        acc = float((judge(images)[1].argmax(1) == labels).float().mean())
+        rows.append({"scale": float(s), "n": len(images), "class_accuracy": acc})
+    return rows
+
+
+def negative_prompt_effect(loaded, table, scale: float, *, per_class: int, steps: int):
+    """Mean measured thickness and slant of label-only prompts ("seven") with no negative
+    prompt and with each attribute's extreme words as the negative prompt (the same noise)."""
+    cfg = loaded.cfg
+    prompts = class_words(cfg.label_names())
+    cond = embed_prompts(prompts, cfg.model, table).repeat_interleave(per_class, dim=0)
+    negatives = [None] + [w for a in ("thickness", "slant") for w in LEVEL_WORDS[a][::2]]
+    rows = []
+    for neg in negatives:
+        g = Guidance(scale=scale)
+        if neg is not None:
+            g = Guidance(scale=scale, negative_condition=embed_prompts([neg], cfg.model, table)[0])
+        images = generate(loaded.net, cfg, cond, settings=settings(steps), guidance=g)
+        m = measure_attributes(images)
+        rows.append({
+            "negative_prompt": neg or "", "n": len(images), "scale": scale,
+            "thickness": float(m["thickness"].mean()), "slant": float(m["slant"].mean()),
+        })  # fmt: skip
+    return rows
 
 
 def judge_for(cfg, data_dir):
@@ -32,9 +90,7 @@ def phrasing_accuracy(loaded, table, judge, scales, steps: int) -> list[dict]:
     """The judge's accuracy per phrasing (each training template and each held-out one), one
     prompt per (digit, thickness, slant) group, 90 samples per phrasing and scale (the same
     noise for every phrasing and scale): which phrasings the digit is obeyed in."""
-    from cfgdiff.data.captions import caption_set
-    from cfgdiff.sample import generate
-    from cfgdiff.text import embed_prompts
+    from cfgdiff.text.captions import caption_set
 
     cfg = loaded.cfg
     edges = {k: tuple(v) for k, v in table.caption_record["edges"].items()}
@@ -50,7 +106,8 @@ def phrasing_accuracy(loaded, table, judge, scales, steps: int) -> list[dict]:
             cond = embed_prompts(prompts, cfg.model, table)
             acc = []
             for scale in scales:
-                images = generate(loaded.net, cfg, cond, scale=scale, steps=steps, seed=0)
+                g = Guidance(scale=scale)
+                images = generate(loaded.net, cfg, cond, settings=settings(steps), guidance=g)
                 acc.append(float((judge(images)[1].argmax(1) == labels).float().mean()))
             rows.append({"phrasing": template, "held_out": held_out, "class_accuracy": acc})
     return rows
@@ -79,9 +136,7 @@ def main() -> int:
         "checkpoint": str(loaded.path),
         "steps": a.steps,
     }
-    out["text"] = adherence(
-        loaded.net, loaded.cfg, table, judge, scales, per_prompt=a.per_prompt, steps=a.steps
-    )
+    out["text"] = adherence(loaded, scales, a.per_prompt, a.steps, a.data_dir)
     print("| s | n | class accuracy | thickness Spearman | slant Spearman |")
     print("|---|---|---|---|---|")
     for r in out["text"]:
@@ -96,9 +151,8 @@ def main() -> int:
         cells = " | ".join(f"{acc:.3f}" for acc in r["class_accuracy"])
         print(f"| {r['phrasing']}{' (held out)' if r['held_out'] else ''} | {cells} |")
     out["negative"] = negative_prompt_effect(
-        loaded.net, loaded.cfg, table, a.negative_scale, per_class=a.per_class_negative,
-        steps=a.steps,
-    )  # fmt: skip
+        loaded, table, a.negative_scale, per_class=a.per_class_negative, steps=a.steps
+    )
     print(f"\n| negative prompt (s={a.negative_scale:g}) | n | mean thickness | mean slant |")
     print("|---|---|---|---|")
     for r in out["negative"]:
@@ -108,9 +162,8 @@ def main() -> int:
         cl = load_for_sampling(a.class_checkpoint)
         out["class_checkpoint"] = str(cl.path)
         out["class"] = class_model_accuracy(
-            cl.net, cl.cfg, judge_for(cl.cfg, a.data_dir), scales, per_class=a.class_per_class,
-            steps=a.steps,
-        )  # fmt: skip
+            cl, judge_for(cl.cfg, a.data_dir), scales, per_class=a.class_per_class, steps=a.steps
+        )
         print("\n| s | class model n | class model accuracy |")
         print("|---|---|---|")
         for r in out["class"]:

@@ -21,14 +21,14 @@ import time
 
 import torch
 
-from cfgdiff.data.captions import DIGIT_WORDS, caption_set
+from cfgdiff.text.captions import DIGIT_WORDS, caption_set
 
 # The terciles do not change the captions' words; the caption set needs edges to exist.
 EDGES = {"thickness": (1.0, 2.0), "slant": (0.0, 0.1)}
 
 
 def wordllama(captions: list[str]) -> torch.Tensor:
-    from cfgdiff.text_encoder import load_encoder
+    from cfgdiff.text.encoder import load_encoder
 
     return load_encoder().encode(captions).double()
 

@@ -36,7 +36,9 @@ from cfgdiff.runtime import (
     resolve_precision,
     sampling_batch_size,
 )
-from cfgdiff.sample import generate
+from cfgdiff.sampling.generate import generate
+from cfgdiff.sampling.guidance import Guidance
+from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.train import BUDGET_PROBE, train
 
 
@@ -167,18 +169,11 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) 
         step = len(rows) * a.every + a.every if step is None else step
         if not batch:
             batch.append(sampling_batch_size(net, cfg.model, device, precision))
-        imgs = generate(
-            net,
-            cfg,
-            labels,
-            scale=3.0,
-            sampler="dpmpp-2m",
-            steps=20,
-            seed=0,
-            batch_size=batch[0],
-            device=device,
-            precision=precision,
-        )
+        settings = SamplingSettings(
+            sampler="dpmpp-2m", steps=20, seed=0, batch_size=batch[0], precision=precision,
+            compile="off",
+        )  # fmt: skip
+        imgs = generate(net, cfg, labels, settings=settings, guidance=Guidance(scale=3.0))
         m = measure(ref, imgs, labels)
         rows.append(
             {

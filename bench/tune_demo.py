@@ -27,7 +27,9 @@ from cfgdiff.data import load_dataset
 from cfgdiff.metrics.classifier import class_accuracy, get_classifier, predict
 from cfgdiff.presets import PRESETS, config_for_dataset
 from cfgdiff.runtime import sampling_batch_size
-from cfgdiff.sample import generate
+from cfgdiff.sampling.generate import generate
+from cfgdiff.sampling.guidance import Guidance
+from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.train import train
 
 
@@ -231,18 +233,12 @@ def main() -> int:
         }
         labels = torch.arange(a.n) % data.num_classes
         for s in (1.0, 3.0):
-            imgs = generate(
-                net,
-                cfg,
-                labels,
-                scale=s,
-                sampler=a.sampler,
-                steps=a.sample_steps,
-                seed=0,
+            settings = SamplingSettings(
+                sampler=a.sampler, steps=a.sample_steps, seed=0,
                 batch_size=sampling_batch_size(net, cfg.model, device, a.precision),
-                device=device,
-                precision=a.precision,
-            )
+                precision=a.precision, compile="off",
+            )  # fmt: skip
+            imgs = generate(net, cfg, labels, settings=settings, guidance=Guidance(scale=s))
             logits = predict(clf, crop_images(imgs, pad), device=device)
             row[f"acc_s{s:g}"] = class_accuracy(logits, labels)[0]
         results.append(row)

@@ -231,3 +231,18 @@ def tiny_folder_run(root):
             "--device", "cpu"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     return root / "run", folder
+
+
+def sample_with(net, cfg, cond, *, scale=1.0, guidance=None, indices=None, callback=None,
+                log=None, world=None, **settings):  # fmt: skip
+    """generate with the sampler settings as loose keywords and a plain-CFG scale (a test's
+    shorthand for generate(..., settings=SamplingSettings(...), guidance=Guidance(...)))."""
+    from cfgdiff.sampling.generate import generate
+    from cfgdiff.sampling.guidance import Guidance
+    from cfgdiff.sampling.settings import SamplingSettings
+
+    return generate(
+        net, cfg, cond, settings=SamplingSettings(**settings),
+        guidance=guidance if guidance is not None else Guidance(scale=scale), indices=indices,
+        callback=callback, log=log, world=world,
+    )  # fmt: skip

@@ -140,7 +140,7 @@ def text_engine_model(run):
     """serve.jobs.Model of a text run, with its caption table (as `cfgdiff serve` loads it)."""
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.serve.jobs import Model
-    from cfgdiff.text import run_caption_table
+    from cfgdiff.text.embedding import run_caption_table
 
     loaded = load_for_sampling(run)
     return Model(loaded.net, loaded.cfg, str(loaded.path), run_caption_table(loaded.path))

@@ -1,4 +1,4 @@
-"""Denoising animations: generate's per-step callback, previews.denoising_animation and
+"""Denoising animations: generate's per-step callback, sampling.animation.denoising_animation and
 `cfgdiff sample --animate FILE.gif|FILE.webp` (classes as rows, scales side by side, x0_hat or
 x_t), and the checks on their flags."""
 
@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, tiny_config
+from conftest import image_folder, sample_with, tiny_config
 from PIL import Image, ImageSequence
 
 from cfgdiff.cli import main
-from cfgdiff.sample import generate
 
 
 def test_generate_calls_back_every_step_of_every_batch(tiny_net):
@@ -24,14 +23,14 @@ def test_generate_calls_back_every_step_of_every_batch(tiny_net):
         assert x_t.dtype == torch.float32 and torch.isfinite(x0_hat).all()
 
     kw = dict(scale=2.0, sampler="dpmpp-2m", steps=4, seed=1, batch_size=3)
-    with_cb = generate(tiny_net, cfg, labels, static_batches=True, callback=callback, **kw)
+    with_cb = sample_with(tiny_net, cfg, labels, static_batches=True, callback=callback, **kw)
     # batches of 3, 3 and 1 (padded to 3, the padding not shown); i counts each batch's steps
     assert [s[0] for s in seen] == [0, 1, 2, 3] * 3
     assert [s[2] for s in seen] == [3] * 8 + [1] * 4 and [s[3] for s in seen] == [
         s[2] for s in seen
     ]
     assert seen[0][1] == cfg.diffusion.timesteps - 1  # trailing spacing starts at T - 1
-    assert torch.equal(with_cb, generate(tiny_net, cfg, labels, **kw))
+    assert torch.equal(with_cb, sample_with(tiny_net, cfg, labels, **kw))
 
 
 def test_a_callback_that_raises_stops_the_job(tiny_net):
@@ -46,17 +45,23 @@ def test_a_callback_that_raises_stops_the_job(tiny_net):
             raise Stop
 
     with pytest.raises(Stop):
-        generate(tiny_net, tiny_config(), [0, 1], steps=10, batch_size=None, callback=callback)
+        sample_with(tiny_net, tiny_config(), [0, 1], steps=10, batch_size=None, callback=callback)
     assert calls == [0, 1]
 
 
 def test_animation_frames_and_images(tiny_net):
-    from cfgdiff.previews import denoising_animation
+    from pathlib import Path
+
+    from cfgdiff.sampling.animation import denoising_animation
+    from cfgdiff.sampling.conditions import Asks, Model
+    from cfgdiff.sampling.request import SampleRequest, job_for
+    from cfgdiff.sampling.settings import SamplingSettings
 
     cfg = tiny_config()
-    anim = denoising_animation(
-        tiny_net, cfg, [2, 0], scales=[0.0, 1.0, 3.0], per_class=2, steps=7, seed=5, max_frames=3
-    )
+    settings = SamplingSettings(sampler="dpmpp-2m", steps=7, seed=5)
+    req = SampleRequest(Path("run"), per_class=2, settings=settings)
+    job = job_for(Model(tiny_net, cfg, Path("run")), Asks(classes=("2", "0")), req, 1.0)
+    anim = denoising_animation(job, [0.0, 1.0, 3.0], max_frames=3)
     # every 3rd step, the first and the last: steps 1, 3, 6, 7
     assert len(anim.frames) == 4
     assert anim.labels.tolist() == [2] * 6 + [0] * 6
@@ -65,7 +70,9 @@ def test_animation_frames_and_images(tiny_net):
     # each scale's images are those of `generate` at that scale (noise stream r * 2 + j)
     for k, s in enumerate([0.0, 1.0, 3.0]):
         cols = [r * 6 + 2 * k + j for r in range(2) for j in range(2)]
-        alone = generate(tiny_net, cfg, [2, 2, 0, 0], scale=s, sampler="dpmpp-2m", steps=7, seed=5)
+        alone = sample_with(
+            tiny_net, cfg, [2, 2, 0, 0], scale=s, sampler="dpmpp-2m", steps=7, seed=5
+        )
         diff = (anim.images[cols].int() - alone.int()).abs().max()
         assert diff <= 1, (s, diff)  # several scales in one batch: equal to float rounding
 

@@ -666,12 +666,12 @@ def _sample_npz(run, path, *extra):
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=type)
 def test_sample_out_of_memory_is_one_line_and_exit_1(run, tmp_path, capsys, monkeypatch, error):
-    import cfgdiff.sample
+    import cfgdiff.sampling.generate
 
     def oom(*a, **k):
         raise error
 
-    monkeypatch.setattr(cfgdiff.sample, "_generate", oom)
+    monkeypatch.setattr(cfgdiff.sampling.generate, "_generate", oom)
     out = tmp_path / "a.png"
     args = ["sample", "--checkpoint", str(run), "--scale", "3", "--out", str(out)]
     assert main([*args, "--batch-size", "7", "--device", "cpu"]) == 1
@@ -684,9 +684,9 @@ def test_sample_out_of_memory_is_one_line_and_exit_1(run, tmp_path, capsys, monk
 def test_sample_chosen_batch_is_halved_until_it_fits(run, tmp_path, capsys, monkeypatch):
     """Without --batch-size (64 on the CPU), running out of memory halves the batch and retries;
     the images are those of a run that asked for the batch that fits."""
-    import cfgdiff.sample
+    import cfgdiff.sampling.generate
 
-    real = cfgdiff.sample._generate  # generate's work at one batch size
+    real = cfgdiff.sampling.generate._generate  # generate's work at one batch size
     tried = []
 
     def fits_two(*a, batch_size, **k):
@@ -696,7 +696,7 @@ def test_sample_chosen_batch_is_halved_until_it_fits(run, tmp_path, capsys, monk
         return real(*a, batch_size=batch_size, **k)
 
     expected = _sample_npz(run, tmp_path / "e.npz", "--batch-size", "2")
-    monkeypatch.setattr(cfgdiff.sample, "_generate", fits_two)
+    monkeypatch.setattr(cfgdiff.sampling.generate, "_generate", fits_two)
     capsys.readouterr()
     assert np.array_equal(_sample_npz(run, tmp_path / "a.npz"), expected)
     assert tried == [64, 32, 16, 8, 4, 2]

@@ -5,11 +5,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import OUT_OF_MEMORY, tiny_config
+from conftest import OUT_OF_MEMORY, sample_with, tiny_config
 
 from cfgdiff.compiled import CompiledForward, check_compiled_gradients
 from cfgdiff.diffusion import training_loss
-from cfgdiff.sample import generate
 from cfgdiff.schedule import make_schedule
 from cfgdiff.unet import UNet
 
@@ -19,7 +18,7 @@ def _assert_samples_like_eager(f, net):
     cfg = tiny_config()
     labels = torch.tensor([0, 1, 2])
     kw = dict(scale=3.0, sampler="ddim", steps=3, seed=0)
-    assert torch.equal(generate(f, cfg, labels, **kw), generate(net, cfg, labels, **kw))
+    assert torch.equal(sample_with(f, cfg, labels, **kw), sample_with(net, cfg, labels, **kw))
 
 
 def test_compiled_forward_falls_back_to_eager(tiny_net, monkeypatch):
@@ -98,9 +97,9 @@ def test_compiled_forward_traces_the_real_network(tiny_net):
     labels = torch.tensor([0, 1, 2, 1, 0])
     kw = dict(scale=2.0, sampler="dpmpp-2m", steps=4, seed=1, batch_size=2)
     torch._dynamo.reset()
-    out = generate(f, cfg, labels, static_batches=True, **kw)
+    out = sample_with(f, cfg, labels, static_batches=True, **kw)
     assert f.fallback_reason is None and f.compiled is not None
-    assert torch.equal(out, generate(tiny_net, cfg, labels, **kw))
+    assert torch.equal(out, sample_with(tiny_net, cfg, labels, **kw))
 
 
 def test_cuda_mode_uses_graphs_and_clones():

@@ -117,7 +117,7 @@ def test_class_indices_take_names_or_indices():
 def test_a_new_sampler_is_one_function_and_one_entry(monkeypatch, tmp_path, folder_data):
     """Added to samplers.SAMPLERS, a sampler is a CLI choice, valid in a config and run by
     generate: here plain DDIM under another name, which gives DDIM's images."""
-    from cfgdiff import samplers
+    from cfgdiff.sampling import samplers
 
     monkeypatch.setitem(samplers.SAMPLERS, "ddim-copy", samplers.SamplerEntry(samplers.sample_ddim))
     replace_fields(PRESETS["tiny"], {"train.preview_sampler": "ddim-copy"}).validate()

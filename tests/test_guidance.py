@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cfgdiff.guidance import cfg_combine, guided_denoiser, scale_from_w
-from cfgdiff.samplers import sample_ddim, sample_dpmpp_2m
+from cfgdiff.sampling.guidance import cfg_combine, guided_denoiser, scale_from_w
+from cfgdiff.sampling.samplers import sample_ddim, sample_dpmpp_2m
 from cfgdiff.schedule import cosine_schedule
 
 SCH = cosine_schedule(1000)
@@ -91,7 +91,7 @@ def test_v_prediction_guidance_equals_eps_guidance():
 
 # ----------------------------------------------------------------- variants
 from cfgdiff.errors import ConfigError  # noqa: E402
-from cfgdiff.guidance import APG, Guidance, dynamic_threshold, edm_sigma, rescale_cfg  # noqa: E402
+from cfgdiff.sampling.guidance import APG, Guidance, dynamic_threshold, edm_sigma, rescale_cfg  # noqa: E402
 
 
 def _den(net, y, **kw):

@@ -153,7 +153,7 @@ def test_eval_samples_float_labels_that_are_whole_are_classes(tmp_path):
 
 
 def test_previews_of_many_classes_show_a_bounded_sample_of_them():
-    from cfgdiff.previews import MAX_SHOWN_CLASSES, shown_classes
+    from cfgdiff.sampling.previews import MAX_SHOWN_CLASSES, shown_classes
 
     assert shown_classes(10) == list(range(10))
     many = shown_classes(10_000)

@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from cfgdiff.plots import loss_plot, sweep_plots
+from cfgdiff.pictures.plots import loss_plot, sweep_plots
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 ROWS = [

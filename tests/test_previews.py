@@ -6,8 +6,8 @@ import torch
 
 def test_real_grid_takes_each_class_first_images_and_pads_short_classes():
     from cfgdiff.data import Dataset
-    from cfgdiff.previews import real_grid
-    from cfgdiff.viz import labelled_grid
+    from cfgdiff.pictures.images import labelled_grid
+    from cfgdiff.sampling.previews import real_grid
 
     images = torch.arange(5, dtype=torch.uint8).mul(40).reshape(5, 1, 1, 1).expand(5, 1, 8, 8)
     labels = torch.tensor([1, 0, 1, 1, 0])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cfgdiff.diffusion import alpha_sigma
-from cfgdiff.samplers import PerSampleNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cfgdiff.sampling.samplers import PerSampleNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from cfgdiff.schedule import cosine_schedule, linear_schedule
 
 
@@ -101,8 +101,8 @@ def test_per_sample_noise_independent_of_batching():
 
 
 # ----------------------------------------------------------------- Gaussian-classes oracle
-from cfgdiff.guidance import Guidance, guided_denoiser  # noqa: E402
 from cfgdiff.oracles import GaussianClassesNet  # noqa: E402
+from cfgdiff.sampling.guidance import Guidance, guided_denoiser  # noqa: E402
 
 # Per-class and mixture moments must match within 0.01 (tau = 0.15, N = 6000 per class: the
 # standard error of a mean is 0.002, of a std 0.0014; the rest is discretisation).

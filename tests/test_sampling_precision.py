@@ -7,12 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import sample_with, tiny_config
 
 from cfgdiff.diffusion import alpha_sigma
-from cfgdiff.guidance import Guidance, guided_denoiser
-from cfgdiff.sample import generate
-from cfgdiff.samplers import SAMPLERS, PerSampleNoise, run_sampler
+from cfgdiff.sampling.guidance import Guidance, guided_denoiser
+from cfgdiff.sampling.samplers import SAMPLERS, PerSampleNoise, run_sampler
 from cfgdiff.schedule import SPACINGS, cosine_schedule, linear_schedule, spaced_timesteps
 
 SCH = cosine_schedule(1000)
@@ -118,7 +117,7 @@ def test_the_batch_size_does_not_change_the_images(tiny_net, prediction):
     )
     labels = torch.arange(16) % 3
     kw = dict(scale=3.0, sampler="dpmpp-2m", steps=10, seed=5)
-    whole = generate(tiny_net, cfg, labels, batch_size=16, **kw)
+    whole = sample_with(tiny_net, cfg, labels, batch_size=16, **kw)
     for bs in (1, 7):
-        part = generate(tiny_net, cfg, labels, batch_size=bs, **kw)
+        part = sample_with(tiny_net, cfg, labels, batch_size=bs, **kw)
         assert (part.int() - whole.int()).abs().max() <= 1, bs

@@ -74,6 +74,20 @@ def _collect():
 LIMITS = Limits(max_images=8, max_image_steps=100, max_steps=50, max_scales=4)
 
 
+def _cfg(classes: int = 3, timesteps: int = 1000, text: bool = False):
+    """A model's config as the request parser reads it: classes, T, condition."""
+    import dataclasses
+
+    from cfgdiff.config import RunConfig, replace_fields
+
+    cfg = replace_fields(
+        RunConfig(), {"model.num_classes": classes, "diffusion.timesteps": timesteps}
+    )
+    if text:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, condition="text"))
+    return cfg
+
+
 @pytest.mark.parametrize(
     "body,message",
     [
@@ -104,7 +118,7 @@ LIMITS = Limits(max_images=8, max_image_steps=100, max_steps=50, max_scales=4)
 )
 def test_every_field_is_checked_with_a_one_line_reason(body, message):
     with pytest.raises(ConfigError) as e:
-        parse_settings(body, 3, 1000, LIMITS)
+        parse_settings(body, _cfg(), LIMITS)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -123,23 +137,30 @@ def test_every_field_is_checked_with_a_one_line_reason(body, message):
 )
 def test_a_text_models_fields_are_checked_with_a_one_line_reason(body, message):
     with pytest.raises(ConfigError) as e:
-        parse_settings(body, 3, 1000, LIMITS, text=True)
+        parse_settings(body, _cfg(text=True), LIMITS)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_class_model_refuses_prompts():
     for key in ("prompt", "negative_prompt"):
         with pytest.raises(ConfigError, match=f"`{key}` is for a text model; this one takes cl"):
-            parse_settings({"class": 0, key: "seven"}, 3, 1000, LIMITS)
+            parse_settings({"class": 0, key: "seven"}, _cfg(), LIMITS)
 
 
 def test_a_good_request_and_its_defaults():
-    s = parse_settings({"class": 2, "mode": "strip", "scales": [0, 2.5]}, 3, 1000, LIMITS)
-    assert s == Settings(2, 3.0, "dpmpp-2m", 20, 0, 1, "strip", (0.0, 2.5))
+    from cfgdiff.sampling.conditions import Asks
+    from cfgdiff.sampling.settings import SamplingSettings
+
+    cfg = _cfg()
+    s = parse_settings({"class": 2, "mode": "strip", "scales": [0, 2.5]}, cfg, LIMITS)
+    assert s == Settings(Asks(classes=("2",)), 3.0, SamplingSettings(), 1, "strip", (0.0, 2.5))
     assert s.images == 2 and s.columns == (0.0, 2.5)
+    # no sampler settings given: the model's own, seed 0
+    own = s.sampling.resolve(cfg, "cpu")
+    assert (own.sampler, own.steps, own.seed) == (cfg.sampling.sampler, cfg.sampling.steps, 0)
     # steps are capped by the model's T too
     with pytest.raises(ConfigError, match=r"`steps` must be in \[1, 10\]"):
-        parse_settings({"class": 0, "steps": 11}, 3, 10, LIMITS)
+        parse_settings({"class": 0, "steps": 11}, _cfg(timesteps=10), LIMITS)
 
 
 def test_the_final_png_is_what_the_command_it_gives_writes(loaded, tmp_path):
@@ -418,14 +439,16 @@ def test_the_command_names_the_class_so_that_the_cli_reads_it_back():
     from conftest import tiny_config
 
     from cfgdiff.cli import build_parser
+    from cfgdiff.sampling.conditions import Asks
+    from cfgdiff.sampling.settings import SamplingSettings
     from cfgdiff.serve.jobs import sample_command
 
     names = ("a,b", "-x", "Ankle boot")
     cfg = dataclasses.replace(tiny_config(), class_names=names)
     for label, word in ((0, "--classes 0 "), (1, "--classes=-x "), (2, "--classes 'Ankle boot' ")):
-        (command,) = sample_command(
-            "runs/x", list(names), Settings(label, 2.5, "ddim", 5, 1, 2), "fp32"
-        )
+        given = SamplingSettings(sampler="ddim", steps=5, seed=1, precision="fp32")
+        asks = Asks(classes=(names[label],))
+        (command,) = sample_command("runs/x", list(names), Settings(asks, 2.5, given, 2), given)
         assert word in command, command
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert cfg.class_indices(args.classes) == [label]
@@ -507,7 +530,7 @@ def test_cli_serve_of_a_text_model_loads_its_caption_table(text_run, monkeypatch
     real_bind = app.bind
     monkeypatch.setattr(app, "bind", lambda host, port: real_bind("127.0.0.1", 0))
     monkeypatch.setattr(app, "serve_forever", lambda engine, sock, host: served.update(
-        info=engine.info(), captions=engine.model.captions, encoder=engine._encoder
+        info=engine.info(), captions=engine.model.captions, encoder=engine.model.encoder
     ) or sock.close() or engine.close())  # fmt: skip
     assert main(["serve", "--checkpoint", str(text_run), "--device", "cpu"]) == 0
     assert served["info"]["condition"] == "text" and served["info"]["examples"][0] == "class0"

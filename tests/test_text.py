@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from cfgdiff.config import ModelConfig, RunConfig
-from cfgdiff.data.captions import (
+from cfgdiff.diffusion import drop_labels
+from cfgdiff.errors import CheckpointError, ConfigError, DataError
+from cfgdiff.layers import CrossAttention
+from cfgdiff.presets import TEXT_TOKENS, encoder_fields, resolve_config
+from cfgdiff.sampling.guidance import GUIDANCE_CONVENTION, Guidance, guided_denoiser
+from cfgdiff.sampling.samplers import run_sampler
+from cfgdiff.schedule import make_schedule
+from cfgdiff.text.captions import (
     FOLDER_CAPTIONS,
     HELD_OUT_TEMPLATES,
     caption_set,
@@ -23,15 +30,8 @@ from cfgdiff.data.captions import (
     phrase,
     read_folder_captions,
 )
-from cfgdiff.diffusion import drop_labels
-from cfgdiff.errors import CheckpointError, ConfigError, DataError
-from cfgdiff.guidance import GUIDANCE_CONVENTION, Guidance, guided_denoiser
-from cfgdiff.layers import CrossAttention
-from cfgdiff.presets import TEXT_TOKENS, encoder_fields, resolve_config
-from cfgdiff.samplers import run_sampler
-from cfgdiff.schedule import make_schedule
-from cfgdiff.text import TextConditions, check_encoder, embed_prompts
-from cfgdiff.text_encoder import ENCODERS, encoder_available, load_encoder
+from cfgdiff.text.embedding import TextConditions, check_encoder, embed_prompts
+from cfgdiff.text.encoder import ENCODERS, encoder_available, load_encoder
 from cfgdiff.unet import UNet
 
 SMALL = dict(
@@ -287,7 +287,7 @@ def test_caption_table_round_trip_and_prompts_without_encoder(tmp_path, monkeypa
     def no_encoder(name):
         raise AssertionError("the encoder was loaded for captions the table holds")
 
-    monkeypatch.setattr("cfgdiff.text.load_encoder", no_encoder)
+    monkeypatch.setattr("cfgdiff.text.embedding.load_encoder", no_encoder)
     e = embed_prompts(["a thick seven", "", "seven"], m, back)
     assert torch.equal(e[0], table[1]) and torch.equal(e[2], table[0]) and not e[1].any()
     (tmp_path / "bad.safetensors").write_bytes(b"not a table")
@@ -353,7 +353,7 @@ def test_folder_captions_per_class_and_per_image(tmp_path):
         assert (counts - 300 / n).abs().max() < 0.25 * 300 / n
     assert torch.equal(tc.class_condition(torch.tensor([1, 0])), torch.eye(8)[[2, 0]])
     # eval and sweep refuse such a run: nothing is held out and there are no levels
-    from cfgdiff.metrics.text_adherence import held_out_prompts
+    from cfgdiff.metrics.adherence import held_out_prompts
 
     with pytest.raises(ConfigError, match="came from the captions file .*captions.txt"):
         held_out_prompts(tc, data.class_names)
@@ -390,26 +390,25 @@ def test_folder_captions_file_refusals(tmp_path, content, message):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_text_adherence_refuses_levels_on_colour_images_before_any_work(tmp_path, monkeypatch):
+def test_text_adherence_refuses_levels_on_colour_images_before_any_work(tmp_path):
     """Held-out prompts that ask for thickness and slant cannot be measured on a colour model
     (refused before a judge or a sample); those of class names can (accuracy alone)."""
-    from types import SimpleNamespace
-
-    from cfgdiff.metrics import text_adherence as ta
+    from cfgdiff.metrics.adherence import held_out_set
+    from cfgdiff.metrics.judging import ReferenceOptions, judge_of
+    from cfgdiff.sampling.conditions import Asks, Model
 
     digits = [str(i) for i in range(10)]
     cs = caption_set(digits, {"thickness": (1.5, 2.5), "slant": (-0.1, 0.1)})
     tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
-    monkeypatch.setattr(ta, "run_caption_table", lambda path: tc)
     model = dataclasses.replace(text_model(), in_channels=3, num_classes=10)
     cfg = dataclasses.replace(RunConfig(), model=model)
-    loaded = SimpleNamespace(cfg=cfg, path=tmp_path, net=None)
+    text = Model(None, cfg, tmp_path, captions=tc)
     with pytest.raises(ConfigError, match="one-channel images; this model makes 3-channel"):
-        ta.text_adherence(loaded, [3.0], 10)
+        judge_of(text, Asks(), 10, ReferenceOptions(), device="cpu")
     names = ["cat", "dog"]
     cs = caption_set(names, {})
     tc = TextConditions(cs.captions, torch.zeros(len(cs.captions), 2), {}, cs, cs.to_record())
-    assert not ta.held_out_set(tc, names).levels  # class names: no levels, nothing to refuse
+    assert not held_out_set(tc, names).levels  # class names: no levels, nothing to refuse
 
 
 def test_folder_captions_file_is_read_when_the_folder_has_one(tmp_path):
@@ -426,7 +425,7 @@ def test_folder_captions_file_is_read_when_the_folder_has_one(tmp_path):
 
 @needs_encoder
 def test_encoder_checksum_refusal(tmp_path):
-    from cfgdiff.text_encoder import package_file
+    from cfgdiff.text.encoder import package_file
 
     spec = ENCODERS["wordllama-l2-256"]
     for rel in (spec.weights, spec.tokenizer):
@@ -495,7 +494,7 @@ def test_token_model_reads_tokens_by_cross_attention_and_pools_them_for_film():
 
 
 def test_filler_words_follow_the_caption_whole_and_leave_the_null_alone():
-    from cfgdiff.text import MAX_FILLER, add_filler_words
+    from cfgdiff.text.embedding import MAX_FILLER, add_filler_words
 
     n, dim = 6, 2
     filler = torch.zeros(3, n, dim)
@@ -593,7 +592,7 @@ def test_split_caption_draws_are_the_whole_batch_draws(tmp_path):
 
 
 def test_filler_words_are_no_held_out_word_and_carry_no_class_or_level():
-    from cfgdiff.data.captions import (
+    from cfgdiff.text.captions import (
         DIGIT_WORDS,
         FILLER_WORDS,
         LEVEL_WORDS,
@@ -677,7 +676,7 @@ def test_token_encoding_pools_to_the_sentence_embedding_and_refuses_long_prompts
 
 
 def test_spearman_against_closed_forms():
-    from cfgdiff.metrics.text_adherence import spearman
+    from cfgdiff.metrics.adherence import spearman
 
     a = torch.tensor([0.0, 1, 2, 3, 4])
     assert spearman(a, a**3) == pytest.approx(1.0)
@@ -690,7 +689,7 @@ def test_spearman_against_closed_forms():
 
 
 def test_labelled_prompts_by_class_name_or_index():
-    from cfgdiff.metrics.text_adherence import labelled_prompts
+    from cfgdiff.metrics.adherence import labelled_prompts
 
     cfg = dataclasses.replace(
         RunConfig(), model=text_model(), class_names=("T-shirt", "Sneaker", "Bag")
@@ -704,7 +703,7 @@ def test_labelled_prompts_by_class_name_or_index():
 
 
 def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
-    from cfgdiff.metrics.text_adherence import held_out_prompts
+    from cfgdiff.metrics.adherence import held_out_prompts
 
     digits = [str(i) for i in range(10)]
     cs = caption_set(digits, {"thickness": (1.5, 2.5), "slant": (-0.1, 0.1)})
@@ -720,7 +719,7 @@ def test_held_out_prompts_cover_every_group_in_unseen_phrasings():
 
 
 def test_held_out_prompts_of_class_names_ask_for_no_levels():
-    from cfgdiff.metrics.text_adherence import held_out_set
+    from cfgdiff.metrics.adherence import held_out_set
 
     names = ["T-shirt/top", "Trouser", "Ankle boot"]
     cs = caption_set(names, {})
@@ -926,7 +925,7 @@ def test_cli_trains_a_text_model_on_a_folder_with_captions_and_samples(
     def no_encoder(name):
         raise AssertionError("the encoder was loaded for captions the table holds")
 
-    monkeypatch.setattr("cfgdiff.text.load_encoder", no_encoder)
+    monkeypatch.setattr("cfgdiff.text.embedding.load_encoder", no_encoder)
     out = tmp_path / "s.npz"
     argv = ["sample", "--checkpoint", run, "--prompt", "a bar on the left", "--prompt", "last"]
     argv += ["--scale", "3", "--steps", "2", "--per-class", "2", "--out", out]

@@ -312,7 +312,7 @@ def test_time_budget_spent_before_the_probe_ends_stops_at_it(tmp_path, data, mon
 def test_time_budget_refusals(tmp_path, data):
     with pytest.raises(ConfigError, match="`time_budget` must be > 0 seconds, got 0"):
         train(tiny_config(), tmp_path / "r", data, time_budget=0)
-    with pytest.raises(ConfigError, match="`time_budget` sizes a new run's schedule"):
+    with pytest.raises(ConfigError, match=r"`time_budget=10` s: not with `resume=True` \("):
         train(tiny_config(), tmp_path / "r", data, time_budget=10, resume=True)
 
 

@@ -360,11 +360,24 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     """Write the checkpoint at `path` (folder, run folder) as one model file `out` (atomically):
     its EMA weights (or the raw ones, ema=False), stored as `dtype` (fp16 or bf16 halve the file;
     loading casts them back to fp32), and the metadata load_for_sampling needs. Returns the
-    metadata."""
+    metadata. Refused before any work: a `path` that is a file (a model file is exported
+    already), an `out` that does not end in .safetensors, is a folder, or lies in a checkpoint
+    folder (whose files it could overwrite) or in the checkpoint read."""
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    ckpt = resolve(path)
     out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"`out` must end in .safetensors, got {out}")
+    if out.is_dir():
+        raise ConfigError(f"`out` {out}: is a directory")
+    if (out.parent / MANIFEST).is_file() or (out.parent / "config.json").is_file():
+        raise ConfigError(
+            f"`out` {out}: inside a checkpoint folder, whose files it could overwrite; write "
+            "it elsewhere (e.g. the run folder)"
+        )
+    if Path(path).is_file():
+        raise ConfigError(f"`checkpoint` {path}: expected a checkpoint or run folder")
+    ckpt = resolve(path)
     check_output_file(out)
     refuse_overlap(out, input_paths(ckpt))  # before any work
     verify(ckpt)

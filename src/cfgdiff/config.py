@@ -1,10 +1,11 @@
-"""Typed, frozen configuration and named presets.
+"""Typed, frozen configuration.
 
 Owns: every tunable number of a run (network shape, diffusion process, optimisation, sampling
-previews), the choices of its string fields, its validation and its JSON form. The named presets
-and how a run's config is made from one are presets.py's. Knows nothing about tensors, files or
-the CLI: a config is plain data that round-trips through JSON (it is stored in every
-checkpoint).
+previews, the sampler its evaluations use), the choices of its string fields, the range of each
+number (declared once on its field, `bounded`, and read by validation, the CLI's flags and the
+page's request parser), its validation and its JSON form. The named presets and how a run's
+config is made from one are presets.py's. Knows nothing about tensors, files or the CLI: a
+config is plain data that round-trips through JSON (it is stored in every checkpoint).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfgdiff.errors import ConfigError
-from cfgdiff.samplers import SAMPLERS
-from cfgdiff.schedule import SCHEDULES
+from cfgdiff.sampling.samplers import SAMPLERS
+from cfgdiff.schedule import SCHEDULES, SPACINGS
 
 MAX_STEPS = 10_000_000  # the most optimizer steps a run may ask for (a time budget caps at it)
 # Bounds on what a config may ask for, so that a config.json from anywhere cannot make loading it
@@ -56,6 +57,55 @@ GUIDANCE_CONVENTION = "scale: eps_u + s*(eps_c - eps_u); s=1 conditional, s=0 un
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: [lo, hi], either end open, hi None for no upper bound.
+    Declared once on a field (`bounded`) and read by the field's validation (check_ranges),
+    its CLI flag (cli.options) and the page's request parser (serve.jobs)."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        """As messages say it: "in [0, 1)", ">= 1"."""
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {_number(self.lo)}"
+        lb, rb = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {lb}{_number(self.lo)}, {_number(self.hi)}{rb}"
+
+
+def bounded(default: Any, lo: float, hi: float | None = None, **ends: bool) -> Any:
+    """A dataclass field with its Range (`ends`: lo_open, hi_open)."""
+    return field(default=default, metadata={"range": Range(lo, hi, **ends)})
+
+
+def range_of(cls: type, name: str) -> Range | None:
+    """The Range declared on field `name` of dataclass `cls`, None where it has none."""
+    return next(f.metadata.get("range") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def check_ranges(obj: Any) -> None:
+    """A ConfigError naming the first field of `obj` outside its declared Range (None values,
+    meaning a default chosen elsewhere, are not checked)."""
+    for f in dataclasses.fields(obj):
+        r, v = f.metadata.get("range"), getattr(obj, f.name)
+        if r is not None and v is not None and v not in r:
+            raise ConfigError(f"`{f.name}` must be {r}, got {_number(v)}")
 
 
 @dataclass(frozen=True)
@@ -170,114 +220,91 @@ class ModelConfig:
 class DiffusionConfig:
     """The forward process and the training objective."""
 
-    timesteps: int = 1000  # T, number of discrete diffusion steps
+    timesteps: int = bounded(1000, 2, 100_000)  # T, number of discrete diffusion steps
     schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal)
     prediction: str = "eps"  # network target: "eps" or "v" (Salimans & Ho 2022)
-    label_dropout: float = 0.1  # probability a training label is replaced by the null label
+    # probability a training label is replaced by the null label
+    label_dropout: float = bounded(0.1, 0.0, 1.0, hi_open=True)
     # probability a training caption of a token text model gets 1-3 filler words (text.py;
     # docs/text.md, "Filler words"); 0 for every other model
-    filler_words: float = 0.0
+    filler_words: float = bounded(0.0, 0.0, 1.0)
     loss_weighting: str = "none"  # "none" (plain MSE on the target) or "min-snr" (Hang et al. 2023)
-    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
+    min_snr_gamma: float = bounded(5.0, 0.0, lo_open=True)  # gamma of min-SNR weighting
     # Training timesteps: "uniform" t ~ U{0..T-1} (DDPM), or "logit-normal": t/T = sigmoid(n),
     # n ~ N(t_mean, t_std) (Esser et al. 2024, Sec. 3.1), denser in the middle of the process;
     # with t_uniform > 0, that fraction of the draws is uniform instead (a mixture, which keeps
     # every part of the process trained).
     t_sampling: str = "uniform"
-    t_mean: float = 0.0
-    t_std: float = 1.0
-    t_uniform: float = 0.0
+    t_mean: float = bounded(0.0, -5.0, 5.0)
+    t_std: float = bounded(1.0, 0.0, 5.0, lo_open=True)
+    t_uniform: float = bounded(0.0, 0.0, 1.0, hi_open=True)
 
     def validate(self) -> None:
-        if not 2 <= self.timesteps <= 100_000:
-            raise ConfigError(f"`timesteps` must be in [2, 100000], got {self.timesteps}")
+        check_ranges(self)
         _check_choice("schedule", self.schedule, tuple(SCHEDULES))
         _check_choice("prediction", self.prediction, PREDICTIONS)
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"`label_dropout` must be in [0, 1), got {self.label_dropout}")
-        if not 0 <= self.filler_words <= 1:
-            raise ConfigError(f"`filler_words` must be in [0, 1], got {self.filler_words}")
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
-        if self.min_snr_gamma <= 0:
-            raise ConfigError(f"`min_snr_gamma` must be > 0, got {self.min_snr_gamma}")
         _check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
-        if not (math.isfinite(self.t_mean) and math.isfinite(self.t_std) and self.t_std > 0):
-            raise ConfigError(
-                f"`t_mean` must be finite and `t_std` finite and > 0, got {self.t_mean}, "
-                f"{self.t_std}"
-            )
-        if not 0 <= self.t_uniform < 1:
-            raise ConfigError(f"`t_uniform` must be in [0, 1), got {self.t_uniform}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, logging and preview settings of one training run."""
 
-    steps: int = 10_000  # optimizer steps
-    batch_size: int = 128  # images per step
-    lr: float = 2e-4  # peak AdamW learning rate
-    lr_schedule: str = (
-        "constant"  # after warmup: "constant" or "cosine" (decays to lr_min_ratio*lr)
-    )
-    lr_min_ratio: float = 0.0  # floor of the cosine decay as a fraction of lr
-    warmup_steps: int = 200  # linear warmup from 0
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    steps: int = bounded(10_000, 1, MAX_STEPS)  # optimizer steps
+    batch_size: int = bounded(128, 1, 65536)  # images per step
+    lr: float = bounded(2e-4, 0.0, 1.0, lo_open=True, hi_open=True)  # peak AdamW learning rate
+    # after warmup: "constant" or "cosine" (decays to lr_min_ratio*lr)
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = bounded(0.0, 0.0, 1.0)  # floor of the cosine decay as a fraction of lr
+    warmup_steps: int = bounded(200, 0, MAX_STEPS)  # linear warmup from 0
+    weight_decay: float = bounded(0.0, 0.0)  # AdamW decoupled weight decay
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    ema_decay: float = 0.999  # EMA decay per step (with warmup (1+n)/(10+n)); 0 disables EMA
-    seed: int = 0
-    log_every: int = 50  # steps between loss.csv rows
-    sample_every: int = 1000  # steps between preview grids; 0 disables
-    checkpoint_every: int = 1000  # steps between checkpoints; 0 = only at the end
-    keep: int = 3  # checkpoints kept on disk (the newest); >= 1
-    skip_nonfinite: int = 0  # batches with a non-finite loss/gradient that may be skipped; 0 stops
-    eval_every: int = 0  # steps between small-N evaluations into eval.csv; 0 disables
-    eval_n: int = 500  # samples of each evaluation during training
-    preview_scale: float = 3.0  # guidance scale s of preview grids
+    grad_clip: float = bounded(1.0, 0.0)  # max global grad norm; 0 disables clipping
+    # EMA decay per step (with warmup (1+n)/(10+n)); 0 disables EMA
+    ema_decay: float = bounded(0.999, 0.0, 1.0, hi_open=True)
+    seed: int = bounded(0, 0, MAX_SEED)
+    log_every: int = bounded(50, 1, MAX_STEPS)  # steps between loss.csv rows
+    sample_every: int = bounded(1000, 0, MAX_STEPS)  # steps between preview grids; 0 disables
+    # steps between checkpoints; 0 = only at the end
+    checkpoint_every: int = bounded(1000, 0, MAX_STEPS)
+    keep: int = bounded(3, 1, 10_000)  # checkpoints kept on disk (the newest)
+    # batches with a non-finite loss/gradient that may be skipped; 0 stops
+    skip_nonfinite: int = bounded(0, 0, MAX_STEPS)
+    eval_every: int = bounded(0, 0, MAX_STEPS)  # steps between small-N evaluations; 0 disables
+    eval_n: int = bounded(500, 10, 100_000)  # samples of each evaluation during training
+    preview_scale: float = bounded(3.0, -20.0, 100.0)  # guidance scale s of preview grids
     preview_sampler: str = "dpmpp-2m"  # sampler of preview grids and the guidance strip
-    preview_steps: int = 20  # sampler steps of preview grids
-    preview_per_class: int = 8  # samples per class in preview grids
+    preview_steps: int = bounded(20, 1, 1000)  # sampler steps of preview grids
+    # samples per class in preview grids
+    preview_per_class: int = bounded(8, 1, MAX_PREVIEW_PER_CLASS)
     # random horizontal flips of training images (DDPM's CIFAR-10 recipe); None: the dataset's
     # default (on for cifar10, off for digits, clothes and folders), resolved when a run starts
     hflip: bool | None = None
 
     def validate(self) -> None:
-        checks = [
-            ("steps", 1 <= self.steps <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
-            ("batch_size", 1 <= self.batch_size <= 65536, "in [1, 65536]"),
-            ("lr", 0 < self.lr < 1, "in (0, 1)"),
-            ("warmup_steps", 0 <= self.warmup_steps <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
-            ("weight_decay", 0 <= self.weight_decay < math.inf, ">= 0 and finite"),
-            ("grad_clip", 0 <= self.grad_clip < math.inf, ">= 0 and finite"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
-            ("log_every", 1 <= self.log_every <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
-            ("sample_every", 0 <= self.sample_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
-            ("checkpoint_every", 0 <= self.checkpoint_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
-            ("keep", 1 <= self.keep <= 10_000, "in [1, 10000]"),
-            ("eval_every", 0 <= self.eval_every <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
-            ("skip_nonfinite", 0 <= self.skip_nonfinite <= MAX_STEPS, f"in [0, {MAX_STEPS}]"),
-            ("eval_n", 10 <= self.eval_n <= 100_000, "in [10, 100000]"),
-            ("preview_scale", -20 <= self.preview_scale <= 100, "in [-20, 100]"),
-            ("preview_steps", 1 <= self.preview_steps <= 1000, "in [1, 1000]"),
-            (
-                "preview_per_class",
-                1 <= self.preview_per_class <= MAX_PREVIEW_PER_CLASS,
-                f"in [1, {MAX_PREVIEW_PER_CLASS}]",
-            ),
-            ("lr_min_ratio", 0 <= self.lr_min_ratio <= 1, "in [0, 1]"),
-            (
-                "adam_betas",
-                len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-                "two numbers in [0, 1)",
-            ),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"`{name}` must be {allowed}, got {getattr(self, name)}")
+        check_ranges(self)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"`adam_betas` must be two numbers in [0, 1), got {self.adam_betas}")
         _check_choice("preview_sampler", self.preview_sampler, tuple(SAMPLERS))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the model is sampled where a command or caller does not say: the sampler its
+    evaluations use, recorded by its preset (`cfgdiff sample`, `eval`, `sweep` and the page
+    take it without `--sampler`; sampling.settings.SamplingSettings resolves against it)."""
+
+    sampler: str = "dpmpp-2m"  # a name of sampling.samplers.SAMPLERS
+    steps: int = bounded(20, 1, 100_000)  # sampler steps (at most the schedule's T)
+    spacing: str = "trailing"  # which timesteps the sampler visits (schedule.SPACINGS)
+    eta: float = bounded(0.0, 0.0, 10.0)  # DDIM's noise (0: deterministic); others ignore it
+
+    def validate(self) -> None:
+        check_ranges(self)
+        _check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        _check_choice("spacing", self.spacing, tuple(SPACINGS))
 
 
 @dataclass(frozen=True)
@@ -287,6 +314,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the sampler its evaluations use (absent from configs written before it was recorded:
+    # SamplingConfig's defaults)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dataset: str = "mnist"  # mnist | fashion-mnist | cifar10 | folder:PATH
     preset: str = "custom"
     # Name of each label 0..num_classes-1 (a folder's sub-folder names, "T-shirt/top", ...), filled
@@ -297,6 +327,12 @@ class RunConfig:
         self.model.validate()
         self.diffusion.validate()
         self.train.validate()
+        self.sampling.validate()
+        if self.sampling.steps > self.diffusion.timesteps:
+            raise ConfigError(
+                f"`sampling.steps` must be at most `timesteps` {self.diffusion.timesteps}, got "
+                f"{self.sampling.steps}"
+            )
         if self.diffusion.filler_words and not self.model.text_tokens:
             raise ConfigError(
                 f"`filler_words` {self.diffusion.filler_words:g}: filler words are for text "
@@ -372,6 +408,7 @@ class RunConfig:
             model=_build(ModelConfig, d["model"], "model"),
             diffusion=_build(DiffusionConfig, d["diffusion"], "diffusion"),
             train=_build(TrainConfig, train, "train"),
+            sampling=_build(SamplingConfig, d.get("sampling", {}), "sampling"),
             **top,
         )
 

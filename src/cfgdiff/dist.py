@@ -265,16 +265,6 @@ def gather(part: torch.Tensor, n: int, w: World) -> torch.Tensor:
     return torch.cat([g[:k] for g, k in zip(got, sizes, strict=True)]).cpu()
 
 
-def sum_float64(t: torch.Tensor, w: World) -> torch.Tensor:
-    """The sum over ranks of t, in float64, on every rank (t itself, as float64, for one)."""
-    t = t.to(torch.float64)
-    if not w.enabled:
-        return t
-    buf = t.to(_device())
-    tdist.all_reduce(buf)
-    return buf.to(t.device)
-
-
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """A seed for rank `rank` of a run seeded `seed` from step `step` on (its own stream)."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)

@@ -18,12 +18,13 @@ from cfgdiff.config import (
     DiffusionConfig,
     ModelConfig,
     RunConfig,
+    SamplingConfig,
     TrainConfig,
     replace_fields,
 )
 from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import CfgDiffError, ConfigError
-from cfgdiff.text_encoder import DEFAULT_ENCODER, ENCODERS
+from cfgdiff.text.encoder import DEFAULT_ENCODER, ENCODERS
 
 # Tuned for quality per CPU-minute on 2 cores at 28x28 (docs/results.md, "Tuning the demo
 # preset").
@@ -58,6 +59,10 @@ _CPU_DEMO = RunConfig(
         sample_every=250,
         checkpoint_every=250,
     ),
+    # judged by ancestral sampling in 20 steps: fresh noise undoes more of a briefly trained
+    # network's errors than DPM-Solver++ does in as many steps (docs/results.md, "Which sampler
+    # judges the demo")
+    sampling=SamplingConfig(sampler="ddpm", steps=20),
     preset="cpu-demo",
 )
 

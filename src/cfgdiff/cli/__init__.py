@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cfgdiff.cli import data, evaluate, model, sample, serve, train
+from cfgdiff.cli import data, evaluate, model, sample, serve, sweep, train
 from cfgdiff.cli.options import KNOWN_FLAGS, Parser, UsageError, flag_words, option_strings
 from cfgdiff.errors import CfgDiffError, RuntimeFault
 
@@ -39,8 +39,8 @@ DISTRIBUTED = ("train", "sample", "eval", "sweep")
 COMMANDS = {
     "train": train.run,
     "sample": sample.run,
-    "eval": evaluate.run_eval,
-    "sweep": evaluate.run_sweep,
+    "eval": evaluate.run,
+    "sweep": sweep.run,
     "info": model.run_info,
     "export": model.run_export,
     "data": data.run,
@@ -56,8 +56,8 @@ def build_parser() -> Parser:
     sub.required = True
     train.add_parser(sub)
     sample.add_parser(sub)
-    evaluate.add_eval_parser(sub)
-    evaluate.add_sweep_parser(sub)
+    evaluate.add_parser(sub)
+    sweep.add_parser(sub)
     model.add_info_parser(sub)
     model.add_export_parser(sub)
     data.add_parser(sub)

@@ -7,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from cfgdiff.errors import ConfigError
-
 
 def add_info_parser(sub) -> None:
     inf = sub.add_parser(
@@ -113,6 +111,9 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
         + (", random horizontal flips" if t.hflip else "")
         + (f", trained in {trained[1]} on {trained[0]}" if trained is not None else ""),
         f"  guidance:  {GUIDANCE_CONVENTION}; null label {m.num_classes}",
+        f"  sampling:  {cfg.sampling.sampler}, {cfg.sampling.steps} steps, "
+        f"{cfg.sampling.spacing} spacing: the model's own (sample, eval, sweep and serve take "
+        "it without --sampler)",
     ]
     return lines
 
@@ -120,17 +121,6 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
 def run_export(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import export_model
 
-    if a.out.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {a.out}")
-    if a.out.is_dir():
-        raise ConfigError(f"--out {a.out}: is a directory")
-    if (a.out.parent / "MANIFEST.json").is_file() or (a.out.parent / "config.json").is_file():
-        raise ConfigError(
-            f"--out {a.out}: inside a checkpoint folder, whose files it could overwrite; write "
-            "it elsewhere (e.g. the run folder)"
-        )
-    if Path(a.checkpoint).is_file():
-        raise ConfigError(f"--checkpoint {a.checkpoint}: expected a checkpoint or run folder")
     meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
     size = a.out.stat().st_size / 2**20
     print(

@@ -6,18 +6,27 @@ parameter names (in backticks) into flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfgdiff.config import CONDITIONS, MAX_STEPS, MAX_TEXT_TOKENS, T_SAMPLINGS
+from cfgdiff.config import (
+    CONDITIONS,
+    T_SAMPLINGS,
+    DiffusionConfig,
+    ModelConfig,
+    Range,
+    TrainConfig,
+    range_of,
+)
 from cfgdiff.errors import CfgDiffError
-from cfgdiff.guidance import THRESHOLDS
-from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_IMAGE_STEPS, DEVICES, PRECISIONS
-from cfgdiff.samplers import SAMPLERS
-from cfgdiff.schedule import SPACINGS
+from cfgdiff.runtime import COMPILE_MIN_IMAGE_STEPS, DEVICES, PRECISIONS
+from cfgdiff.sampling.guidance import APG, THRESHOLDS, Guidance
+from cfgdiff.sampling.request import SCALE_RANGE
+from cfgdiff.sampling.settings import SamplingSettings, flag
 
 
 class UsageError(CfgDiffError):
@@ -61,6 +70,33 @@ def float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
         return v
 
     return parse
+
+
+def in_range(kind: type, r: Range):
+    """An argument type: an int or a float (`kind`) in the Range a field declares."""
+    word = "an integer" if kind is int else "a number"
+
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {word}, got {s!r}") from None
+        if v not in r:
+            raise argparse.ArgumentTypeError(f"must be {r}, got {s}")
+        return v
+
+    return parse
+
+
+def field_type(cls: type, name: str):
+    """The argument type of field `name` of config dataclass `cls`: its Python type, in its
+    declared Range."""
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    kind = int if hint in (int, int | None) else float
+    r = range_of(cls, name)
+    return in_range(kind, r) if r is not None else kind
 
 
 def duration(s: str) -> float:
@@ -119,7 +155,14 @@ def dataset_name(name: str) -> str:
 # ----------------------------------------------------------------- library words -> flags
 
 # A library parameter whose flag is not "--" + its name with "-" for "_".
-PARAM_FLAGS = {"run_dir": "--out", "time_budget": "--time", "interval": "--guidance-interval"}
+PARAM_FLAGS = {
+    "run_dir": "--out",
+    "time_budget": "--time",
+    "interval": "--guidance-interval",
+    "prompts_file": "--prompts",
+    "prompts": "--prompt",
+    "animate_scales": "--animate-scales",
+}
 _PARAM = re.compile(r"`([a-z_]+)(?:=([^`]*))?`")
 # Every option string of the CLI (cli.build_parser fills it): the flags flag_words may use.
 KNOWN_FLAGS: set[str] = set()
@@ -204,7 +247,6 @@ CONFIG_FLAGS = (
         "model.text_tokens",
         "16",
         dict(
-            type=int_in(0, MAX_TEXT_TOKENS),
             help="text models: also read a caption's first N token embeddings by "
             "cross-attention at the attention levels (default 16; longer prompts are refused); "
             "0 reads its pooled embedding only, through FiLM (docs/text.md)",
@@ -215,18 +257,15 @@ CONFIG_FLAGS = (
         "diffusion.filler_words",
         "0.25",
         dict(
-            type=float_in(0, 1),
             help="text models that read tokens: the probability a training caption gets 1-3 "
             "filler words, so that words the model has no use for change nothing (default "
             "0.5; 0 turns it off; docs/text.md)",
         ),
     ),
-    ConfigFlag("--steps", "train.steps", "7", dict(type=int_in(1, MAX_STEPS))),
-    ConfigFlag("--batch-size", "train.batch_size", "12", dict(type=int_in(1, 65536))),
-    ConfigFlag("--lr", "train.lr", "0.003", dict(type=float_in(0, 1, True, True))),
-    ConfigFlag(
-        "--label-dropout", "diffusion.label_dropout", "0.2", dict(type=float_in(0, 1, False, True))
-    ),
+    ConfigFlag("--steps", "train.steps", "7", {}),
+    ConfigFlag("--batch-size", "train.batch_size", "12", {}),
+    ConfigFlag("--lr", "train.lr", "0.003", {}),
+    ConfigFlag("--label-dropout", "diffusion.label_dropout", "0.2"),
     ConfigFlag(
         "--t-sampling",
         "diffusion.t_sampling",
@@ -237,25 +276,24 @@ CONFIG_FLAGS = (
         "--t-mean",
         "diffusion.t_mean",
         "0.25",
-        dict(type=float_in(-5, 5), help="mean of n for logit-normal"),
+        dict(help="mean of n for logit-normal"),
     ),
     ConfigFlag(
         "--t-std",
         "diffusion.t_std",
         "0.75",
-        dict(type=float_in(0, 5, lo_open=True), help="standard deviation of n"),
+        dict(help="standard deviation of n"),
     ),
     ConfigFlag(
         "--t-uniform",
         "diffusion.t_uniform",
         "0.25",
         dict(
-            type=float_in(0, 1, hi_open=True),
             help="for logit-normal: the fraction of timesteps drawn uniformly instead (a "
             "mixture; default 0)",
         ),
     ),
-    ConfigFlag("--ema-decay", "train.ema_decay", "0.98", dict(type=float_in(0, 1, hi_open=True))),
+    ConfigFlag("--ema-decay", "train.ema_decay", "0.98"),
     ConfigFlag(
         "--hflip",
         "train.hflip",
@@ -271,21 +309,20 @@ CONFIG_FLAGS = (
         "--sample-every",
         "train.sample_every",
         "3",
-        dict(type=int_in(0), help="steps between preview grids (0: off)"),
+        dict(help="steps between preview grids (0: off)"),
     ),
     ConfigFlag(
         "--checkpoint-every",
         "train.checkpoint_every",
         "3",
-        dict(type=int_in(0), help="steps between checkpoints"),
+        dict(help="steps between checkpoints"),
     ),
-    ConfigFlag("--keep", "train.keep", "5", dict(type=int_in(1), help="checkpoints kept on disk")),
+    ConfigFlag("--keep", "train.keep", "5", dict(help="checkpoints kept on disk")),
     ConfigFlag(
         "--skip-nonfinite",
         "train.skip_nonfinite",
         "2",
         dict(
-            type=int_in(0),
             help="skip up to N batches with a non-finite loss or gradient (default 0: stop)",
         ),
     ),
@@ -294,7 +331,6 @@ CONFIG_FLAGS = (
         "train.eval_every",
         "4",
         dict(
-            type=int_in(0),
             help="steps between small-N evaluations (FID, class accuracy) into eval.csv (0: off)",
         ),
     ),
@@ -302,15 +338,23 @@ CONFIG_FLAGS = (
         "--eval-n",
         "train.eval_n",
         "20",
-        dict(type=int_in(10, 100_000), help="samples per evaluation (500)"),
+        dict(help="samples per evaluation (500)"),
     ),
-    ConfigFlag("--seed", "train.seed", "3", dict(type=int_in(0, 2**31 - 1))),
+    ConfigFlag("--seed", "train.seed", "3"),
 )
 
 
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every CONFIG_FLAGS flag; a number's type and range are its config field's."""
     for f in CONFIG_FLAGS:
-        parser.add_argument(f.flag, dest=f.field, **f.kwargs)
+        kwargs = dict(f.kwargs)
+        if not {"type", "choices", "action"} & set(kwargs):
+            section, _, name = f.field.partition(".")
+            kwargs["type"] = field_type(SECTIONS[section], name)
+        parser.add_argument(f.flag, dest=f.field, **kwargs)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -345,8 +389,50 @@ def device_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--precision", default="auto", choices=list(PRECISIONS), help=PRECISION_HELP)
 
 
+# Help of the SamplingSettings flags (their types, ranges, choices and defaults are the
+# fields' own).
+SETTINGS_HELP = {
+    "sampler": "default: the model's own, the sampler its preset is judged with (cfgdiff info "
+    "says which)",
+    "steps": "sampler steps (default: the model's own)",
+    "spacing": "which timesteps the sampler visits (default: the model's own)",
+    "eta": "DDIM noise (0: deterministic; default: the model's own)",
+    "seed": "image i of a seed is the same whatever the batch, device or processes",
+    "batch_size": BATCH_HELP,
+    "precision": PRECISION_HELP,
+    "compile": "torch.compile the network for sampling (CUDA graphs on CUDA; batches padded to "
+    "one shape; eager fallback if compilation fails or its first output differs from eager). "
+    f"auto: on for CPU jobs of at least {COMPILE_MIN_IMAGE_STEPS:,} image-steps, where the "
+    "compilation pays off; off on CUDA until measured there",
+}
+
+
+def _settings_fields():
+    return [f for f in dataclasses.fields(SamplingSettings) if f.metadata.get("flag", True)]
+
+
+def settings_options(sp: argparse.ArgumentParser) -> None:
+    """SamplingSettings' fields as flags (--sampler, --steps, ...): their types, ranges and
+    choices are the fields' own; a flag not given leaves the field's default (None: the
+    model's own)."""
+    for f in _settings_fields():
+        kwargs: dict[str, Any] = {"help": SETTINGS_HELP.get(f.name), "default": None}
+        if "choices" in f.metadata:
+            kwargs["choices"] = list(f.metadata["choices"])
+        else:
+            kwargs["type"] = field_type(SamplingSettings, f.name)
+        sp.add_argument(flag(f.name), **kwargs)
+
+
+def settings_of(a: argparse.Namespace) -> SamplingSettings:
+    """The SamplingSettings the flags ask for."""
+    given = {f.name: getattr(a, f.name, None) for f in _settings_fields()}
+    return SamplingSettings(**{k: v for k, v in given.items() if v is not None})
+
+
 def sampling_options(sp: argparse.ArgumentParser, required: bool = True, scale: bool = True):
-    """Options shared by `sample`, `eval` and `sweep`: checkpoint, sampler, guidance variants.
+    """Options shared by `sample`, `eval` and `sweep`: checkpoint, the sampling settings,
+    guidance variants.
 
     required=False leaves --checkpoint and --scale/--w to be checked by the command (eval has a
     sub-action that needs neither); scale=False omits --scale/--w (sweep has --scales)."""
@@ -358,34 +444,19 @@ def sampling_options(sp: argparse.ArgumentParser, required: bool = True, scale: 
         "from cfgdiff export",
     )
     if scale:
+        lo, hi = SCALE_RANGE
         g = sp.add_mutually_exclusive_group(required=required)
         g.add_argument(
-            "--scale", type=float_in(-20, 100), help="guidance scale s (1 = conditional)"
+            "--scale",
+            type=in_range(float, Range(lo, hi)),
+            help="guidance scale s (1 = conditional)",
         )
-        g.add_argument("--w", type=float_in(-21, 99), help="paper's guidance weight w = s - 1")
-    sp.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS))
-    sp.add_argument("--steps", type=int_in(1, 100_000), default=20)
-    sp.add_argument(
-        "--spacing",
-        default="trailing",
-        choices=list(SPACINGS),
-        help="which timesteps the sampler visits",
-    )
-    sp.add_argument(
-        "--eta", type=float_in(0, 10), default=0.0, help="DDIM noise (0: deterministic)"
-    )
-    sp.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
-    sp.add_argument("--batch-size", type=int_in(1, 65536), help=BATCH_HELP)
-    sp.add_argument(
-        "--compile",
-        default="auto",
-        choices=list(COMPILE_CHOICES),
-        help="torch.compile the network for sampling (CUDA graphs on CUDA; batches padded to one "
-        "shape; eager fallback if compilation fails or its first output differs from eager). "
-        f"auto: on for CPU jobs of at least {COMPILE_MIN_IMAGE_STEPS:,} image-steps, where the "
-        "compilation pays off; off on CUDA until measured there",
-    )
-    device_options(sp)
+        g.add_argument(
+            "--w",
+            type=in_range(float, Range(lo - 1, hi - 1)),
+            help="paper's guidance weight w = s - 1",
+        )
+    settings_options(sp)
     v = sp.add_argument_group("guidance variants (docs/guidance.md)")
     v.add_argument(
         "--guidance-interval",
@@ -393,15 +464,36 @@ def sampling_options(sp: argparse.ArgumentParser, required: bool = True, scale: 
         metavar="LO,HI",
         help="guide only where LO < sigma_t <= HI, sigma_t = sqrt((1-alpha_bar)/alpha_bar)",
     )
-    v.add_argument("--rescale", type=float_in(0, 1), default=0.0, help="phi of guidance rescale")
-    v.add_argument("--negative-class", type=int_in(0), help="steer away from this class")
+    v.add_argument(
+        "--rescale", type=field_type(Guidance, "rescale"), help="phi of guidance rescale"
+    )
+    v.add_argument(
+        "--negative-class",
+        type=field_type(Guidance, "negative_class"),
+        help="steer away from this class",
+    )
     v.add_argument("--guide-checkpoint", type=Path, help="autoguidance: a weaker checkpoint")
-    v.add_argument("--threshold", default="static", choices=list(THRESHOLDS))
-    v.add_argument("--threshold-percentile", type=float_in(0, 1, lo_open=True), default=0.995)
+    v.add_argument("--threshold", choices=list(THRESHOLDS))
+    v.add_argument("--threshold-percentile", type=field_type(Guidance, "threshold_percentile"))
     v.add_argument("--apg", action="store_true", help="adaptive projected guidance")
-    v.add_argument("--apg-eta", type=float_in(-10, 10), default=0.0)
-    v.add_argument("--apg-norm-threshold", type=float_in(0, 1e6), default=0.0)
-    v.add_argument("--apg-momentum", type=float_in(-1, 1), default=0.0)
+    for name in ("eta", "norm_threshold", "momentum"):
+        v.add_argument(f"--apg-{name.replace('_', '-')}", type=field_type(APG, name))
+
+
+def guidance_of(a: argparse.Namespace) -> Guidance:
+    """The Guidance variants the flags ask for (the scale is set by the library: --scale or
+    --w; the negative class and the guide network are the request's)."""
+    apg = None
+    if a.apg:
+        given = {k: getattr(a, f"apg_{k}") for k in ("eta", "norm_threshold", "momentum")}
+        apg = APG(**{k: v for k, v in given.items() if v is not None})
+    given = {
+        "interval": a.guidance_interval,
+        "rescale": a.rescale,
+        "threshold": a.threshold,
+        "threshold_percentile": a.threshold_percentile,
+    }
+    return Guidance(apg=apg, **{k: v for k, v in given.items() if v is not None})
 
 
 def negative_prompt_option(group) -> None:
@@ -434,29 +526,43 @@ def reference_options(sp: argparse.ArgumentParser) -> None:
     data_dir_option(sp, "where datasets, classifiers and models are cached")
 
 
-def refuse_writing_inputs(a: argparse.Namespace, *outputs: tuple[str, Path | None]) -> None:
-    """Refuse, before any work, an output ((flag, path) pairs; None paths skipped) that is or
-    lies inside one of the command's inputs: --checkpoint and --guide-checkpoint (the
-    checkpoint, its run's checkpoints folder, or the model file), --samples, a --dataset
-    folder, --inception."""
-    from cfgdiff.checkpoint import input_paths
-    from cfgdiff.data import DatasetName
-    from cfgdiff.files import refuse_overlap
+def reference_of(a: argparse.Namespace):
+    """The ReferenceOptions the flags ask for."""
+    from cfgdiff.metrics.judging import ReferenceOptions
 
-    inputs: list[tuple[str, Path]] = []
-    for flag in ("checkpoint", "guide_checkpoint"):
-        if getattr(a, flag, None) is not None:
-            inputs += input_paths(getattr(a, flag))
-    if getattr(a, "samples", None) is not None:
-        inputs.append(("the samples", a.samples))
-    if getattr(a, "inception", None) is not None:
-        inputs.append(("the Inception network", a.inception))
-    if getattr(a, "dataset", None) is not None:
-        try:
-            folder = DatasetName.parse(a.dataset).folder
-        except CfgDiffError:  # a bad name: the command says why
-            folder = None
-        inputs.append(("the dataset folder", folder))
-    for flag, out in outputs:
-        if out is not None:
-            refuse_overlap(out, inputs, flag)
+    return ReferenceOptions(a.dataset, a.features, a.inception, a.data_dir, a.device or "auto")
+
+
+# What eval and sweep read of a text model (metrics.judging: prompt adherence).
+TEXT_GROUP = "text models (prompt and attribute adherence on held-out prompts; docs/text.md)"
+
+
+def judged_options(sp: argparse.ArgumentParser) -> None:
+    """eval's and sweep's options of a text model: a negative prompt, prompts of a file."""
+    g = sp.add_argument_group(TEXT_GROUP)
+    negative_prompt_option(g)
+    g.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="measure these prompts instead of the run's held-out phrasings: one "
+        "CLASS<TAB>prompt per line, CLASS the class the prompt asks for (a name or an index); "
+        "reports the judge's accuracy per prompt and in all, and each prompt's mean thickness "
+        "and slant",
+    )
+
+
+def sampling_request(a: argparse.Namespace):
+    """The SampleRequest of eval's and sweep's sampling flags (its rows are the judge's)."""
+    from cfgdiff.sampling.conditions import Asks
+    from cfgdiff.sampling.request import SampleRequest
+
+    asks = Asks(
+        prompts_file=a.prompts, negative_class=a.negative_class,
+        negative_prompt=a.negative_prompt,
+    )  # fmt: skip
+    return SampleRequest(
+        checkpoint=a.checkpoint, scale=getattr(a, "scale", None), w=getattr(a, "w", None),
+        asks=asks, per_class=1, guidance=guidance_of(a), guide_checkpoint=a.guide_checkpoint,
+        settings=settings_of(a),
+    )  # fmt: skip

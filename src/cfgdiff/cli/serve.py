@@ -72,13 +72,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         device = resolve_device(a.device)
         loaded = load_for_sampling(a.checkpoint, device)
-        captions = None
-        if loaded.cfg.model.condition == "text":
-            from cfgdiff.text import run_caption_table
-
-            captions = run_caption_table(loaded.path)
-        model = Model(loaded.net, loaded.cfg, str(loaded.path), captions)
-        engine = Engine(model, limits, device, resolve_precision(a.precision, device))
+        engine = Engine(Model.of(loaded), limits, device, resolve_precision(a.precision, device))
         engine.warm_up()
     except BaseException:
         sock.close()

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from cfgdiff.cli.options import (
-    COMPILE_CHOICES,
     PRECISION_HELP,
     add_config_flags,
     data_dir_option,
@@ -18,7 +17,7 @@ from cfgdiff.cli.options import (
     overrides,
 )
 from cfgdiff.cli.progress import StopFlag, TrainProgress, log
-from cfgdiff.runtime import COMPILE_MIN_TRAIN_IMAGES, DEVICES, PRECISIONS
+from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_TRAIN_IMAGES, DEVICES, PRECISIONS
 
 
 def add_parser(sub) -> None:
@@ -91,6 +90,7 @@ def request(a: argparse.Namespace):
 def run(a: argparse.Namespace) -> int:
     from cfgdiff import dist
     from cfgdiff.train import run as training
+    from cfgdiff.train.run_folder import summary
     from cfgdiff.train.tensorboard import TensorBoardEvents, require_tensorboard
 
     if a.tensorboard:
@@ -125,33 +125,6 @@ def run(a: argparse.Namespace) -> int:
         print(f"stopped at step {res.step}; checkpoint {res.checkpoint}")
         print(f"resume with: cfgdiff train --out {a.out} --resume")
         return 0
-    lines = summary(res, prepared, time.perf_counter() - t0, a.out, a.time, a.tensorboard)
+    lines = summary(res, prepared, time.perf_counter() - t0, a.tensorboard)
     print("\n".join(lines))
-    from cfgdiff.files import atomic_write_bytes
-
-    atomic_write_bytes(a.out / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
     return 0
-
-
-def summary(
-    res, prepared, total: float, out: Path, time_budget: float | None, board: bool = False
-) -> list[str]:
-    """The lines a finished run prints and keeps in SUMMARY.txt (`board`: with --tensorboard)."""
-    scale = prepared.cfg.train.preview_scale
-    budget = f" (--time {time_budget:g} s)" if time_budget is not None else ""
-    loading = max(0.0, total - res.train_s - res.aside_s)
-    return [
-        f"done: {res.step} steps in {total:.0f} s "
-        f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}",
-        f"  time:            {res.train_s:.0f} s training{budget}, {res.aside_s:.0f} s previews, "
-        f"checkpoints and evaluations, {loading:.0f} s loading data",
-        f"  machine:         {prepared.device.type}: {prepared.machine}",
-        f"  checkpoint:      {res.checkpoint}",
-        f"  sample grids:    {out / 'samples'}/step-*.png  "
-        f"(rows = classes, s={scale:g}; real images in {out / 'real.png'})",
-        f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
-        f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
-        *([f"  tensorboard:     tensorboard --logdir {out / 'tensorboard'}"] if board else []),
-        f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
-        f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
-    ]

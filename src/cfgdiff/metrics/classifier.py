@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from cfgdiff.data import Dataset, DatasetName, convert_images, default_data_dir, load_dataset
-from cfgdiff.errors import CheckpointError
+from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import atomic_write_bytes
 from cfgdiff.runtime import autocast, resolve_precision
 
@@ -402,3 +402,38 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, l
     k = logits.shape[1]
     per = [float(ok[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(k)]
     return float(ok.mean()), per
+
+
+def train_judge(
+    dataset: str | None,
+    data_dir: Path | None = None,
+    *,
+    device: str = "auto",
+    image_size: int | None = None,
+    retrain: bool = False,
+    log=None,
+) -> str:
+    """`cfgdiff eval train-classifier`: the judge of `dataset` trained (or found cached or
+    shipped, unless `retrain`) and cached; returns the line that says what it is."""
+    from cfgdiff.data import check_name, default_data_dir
+    from cfgdiff.runtime import resolve_device
+
+    if dataset is None:
+        raise ConfigError("eval train-classifier: `dataset` is required")
+    check_name(dataset)
+    _, meta = get_classifier(
+        dataset, data_dir, device=resolve_device(device), log=log, image_size=image_size,
+        retrain=retrain,
+    )  # fmt: skip
+    path = classifier_path(data_dir or default_data_dir(), dataset)
+    epochs = meta.get("epochs_trained", meta["epochs"])  # (cached before the step floor: epochs)
+    how = f"{meta['train_seconds']} s", f"{meta['precision']}, {epochs} epochs"
+    made = f"trained in {how[0]} ({how[1]})"
+    if meta.get("source") == "shipped":
+        here = meta.get("test_accuracy_here")
+        where = "the split it was measured on" if here is None else f"{here:.4f} on this test split"
+        made = f"{where}; shipped with cfgdiff (trained in {', '.join(how)})"
+    return (
+        f"{dataset}: test accuracy {meta['test_accuracy']:.4f}, {made}, weights "
+        f"sha256 {meta['weights_sha256'][:16]}..., cached at {path}.safetensors"
+    )

@@ -411,16 +411,20 @@ class TrainingEvaluator:
         self.batch_size: int | None = None  # measured on the first evaluation
 
     def __call__(self, net) -> dict[str, float]:
-        from cfgdiff.runtime import sampling_batch_size
-        from cfgdiff.sample import generate
+        import dataclasses
 
-        t = self.cfg.train
+        from cfgdiff.runtime import sampling_batch_size
+        from cfgdiff.sampling.generate import generate
+        from cfgdiff.sampling.guidance import Guidance
+        from cfgdiff.sampling.previews import preview_settings
+
         if self.batch_size is None:
             self.batch_size = sampling_batch_size(net, self.cfg.model, self.device, self.precision)
+        settings = preview_settings(self.cfg, self.precision)
         images = generate(
-            net, self.cfg, self.labels, scale=t.preview_scale, sampler=t.preview_sampler,
-            steps=t.preview_steps, seed=0, batch_size=self.batch_size, device=self.device,
-            precision=self.precision,
+            net, self.cfg, self.labels,
+            settings=dataclasses.replace(settings, batch_size=self.batch_size),
+            guidance=Guidance(scale=self.cfg.train.preview_scale),
         )  # fmt: skip
         m = measure(self.ref, images, self.labels)
         return {k: m[k] for k in self.KEYS}

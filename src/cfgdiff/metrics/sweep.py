@@ -1,35 +1,29 @@
-"""The guidance sweep: every metric at several guidance scales, from the same noise, and the
-files that show the trade-off.
+"""`cfgdiff sweep` as a library call: `SweepRequest` -> `sweep` -> `Sweep`, every figure of a
+model's judge at several guidance scales, from the same noise, and the files that show the
+trade-off.
 
-Owns: sampling n images per scale in one job (sample i gets the same noise at every scale),
-measuring each scale against one reference, and the sweep folder: sweep.csv (one row per scale
-and the real floor), sweep.json, the plots fid_vs_scale, accuracy_vs_scale,
-precision_recall_vs_scale and fid_vs_is (each .png and .svg; plots.py draws them) and strip.png.
-A text model's sweep (`text_sweep`) is its prompt and attribute adherence at each scale
-(text_adherence.py): sweep.csv, sweep.json and adherence_vs_scale (.png and .svg).
+Owns the sweep's rules and defaults (the scales, or the paper's w = s - 1; 5000 samples a scale;
+the folder RUN/sweep) and its folder: sweep.csv (a row per scale, and the real floor where it
+was measured), sweep.json (the record), and the plots of its kind of model: for a class model
+fid_vs_scale, accuracy_vs_scale, precision_recall_vs_scale, fid_vs_is and strip.png, for a text
+model adherence_vs_scale (each plot .png and .svg; pictures.plots draws them).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from cfgdiff import dist
-from cfgdiff.files import atomic_write_csv, atomic_write_json
-from cfgdiff.guidance import Guidance
-from cfgdiff.metrics.evaluate import METRIC_KEYS, Reference, floor, measure
-from cfgdiff.metrics.text_adherence import ADHERENCE_KEYS, FIDELITY_KEYS, text_adherence
-from cfgdiff.plots import adherence_plot, sweep_plots
-from cfgdiff.previews import guidance_strip
-from cfgdiff.sample import generate
-from cfgdiff.viz import save_png
+from cfgdiff.config import bounded, check_ranges
+from cfgdiff.errors import ConfigError
+from cfgdiff.files import atomic_write_csv, atomic_write_json, refuse_overlap
+from cfgdiff.metrics.judging import ReferenceOptions, judge_of, measure_scales
+from cfgdiff.metrics.reports import sweep_lines
+from cfgdiff.sampling.request import SampleRequest, check_before_work, job_for, model_inputs
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# The sweep's plots (plots.sweep_plots), each written as NAME.png and NAME.svg.
-PLOTS = ("fid_vs_scale", "accuracy_vs_scale", "precision_recall_vs_scale", "fid_vs_is")
+DEFAULT_N = 5000  # samples per scale
 
 
 def default_sweep_dir(checkpoint: Path) -> Path:
@@ -40,94 +34,99 @@ def default_sweep_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent / "sweep"
 
 
-def sweep(
-    loaded,
-    guidance: Guidance,
-    scales: list[float],
-    n: int,
-    ref: Reference,
-    out: Path,
-    *,
-    record: dict,
-    sampler: str,
-    steps: int,
-    spacing: str,
-    eta: float,
-    seed: int,
-    batch_size: int | None,
-    compile: str,
-    device: torch.device,
-    precision: str,
-    log=None,
-    world: dist.World | None = None,
-) -> dict | None:
-    """Sample n images at each scale with `guidance` (its scale replaced per sample), measure
-    each scale and the real floor against `ref`, and write the sweep folder `out`. `loaded`:
-    checkpoint.load_for_sampling's. Returns what sweep.json holds: `record` (how it was sampled,
-    without a single scale) then the scales, rows and floor. `world`: the processes of a
-    torchrun job, which share the sampling; rank 0 alone measures and writes (the others
-    return None)."""
+@dataclass(frozen=True)
+class SweepRequest:
+    """What a user asks of a sweep (`cfgdiff sweep`'s flags as parameters): `sampling`'s
+    checkpoint, guidance variants and settings (its scale, `out` and `per_class` are not
+    read) at each of `scales` (or of the paper's `ws`, s = w + 1; default DEFAULT_SCALES)."""
+
+    sampling: SampleRequest
+    scales: tuple[float, ...] | None = None
+    ws: tuple[float, ...] | None = None
+    n: int = bounded(DEFAULT_N, 10, 1_000_000)  # samples per scale
+    reference: ReferenceOptions = field(default_factory=ReferenceOptions)
+    out: Path | None = None  # the sweep folder (default: default_sweep_dir)
+
+    def scale_list(self) -> list[float]:
+        if self.scales is not None and self.ws is not None:
+            raise ConfigError("pass `scales` or `ws`, not both")
+        if self.ws is not None:
+            return [w + 1 for w in self.ws]
+        return list(self.scales or DEFAULT_SCALES)
+
+    def validate(self) -> None:
+        check_ranges(self)
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"`out` {self.out}: is a file; `out` names a folder here")
+        if self.out is not None:
+            sr = self.sampling
+            refuse_overlap(self.out, model_inputs(sr.checkpoint, sr.guide_checkpoint), "`out`")
+
+
+@dataclass
+class Sweep:
+    """A sweep's record (sweep.json), its folder and its judge's metric."""
+
+    record: dict
+    out: Path
+    metric: str
+
+    def lines(self) -> list[str]:
+        return sweep_lines(self)
+
+
+def sweep(req: SweepRequest, *, log=None, world: dist.World | None = None) -> Sweep | None:
+    """Run the sweep `req` asks for and write its folder. Under torchrun (`world`) every
+    process samples its share; rank 0 alone measures, writes and returns the Sweep (the others
+    None)."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.runtime import describe_machine, resolve_device
+    from cfgdiff.sampling.conditions import Model
+
+    req.validate()
+    scales = req.scale_list()
     world = world or dist.World()
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        log = None
-    k = loaded.cfg.model.num_classes
-    per_sample = torch.tensor([s for s in scales for _ in range(n)], dtype=torch.float32)
-    labels = (torch.arange(n) % k).repeat(len(scales))
-    t0 = time.perf_counter()
-    images = generate(
-        loaded.net, loaded.cfg, labels, guidance=dataclasses.replace(guidance, scale=per_sample),
-        sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
-        indices=list(range(n)) * len(scales),  # the same noise at every scale
-        device=device, precision=precision, compile=compile, log=log, world=world,
-    )  # fmt: skip
-    dt = time.perf_counter() - t0
-    rows = []
-    for i, s in enumerate(scales):
-        m = measure(ref, images[i * n : (i + 1) * n], labels[:n], world)
-        rows.append({"scale": s, "w": s - 1, **{key: m[key] for key in METRIC_KEYS}})
-        rows[-1].update(kid_std=m["kid_std"], is_std=m["is_std"])
-        if log is not None:
-            log(
-                f"s={s:g}: FID {m['fid']:.3f}, IS {m['is']:.3f}, accuracy "
-                f"{m['class_accuracy']:.4f}, precision {m['precision']:.3f}, recall "
-                f"{m['recall']:.3f}"
-            )
-    real = floor(ref, world)
+    sr = req.sampling
+    sr.settings.validate()
+    device = resolve_device(sr.settings.device)
+    model = Model.of(load_for_sampling(sr.checkpoint, device))
+    out = req.out if req.out is not None else default_sweep_dir(model.path)
+    # everything checked before the judge: building the reference may train one for minutes
+    check_before_work(model, sr)
+    main_log = log if world.is_main else None
+    judge = judge_of(model, sr.asks, req.n, req.reference, device=device, log=log, world=world)
+    job = job_for(model, sr.asks, sr, 1.0, rows=judge.rows)
+    rows, per_s = measure_scales(job, judge, scales, log=main_log, world=world)
+    floor = judge.floor(world)
     if not world.is_main:
         return None
-    real_row = {"scale": "real", "w": "", **{key: real[key] for key in METRIC_KEYS}}
-    real_row.update(kid_std=real["kid_std"], is_std=real["is_std"])
-    atomic_write_csv(out / "sweep.csv", [*rows, real_row], list(rows[0]))
-    record = {k: v for k, v in record.items() if k not in ("scale", "w")}
-    result = {
-        **record, "scales": scales, "n": n, "dataset": ref.dataset,
-        "features": ref.features.name, "rows": rows, "real_floor": real,
-        "sampling_images_per_s": len(labels) / dt,
+    base = {k: v for k, v in job.record().items() if k not in ("scale", "w")}
+    record = {
+        **base, "scales": scales, "n": judge.n, **judge.record(),
+        "rows": [{k: r[k] for k in judge.sweep_keys} | _extra(r) for r in rows],
+        **({"real_floor": floor} if floor is not None else {}),
+        "sampling_images_per_s": per_s, "device": device.type,
+        "machine": describe_machine(device),
     }  # fmt: skip
-    atomic_write_json(out / "sweep.json", result)
-    sweep_plots(scales, rows, real, ref.features.name, out)
-    strip = guidance_strip(
-        loaded.net, loaded.cfg, loaded.cfg.label_names(), device, precision, seed=seed,
-        scales=scales, steps=steps,
-    )  # fmt: skip
-    save_png(strip, out / "strip.png")
-    return result
-
-
-def text_sweep(loaded, scales: list[float], n: int, out: Path, **kwargs) -> dict | None:
-    """A text model's sweep: text_adherence (its keyword arguments: guidance, record, sampler,
-    steps, ..., world) at every scale, written to the sweep folder `out` as sweep.csv (a row per
-    scale), sweep.json (the record) and the adherence_vs_scale plot. Rank 0 of a torchrun job
-    alone writes and returns the record (the others share the sampling and return None)."""
-    world = kwargs.get("world") or dist.World()
-    result = text_adherence(loaded, scales, n, **kwargs)
-    if not world.is_main:
-        return None
+    for r in record["rows"]:
+        if main_log is not None and "fid" in r and r["fid"] is not None:
+            main_log(
+                f"s={r['scale']:g}: FID {r['fid']:.3f}, IS {r['is']:.3f}, accuracy "
+                f"{r['class_accuracy']:.4f}, precision {r['precision']:.3f}, recall "
+                f"{r['recall']:.3f}"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["scale", "w", "n", *ADHERENCE_KEYS, *FIDELITY_KEYS]
-    atomic_write_csv(out / "sweep.csv", result["rows"], fields)
-    atomic_write_json(out / "sweep.json", result)
-    adherence_plot(result["rows"], out / "adherence_vs_scale")
-    return result
+    _write(out, record, judge, job)
+    return Sweep(record, out, model.kind.metric)
+
+
+def _extra(row: dict) -> dict:
+    """What a sweep.json row keeps beyond sweep.csv's columns (a file's prompts, each)."""
+    return {"prompt_rows": row["prompt_rows"]} if "prompt_rows" in row else {}
+
+
+def _write(out: Path, record: dict, judge, job) -> None:
+    """The sweep folder: sweep.csv, sweep.json and the plots of the judge's kind."""
+    atomic_write_csv(out / "sweep.csv", judge.csv_rows(record), list(judge.sweep_keys))
+    atomic_write_json(out / "sweep.json", record)
+    judge.plots(record, job, out)

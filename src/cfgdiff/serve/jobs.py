@@ -7,10 +7,13 @@ the null, as `cfgdiff sample --negative-prompt`): embedded when the request is c
 run's caption table, else the encoder the engine holds), so a prompt the model cannot read is
 refused before it waits.
 
-Everything here is a thin layer over `sample.generate` and its per-step callback: a preview is
-the callback's x0_hat every few steps, a cancel is the callback raising, the final PNG is the
-grid `cfgdiff sample --out FILE.png` writes for the same settings (viz.labelled_grid), and the
-command is that `cfgdiff sample` command.
+Everything here is a thin layer over the library's sampling request (sampling.request.job_for:
+the same rows, reference and settings as `cfgdiff sample`) and generate's per-step callback: a
+preview is the callback's x0_hat every few steps, a cancel is the callback raising, the final
+PNG is the grid `cfgdiff sample --out FILE.png` writes for the same settings
+(pictures.images.labelled_grid), and the command is that `cfgdiff sample` command. The sampler
+settings a request may give (sampler, steps, seed), their bounds and their flags in the command
+are SamplingSettings' own declaration; a request that gives none gets the model's own sampler.
 """
 
 from __future__ import annotations
@@ -29,19 +32,22 @@ from typing import Any
 
 import torch
 
+from cfgdiff.config import RunConfig, range_of
 from cfgdiff.errors import CfgDiffError, ConfigError
-from cfgdiff.guidance import Guidance
-from cfgdiff.sample import generate, to_uint8
-from cfgdiff.samplers import SAMPLERS
-from cfgdiff.viz import PROMPT_LABEL_CHARS, labelled_grid, png_bytes
+from cfgdiff.pictures.images import labelled_grid, png_bytes
+from cfgdiff.sampling.conditions import Asks, Model
+from cfgdiff.sampling.generate import generate, to_uint8
+from cfgdiff.sampling.guidance import Guidance
+from cfgdiff.sampling.request import SampleRequest, job_for
+from cfgdiff.sampling.settings import SamplingSettings, flag
 
 MAX_SCALE = 10.0  # the page's slider: s in [0, 10]
-MAX_SEED = 2**53 - 1  # a JavaScript number holds every integer up to here
 MODES = ("images", "strip")
 MAX_PROMPT_CHARS = 200  # a prompt's length on the page; a model reads at most its text_tokens
-_EMBEDDINGS_KEPT = 256  # prompt embeddings an engine keeps
-# the sampler a request gets by default (the CLI's default)
-DEFAULT_SAMPLER = "dpmpp-2m"
+# The sampler settings a request may give: SamplingSettings fields, bounded and checked by
+# their declaration (and `steps` by the model's T and Limits.max_steps as well).
+SETTINGS_FIELDS = ("sampler", "steps", "seed")
+MAX_SEED = int(range_of(SamplingSettings, "seed").hi)
 
 
 @dataclass(frozen=True)
@@ -68,21 +74,17 @@ class Limits:
 
 @dataclass(frozen=True)
 class Settings:
-    """One checked request. mode "images": `n` images of `label` at `scale`; mode "strip": `n`
-    images of `label` at each of `scales`, the same noise at every scale."""
+    """One checked request. mode "images": `n` images of the row `asks` asks for (a class or
+    a prompt, and its reference) at `scale`; mode "strip": `n` images at each of `scales`, the
+    same noise at every scale. `sampling`: the sampler settings it gave (None: the model's)."""
 
-    label: int
+    asks: Asks
     scale: float
-    sampler: str
-    steps: int
-    seed: int
+    sampling: SamplingSettings
     n: int
     mode: str = "images"
     scales: tuple[float, ...] = ()
-    negative_class: int | None = None
     interval: tuple[float, float] | None = None
-    prompt: str | None = None  # a text model's (then `label` is unused: -1)
-    negative_prompt: str | None = None
 
     @property
     def columns(self) -> tuple[float, ...]:
@@ -92,11 +94,24 @@ class Settings:
     def images(self) -> int:
         return self.n * len(self.columns)
 
+    def fields(self, names: list[str]) -> dict:
+        """The request as the page's fields (`names`: the model's class names), resolved
+        settings included: what a finished job reports."""
+        a = self.asks
+        return {
+            "class": names.index(a.classes[0]) if a.classes else None,
+            "prompt": a.prompts[0] if a.prompts else None, "scale": self.scale,
+            **{k: getattr(self.sampling, k) for k in SETTINGS_FIELDS}, "n": self.n,
+            "mode": self.mode, "scales": list(self.scales), "negative_class": a.negative_class,
+            "negative_prompt": a.negative_prompt,
+            "interval": list(self.interval) if self.interval else None,
+        }  # fmt: skip
+
 
 # the fields a request may have
 FIELDS = (
-    "class", "scale", "sampler", "steps", "seed", "n", "mode", "scales", "negative_class",
-    "interval", "prompt", "negative_prompt",
+    "class", "scale", *SETTINGS_FIELDS, "n", "mode", "scales", "negative_class", "interval",
+    "prompt", "negative_prompt",
 )  # fmt: skip
 CLASS_FIELDS = ("class", "negative_class")  # a class model's only
 TEXT_FIELDS = ("prompt", "negative_prompt")  # a text model's only
@@ -134,12 +149,33 @@ def _prompt(body: dict, key: str) -> str:
     return v
 
 
-def parse_settings(
-    body: Any, num_classes: int, timesteps: int, limits: Limits, text: bool = False
-) -> Settings:
-    """A request body (parsed JSON) checked field by field; a ConfigError whose one line names
-    the field (in backticks) for the first thing wrong. Nothing in a body names a file.
-    text: the model reads prompts (`prompt`, `negative_prompt`) in place of class labels."""
+def _sampling(body: dict, timesteps: int, limits: Limits) -> SamplingSettings:
+    """The request's sampler settings, each field checked against SamplingSettings'
+    declaration of it (its choices, or its range); absent ones are left to the model."""
+    given = {}
+    for name in SETTINGS_FIELDS:
+        if name not in body:
+            continue
+        f = next(f for f in dataclasses.fields(SamplingSettings) if f.name == name)
+        if "choices" in f.metadata:
+            v, allowed = body[name], list(f.metadata["choices"])
+            if not isinstance(v, str) or v not in allowed:
+                raise ConfigError(f"`{name}` must be one of {', '.join(allowed)}, got {v!r:.40}")
+            given[name] = v
+            continue
+        r = f.metadata["range"]
+        hi = int(r.hi) if name != "steps" else min(int(r.hi), limits.max_steps, timesteps)
+        given[name] = _integer(body, name, int(r.lo), hi)
+    return SamplingSettings(**given)
+
+
+def parse_settings(body: Any, cfg: RunConfig, limits: Limits) -> Settings:
+    """A request body (parsed JSON) for a model of `cfg`, checked field by field; a ConfigError
+    whose one line names the field (in backticks) for the first thing wrong. Nothing in a body
+    names a file. A text model reads prompts (`prompt`, `negative_prompt`) in place of class
+    labels."""
+    names, timesteps = cfg.label_names(), cfg.diffusion.timesteps
+    text = cfg.model.condition == "text"
     if not isinstance(body, dict):
         raise ConfigError("the request must be a JSON object")
     unknown = sorted(k for k in body if k not in FIELDS)
@@ -152,15 +188,18 @@ def parse_settings(
                 if text
                 else f"`{key}` is for a text model; this one takes class labels (`class`)"
             )
-    label = -1 if text else _integer(body, "class", 0, num_classes - 1)
-    prompt = _prompt(body, "prompt") if text else None
-    negative_prompt = _prompt(body, "negative_prompt") if "negative_prompt" in body else None
+    k = len(names)
+    if text:
+        asks = Asks(prompts=(_prompt(body, "prompt"),))
+        if "negative_prompt" in body:
+            asks = dataclasses.replace(asks, negative_prompt=_prompt(body, "negative_prompt"))
+    else:
+        asks = Asks(classes=(names[_integer(body, "class", 0, k - 1)],))
+        if body.get("negative_class") is not None:
+            negative = _integer(body, "negative_class", 0, k - 1)
+            asks = dataclasses.replace(asks, negative_class=negative)
     scale = _number(body, "scale", 0.0, MAX_SCALE, 3.0)
-    sampler = body.get("sampler", DEFAULT_SAMPLER)
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {sampler!r:.40}")
-    steps = _integer(body, "steps", 1, min(limits.max_steps, timesteps), 20)
-    seed = _integer(body, "seed", 0, MAX_SEED, 0)
+    sampling = _sampling(body, timesteps, limits)
     n = _integer(body, "n", 1, limits.max_images, 1)
     mode = body.get("mode", "images")
     if mode not in MODES:
@@ -175,9 +214,6 @@ def parse_settings(
         scales = tuple(_number({"scales": v}, "scales", 0.0, MAX_SCALE) for v in raw)
         if len(set(scales)) != len(scales):
             raise ConfigError("`scales` must be distinct")
-    negative = body.get("negative_class")
-    if negative is not None:
-        negative = _integer(body, "negative_class", 0, num_classes - 1)
     interval = body.get("interval")
     if interval is not None:
         if not isinstance(interval, list) or len(interval) != 2:
@@ -187,10 +223,8 @@ def parse_settings(
         if not lo < hi:
             raise ConfigError(f"`interval` must satisfy lo < hi, got [{lo:g}, {hi:g}]")
         interval = (lo, hi)
-    s = Settings(
-        label, scale, sampler, steps, seed, n, mode, scales, negative, interval, prompt,
-        negative_prompt,
-    )  # fmt: skip
+    s = Settings(asks, scale, sampling, n, mode, scales, interval)
+    steps = sampling.steps or cfg.sampling.steps  # none given: the model's own
     if s.images > limits.max_images:
         raise ConfigError(
             f"`n` x `scales`: at most {limits.max_images} images a request, got {s.images}"
@@ -209,33 +243,36 @@ def _number_word(v: float) -> str:
     return short if float(short) == v else repr(v)
 
 
-def sample_command(
-    checkpoint: str, class_names: list[str], s: Settings, precision: str
-) -> list[str]:
+def sample_command(checkpoint: str, names: list[str], s: Settings, settings) -> list[str]:
     """The `cfgdiff sample` commands that write this request's images, one per scale (a strip
     has several): each writes the grid of that scale's images, as the page shows it for mode
-    "images"; a strip's columns are the same images, sampled in one batch."""
-    if s.prompt is not None:  # `--prompt=P`: a prompt that starts with "-" is not an option
-        cls = [f"--prompt={s.prompt}"]
+    "images"; a strip's columns are the same images, sampled in one batch. `settings`: the
+    job's resolved SamplingSettings, said with their own flags."""
+    a = s.asks
+    if a.prompts:  # `--prompt=P`: a prompt that starts with "-" is not an option
+        cls = [f"--prompt={a.prompts[0]}"]
     else:  # by name where `--classes` can say it (it splits on commas and strips), else index
-        name = class_names[s.label]
-        word = name if "," not in name and name.strip() == name and name else str(s.label)
+        name = a.classes[0]
+        word = name if "," not in name and name.strip() == name and name else None
+        word = word or str(names.index(name))
         cls = ["--classes", word] if not word.startswith("-") else [f"--classes={word}"]
+    flags = []
+    for k in SETTINGS_FIELDS:
+        flags += [flag(k), str(getattr(settings, k))]
     out = []
     for scale in s.columns:
         words = [
             "cfgdiff", "sample", "--checkpoint", checkpoint, "--scale", _number_word(scale),
-            *cls, "--per-class", str(s.n), "--sampler", s.sampler, "--steps", str(s.steps),
-            "--seed", str(s.seed),
+            *cls, "--per-class", str(s.n), *flags,
         ]  # fmt: skip
-        if s.negative_class is not None:
-            words += ["--negative-class", str(s.negative_class)]
-        if s.negative_prompt is not None:
-            words += [f"--negative-prompt={s.negative_prompt}"]
+        if a.negative_class is not None:
+            words += ["--negative-class", str(a.negative_class)]
+        if a.negative_prompt is not None:
+            words += [f"--negative-prompt={a.negative_prompt}"]
         if s.interval is not None:
             words += ["--guidance-interval", ",".join(_number_word(v) for v in s.interval)]
         name = "sample.png" if s.mode == "images" else f"strip-s{_number_word(scale)}.png"
-        words += ["--precision", precision, "--out", name]
+        words += [flag("precision"), settings.precision, "--out", name]
         out.append(shlex.join(words))
     return out
 
@@ -272,19 +309,6 @@ class Job:
         return self._cancel.is_set()
 
 
-@dataclass
-class Model:
-    """What the engine samples from: a network, its config, and the checkpoint path shown in
-    the command (checkpoint.load_for_sampling's Loaded has all three); for a text model, the
-    run's caption table when it has one (text.run_caption_table: its captions need no
-    encoder)."""
-
-    net: Any
-    cfg: Any
-    path: str
-    captions: Any = None
-
-
 class Engine:
     """One model, one worker thread: requests run one at a time in order, at most
     `limits.queue` wait behind the running one, and a request beyond that is refused (Busy)
@@ -298,8 +322,6 @@ class Engine:
         self.device, self.precision = torch.device(device), precision
         self.names = model.cfg.label_names()
         self.text = model.cfg.model.condition == "text"
-        self._encoder = None  # a text model's, loaded by warm_up or the first new prompt
-        self._embeddings: dict[str, torch.Tensor] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(limits.queue, 0) or 1)
         self._lock = threading.Lock()
         self._waiting = 0
@@ -313,16 +335,19 @@ class Engine:
 
     def info(self) -> dict:
         """What the page needs to draw its controls."""
-        m, lim = self.model.cfg.model, self.limits
+        cfg, lim = self.model.cfg, self.limits
+        m = cfg.model
+        samplers = next(f for f in dataclasses.fields(SamplingSettings) if f.name == "sampler")
         return {
             "condition": m.condition, "examples": self.examples(),
             "max_prompt_chars": MAX_PROMPT_CHARS,
             "classes": self.names, "image_size": m.image_size, "channels": m.in_channels,
-            "samplers": list(SAMPLERS), "sampler": DEFAULT_SAMPLER,
-            "max_steps": min(lim.max_steps, self.model.cfg.diffusion.timesteps),
+            "samplers": list(samplers.metadata["choices"]), "sampler": cfg.sampling.sampler,
+            "steps": cfg.sampling.steps,
+            "max_steps": min(lim.max_steps, cfg.diffusion.timesteps),
             "max_images": lim.max_images, "max_image_steps": lim.max_image_steps,
             "max_scales": lim.max_scales, "max_scale": MAX_SCALE, "max_seed": MAX_SEED,
-            "checkpoint": self.model.path, "dataset": self.model.cfg.dataset,
+            "checkpoint": str(self.model.path), "dataset": cfg.dataset,
             "device": str(self.device), "precision": self.precision,
         }  # fmt: skip
 
@@ -330,49 +355,29 @@ class Engine:
         """A text model's example prompts, one per class: its name, a digit's as a word
         ("seven", "Sneaker"; what `cfgdiff sample` draws without --prompt); [] for a class
         model."""
-        from cfgdiff.data.captions import class_words
+        from cfgdiff.text.captions import class_words
 
         return class_words(self.names) if self.text else []
 
     def parse(self, body: Any) -> Settings:
-        """A request checked (parse_settings); a text model's prompts are embedded now, so
-        that one it cannot read (too many tokens, no encoder) is refused before it waits."""
-        cfg = self.model.cfg
-        s = parse_settings(
-            body, cfg.model.num_classes, cfg.diffusion.timesteps, self.limits, self.text
-        )
-        for p in (s.prompt, s.negative_prompt):
-            if p is not None:
-                self.embed(p)
+        """A request checked (parse_settings) and made into its sampling job, so that what the
+        model cannot do (a prompt it cannot read: too many tokens, no encoder) is refused
+        before it waits; the prompts' embeddings are kept for the job."""
+        s = parse_settings(body, self.model.cfg, self.limits)
+        self.job_of(s)
         return s
 
-    def _load_encoder(self) -> None:
-        """The model's text encoder, loaded once and checked against the model's record."""
-        if self._encoder is None:
-            from cfgdiff.text import check_encoder
-            from cfgdiff.text_encoder import load_encoder
-
-            encoder = load_encoder(self.model.cfg.model.text_encoder)
-            check_encoder(self.model.cfg.model, encoder)
-            self._encoder = encoder
-
-    def embed(self, prompt: str) -> torch.Tensor:
-        """(cond_dim,) a prompt's embedding (text.embed_prompts), kept for the next request."""
-        from cfgdiff.text import embed_prompts
-
-        with self._lock:
-            kept = self._embeddings.get(prompt)
-        if kept is not None:
-            return kept
-        m, table = self.model.cfg.model, self.model.captions
-        if table is None or prompt not in table.captions:
-            self._load_encoder()
-        row = embed_prompts([prompt], m, table, self._encoder)[0]
-        with self._lock:
-            if len(self._embeddings) >= _EMBEDDINGS_KEPT:
-                self._embeddings.pop(next(iter(self._embeddings)))
-            self._embeddings[prompt] = row
-        return row
+    def job_of(self, s: Settings):
+        """The library's sampling job of a checked request (sampling.request.job_for): the
+        rows, reference and settings `cfgdiff sample` would take for the same flags."""
+        settings = dataclasses.replace(
+            s.sampling, batch_size=s.images, device=str(self.device), precision=self.precision
+        )
+        req = SampleRequest(
+            checkpoint=self.model.path, per_class=s.n, guidance=Guidance(interval=s.interval),
+            settings=settings,
+        )  # fmt: skip
+        return job_for(self.model, s.asks, req, s.scale)
 
     def submit(self, settings: Settings, sink: Sink) -> Job:
         """Queue a job, or raise Busy when `limits.queue` jobs already wait (the running one
@@ -439,17 +444,17 @@ class Engine:
     def warm_up(self) -> None:
         """One small guided generation, so that the first request does not pay for the first
         network call (memory allocation, kernel selection)."""
-        c = [0]
+        c = torch.zeros(1, dtype=torch.long)
         if self.text:  # and the encoder, when it can be had (else new prompts are refused)
-            c = self.embed(self.examples()[0])[None]
+            c = self.model.embed(self.examples()[:1])
             try:
-                self._load_encoder()
+                self.model.load_encoder()
             except CfgDiffError:
                 pass
-        generate(
-            self.model.net, self.model.cfg, c, scale=2.0, steps=2, batch_size=1,
-            device=self.device, precision=self.precision,
-        )  # fmt: skip
+        settings = SamplingSettings(
+            steps=2, batch_size=1, device=str(self.device), precision=self.precision
+        )
+        generate(self.model.net, self.model.cfg, c, settings=settings, guidance=Guidance(scale=2.0))
 
     # ------------------------------------------------------------ the worker thread
 
@@ -480,25 +485,17 @@ class Engine:
         job.sink(event)
 
     def _run(self, job: Job) -> None:
-        s, m = job.settings, self.model
-        cols = s.columns
-        if s.prompt is not None:
-            labels = self.embed(s.prompt).expand(s.images, -1)
-            negative = None if s.negative_prompt is None else self.embed(s.negative_prompt)
-            name = s.prompt[:PROMPT_LABEL_CHARS]
-        else:
-            labels = torch.full((s.images,), s.label, dtype=torch.long)
-            negative, name = None, self.names[s.label][:12]
+        s = job.settings
+        sampling = self.job_of(s)  # its prompts' embeddings are kept since parse
+        cols, steps = s.columns, sampling.settings.steps
         # image i of column k is noise stream i: the stream `cfgdiff sample` gives image i
         indices = [i for i in range(s.n) for _ in cols]
-        scale: float | torch.Tensor = s.scale
+        guidance = sampling.guidance
         if s.mode == "strip":
-            scale = torch.tensor([c for _ in range(s.n) for c in cols], dtype=torch.float32)
-        guidance = Guidance(
-            scale=scale, interval=s.interval, negative_class=s.negative_class,
-            negative_condition=negative,
-        )  # fmt: skip
-        every = max(1, math.ceil(s.steps / self.limits.previews))
+            per = torch.tensor([c for _ in range(s.n) for c in cols], dtype=torch.float32)
+            guidance = dataclasses.replace(guidance, scale=per)
+        every = max(1, math.ceil(steps / self.limits.previews))
+        name = sampling.condition.row_labels()[0]
         row_names = [name] + [""] * (s.n - 1 if s.mode == "strip" else 0)
         col_names = [f"s={c:g}" for c in cols] if s.mode == "strip" else None
         ncols = s.n if s.mode == "images" else len(cols)
@@ -511,19 +508,19 @@ class Engine:
             job.steps_done = i + 1
             if job.cancelled:
                 raise Cancelled
-            if i == 0 or ((i + 1) % every == 0 and i + 1 < s.steps):
+            if i == 0 or ((i + 1) % every == 0 and i + 1 < steps):
                 job.sink({
-                    "type": "preview", "job": job.id, "step": i + 1, "steps": s.steps,
+                    "type": "preview", "job": job.id, "step": i + 1, "steps": steps,
                     "t": int(t), "png": picture(to_uint8(x0_hat).cpu()),
                 })  # fmt: skip
 
-        job.sink({"type": "started", "job": job.id, "steps": s.steps, "images": s.images})
+        job.sink({"type": "started", "job": job.id, "steps": steps, "images": s.images})
         t0 = time.perf_counter()
         try:
             images = generate(
-                m.net, m.cfg, labels, guidance=guidance, sampler=s.sampler, steps=s.steps,
-                seed=s.seed, batch_size=s.images, indices=indices, device=self.device,
-                precision=self.precision, callback=step,
+                self.model.net, self.model.cfg, sampling.condition.cond.repeat_interleave(
+                    s.images, dim=0), settings=sampling.settings, guidance=guidance,
+                indices=indices, callback=step,
             )  # fmt: skip
         except Cancelled:
             self._finish(job, {"type": "cancelled", "job": job.id, "step": job.steps_done})
@@ -540,6 +537,7 @@ class Engine:
         self._finish(job, {
             "type": "done", "job": job.id, "png": picture(images), "seconds": round(dt, 3),
             "images_per_s": round(s.images / max(dt, 1e-9), 2),
-            "commands": sample_command(m.path, self.names, s, self.precision),
-            "settings": dataclasses.asdict(s),
+            "commands": sample_command(str(self.model.path), self.names, s, sampling.settings),
+            "settings": {**s.fields(self.names), **{
+                k: getattr(sampling.settings, k) for k in SETTINGS_FIELDS}},
         })  # fmt: skip

@@ -40,6 +40,14 @@ class TimeBudget:
         self.aside_s = 0.0  # previews, evaluations, checkpoints, the strip
         self._probe: list[float] = []  # clock minus aside time at the BUDGET_PROBE steps
         self.rate: float | None = None  # steps per second over the probe
+        self.fixed: int | None = None  # the step count, once the probe has fixed it
+
+    def total(self, planned: int) -> int:
+        """The steps to train: `planned` without a budget; with one, as many as a run may have
+        until the probe fixes the count, then that count."""
+        if self.seconds is None:
+            return planned
+        return self.fixed if self.fixed is not None else MAX_STEPS
 
     @contextlib.contextmanager
     def aside(self):
@@ -65,4 +73,5 @@ class TimeBudget:
             return None
         p0, p1 = self._probe
         self.rate = (BUDGET_PROBE[1] - BUDGET_PROBE[0]) / max(p1 - p0, 1e-9)
-        return steps_for_budget(step, self.seconds - (p1 - self.began), self.rate)
+        self.fixed = steps_for_budget(step, self.seconds - (p1 - self.began), self.rate)
+        return self.fixed

@@ -18,7 +18,6 @@ collective is called by all processes at the same step, never under a rank condi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ import torch
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff import dist
 from cfgdiff.compiled import check_compiled_gradients
-from cfgdiff.config import MAX_STEPS, RunConfig
+from cfgdiff.config import RunConfig
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
-from cfgdiff.previews import guidance_strip, preview_grid, real_grid
 from cfgdiff.runtime import autocast, error_line, is_out_of_memory
-from cfgdiff.text import CAPTIONS_FILE
+from cfgdiff.sampling.previews import guidance_strip, preview_grid, preview_settings, real_grid
+from cfgdiff.text.embedding import CAPTIONS_FILE
 from cfgdiff.train.budget import TimeBudget
 from cfgdiff.train.run_folder import RunLock, RunOutputs
 from cfgdiff.train.state import Event, TrainState, lr_at
@@ -104,13 +103,7 @@ def train(
     world = dist.world()
     if world.enabled:
         dist.per_rank_batch(cfg.train.batch_size, world)
-    if time_budget is not None and resume:
-        raise ConfigError(
-            "`time_budget` sizes a new run's schedule; a resumed run keeps its own (`steps` "
-            "extends it)"
-        )
-    if time_budget is not None and not time_budget > 0:
-        raise ConfigError(f"`time_budget` must be > 0 seconds, got {time_budget}")
+    check_budget(time_budget, resume)
     m = cfg.model
     if (data.channels, data.image_size, data.num_classes) != (
         m.in_channels,
@@ -135,23 +128,33 @@ def train(
         return _run(cfg, run_dir, data, options)
 
 
+def check_budget(time_budget: float | None, resume: bool, steps_given: bool = False) -> None:
+    """A time budget sizes a new run's step count: not with a resume (which keeps its own) or
+    a step count given; and it must be positive. The one place that says so (run.prepare
+    asks before the data is read, train before the loop starts)."""
+    if time_budget is None:
+        return
+    if resume or steps_given:
+        other = "`steps`" if steps_given else "`resume=True`"
+        raise ConfigError(
+            f"`time_budget={time_budget:g}` s: not with {other} (`time_budget` sizes a new "
+            "run's step count; a resumed run keeps its own, and `steps` extends it)"
+        )
+    if not time_budget > 0:
+        raise ConfigError(f"`time_budget` must be > 0 seconds, got {time_budget}")
+
+
 def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     began = time.perf_counter()
     t, emit, w = cfg.train, o.emit, o.world
 
-    # --- the state: a new run's, or that of the run's latest checkpoint
+    # --- the state (a new run's, or that of the run's latest checkpoint) and rank 0's files
     ckpt_root = run_dir / "checkpoints"
     last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume, w)
     state = TrainState.create(cfg, data, o.device, o.precision, w)
     if o.resume:
         state.load(last_ckpt, emit)
-    out = None  # rank 0's files
-    if w.is_main:
-        note = lambda text: emit("note", {"text": text})  # noqa: E731
-        out = RunOutputs(run_dir, state.step if o.resume else None, note=note)
-        out.real_grid(lambda: real_grid(data, t.preview_per_class))
-        if state.text is not None:  # the caption table: sampling its captions needs no encoder
-            state.text.save(run_dir / CAPTIONS_FILE)
+    out = _outputs(state, run_dir, data, o) if w.is_main else None
     emit("start", {
         "step": state.step, "total": None if o.time_budget is not None else t.steps,
         "params": count_parameters(state.net), "device": str(o.device),
@@ -160,32 +163,17 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     })  # fmt: skip
 
     # --- the step's network: eager, or compiled and checked against eager (timed with the run)
-    if o.channels_last:
-        state.net = state.net.to(memory_format=torch.channels_last)
-    forward = state.net
     faults = _Faults(o.device, t.skip_nonfinite, t.batch_size)
-    if o.compile:
-        with faults.out_of_memory(state.step, last_ckpt):
-            forward = _compiled_or_eager(state, o.channels_last, emit)
-    if w.enabled:
-        # DDP's construction broadcasts rank 0's weights; the EMA starts from them (a resumed
-        # EMA was read from the same checkpoint on every rank). Dropout, the one draw from the
-        # global RNG, gets a stream of its own per rank, from (seed, rank, step).
-        ddp = dist.wrap(state.net, o.device)
-        forward = torch.compile(ddp) if forward is not state.net else ddp
-        if not o.resume:
-            state.ema = EMA(state.net, t.ema_decay)
-        torch.manual_seed(dist.rank_seed(t.seed, w.rank, state.step))
+    with faults.out_of_memory(state.step, last_ckpt):
+        forward = _network(state, o)
     budget = TimeBudget(o.time_budget, began)
-    if o.time_budget is not None:  # until the budget's probe fixes the count
-        t = dataclasses.replace(t, steps=MAX_STEPS)
 
     # --- the steps
     start, stopped, ips, images = state.step, False, 0.0, 0
     t0 = t_window = time.perf_counter()
-    while state.step < t.steps:
+    while state.step < budget.total(t.steps):
         # one optimizer step; a batch with a non-finite loss is skipped where that is allowed
-        lr = lr_at(state.step, t)
+        lr = lr_at(state.step, t, budget.total(t.steps))
         for g in state.opt.param_groups:
             g["lr"] = lr
         x, y = state.batches.next()
@@ -203,25 +191,23 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
                 continue
             state.opt.step()
         faults.record(state.step + 1, finite)
-        state.ema.update(state.net)
-        state.step += 1
+        state.finish_step(loss)
+        images += x.shape[0] * w.size
 
         # a time budget fixes the step count once its probe steps are timed
-        total = budget.observe(state.step, o.device)
-        if total is not None:
-            total = dist.broadcast_int(total, w)  # rank 0's clock decides for all
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total))
-            state.cfg, t = cfg, cfg.train
-            emit(
-                "schedule", {"total": total, "steps_per_s": budget.rate, "budget_s": budget.seconds}
-            )
+        if budget.observe(state.step, o.device) is not None:
+            budget.fixed = dist.broadcast_int(budget.fixed, w)  # rank 0's clock decides for all
+            state.fix_steps(budget.fixed)
+            info = {"total": budget.fixed, "steps_per_s": budget.rate, "budget_s": budget.seconds}
+            emit("schedule", info)
+        total = budget.total(t.steps)
 
-        # the loss: summed on the device, read once per log interval (the one host sync)
-        state.loss_sum += loss.detach()
-        state.loss_n += 1
-        images += x.shape[0] * w.size
-        if state.step % t.log_every == 0 or state.step == t.steps:
+        # what is due after this step; faults are checked once before any of it (rank 0 alone
+        # writes, previews and evaluates; the others wait at the next collective)
+        due = _due(state.step, total, t, o.evaluator is not None or w.enabled)
+        if due:
             faults.check(last_ckpt, w)
+        if "log" in due:  # the loss: summed on the device, read once per log interval
             now = time.perf_counter()
             ips, t_window, images = images / max(now - t_window, 1e-9), now, 0
             mean = state.take_loss()
@@ -229,28 +215,17 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
                 out.add_loss(state.step, mean, lr, ips, now - t0)
         last_loss = out.last_loss if out is not None else None
         emit("step", {"step": state.step, "loss": last_loss, "images_per_s": ips, "lr": lr})
-
-        # previews, evaluations and checkpoints: aside, a time budget does not count them
-        # (rank 0 alone previews and evaluates; the others wait at the next collective)
-        if t.sample_every and state.step % t.sample_every == 0:
-            faults.check(last_ckpt, w)
-            if out is not None:
-                with budget.aside():
-                    _preview(state, out, data, emit)
-        evaluating = o.evaluator is not None or w.enabled  # the same on every rank
-        if evaluating and t.eval_every and state.step % t.eval_every == 0:
-            faults.check(last_ckpt, w)
-            if o.evaluator is not None and out is not None:
-                with budget.aside():
-                    metrics = o.evaluator(state.ema_model())
-                    out.add_eval(state.step, metrics)
-                    emit("eval", {"step": state.step, **metrics})
-        if t.checkpoint_every and state.step % t.checkpoint_every == 0:
-            faults.check(last_ckpt, w)
-            with budget.aside():
+        with budget.aside():  # previews, evaluations and checkpoints: a budget does not count them
+            if "preview" in due and out is not None:
+                _preview(state, out, data, emit)
+            if "eval" in due and o.evaluator is not None and out is not None:
+                metrics = o.evaluator(state.ema_model())
+                out.add_eval(state.step, metrics)
+                emit("eval", {"step": state.step, **metrics})
+            if "checkpoint" in due:
                 last_ckpt = _checkpoint(state, ckpt_root, emit)
         # a stop asked of any rank stops all of them after this same step
-        if dist.any_rank(o.should_stop(), w) and state.step < t.steps:
+        if dist.any_rank(o.should_stop(), w) and state.step < total:
             stopped = True
             break
 
@@ -260,22 +235,79 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
         if last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}"):
             last_ckpt = _checkpoint(state, ckpt_root, emit)
         if out is not None:
-            out.loss_plot()
-        if not stopped and out is not None:
-            if not t.sample_every or state.step % t.sample_every:
-                _preview(state, out, data, emit)
-            if o.final_strip:
-                strip = guidance_strip(
-                    state.ema_model(), cfg, data.class_names, o.device, o.precision,
-                    conditions=state.text.class_condition if state.text else None,
-                )  # fmt: skip
-                emit("strip", {"path": str(out.strip(strip))})
+            _finish(state, out, data, o, stopped)
     end = time.perf_counter()
     return TrainResult(
         state.step, last_ckpt, stopped, (state.step - start) * t.batch_size / max(end - t0, 1e-9),
         end - t0, out.last_loss if out is not None else None, budget.aside_s,
         budget.training_seconds(end),
     )  # fmt: skip
+
+
+def _due(step: int, total: int, t, evaluating: bool) -> set[str]:
+    """What is due after `step` of `total`: a loss row, a preview, an evaluation, a checkpoint
+    (each by its interval; the loss at the last step too). It depends on the step only, never
+    on the rank, so every process reaches the same collectives."""
+    due = set()
+    if step % t.log_every == 0 or step == total:
+        due.add("log")
+    if t.sample_every and step % t.sample_every == 0:
+        due.add("preview")
+    if evaluating and t.eval_every and step % t.eval_every == 0:
+        due.add("eval")
+    if t.checkpoint_every and step % t.checkpoint_every == 0:
+        due.add("checkpoint")
+    return due
+
+
+def _outputs(state: TrainState, run_dir: Path, data, o: _Options) -> RunOutputs:
+    """Rank 0's files: the run folder's outputs (a resumed run keeps its rows up to its
+    checkpoint), the grid of real images and a text model's caption table (sampling its
+    captions needs no encoder)."""
+    note = lambda text: o.emit("note", {"text": text})  # noqa: E731
+    out = RunOutputs(run_dir, state.step if o.resume else None, note=note)
+    out.real_grid(lambda: real_grid(data, state.cfg.train.preview_per_class))
+    if state.text is not None:
+        state.text.save(run_dir / CAPTIONS_FILE)
+    return out
+
+
+def _network(state: TrainState, o: _Options):
+    """The network the step runs: channels_last where asked, compiled where asked and checked
+    against eager (_compiled_or_eager), in DistributedDataParallel under torchrun."""
+    if o.channels_last:
+        state.net = state.net.to(memory_format=torch.channels_last)
+    forward = state.net
+    if o.compile:
+        forward = _compiled_or_eager(state, o.channels_last, o.emit)
+    if o.world.enabled:
+        # DDP's construction broadcasts rank 0's weights; the EMA starts from them (a resumed
+        # EMA was read from the same checkpoint on every rank). Dropout, the one draw from the
+        # global RNG, gets a stream of its own per rank, from (seed, rank, step).
+        ddp = dist.wrap(state.net, o.device)
+        forward = torch.compile(ddp) if forward is not state.net else ddp
+        if not o.resume:
+            state.ema = EMA(state.net, state.cfg.train.ema_decay)
+        torch.manual_seed(dist.rank_seed(state.cfg.train.seed, o.world.rank, state.step))
+    return forward
+
+
+def _finish(state: TrainState, out: RunOutputs, data, o: _Options, stopped: bool) -> None:
+    """Rank 0's end of a run: the loss plot, and for a run that was not stopped a last preview
+    (unless the last step made one) and the guidance strip."""
+    out.loss_plot()
+    if stopped:
+        return
+    t = state.cfg.train
+    if not t.sample_every or state.step % t.sample_every:
+        _preview(state, out, data, o.emit)
+    if o.final_strip:
+        strip = guidance_strip(
+            state.ema_model(), state.cfg, data.class_names,
+            preview_settings(state.cfg, o.precision),
+            conditions=state.text.class_condition if state.text else None,
+        )  # fmt: skip
+        o.emit("strip", {"path": str(out.strip(strip))})
 
 
 def _existing_checkpoint(
@@ -300,7 +332,7 @@ def _existing_checkpoint(
 
 def _preview(state: TrainState, out: RunOutputs, data, emit: Event) -> None:
     img = preview_grid(
-        state.ema_model(), state.cfg, data.class_names, state.device, state.precision,
+        state.ema_model(), state.cfg, data.class_names, state.precision,
         conditions=state.text.class_condition if state.text else None,
     )  # fmt: skip
     emit("sample", {"step": state.step, "path": str(out.preview(state.step, img))})

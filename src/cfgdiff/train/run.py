@@ -28,7 +28,7 @@ from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
 from cfgdiff.presets import MACHINE_PRESETS, config_for_dataset, machine_preset, resolve_config
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
-from cfgdiff.train.loop import TrainResult, train
+from cfgdiff.train.loop import TrainResult, check_budget, train
 from cfgdiff.train.state import Event
 
 Log = Callable[[str], None]
@@ -73,12 +73,7 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
     is written. `log` hears notes (a dataset's preset change, the data being read)."""
     if req.dataset is not None:
         check_name(req.dataset)
-    if req.time_budget is not None and ("train.steps" in req.overrides or req.resume):
-        other = "`steps`" if "train.steps" in req.overrides else "`resume=True`"
-        raise ConfigError(
-            f"`time_budget={req.time_budget:g}` s: not with {other} (`time_budget` sizes a new "
-            "run's step count; a resumed run keeps its own, and `steps` extends it)"
-        )
+    check_budget(req.time_budget, req.resume, "train.steps" in req.overrides)
     if req.run_dir.exists() and not req.run_dir.is_dir():
         raise ConfigError(f"`run_dir` {req.run_dir}: is a file; `run_dir` names a folder here")
     device = resolve_device(req.device)

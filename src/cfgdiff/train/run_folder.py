@@ -2,9 +2,9 @@
 
 Owns: run_dir/.lock (held while training), loss.csv (one row per log interval, appended as it
 goes), eval.csv (one row per in-training evaluation), real.png, samples/step-N.png, loss.png
-and loss.svg, and guidance_strip.png. A resumed run keeps the rows up to its checkpoint's step
-and rewrites the rest. Checkpoints are checkpoint.py's; SUMMARY.txt is written by whoever
-reports the run.
+and loss.svg, guidance_strip.png, and SUMMARY.txt (what a finished run made and how long it
+took, `summary`). A resumed run keeps the rows up to its checkpoint's step and rewrites the
+rest. Checkpoints are checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from cfgdiff.errors import ConfigError
-from cfgdiff.files import append_bytes, atomic_write_csv, writing
+from cfgdiff.files import append_bytes, atomic_write_bytes, atomic_write_csv, writing
+from cfgdiff.pictures.images import save_png
 from cfgdiff.records import read_step_rows
-from cfgdiff.viz import save_png
 
 LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
@@ -74,7 +74,7 @@ def read_csv(
 
 def write_loss_plot(rows: list[dict[str, Any]], path: Path) -> None:
     """loss.png and loss.svg (plots.loss_plot) from loss.csv's rows."""
-    from cfgdiff.plots import loss_plot
+    from cfgdiff.pictures.plots import loss_plot
 
     loss_plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], path)
 
@@ -132,3 +132,31 @@ class RunOutputs:
     def loss_plot(self) -> None:
         if self.loss_rows:
             write_loss_plot(self.loss_rows, self.run_dir / "loss.png")
+
+
+def summary(res, prepared, total: float, board: bool = False) -> list[str]:
+    """The lines a finished run says and keeps in run_dir/SUMMARY.txt (written here): its steps,
+    time, machine and where its files are, with the commands that come next (`res`:
+    loop.TrainResult, `prepared`: run.PreparedRun, `total`: seconds since it was asked for,
+    `board`: TensorBoard events were written too)."""
+    out, time_budget = prepared.request.run_dir, prepared.request.time_budget
+    scale = prepared.cfg.train.preview_scale
+    budget = f" (--time {time_budget:g} s)" if time_budget is not None else ""
+    loading = max(0.0, total - res.train_s - res.aside_s)
+    lines = [
+        f"done: {res.step} steps in {total:.0f} s "
+        f"({res.images_per_s:.0f} images/s), final loss {res.last_loss:.4f}",
+        f"  time:            {res.train_s:.0f} s training{budget}, {res.aside_s:.0f} s previews, "
+        f"checkpoints and evaluations, {loading:.0f} s loading data",
+        f"  machine:         {prepared.device.type}: {prepared.machine}",
+        f"  checkpoint:      {res.checkpoint}",
+        f"  sample grids:    {out / 'samples'}/step-*.png  "
+        f"(rows = classes, s={scale:g}; real images in {out / 'real.png'})",
+        f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
+        f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
+        *([f"  tensorboard:     tensorboard --logdir {out / 'tensorboard'}"] if board else []),
+        f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
+        f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
+    ]
+    atomic_write_bytes(Path(out) / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
+    return lines

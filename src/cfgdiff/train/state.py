@@ -30,7 +30,7 @@ from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError
 from cfgdiff.runtime import autocast
 from cfgdiff.schedule import Schedule, make_schedule
-from cfgdiff.text import TextConditions
+from cfgdiff.text.embedding import TextConditions
 from cfgdiff.unet import UNet
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -58,13 +58,14 @@ def make_optimizer(net: torch.nn.Module, t: Any, device: torch.device) -> torch.
     )
 
 
-def lr_at(step: int, t: Any) -> float:
-    """Linear warmup over warmup_steps, then constant or cosine decay to lr_min_ratio * lr."""
+def lr_at(step: int, t: Any, steps: int | None = None) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine decay to lr_min_ratio * lr at
+    the run's last step (`steps`, default t.steps)."""
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return t.lr
-    span = max(1, t.steps - t.warmup_steps)
+    span = max(1, (t.steps if steps is None else steps) - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     floor = t.lr * t.lr_min_ratio
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -267,6 +268,20 @@ class TrainState:
         if self.text is None:
             return y
         return self.text.training_condition(y, self.gen if gen is None else gen, part)
+
+    def finish_step(self, loss: torch.Tensor) -> None:
+        """After an optimizer step: the EMA follows the weights, the step counts, and its loss
+        joins the sum on the device (read once per log interval, take_loss)."""
+        self.ema.update(self.net)
+        self.step += 1
+        self.loss_sum += loss.detach()
+        self.loss_n += 1
+
+    def fix_steps(self, total: int) -> None:
+        """The run's step count, fixed once a time budget has measured the speed: the config
+        the checkpoints record says it, so a resume goes on to the same end."""
+        train = dataclasses.replace(self.cfg.train, steps=total)
+        self.cfg = dataclasses.replace(self.cfg, train=train)
 
     def take_loss(self) -> float:
         """The mean loss since the last call (one host sync; over all processes), and the sum

@@ -72,6 +72,7 @@ async function init() {
   $("negative").appendChild(option("", "none (the null label)"));
   model.classes.forEach((name, i) => $("negative").appendChild(option(String(i), name)));
   $("steps").max = model.max_steps;
+  $("steps").value = String(model.steps); // the model's own, as for the sampler
   $("n").max = model.max_images;
   $("seed").max = model.max_seed;
   $("scale").max = model.max_scale;
@@ -232,7 +233,7 @@ function handle(req, ev) {
       const a = $("download");
       a.href = png(ev.png);
       const what = s.mode === "strip" ? "strip" : `s${s.scale}`;
-      const who = s.prompt !== null ? s.prompt.slice(0, 40) : model.classes[s.label];
+      const who = s.prompt !== null ? s.prompt.slice(0, 40) : model.classes[s.class];
       const name = `cfgdiff-${who}-${what}-seed${s.seed}`;
       a.download = `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.png`;
       a.hidden = false;

@@ -1,4 +1,4 @@
-"""Generating images from a trained network: labels + guidance + sampler -> uint8 images.
+"""Generating images from a trained network: conditions + guidance + settings -> uint8 images.
 
 Owns: batching (a batch size chosen for the device, halved while it runs out of memory),
 compiling the network for a long job (runtime.compile_sampling says when), per-sample noise
@@ -21,9 +21,10 @@ from cfgdiff import dist
 from cfgdiff.compiled import CompiledForward
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError, RuntimeFault
-from cfgdiff.guidance import Guidance, guided_denoiser
 from cfgdiff.runtime import autocast, compile_sampling, is_out_of_memory, sampling_batch_size
-from cfgdiff.samplers import PerSampleNoise, check_sampler, run_sampler
+from cfgdiff.sampling.guidance import Guidance, guided_denoiser
+from cfgdiff.sampling.samplers import PerSampleNoise, run_sampler
+from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.schedule import make_schedule
 
 Log = Callable[[str], None]
@@ -36,53 +37,42 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def check_steps(steps: int, cfg: RunConfig) -> None:
-    """Sampler steps must be in [1, T] for the checkpoint's T."""
-    if steps < 1 or steps > cfg.diffusion.timesteps:
-        raise ConfigError(f"`steps` must be in [1, {cfg.diffusion.timesteps}], got {steps}")
+def network_device(net) -> torch.device:
+    """Where a network's parameters are (the CPU for one without any, such as a test's
+    function)."""
+    params = getattr(net, "parameters", None)
+    try:
+        return next(params()).device if callable(params) else torch.device("cpu")
+    except StopIteration:
+        return torch.device("cpu")
 
 
 @torch.inference_mode()
 def generate(
     net: torch.nn.Module,
     cfg: RunConfig,
-    labels: torch.Tensor | Sequence[int],
+    cond: torch.Tensor | Sequence[int],
     *,
-    scale: float | torch.Tensor = 1.0,
-    guidance: Guidance | None = None,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    spacing: str = "trailing",
-    seed: int = 0,
-    batch_size: int | None = 256,
+    settings: SamplingSettings = SamplingSettings(),
+    guidance: Guidance = Guidance(),
     indices: Sequence[int] | None = None,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    static_batches: bool = False,
-    compile: str = "off",
     log: Log | None = None,
     callback: StepCallback | None = None,
     world: dist.World | None = None,
 ) -> torch.Tensor:
-    """Sample len(labels) images; returns uint8 (N, C, H, W) on the CPU.
+    """Sample len(cond) images; returns uint8 (N, C, H, W) on the CPU.
 
-    labels: (N,) class labels, or for a text model (cfg.model.condition "text") an (N, cond_dim)
-    float tensor of caption embeddings (text.TextConditions.embed gives them).
-
-    scale: guidance scale s (float, or (N,) tensor of per-sample scales); or pass a full
-    `guidance` (its scale may also be an (N,) tensor); not both.
+    cond: the network's condition of each image: (N,) class labels, or for a text model
+    (cfg.model.condition "text") an (N, cond_dim) float tensor of caption embeddings
+    (conditions.py makes either from what a user asks for).
+    settings: how to sample (SamplingSettings; None fields take the model's own, cfg.sampling;
+    device "auto" is where the network is). guidance: how to guide (its scale may be an (N,)
+    tensor of per-sample scales).
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
     noise, which is how guidance strips hold the noise fixed across scales.
-    batch_size: images per forward pass; None chooses it for the device (runtime.
-    sampling_batch_size) and halves it while it runs out of memory, saying so through `log`.
-    A batch size given that runs out of memory is a RuntimeFault. Images do not depend on it.
-    compile: "auto" | "on" | "off": the network through torch.compile (runtime.compile_sampling
-    says when auto is on), with every batch padded to one shape; a compile that fails or
-    disagrees with eager is dropped for eager, said through `log`.
-    static_batches: pad a short last batch to `batch_size` (repeating its last sample, then
-    dropping the copies) so every forward pass has the same shape, as compiled networks and CUDA
-    graphs want; the images are the same either way.
+    A batch size left to be chosen that runs out of memory is halved and the job retried,
+    said through `log`; a batch size given that does is a RuntimeFault. Images do not depend on
+    it. A compile that fails or disagrees with eager is dropped for eager, said through `log`.
     callback: called as callback(i, t, x_t, x0_hat) after every step of every batch, batches in
     order (i counts each batch's steps from 0), with float tensors of that batch's images only
     (padding dropped); a retry at a halved batch size starts again from the first batch. An
@@ -91,47 +81,36 @@ def generate(
     its part (dist.shard) and all of them return all the images (every process must call; the
     callback sees this process's batches only). None: this process alone.
     """
-    if isinstance(labels, torch.Tensor) and labels.is_floating_point():
-        labels = labels.float()  # a text model's (N, cond_dim) caption embeddings
+    if isinstance(cond, torch.Tensor) and cond.is_floating_point():
+        cond = cond.float()  # a text model's (N, cond_dim) caption embeddings
     else:
-        labels = torch.as_tensor(labels, dtype=torch.long)
+        cond = torch.as_tensor(cond, dtype=torch.long)
     if world is not None and world.enabled:
-        n = labels.shape[0]
+        n = cond.shape[0]
         part = dist.shard(n, world)
         rows = list(part)
         indices = rows if indices is None else [list(indices)[i] for i in rows]
-        if isinstance(scale, torch.Tensor) and scale.ndim:
-            scale = scale[part.start : part.stop]
-        if guidance is not None and isinstance(guidance.scale, torch.Tensor):
-            if guidance.scale.ndim:
-                sliced = guidance.scale[part.start : part.stop]
-                guidance = dataclasses.replace(guidance, scale=sliced)
+        if isinstance(guidance.scale, torch.Tensor) and guidance.scale.ndim:
+            guidance = dataclasses.replace(guidance, scale=guidance.scale[part.start : part.stop])
         mine = generate(
-            net, cfg, labels[part.start : part.stop], scale=scale, guidance=guidance,
-            sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed,
-            batch_size=batch_size, indices=indices, device=device, precision=precision,
-            static_batches=static_batches, compile=compile, log=log, callback=callback,
+            net, cfg, cond[part.start : part.stop], settings=settings, guidance=guidance,
+            indices=indices, log=log, callback=callback,
         )  # fmt: skip
         return dist.gather(mine, n, world)
-    device = torch.device(device)
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
-    check_steps(steps, cfg)
-    check_sampler(sampler)
-    compiled = compile_sampling(compile, device, len(labels), steps)
-    fixed = batch_size is not None
-    if batch_size is None:
-        batch_size = sampling_batch_size(net, cfg.model, device, precision)
+    s = settings.resolve(cfg, network_device(net))
+    device = torch.device(s.device)
+    compiled = compile_sampling(s.compile, device, len(cond), s.steps)
+    fixed = s.batch_size is not None
+    batch_size = s.batch_size or sampling_batch_size(net, cfg.model, device, s.precision)
     if compiled:
         net = CompiledForward(net, device)
-    options = dict(
-        scale=scale, guidance=guidance, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-        seed=seed, indices=indices, device=device, precision=precision,
-        static_batches=static_batches or compiled, callback=callback,
-    )  # fmt: skip
+        s = dataclasses.replace(s, static_batches=True)
     while True:
         try:
-            images = _generate(net, cfg, labels, batch_size=batch_size, **options)
+            images = _generate(
+                net, cfg, cond, batch_size=batch_size, settings=s, guidance=guidance,
+                indices=indices, callback=callback,
+            )  # fmt: skip
             break
         except Exception as e:
             if not is_out_of_memory(e):
@@ -152,8 +131,8 @@ def generate(
 
 
 def _generate(
-    net, cfg, labels, *, batch_size, scale, guidance, sampler, steps, eta, spacing, seed, indices,
-    device, precision, static_batches, callback,
+    net, cfg, labels, *, batch_size: int, settings: SamplingSettings, guidance: Guidance,
+    indices, callback,
 ) -> torch.Tensor:  # fmt: skip
     """generate's work at one batch size."""
     n = labels.shape[0]
@@ -172,9 +151,9 @@ def _generate(
         raise ConfigError(
             f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}"
         )
-    if guidance is None:
-        guidance = Guidance(scale=scale)
     guidance.validate(m.num_classes)
+    s = settings
+    device, precision = torch.device(s.device), s.precision
     indices = list(range(n)) if indices is None else list(indices)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     shape = (m.in_channels, m.image_size, m.image_size)
@@ -194,9 +173,9 @@ def _generate(
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
         rows = list(range(lo, hi))
-        if static_batches and n > batch_size:
+        if s.static_batches and n > batch_size:
             rows += [hi - 1] * (batch_size - len(rows))
-        noise = PerSampleNoise(seed, [indices[i] for i in rows])
+        noise = PerSampleNoise(s.seed, [indices[i] for i in rows])
         x_T = noise.randn(shape, device)
         g = base
         if isinstance(base.scale, torch.Tensor):
@@ -216,8 +195,8 @@ def _generate(
                 callback(i, t, x_t[:k], x0_hat[:k])
 
         x0 = run_sampler(
-            sampler, denoise, x_T, schedule, steps, eta=eta, spacing=spacing, generator=noise,
-            callback=step,
+            s.sampler, denoise, x_T, schedule, s.steps, spacing=s.spacing, generator=noise,
+            callback=step, **s.sampler_options(),
         )  # fmt: skip
         if not bool(torch.isfinite(x0).all()):  # to_uint8 would make NaN black, silently
             raise RuntimeFault(

@@ -4,7 +4,7 @@ Owns: the table of encoders cfgdiff can use (ENCODERS: the package that ships th
 SHA-256s pinned here, the embedding dimension), loading one (each file's digest checked before a
 byte of it is parsed; weights read with safetensors, never pickle) and encoding a batch of
 captions. It knows nothing about networks or training: callers encode each distinct caption
-once and keep the table (data/captions.py, train/text.py).
+once and keep the table (text/captions.py, text/embedding.py).
 
 The encoder is WordLlama's "l2_supercat" token embedding (Miller 2024, the `wordllama` package,
 ~19 MB wheel): the mean of a caption's token embeddings (256-dim Matryoshka truncation),

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from cfgdiff.config import ModelConfig
-from cfgdiff.data.captions import FILLER_WORDS, CaptionSet, dataset_captions
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import atomic_write_bytes
-from cfgdiff.text_encoder import TextEncoder, load_encoder
+from cfgdiff.text.captions import FILLER_WORDS, CaptionSet, dataset_captions
+from cfgdiff.text.encoder import TextEncoder, load_encoder
 
 CAPTIONS_FILE = "captions.safetensors"
 
@@ -63,7 +63,7 @@ class TextConditions:
     ) -> tuple[TextConditions, torch.Tensor]:
         """The table of a dataset's captions, encoded once, and the group of every image.
         folder: a folder dataset's root, whose captions.txt gives the captions when it has one
-        (data/captions.py). filler_words: the probability that a training caption gets filler
+        (text/captions.py). filler_words: the probability that a training caption gets filler
         words (a token model's; DiffusionConfig.filler_words), encoded here too."""
         cs, groups = dataset_captions(images, labels, class_names, folder)
         encoder = load_encoder(model.text_encoder)

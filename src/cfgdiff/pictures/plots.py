@@ -6,7 +6,7 @@ side.
 Owns: what each plot shows (the real-vs-real floor as a reference line, s and w = s - 1 on the
 scale axes, the frontier's points labelled by s and w) and how it is written. Figures are made
 with matplotlib's object API on the Agg canvas, so the global backend (pyplot) is never touched.
-Image grids are viz.py's, with Pillow.
+Image grids are pictures/images.py's, with Pillow.
 """
 
 from __future__ import annotations

@@ -190,15 +190,13 @@ def write_samples(
     record: dict,
     *,
     per_class: int,
-    classes: Sequence[int],
-    label_chars: int = 12,
+    rows: Sequence[str],
 ) -> None:
-    """Samples in the form `out` asks for (sample_output_kind): a grid with one row of
-    `per_class` images per class of `classes`; an .npz with images uint8 (N, C, H, W), labels
-    (class indices; class_names[i] names index i), the guidance and sampler settings and
-    `record` whole as JSON; or a folder of PNGs with settings.json. `record`: what made them
-    (guidance.to_record and the sampler's settings). label_chars: of a
-    grid's row labels (class names; a text model's prompts are longer)."""
+    """Samples in the form `out` asks for (sample_output_kind): a grid of `per_class` images a
+    row, `rows` its row labels; an .npz with images uint8 (N, C, H, W), labels (indices into
+    `names`: class_names[i] names index i), the guidance and sampler settings and `record` whole
+    as JSON; or a folder of PNGs (a folder per name) with settings.json. `record`: what made
+    them (sampling.request.SamplingJob.record)."""
     import numpy as np
 
     kind = sample_output_kind(out)
@@ -207,7 +205,7 @@ def write_samples(
     if kind == "folder":
         write_image_folder(images, labels.tolist(), names, out, record)
     elif kind == "png":
-        save_png(labelled_grid(images, per_class, [names[c][:label_chars] for c in classes]), out)
+        save_png(labelled_grid(images, per_class, list(rows)), out)
     else:
         buf = io.BytesIO()
         np.savez(
@@ -215,15 +213,19 @@ def write_samples(
             images=images.numpy(),
             labels=labels.numpy(),
             class_names=np.array(list(names), dtype=np.str_),
-            scale=np.float64(record["scale"]),
-            w=np.float64(record["w"]),
-            convention=np.str_(record["convention"]),
-            given=np.str_(record["given"]),
-            sampler=np.str_(record["sampler"]),
-            steps=np.int64(record["steps"]),
-            eta=np.float64(record["eta"]),
-            seed=np.int64(record["seed"]),
-            checkpoint=np.str_(record["checkpoint"]),
+            **{k: kind(record[k]) for k, kind in _npz_types().items()},
             settings=np.str_(json.dumps(record)),  # everything, guidance variants included
         )
         atomic_write_bytes(out, buf.getvalue())
+
+
+def _npz_types() -> dict:
+    """The settings an .npz holds as arrays of their own, with their types (all of them are in
+    its `settings` JSON)."""
+    import numpy as np
+
+    return {
+        "scale": np.float64, "w": np.float64, "convention": np.str_, "given": np.str_,
+        "sampler": np.str_, "steps": np.int64, "eta": np.float64, "seed": np.int64,
+        "checkpoint": np.str_,
+    }  # fmt: skip

@@ -50,10 +50,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgdiff.config import GUIDANCE_CONVENTION
+from cfgdiff.config import GUIDANCE_CONVENTION, bounded, check_ranges
 from cfgdiff.diffusion import eps_and_x0, eps_from_x0
 from cfgdiff.errors import ConfigError
-from cfgdiff.samplers import Denoiser
+from cfgdiff.sampling.samplers import Denoiser
 from cfgdiff.schedule import Schedule
 
 # How x0_hat is kept in range (see the module docstring).
@@ -66,9 +66,12 @@ Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class APG:
     """Adaptive projected guidance settings (Sadat et al. 2024)."""
 
-    eta: float = 0.0  # weight of the component parallel to D_c (0: drop it, 1: keep it)
-    norm_threshold: float = 0.0  # r: cap on ||dD|| per sample; 0 disables the cap
-    momentum: float = 0.0  # beta of the running average of dD (the paper uses negative values)
+    # weight of the component parallel to D_c (0: drop it, 1: keep it)
+    eta: float = bounded(0.0, -10.0, 10.0)
+    # r: cap on ||dD|| per sample; 0 disables the cap
+    norm_threshold: float = bounded(0.0, 0.0, 1e6)
+    # beta of the running average of dD (the paper uses negative values)
+    momentum: float = bounded(0.0, -1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -77,22 +80,24 @@ class Guidance:
 
     scale: float | torch.Tensor = 1.0  # s, a float or a (B,) tensor of per-sample scales
     interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guide only there
-    rescale: float = 0.0  # phi in [0, 1]; 0 is plain CFG
-    negative_class: int | None = None  # reference label instead of the null label
+    rescale: float = bounded(0.0, 0.0, 1.0)  # phi; 0 is plain CFG
+    # reference label instead of the null label (at most the null label's index)
+    negative_class: int | None = bounded(None, 0)
     # text models: (D,) embedding of a negative prompt, the reference instead of the null
     negative_condition: torch.Tensor | None = None
     guide_net: Net | None = None  # autoguidance: a weaker network as the reference
     threshold: str = "static"  # "static" | "dynamic" | "none"
-    threshold_percentile: float = 0.995  # p of dynamic thresholding, in (0, 1]
+    threshold_percentile: float = bounded(0.995, 0.0, 1.0, lo_open=True)  # p of dynamic
     apg: APG | None = None
 
     def validate(self, num_classes: int) -> None:
+        check_ranges(self)
+        if self.apg is not None:
+            check_ranges(self.apg)
         if self.interval is not None:
             lo, hi = self.interval
             if not 0 <= lo < hi:
                 raise ConfigError(f"`interval` must satisfy 0 <= lo < hi, got {lo},{hi}")
-        if not 0 <= self.rescale <= 1:
-            raise ConfigError(f"`rescale` must be in [0, 1], got {self.rescale}")
         if self.negative_class is not None and not 0 <= self.negative_class <= num_classes:
             raise ConfigError(
                 f"`negative_class` must be in [0, {num_classes - 1}] (or {num_classes}, the null "
@@ -102,17 +107,9 @@ class Guidance:
             raise ConfigError(
                 f"`threshold` must be {', '.join(THRESHOLDS)}, got {self.threshold!r}"
             )
-        if not 0 < self.threshold_percentile <= 1:
-            raise ConfigError(
-                f"`threshold_percentile` must be in (0, 1], got {self.threshold_percentile}"
-            )
         if self.apg is not None:
             if self.rescale:
                 raise ConfigError("`rescale` and `apg` cannot be combined")
-            if self.apg.norm_threshold < 0:
-                raise ConfigError(
-                    f"`apg_norm_threshold` must be >= 0, got {self.apg.norm_threshold}"
-                )
         if self.guide_net is not None and self.negative_class is not None:
             raise ConfigError("`guide_checkpoint` and `negative_class` cannot be combined")
         if self.guide_net is not None and self.negative_condition is not None:
