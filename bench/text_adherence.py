@@ -18,8 +18,9 @@ import torch
 
 from cfgdiff.checkpoint import load_for_sampling
 from cfgdiff.metrics.adherence import held_out_set
+from cfgdiff.metrics.evaluate import ReferenceOptions
 from cfgdiff.metrics.evaluate import judge_for as judge_and_meta
-from cfgdiff.metrics.judging import ReferenceOptions, judge_of, measure_scales
+from cfgdiff.metrics.judging import judge_of, measure_scales
 from cfgdiff.runtime import describe_machine
 from cfgdiff.sampling.conditions import Asks, Model
 from cfgdiff.sampling.generate import generate

@@ -28,7 +28,7 @@ import torch
 from cfgdiff.checkpoint import load_for_sampling
 from cfgdiff.config import MAX_STEPS
 from cfgdiff.data import load_dataset
-from cfgdiff.metrics.evaluate import build_reference, measure
+from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference, measure
 from cfgdiff.presets import config_for_dataset, get_preset
 from cfgdiff.runtime import (
     describe_machine,
@@ -39,7 +39,7 @@ from cfgdiff.runtime import (
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.guidance import Guidance
 from cfgdiff.sampling.settings import SamplingSettings
-from cfgdiff.train import BUDGET_PROBE, train
+from cfgdiff.train import BUDGET_PROBE, TrainOptions, train
 
 
 def synthetic_folder(root: Path) -> str:
@@ -99,7 +99,7 @@ def main() -> int:
             base.train, eval_every=a.every, sample_every=0, checkpoint_every=0
         ),
     )
-    ref = build_reference(cfg, a.n, data_dir=a.data_dir, device=device)
+    ref = build_reference(cfg, a.n, ReferenceOptions(data_dir=a.data_dir, device=device))
     schedules = a.schedule.split(",")
     if not schedules or any(s not in ("budget", "held") for s in schedules):
         p.error(f"--schedule: expected budget, held or both comma-separated, got {a.schedule!r}")
@@ -197,14 +197,16 @@ def time_to_quality(cfg, data, ref, device, precision, compiled, sched, a, tmp) 
         cfg,
         run,
         data,
-        device=device,
-        precision=precision,
+        options=TrainOptions(
+            device=device,
+            precision=precision,
+            evaluator=evaluator,
+            final_strip=False,
+            compile=compiled,
+            time_budget=a.budget if sched == "budget" else None,
+        ),
         should_stop=lambda: train_seconds() >= a.budget,
-        evaluator=evaluator,
-        final_strip=False,
-        compile=compiled,
         on_event=_print_event,
-        time_budget=a.budget if sched == "budget" else None,
     )
     # train fixes a budget's step count at the probe's last step: a run stopped before it has none
     if sched == "budget" and res.step < BUDGET_PROBE[1]:

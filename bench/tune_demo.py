@@ -30,7 +30,7 @@ from cfgdiff.runtime import sampling_batch_size
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.guidance import Guidance
 from cfgdiff.sampling.settings import SamplingSettings
-from cfgdiff.train import train
+from cfgdiff.train import TrainOptions, train
 
 
 def _timesteps(law: str, mean: float = 0.0, std: float = 1.0, uniform: float = 0.0) -> dict:
@@ -216,9 +216,7 @@ def main() -> int:
                 cfg,
                 Path(tmp) / "run",
                 train_data,
-                device=device,
-                precision=a.precision,
-                final_strip=False,
+                options=TrainOptions(device=device, precision=a.precision, final_strip=False),
             )
             from cfgdiff.checkpoint import load_for_sampling
 

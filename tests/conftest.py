@@ -246,3 +246,16 @@ def sample_with(net, cfg, cond, *, scale=1.0, guidance=None, indices=None, callb
         guidance=guidance if guidance is not None else Guidance(scale=scale), indices=indices,
         callback=callback, log=log, world=world,
     )  # fmt: skip
+
+
+def folder_run(root, per_class: int = 6):
+    """A tiny checkpoint of a 3-class folder (image_folder's class0..class2, `per_class` images
+    each), trained for 4 steps in fp32 by `cfgdiff train`, previews on; returns the run folder."""
+    from cfgdiff.cli import main
+
+    folder = image_folder(root / "folder", per_class)
+    out = root / "run"
+    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out),
+            "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
+    assert main(argv) == 0
+    return out

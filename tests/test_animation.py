@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, sample_with, tiny_config
+from conftest import folder_run, sample_with, tiny_config
 from PIL import Image, ImageSequence
 
 from cfgdiff.cli import main
@@ -79,13 +79,7 @@ def test_animation_frames_and_images(tiny_net):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("anim")
-    folder = image_folder(root / "folder", 6)
-    out = root / "run"
-    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out),
-            "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
-    assert main(argv) == 0
-    return out
+    return folder_run(tmp_path_factory.mktemp("anim"), 6)
 
 
 def _frames(path):

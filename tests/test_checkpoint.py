@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.errors import CheckpointError
-from cfgdiff.train import train
+from cfgdiff.train import TrainOptions, train
 
 
 def test_keep_prunes_old_checkpoints(tmp_path, data):
@@ -18,7 +18,7 @@ def test_keep_prunes_old_checkpoints(tmp_path, data):
         tiny_config(steps=8, checkpoint_every=2, keep=2, sample_every=0),
         tmp_path / "r",
         data,
-        final_strip=False,
+        options=TrainOptions(final_strip=False),
     )
     names = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "r" / "checkpoints")]
     assert names == ["step-0000006", "step-0000008"]
@@ -29,7 +29,12 @@ def test_keep_prunes_old_checkpoints(tmp_path, data):
 )
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_checkpoints_are_refused(tmp_path, data, name, damage):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    train(
+        tiny_config(steps=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     ckpt = ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints")
     p = ckpt / name
     raw = bytearray(p.read_bytes())
@@ -41,11 +46,16 @@ def test_damaged_checkpoints_are_refused(tmp_path, data, name, damage):
     with pytest.raises(CheckpointError, match=f"{name}: SHA-256 does not match MANIFEST.json"):
         ckpt_io.load_for_sampling(ckpt)
     with pytest.raises(CheckpointError, match="SHA-256 does not match"):
-        train(tiny_config(steps=4), tmp_path / "r", data, resume=True)
+        train(tiny_config(steps=4), tmp_path / "r", data, options=TrainOptions(resume=True))
 
 
 def test_loaders_refuse_damage_even_without_the_manifest(tmp_path, data):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    train(
+        tiny_config(steps=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     ckpt = ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints")
     p = ckpt / "ema.safetensors"
     p.write_bytes(p.read_bytes()[:100])

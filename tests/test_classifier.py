@@ -11,7 +11,7 @@ import torch
 
 from cfgdiff.cli import main
 from cfgdiff.data import Dataset
-from cfgdiff.metrics.classifier import train_classifier
+from cfgdiff.metrics.classifier import Recipe, train_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +143,8 @@ def test_classifier_training_is_deterministic():
     x = (torch.rand(60, 1, 8, 8, generator=g) * 255).to(torch.uint8)
     y = torch.arange(60) % 3
     ds = Dataset("t", x, y, ("a", "b", "c"))
-    a, _ = train_classifier(ds, ds, epochs=2, batch_size=16, width=8)
-    b, _ = train_classifier(ds, ds, epochs=2, batch_size=16, width=8)
+    a, _ = train_classifier(ds, ds, Recipe(epochs=2, batch_size=16, width=8))
+    b, _ = train_classifier(ds, ds, Recipe(epochs=2, batch_size=16, width=8))
     assert all(
         torch.equal(p, q)
         for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
@@ -159,7 +159,7 @@ def test_folder_judge_of_a_flip_trained_model_is_trained_with_flips(big_folder, 
     from conftest import tiny_config
 
     from cfgdiff.metrics.classifier import classifier_path
-    from cfgdiff.metrics.evaluate import build_reference
+    from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference
 
     dd = tmp_path / "dd"
     plain = dataclasses.replace(tiny_config(), dataset=f"folder:{big_folder}")
@@ -167,13 +167,19 @@ def test_folder_judge_of_a_flip_trained_model_is_trained_with_flips(big_folder, 
     for cfg, flip in ((plain, False), (flipped, True)):
         said: list[str] = []
         assert (
-            build_reference(cfg, 12, data_dir=dd, log=said.append).classifier_meta["flip"] is flip
+            build_reference(
+                cfg, 12, ReferenceOptions(data_dir=dd), log=said.append
+            ).classifier_meta["flip"]
+            is flip
         )
         assert any("classifier epoch" in m for m in said)  # trained
     for cfg, flip in ((plain, False), (flipped, True)):
         said = []
         assert (
-            build_reference(cfg, 12, data_dir=dd, log=said.append).classifier_meta["flip"] is flip
+            build_reference(
+                cfg, 12, ReferenceOptions(data_dir=dd), log=said.append
+            ).classifier_meta["flip"]
+            is flip
         )
         assert not any("classifier" in m for m in said)  # loaded from its own cache
     for flip in (False, True):
@@ -215,10 +221,7 @@ def test_classifier_step_floor_and_shift():
         train_classifier(
             ds,
             ds,
-            epochs=3,
-            min_steps=min_steps,
-            batch_size=16,
-            width=8,
+            Recipe(epochs=3, min_steps=min_steps, batch_size=16, width=8),
             on_epoch=lambda e, a: epochs.append(e),
         )
         return epochs

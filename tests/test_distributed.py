@@ -281,10 +281,10 @@ def test_sharded_sample_and_eval_equal_one_process(one, tmp_path, capsys):
     """`sample` on 2 processes writes the .npz one process writes; `eval` reports the same
     figures (the judge is trained once, before, into a shared data directory)."""
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.metrics.evaluate import build_reference
+    from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference
 
     dd = tmp_path / "dd"
-    build_reference(load_for_sampling(one).cfg, 10, data_dir=dd)
+    build_reference(load_for_sampling(one).cfg, 10, ReferenceOptions(data_dir=dd))
     common = ["--checkpoint", one, "--scale", "2", "--steps", "3", "--device", "cpu",
               "--precision", "fp32", "--sampler", "ddpm"]  # fmt: skip
     sample = ["sample", *common, "--per-class", "4", "--batch-size", "2"]

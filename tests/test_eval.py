@@ -46,10 +46,10 @@ def judged(run, tmp_path_factory):
     once for the module: tests that are not about the judge start from a copy of it (a judge
     that does not fit their settings would still be trained again, as for a user)."""
     from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.metrics.evaluate import build_reference
+    from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference
 
     dd = tmp_path_factory.mktemp("judged") / "dd"
-    build_reference(load_for_sampling(run).cfg, 12, data_dir=dd)
+    build_reference(load_for_sampling(run).cfg, 12, ReferenceOptions(data_dir=dd))
     return dd
 
 
@@ -197,7 +197,9 @@ def test_reference_measures_memorisation_against_one_yardstick(run, judged, tmp_
     monkeypatch.setattr(
         evaluate, "train_nn_distances", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    ref = evaluate.build_reference(cfg, 12, data_dir=_dd(tmp_path, judged))
+    ref = evaluate.build_reference(
+        cfg, 12, evaluate.ReferenceOptions(data_dir=_dd(tmp_path, judged))
+    )
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (12, 1, 8, 8), generator=g, dtype=torch.uint8) for _ in "ab"]
     labels = torch.arange(12) % 3
@@ -303,12 +305,12 @@ def test_folder_reference_holds_out_enough_for_n(big_folder, judged, tmp_path):
 
     from conftest import tiny_config
 
-    from cfgdiff.metrics.evaluate import build_reference
+    from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference
 
     cfg = dataclasses.replace(tiny_config(), dataset=f"folder:{big_folder}")
     dd = _dd(tmp_path, judged)
     for n in (12, 40, 60):
-        ref = build_reference(cfg, n, data_dir=dd)
+        ref = build_reference(cfg, n, ReferenceOptions(data_dir=dd))
         held = ref.held_out.images.flatten(1)
         assert len(held) == n and set(ref.held_out.labels.tolist()) == {0, 1, 2}
         reference = ref.train_pixels.flatten(1)
@@ -418,7 +420,7 @@ def test_reference_for_a_run_recorded_with_a_relative_folder_path(
 
     from conftest import tiny_config
 
-    from cfgdiff.metrics.evaluate import build_reference
+    from cfgdiff.metrics.evaluate import ReferenceOptions, build_reference
 
     monkeypatch.chdir(big_folder.parent)
     cfg = tiny_config()
@@ -427,7 +429,9 @@ def test_reference_for_a_run_recorded_with_a_relative_folder_path(
         dataset=f"folder:{big_folder.name}",
         model=dataclasses.replace(cfg.model, in_channels=3),
     )
-    ref = build_reference(cfg, 12, dataset=f"folder:{big_folder}", data_dir=tmp_path / "dd")
+    ref = build_reference(
+        cfg, 12, ReferenceOptions(dataset=f"folder:{big_folder}", data_dir=tmp_path / "dd")
+    )
     assert ref.held_out.images.shape[1] == 3
 
 

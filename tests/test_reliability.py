@@ -10,7 +10,7 @@ from conftest import OUT_OF_MEMORY, tiny_config
 
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.errors import ConfigError, RuntimeFault
-from cfgdiff.train import RunLock, train
+from cfgdiff.train import RunLock, TrainOptions, train
 
 # the module whose TrainState.loss calls training_loss (cfgdiff.train is also a function)
 train_mod = importlib.import_module("cfgdiff.train.state")
@@ -44,7 +44,11 @@ def test_skip_nonfinite_skips_bad_batches(tmp_path, data, monkeypatch):
     events = []
     cfg = tiny_config(steps=12, skip_nonfinite=2, sample_every=0)
     res = train(
-        cfg, tmp_path / "r", data, on_event=lambda n, i: events.append((n, i)), final_strip=False
+        cfg,
+        tmp_path / "r",
+        data,
+        on_event=lambda n, i: events.append((n, i)),
+        options=TrainOptions(final_strip=False),
     )
     assert res.step == 12
     assert [i["step"] for n, i in events if n == "skip"] == [3, 8]
@@ -82,7 +86,7 @@ def test_out_of_memory_while_checking_the_compiled_step(tmp_path, data, monkeypa
 
     monkeypatch.setattr(torch, "compile", compile_that_runs_out)
     with pytest.raises(RuntimeFault, match="out of memory at step 1 with `batch_size` 8"):
-        train(tiny_config(), tmp_path / "r", data, compile=True)
+        train(tiny_config(), tmp_path / "r", data, options=TrainOptions(compile=True))
 
 
 def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
@@ -90,7 +94,7 @@ def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
         tiny_config(steps=4, checkpoint_every=2, sample_every=0),
         tmp_path / "r",
         data,
-        final_strip=False,
+        options=TrainOptions(final_strip=False),
     )
     from test_write_faults import file_size_limit  # the kernel refuses, as a full disk does
 
@@ -104,7 +108,7 @@ def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
             tiny_config(steps=8, checkpoint_every=2, sample_every=0),
             tmp_path / "r",
             data,
-            resume=True,
+            options=TrainOptions(resume=True),
         )
     root = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002", "step-0000004"]
@@ -112,12 +116,20 @@ def test_disk_full_leaves_no_partial_files(tmp_path, data, monkeypatch):
 
 
 def test_stale_temporary_folders_are_cleaned_on_resume(tmp_path, data):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    train(
+        tiny_config(steps=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     root = tmp_path / "r" / "checkpoints"
     (root / ".tmp-step-0000003-999").mkdir()
     (root / ".tmp-step-0000003-999" / "model.safetensors").write_bytes(b"half")
     train(
-        tiny_config(steps=3, sample_every=0), tmp_path / "r", data, resume=True, final_strip=False
+        tiny_config(steps=3, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(resume=True, final_strip=False),
     )
     assert not list(root.glob(".tmp-*"))
 

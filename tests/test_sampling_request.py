@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder
+from conftest import folder_run
 from PIL import Image
 
 from cfgdiff.cli import main
@@ -27,13 +27,7 @@ FLAGS = ["--sampler", "ddim", "--steps", "4", "--seed", "3", "--precision", "fp3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny checkpoint of a 3-class folder (class0..class2, 10 images each)."""
-    root = tmp_path_factory.mktemp("request")
-    folder = image_folder(root / "folder", 10)
-    out = root / "run"
-    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out),
-            "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
-    assert main(argv) == 0
-    return out
+    return folder_run(tmp_path_factory.mktemp("request"), 10)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import image_folder
+from conftest import folder_run
 from serving import events, host_port, request
 
 from cfgdiff.cli import main
@@ -28,13 +28,7 @@ STATIC = Path(__file__).resolve().parents[1] / "src" / "cfgdiff" / "serve" / "st
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny checkpoint of a 3-class folder (class0..class2), trained for a few steps."""
-    root = tmp_path_factory.mktemp("serve")
-    folder = image_folder(root / "folder", 6)
-    out = root / "run"
-    argv = ["train", "--dataset", f"folder:{folder}", "--preset", "tiny", "--out", str(out),
-            "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
-    assert main(argv) == 0
-    return out
+    return folder_run(tmp_path_factory.mktemp("serve"), 6)
 
 
 @pytest.fixture(scope="module")

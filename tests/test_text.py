@@ -394,7 +394,8 @@ def test_text_adherence_refuses_levels_on_colour_images_before_any_work(tmp_path
     """Held-out prompts that ask for thickness and slant cannot be measured on a colour model
     (refused before a judge or a sample); those of class names can (accuracy alone)."""
     from cfgdiff.metrics.adherence import held_out_set
-    from cfgdiff.metrics.judging import ReferenceOptions, judge_of
+    from cfgdiff.metrics.evaluate import ReferenceOptions
+    from cfgdiff.metrics.judging import judge_of
     from cfgdiff.sampling.conditions import Asks, Model
 
     digits = [str(i) for i in range(10)]
@@ -1027,7 +1028,7 @@ def test_a_text_run_resumes_exactly(tmp_path, data):
     from safetensors.torch import load_file
 
     from cfgdiff.presets import encoder_fields
-    from cfgdiff.train import train
+    from cfgdiff.train import TrainOptions, train
 
     def config(steps: int):
         cfg = tiny_config(steps=steps, log_every=1, checkpoint_every=4, sample_every=0)
@@ -1035,9 +1036,14 @@ def test_a_text_run_resumes_exactly(tmp_path, data):
         diffusion = dataclasses.replace(cfg.diffusion, filler_words=0.5)
         return dataclasses.replace(cfg, model=model, diffusion=diffusion, dataset="folder:x")
 
-    train(config(8), tmp_path / "a", data, final_strip=False)
-    train(config(4), tmp_path / "b", data, final_strip=False)
-    train(config(8), tmp_path / "b", data, resume=True, final_strip=False)
+    train(config(8), tmp_path / "a", data, options=TrainOptions(final_strip=False))
+    train(config(4), tmp_path / "b", data, options=TrainOptions(final_strip=False))
+    train(
+        config(8),
+        tmp_path / "b",
+        data,
+        options=TrainOptions(resume=True, final_strip=False),
+    )
     for run in ("a", "b"):
         assert (tmp_path / run / "captions.safetensors").is_file()
     import csv

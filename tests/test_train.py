@@ -13,7 +13,7 @@ from conftest import tiny_config
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff.data import load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
-from cfgdiff.train import lr_at, train
+from cfgdiff.train import TrainOptions, lr_at, train
 
 
 def _losses(run_dir):
@@ -51,10 +51,15 @@ def test_twenty_step_run_writes_everything(tmp_path, data):
 def test_resume_continues_the_same_loss_trace(tmp_path, data):
     """2N steps straight == N steps, resume, N more steps: loss, weights and EMA bit for bit."""
     cfg = tiny_config(steps=12, log_every=1, checkpoint_every=6, sample_every=0)
-    train(cfg, tmp_path / "a", data, final_strip=False)
+    train(cfg, tmp_path / "a", data, options=TrainOptions(final_strip=False))
     half = tiny_config(steps=6, log_every=1, checkpoint_every=6, sample_every=0)
-    train(half, tmp_path / "b", data, final_strip=False)
-    train(cfg, tmp_path / "b", data, resume=True, final_strip=False)
+    train(half, tmp_path / "b", data, options=TrainOptions(final_strip=False))
+    train(
+        cfg,
+        tmp_path / "b",
+        data,
+        options=TrainOptions(resume=True, final_strip=False),
+    )
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     for name in ("model", "ema"):
         from safetensors.torch import load_file
@@ -71,12 +76,22 @@ def test_stop_request_checkpoints_and_resumes(tmp_path, data):
     )
     assert res.stopped_early and res.step == 7
     assert ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-0000007"
-    res = train(tiny_config(sample_every=0), tmp_path / "r", data, resume=True, final_strip=False)
+    res = train(
+        tiny_config(sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(resume=True, final_strip=False),
+    )
     assert res.step == 20
 
 
 def test_existing_run_is_not_overwritten(tmp_path, data):
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    train(
+        tiny_config(steps=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     with pytest.raises(ConfigError, match="already holds checkpoints; pass `resume=True`"):
         train(tiny_config(steps=2), tmp_path / "r", data)
 
@@ -84,11 +99,16 @@ def test_existing_run_is_not_overwritten(tmp_path, data):
 def test_resume_refuses_a_different_model(tmp_path, data):
     import dataclasses
 
-    train(tiny_config(steps=2, sample_every=0), tmp_path / "r", data, final_strip=False)
+    train(
+        tiny_config(steps=2, sample_every=0),
+        tmp_path / "r",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     cfg = tiny_config(steps=4)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_channels=16))
     with pytest.raises(CheckpointError, match="model.base_channels=8, this run asks for 16"):
-        train(cfg, tmp_path / "r", data, resume=True)
+        train(cfg, tmp_path / "r", data, options=TrainOptions(resume=True))
 
 
 def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, folder_data):
@@ -101,14 +121,14 @@ def test_class_names_are_recorded_and_resume_refuses_renamed_classes(tmp_path, f
     name = f"folder:{folder_data}"
     cfg = config_for_dataset(tiny_config(steps=2, sample_every=0), load_dataset(name), name)
     assert cfg.class_names == ("class0", "class1", "class2")
-    train(cfg, tmp_path / "r", load_dataset(name), final_strip=False)
+    train(cfg, tmp_path / "r", load_dataset(name), options=TrainOptions(final_strip=False))
     saved = ckpt_io.read_config(ckpt_io.latest_checkpoint(tmp_path / "r" / "checkpoints"))
     assert saved.class_names == cfg.class_names
 
     shutil.move(folder_data / "class2", folder_data / "zebra")  # same count, other meaning
     renamed = config_for_dataset(tiny_config(steps=4), load_dataset(name), name)
     with pytest.raises(CheckpointError, match=r"classes are \['class0', 'class1', 'class2'\]"):
-        train(renamed, tmp_path / "r", load_dataset(name), resume=True)
+        train(renamed, tmp_path / "r", load_dataset(name), options=TrainOptions(resume=True))
 
     # configs written before class names were recorded still load, named by index
     d = cfg.to_dict()
@@ -145,15 +165,19 @@ def test_compile_failure_falls_back_to_eager(tmp_path, data, monkeypatch):
         tiny_config(steps=6, sample_every=0),
         tmp_path / "r",
         data,
-        compile=True,
+        options=TrainOptions(compile=True, final_strip=False),
         on_event=lambda n, i: events.append((n, i)),
-        final_strip=False,
     )
     assert res.step == 6
     fails = [i for n, i in events if n == "compile"]
     assert len(fails) == 1 and "no C++ compiler" in fails[0]["error"]
     # eager fallback gives the same trace as a plain eager run
-    train(tiny_config(steps=6, sample_every=0), tmp_path / "e", data, final_strip=False)
+    train(
+        tiny_config(steps=6, sample_every=0),
+        tmp_path / "e",
+        data,
+        options=TrainOptions(final_strip=False),
+    )
     assert _losses(tmp_path / "r") == _losses(tmp_path / "e")
 
 
@@ -176,10 +200,8 @@ def _train_compiled(cfg, run_dir, data, precision):
         cfg,
         run_dir,
         data,
-        precision=precision,
-        compile=True,
+        options=TrainOptions(precision=precision, compile=True, final_strip=False),
         on_event=lambda n, i: events.append((n, i)),
-        final_strip=False,
     )
     [info] = [i for n, i in events if n == "compile"]
     return info
@@ -216,7 +238,12 @@ def test_compiled_step_is_checked_against_eager(tmp_path, data, monkeypatch, fai
         assert (
             "compiled gradients differ" in info["error"] and "lost their gradient" in info["error"]
         )
-    train(cfg, tmp_path / "e", data, precision="bf16", final_strip=False)
+    train(
+        cfg,
+        tmp_path / "e",
+        data,
+        options=TrainOptions(precision="bf16", final_strip=False),
+    )
     assert _losses(tmp_path / "c") == _losses(tmp_path / "e")
     wc, we = _weights(tmp_path / "c"), _weights(tmp_path / "e")
     assert all(torch.equal(wc[k], we[k]) for k in we)
@@ -231,7 +258,12 @@ def test_real_compiled_step_passes_the_gradient_check(tmp_path, data, precision,
     cfg = tiny_config(steps=4, sample_every=0, log_every=1)
     info = _train_compiled(cfg, tmp_path / "c", data, precision)
     assert info["ok"], info
-    train(cfg, tmp_path / "e", data, precision=precision, final_strip=False)
+    train(
+        cfg,
+        tmp_path / "e",
+        data,
+        options=TrainOptions(precision=precision, final_strip=False),
+    )
     compiled, eager = _losses(tmp_path / "c"), _losses(tmp_path / "e")
     assert [s for s, _ in compiled] == [s for s, _ in eager] == [1, 2, 3, 4]
     for (_, lc), (_, le) in zip(compiled, eager, strict=True):
@@ -243,8 +275,7 @@ def test_channels_last_trains(tmp_path, data):
         tiny_config(steps=4, sample_every=0),
         tmp_path / "r",
         data,
-        channels_last=True,
-        final_strip=False,
+        options=TrainOptions(channels_last=True, final_strip=False),
     )
     assert res.step == 4 and math.isfinite(res.last_loss)
     ckpt_io.load_for_sampling(tmp_path / "r")
@@ -280,7 +311,9 @@ def test_time_budget_sizes_the_schedule_like_a_run_given_the_count(tmp_path, dat
         monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     kw = dict(lr_schedule="cosine", warmup_steps=30, log_every=1, sample_every=10)
     cfg = tiny_config(steps=20, checkpoint_every=0, **kw)
-    res = train(cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=30.0)
+    res = train(
+        cfg, tmp_path / "t", data, on_event=clock.on_event, options=TrainOptions(time_budget=30.0)
+    )
     schedule = [info for name, info in clock.events if name == "schedule"]
     assert schedule == [{"total": 61, "steps_per_s": 2.0, "budget_s": 30.0}]
     assert clock.events[0][1]["total"] is None  # the start event: not known yet
@@ -304,16 +337,25 @@ def test_time_budget_spent_before_the_probe_ends_stops_at_it(tmp_path, data, mon
         monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     cfg = tiny_config(sample_every=0, checkpoint_every=0)
     res = train(
-        cfg, tmp_path / "t", data, on_event=clock.on_event, time_budget=3.0, final_strip=False
+        cfg,
+        tmp_path / "t",
+        data,
+        on_event=clock.on_event,
+        options=TrainOptions(time_budget=3.0, final_strip=False),
     )
     assert res.step == 25
 
 
 def test_time_budget_refusals(tmp_path, data):
     with pytest.raises(ConfigError, match="`time_budget` must be > 0 seconds, got 0"):
-        train(tiny_config(), tmp_path / "r", data, time_budget=0)
+        train(tiny_config(), tmp_path / "r", data, options=TrainOptions(time_budget=0))
     with pytest.raises(ConfigError, match=r"`time_budget=10` s: not with `resume=True` \("):
-        train(tiny_config(), tmp_path / "r", data, time_budget=10, resume=True)
+        train(
+            tiny_config(),
+            tmp_path / "r",
+            data,
+            options=TrainOptions(time_budget=10, resume=True),
+        )
 
 
 def test_steps_for_budget():

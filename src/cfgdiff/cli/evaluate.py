@@ -80,7 +80,8 @@ def run(a: argparse.Namespace) -> int:
         if given is not None:
             shown = f" {given}" if flag == "--image-size" else ""
             raise UsageError(f"{flag}{shown}: only for eval train-classifier")
-    result = evaluate(request(a), log=log, world=dist.world())
+    req = request(a)
+    result = evaluate(req, log=log, world=dist.world())
     if result is not None:  # rank 0 of a torchrun job, or the one process
         print("\n".join(result.lines()))
     return 0

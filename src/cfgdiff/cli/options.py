@@ -528,7 +528,7 @@ def reference_options(sp: argparse.ArgumentParser) -> None:
 
 def reference_of(a: argparse.Namespace):
     """The ReferenceOptions the flags ask for."""
-    from cfgdiff.metrics.judging import ReferenceOptions
+    from cfgdiff.metrics.evaluate import ReferenceOptions
 
     return ReferenceOptions(a.dataset, a.features, a.inception, a.data_dir, a.device or "auto")
 

@@ -95,8 +95,8 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("the following arguments are required: --checkpoint")
     if a.out is None and a.animate is None:  # a command that would write nothing
         raise UsageError("one of the arguments --out --animate is required")
-    world = dist.world()
-    job = sampling.prepare(request(a))
+    world, req = dist.world(), request(a)
+    job = sampling.prepare(req)
     if world.is_main:
         print(job.note(), flush=True)
     if a.animate is not None:

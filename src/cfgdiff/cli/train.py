@@ -8,16 +8,16 @@ import time
 from pathlib import Path
 
 from cfgdiff.cli.options import (
-    PRECISION_HELP,
     add_config_flags,
     data_dir_option,
     dataset_name,
+    device_options,
     duration,
     int_in,
     overrides,
 )
 from cfgdiff.cli.progress import StopFlag, TrainProgress, log
-from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_TRAIN_IMAGES, DEVICES, PRECISIONS
+from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_TRAIN_IMAGES
 
 
 def add_parser(sub) -> None:
@@ -49,8 +49,7 @@ def add_parser(sub) -> None:
     add_config_flags(tr)
     tr.add_argument("--image-size", type=int_in(8, 1024), help="resize images to this side")
     tr.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the data's)")
-    tr.add_argument("--device", default="auto", choices=list(DEVICES))
-    tr.add_argument("--precision", default="auto", choices=list(PRECISIONS), help=PRECISION_HELP)
+    device_options(tr)
     tr.add_argument(
         "--compile",
         default="auto",
@@ -61,9 +60,7 @@ def add_parser(sub) -> None:
         "training falls back to eager if they differ or compilation fails",
     )
     tr.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="NHWC memory format (measure: not always faster)",
+        "--channels-last", action="store_true", help="NHWC memory format (not always faster)"
     )
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")

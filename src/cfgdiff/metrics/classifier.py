@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,24 +129,33 @@ def _augment(x: torch.Tensor, g: torch.Generator, flip: bool, max_shift: int = 2
     return x
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a judge is trained (a dataset spec's `judge` gives epochs, flips and a step floor)."""
+
+    epochs: int = 3
+    flip: bool = False  # random horizontal flips (where left and right mean the same)
+    min_steps: int = 0  # at least this many optimizer steps, whatever the epochs
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    width: int = 32  # channels of the CNN's first level
+
+
 def train_classifier(
     train: Dataset,
     test: Dataset,
+    recipe: Recipe = Recipe(),
     *,
-    epochs: int = 3,
-    flip: bool = False,
-    min_steps: int = 0,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    seed: int = 0,
-    width: int = 32,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[SmallCNN, float]:
-    """Train deterministically under `seed` (for a given device and precision) for `epochs`
-    epochs, or more if that is fewer than `min_steps` optimizer steps; returns (model in eval
-    mode, test accuracy measured in fp32)."""
+    """Train deterministically under the recipe's seed (for a given device and precision) for
+    its epochs, or more if that is fewer than its `min_steps` optimizer steps; returns (model
+    in eval mode, test accuracy measured in fp32)."""
+    epochs, flip, min_steps = recipe.epochs, recipe.flip, recipe.min_steps
+    batch_size, lr, seed, width = recipe.batch_size, recipe.lr, recipe.seed, recipe.width
     device = torch.device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -276,7 +286,7 @@ def get_classifier(
 
     precision = resolve_precision("auto", torch.device(device))
     net, acc = train_classifier(
-        train, test, device=device, precision=precision, on_epoch=epoch_note, **recipe
+        train, test, Recipe(**recipe), device=device, precision=precision, on_epoch=epoch_note
     )
     meta = {
         "version": CLASSIFIER_VERSION,

@@ -16,7 +16,8 @@ from cfgdiff import dist
 from cfgdiff.config import bounded, check_ranges
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import atomic_write_json, check_output_file, refuse_overlap
-from cfgdiff.metrics.judging import ReferenceOptions, judge_of, measure_scales
+from cfgdiff.metrics.evaluate import ReferenceOptions
+from cfgdiff.metrics.judging import judge_of, measure_scales
 from cfgdiff.metrics.reports import eval_lines
 from cfgdiff.sampling.request import (
     SampleRequest,
@@ -151,15 +152,10 @@ def _evaluate_samples(req: EvalRequest, log, world: dist.World) -> Evaluation | 
     """Samples made elsewhere (another sampler, another tool's model), against the dataset, at
     the samples' size and channels. Under torchrun rank 0 alone does it (nothing to sample)."""
     from cfgdiff.metrics.evaluate import evaluation, samples_reference
-    from cfgdiff.runtime import resolve_device
 
     if not world.is_main:
         return None
-    o = req.reference
-    ref, images, labels, names = samples_reference(
-        req.samples, o.dataset, features=o.features, data_dir=o.data_dir, inception=o.inception,
-        device=resolve_device(o.device), log=log,
-    )  # fmt: skip
+    ref, images, labels, names = samples_reference(req.samples, req.reference, log=log)
     record = evaluation(ref, images, labels, {"samples": str(req.samples), "n": len(images)})
     result = Evaluation(record, "classes", list(names))
     if req.json is not None:

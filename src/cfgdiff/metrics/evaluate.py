@@ -120,15 +120,33 @@ def judge_for(
     return ClassifierFeatures(net, device, image_size=size, channels=channels), meta
 
 
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The real data samples are measured against (`cfgdiff eval`'s and `sweep`'s flags)."""
+
+    dataset: str | None = None  # default: the checkpoint's
+    features: str = "classifier"  # FEATURES
+    inception: Path | None = None  # a local copy of the FID Inception network
+    data_dir: Path | None = None
+    device: torch.device | str = "auto"  # where the judge and the feature network run
+
+    def check(self, reads: tuple[str, ...], kind: str) -> None:
+        """Refuse, before any work, an option a kind of model's judge does not read."""
+        unread = {"features": self.features != "classifier", "inception": self.inception}
+        for name, given in unread.items():
+            if given and name not in reads:
+                value = f"={getattr(self, name)}" if name == "features" else ""
+                raise ConfigError(
+                    f"`{name}{value}`: only for class models (a {kind} model is measured by the "
+                    "judge's class accuracy and attribute rank correlations, not FID)"
+                )
+
+
 def build_reference(
     cfg: RunConfig,
     n: int,
+    options: ReferenceOptions = ReferenceOptions(),
     *,
-    dataset: str | None = None,
-    features: str = "classifier",
-    data_dir: Path | None = None,
-    inception: Path | None = None,
-    device: torch.device | str = "cpu",
     seed: int = 0,
     log=None,
     n_arg: str = "`n`",
@@ -138,8 +156,12 @@ def build_reference(
     n_arg: the parameter that set n, for the message when the data is too small for it.
     at_most: n is an upper bound, the reference takes as many real images as the data has up
     to it (a text sweep's sample count is whole rounds of its prompts, not a number asked for)."""
-    dataset = _dataset_of(cfg, dataset)
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    from cfgdiff.runtime import resolve_device
+
+    o = options
+    dataset, features, inception = _dataset_of(cfg, o.dataset), o.features, o.inception
+    device = resolve_device(o.device) if isinstance(o.device, str) else o.device
+    data_dir = Path(o.data_dir) if o.data_dir is not None else default_data_dir()
     m = cfg.model
     name = DatasetName.parse(dataset)
     # The checkpoint's own dataset is read as training read it, at the model's size and channels
@@ -357,22 +379,16 @@ def evaluation(
 
 
 def samples_reference(
-    path: Path,
-    dataset: str,
-    *,
-    features: str = "classifier",
-    data_dir: Path | None = None,
-    inception: Path | None = None,
-    device: torch.device | str = "cpu",
-    log=None,
+    path: Path, options: ReferenceOptions, log=None
 ) -> tuple[Reference, torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """Samples made elsewhere (read_samples) and the reference of `dataset` to measure them
-    against, at the samples' size and channels, as it would be for a model that made them (so a
-    folder of mixed sizes is fine, as in training); returns (reference, images, labels, the
-    dataset's class names)."""
+    """Samples made elsewhere (read_samples) and the reference of `options.dataset` to measure
+    them against, at the samples' size and channels, as it would be for a model that made them
+    (so a folder of mixed sizes is fine, as in training); returns (reference, images, labels,
+    the dataset's class names)."""
     from cfgdiff.data import class_names_of
     from cfgdiff.presets import PRESETS, config_for_dataset
 
+    dataset, data_dir = options.dataset, options.data_dir
     images, labels = read_samples(path, class_names_of(dataset, data_dir, log=log))
     n, c, h, w = images.shape
     if h != w or c not in (1, 3) or not 8 <= h <= 1024:
@@ -386,10 +402,7 @@ def samples_reference(
     # decoded-folder cache; hflip as the dataset's default (for memorisation).
     data = load_dataset(dataset, data_dir, image_size=h, channels=c, log=log)
     cfg = config_for_dataset(PRESETS["tiny"], data, dataset)
-    ref = build_reference(
-        cfg, n, features=features, data_dir=data_dir, inception=inception, device=device,
-        log=log, n_arg="the number of `samples`",
-    )  # fmt: skip
+    ref = build_reference(cfg, n, options, log=log, n_arg="the number of `samples`")
     return ref, images, labels, data.class_names
 
 
@@ -404,9 +417,8 @@ class TrainingEvaluator:
                  precision: str = "fp32", log=None):  # fmt: skip
         self.cfg, self.device, self.precision = cfg, torch.device(device), precision
         n = cfg.train.eval_n
-        self.ref = build_reference(
-            cfg, n, dataset=dataset, data_dir=data_dir, device=device, log=log, n_arg="`eval_n`"
-        )
+        options = ReferenceOptions(dataset=dataset, data_dir=data_dir, device=self.device)
+        self.ref = build_reference(cfg, n, options, log=log, n_arg="`eval_n`")
         self.labels = torch.arange(n) % cfg.model.num_classes
         self.batch_size: int | None = None  # measured on the first evaluation
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,14 @@ from cfgdiff.metrics.adherence import (
     labelled_prompts,
     samples_per_prompt,
 )
-from cfgdiff.metrics.evaluate import METRIC_KEYS, build_reference, floor, judge_for, measure
+from cfgdiff.metrics.evaluate import (
+    METRIC_KEYS,
+    ReferenceOptions,
+    build_reference,
+    floor,
+    judge_for,
+    measure,
+)
 from cfgdiff.sampling.conditions import (
     Asks,
     ClassLabels,
@@ -41,28 +47,6 @@ from cfgdiff.sampling.conditions import (
 )
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.request import SamplingJob
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    """The real data samples are measured against (`cfgdiff eval`'s and `sweep`'s flags)."""
-
-    dataset: str | None = None  # default: the checkpoint's
-    features: str = "classifier"  # evaluate.FEATURES
-    inception: Path | None = None  # a local copy of the FID Inception network
-    data_dir: Path | None = None
-    device: str = "auto"  # where samples made elsewhere are judged (eval.EvalRequest.samples)
-
-    def check(self, reads: tuple[str, ...], kind: str) -> None:
-        """Refuse, before any work, an option a kind of model's judge does not read."""
-        unread = {"features": self.features != "classifier", "inception": self.inception}
-        for name, given in unread.items():
-            if given and name not in reads:
-                value = f"={getattr(self, name)}" if name == "features" else ""
-                raise ConfigError(
-                    f"`{name}{value}`: only for class models (a {kind} model is measured by the "
-                    "judge's class accuracy and attribute rank correlations, not FID)"
-                )
 
 
 class ClassJudge:
@@ -76,11 +60,8 @@ class ClassJudge:
                  device, log=None, world: dist.World | None = None):  # fmt: skip
         cfg, world = model.cfg, world or dist.World()
         with dist.main_first(world):  # rank 0 may train and cache a judge; the others read it
-            self.ref = build_reference(
-                cfg, n, dataset=options.dataset, features=options.features,
-                data_dir=options.data_dir, inception=options.inception, device=device,
-                log=log if world.is_main else None,
-            )  # fmt: skip
+            options = dataclasses.replace(options, device=device)
+            self.ref = build_reference(cfg, n, options, log=log if world.is_main else None)
         self.labels = torch.arange(n) % cfg.model.num_classes
         self.rows: Condition = ClassLabels.of_labels(model, self.labels, asks)
         self.n = n
@@ -154,10 +135,8 @@ class PromptJudge:
         main_log = log if world.is_main else None
         with dist.main_first(world):  # rank 0 may train and cache the judge; the others read it
             if self.held_out:  # they ask for the data's mix: compare with real images
-                ref = build_reference(
-                    cfg, self.n, dataset=options.dataset, data_dir=options.data_dir,
-                    device=device, log=main_log, at_most=True,
-                )  # fmt: skip
+                only = ReferenceOptions(options.dataset, data_dir=options.data_dir, device=device)
+                ref = build_reference(cfg, self.n, only, log=main_log, at_most=True)
                 self.judge, self.meta = ref.classifier, ref.classifier_meta
                 self.reference = ref if ref.n >= MIN_REFERENCE else None
                 if self.reference is None and main_log:  # a tiny folder: too few for k-NN

@@ -18,7 +18,8 @@ from cfgdiff import dist
 from cfgdiff.config import bounded, check_ranges
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import atomic_write_csv, atomic_write_json, refuse_overlap
-from cfgdiff.metrics.judging import ReferenceOptions, judge_of, measure_scales
+from cfgdiff.metrics.evaluate import ReferenceOptions
+from cfgdiff.metrics.judging import judge_of, measure_scales
 from cfgdiff.metrics.reports import sweep_lines
 from cfgdiff.sampling.request import SampleRequest, check_before_work, job_for, model_inputs
 

@@ -75,24 +75,26 @@ class Model:
                 self.encoder = encoder
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(N, cond_dim) embeddings of prompts (text.embedding.embed_prompts), kept."""
+        """(N, cond_dim) embeddings of prompts (text.embedding.embed_prompts); the newest
+        _EMBEDDINGS_KEPT are kept, so a prompt asked for again needs no encoder."""
         with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._kept]
+            found = {p: self._kept[p] for p in prompts if p in self._kept}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             table = self.captions
             if any(p and (table is None or p not in table.captions) for p in missing):
                 self.load_encoder()
             rows = embed_prompts(missing, self.cfg.model, table, self.encoder)
+            new = dict(zip(missing, rows, strict=True))
+            found |= new
             with self._lock:
-                for p, row in zip(missing, rows, strict=True):
+                for p, row in new.items():
                     if len(self._kept) >= _EMBEDDINGS_KEPT:
                         self._kept.pop(next(iter(self._kept)))
                     self._kept[p] = row
-        with self._lock:
-            kept = dict(self._kept)
-        if any(p not in kept for p in prompts):  # more prompts than are kept at once
-            return embed_prompts(list(prompts), self.cfg.model, self.captions, self.encoder)
-        return torch.stack([kept[p] for p in prompts]) if prompts else torch.zeros(0, 0)
+        if not prompts:
+            return torch.zeros(0, self.cfg.model.cond_dim)
+        return torch.stack([found[p] for p in prompts])
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from cfgdiff.config import RunConfig, bounded, check_ranges
 from cfgdiff.errors import ConfigError
 from cfgdiff.runtime import COMPILE_CHOICES, DEVICES, PRECISIONS, resolve_device, resolve_precision
-from cfgdiff.sampling.samplers import SAMPLERS, check_sampler
+from cfgdiff.sampling.samplers import SAMPLERS
 from cfgdiff.schedule import SPACINGS
 
 # A seed a JavaScript number holds exactly, so the page and the CLI take the same seeds.
@@ -73,8 +73,6 @@ class SamplingSettings:
             allowed = f.metadata.get("choices")
             v = getattr(self, f.name)
             if allowed is not None and v is not None and v not in allowed:
-                if f.name == "sampler":
-                    check_sampler(v)
                 raise ConfigError(f"`{f.name}` must be one of {', '.join(allowed)}, got {v!r}")
 
     def resolve(self, cfg: RunConfig, device: torch.device | str | None = None) -> SamplingSettings:

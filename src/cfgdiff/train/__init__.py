@@ -4,7 +4,7 @@ This module only re-exports.
 """
 
 from cfgdiff.train.budget import BUDGET_PROBE, TimeBudget, steps_for_budget
-from cfgdiff.train.loop import TrainResult, train
+from cfgdiff.train.loop import TrainOptions, TrainResult, train
 from cfgdiff.train.run_folder import RunLock, RunOutputs
 from cfgdiff.train.state import TrainState, data_identity, lr_at, make_optimizer
 
@@ -13,6 +13,7 @@ __all__ = [
     "RunLock",
     "RunOutputs",
     "TimeBudget",
+    "TrainOptions",
     "TrainResult",
     "TrainState",
     "data_identity",

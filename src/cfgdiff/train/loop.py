@@ -18,9 +18,10 @@ collective is called by all processes at the same step, never under a rank condi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -56,54 +57,55 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class _Options:
-    """train()'s keywords, for the loop."""
+class TrainOptions:
+    """How a run trains, beside its config (train's settings object; run.prepare decides them
+    from what a user asks: the device, the precision a resume keeps, whether to compile).
 
-    device: torch.device
-    precision: str
-    resume: bool
-    emit: Event
-    should_stop: Callable[[], bool]
-    final_strip: bool
-    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None
-    compile: bool
-    channels_last: bool
-    time_budget: float | None
-    world: dist.World
+    evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
+    eval.csv (metrics.evaluate.TrainingEvaluator measures a small-N FID and class accuracy).
+    compile: torch.compile the network for the training step, if it compiles and its gradients
+    match the eager network's on one batch; otherwise training goes on eagerly (a "compile"
+    event says which, and why). channels_last: NHWC memory format. time_budget: seconds of
+    training (setup and compilation included; previews, evaluations and checkpoints not) that
+    size a new run's step count, and so its LR schedule, in place of cfg.train.steps
+    (budget.TimeBudget; a "schedule" event gives the count)."""
+
+    device: torch.device | str = "cpu"
+    precision: str = "fp32"  # "fp32" | "bf16": autocast of the forward pass
+    resume: bool = False  # continue from the run's latest checkpoint
+    final_strip: bool = True  # the guidance strip at the end
+    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    compile: bool = False
+    channels_last: bool = False
+    time_budget: float | None = None
+
+
+@dataclass(frozen=True)
+class _Options(TrainOptions):
+    """TrainOptions and the run's listeners and processes, for the loop."""
+
+    emit: Event = lambda name, info: None  # noqa: E731
+    should_stop: Callable[[], bool] = lambda: False  # noqa: E731
+    world: dist.World = field(default_factory=dist.World)
 
 
 def train(
     cfg: RunConfig,
     run_dir: Path,
     data,
+    options: TrainOptions = TrainOptions(),
     *,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    resume: bool = False,
     on_event: Event | None = None,
     should_stop: Callable[[], bool] | None = None,
-    final_strip: bool = True,
-    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    compile: bool = False,
-    channels_last: bool = False,
-    time_budget: float | None = None,
 ) -> TrainResult:
-    """Train (or resume) a run of `cfg` on `data` (a data.Dataset) in run_dir: checkpoints in
-    run_dir/checkpoints, the files of run_folder.py beside them.
-
-    evaluator: called with the EMA network every cfg.train.eval_every steps; its numbers go to
-    eval.csv (metrics.evaluate.TrainingEvaluator measures a small-N FID and class accuracy).
-    compile: torch.compile the network for the training step, if it compiles and its gradients
-    match the eager network's on one batch; otherwise training goes on eagerly. A "compile"
-    event says which, and why. channels_last: NHWC memory format.
-    time_budget: seconds of training (setup and compilation included; previews, evaluations
-    and checkpoints not) that size a new run's step count, and so its LR schedule, in place of
-    cfg.train.steps (budget.TimeBudget; a "schedule" event gives the count)."""
+    """Train (or resume) a run of `cfg` on `data` (a data.Dataset) in run_dir, as `options`
+    say: checkpoints in run_dir/checkpoints, the files of run_folder.py beside them. Progress
+    goes to `on_event(name, info)`; `should_stop()` asks for a stop after the current step."""
     cfg.validate()
     world = dist.world()
     if world.enabled:
         dist.per_rank_batch(cfg.train.batch_size, world)
-    check_budget(time_budget, resume)
+    check_budget(options.time_budget, options.resume)
     m = cfg.model
     if (data.channels, data.image_size, data.num_classes) != (
         m.in_channels,
@@ -118,14 +120,15 @@ def train(
     run_dir = Path(run_dir)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    options = _Options(
-        torch.device(device), precision, resume, on_event or (lambda name, info: None),
-        should_stop or (lambda: False), final_strip, evaluator, compile, channels_last,
-        time_budget, world,
-    )  # fmt: skip
+    given = {f.name: getattr(options, f.name) for f in fields(TrainOptions)}
+    o = _Options(**{**given, "device": torch.device(options.device)}, world=world)
+    if on_event is not None:
+        o = dataclasses.replace(o, emit=on_event)
+    if should_stop is not None:
+        o = dataclasses.replace(o, should_stop=should_stop)
     # rank 0 alone holds the lock; the others never touch the folder's files
     with RunLock(run_dir) if world.is_main else contextlib.nullcontext(), dist.peer_faults(world):
-        return _run(cfg, run_dir, data, options)
+        return _run(cfg, run_dir, data, o)
 
 
 def check_budget(time_budget: float | None, resume: bool, steps_given: bool = False) -> None:

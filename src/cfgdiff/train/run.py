@@ -28,7 +28,7 @@ from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
 from cfgdiff.presets import MACHINE_PRESETS, config_for_dataset, machine_preset, resolve_config
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
-from cfgdiff.train.loop import TrainResult, check_budget, train
+from cfgdiff.train.loop import TrainOptions, TrainResult, check_budget, train
 from cfgdiff.train.state import Event
 
 Log = Callable[[str], None]
@@ -162,8 +162,8 @@ def run(
         if on_event is not None:
             on_event(name, info)
 
-    return train(
-        p.cfg, req.run_dir, p.data, device=p.device, precision=p.precision, resume=req.resume,
-        on_event=emit, should_stop=should_stop, evaluator=p.evaluator, compile=p.compile,
-        channels_last=req.channels_last, time_budget=req.time_budget,
+    options = TrainOptions(
+        device=p.device, precision=p.precision, resume=req.resume, evaluator=p.evaluator,
+        compile=p.compile, channels_last=req.channels_last, time_budget=req.time_budget,
     )  # fmt: skip
+    return train(p.cfg, req.run_dir, p.data, options, on_event=emit, should_stop=should_stop)
