@@ -306,6 +306,12 @@ def test_sharded_sample_and_eval_equal_one_process(one, tmp_path, capsys):
     # process there, 2 here)
     for key in ("fid", "kid", "is", "precision", "recall", "class_accuracy"):
         assert eb["generated"][key] == pytest.approx(ea["generated"][key], rel=1e-6, abs=1e-9)
+    # without --device (the settings' default, auto) the processes join on the auto device
+    auto = [w for w in sample if w not in ("--device", "cpu")]
+    for rc, _out, err in _finish(_launch([*auto, "--out", tmp_path / "auto.npz"])):
+        assert rc == 0, err[-3000:]
+    c = np.load(tmp_path / "auto.npz")
+    assert np.array_equal(a["images"], c["images"])
 
 
 def _wait_for_rows(run: Path, procs, rows: int = 2, timeout: float = 90) -> None:

@@ -142,7 +142,7 @@ def _run_command(args) -> int:
         )
     from cfgdiff.runtime import resolve_device
 
-    with dist.session(resolve_device(getattr(args, "device", "auto"))):
+    with dist.session(resolve_device(getattr(args, "device", None) or "auto")):
         return COMMANDS[args.command](args)
 
 
