@@ -83,6 +83,18 @@ def test_sample_out_inside_the_dataset_folder_is_refused(made, capsys):
     assert snapshot(folder) == before
 
 
+def test_sweep_out_inside_the_dataset_folder_is_refused(made, capsys):
+    """The sweep folder must not become a class folder of the --dataset folder it compares
+    with (checked before any work)."""
+    run, folder, _ = made
+    before = snapshot(folder)
+    argv = ["sweep", "--checkpoint", run, "--scales", "1", "--n", "10", "--steps", "2",
+            "--out", folder / "sweep", "--dataset", f"folder:{folder}"]  # fmt: skip
+    line = one_line(*cli(argv, capsys))
+    assert "--out" in line and "the dataset folder" in line, line
+    assert snapshot(folder) == before and not (folder / "sweep").exists()
+
+
 @pytest.mark.parametrize("name", ["ema.safetensors", "new.safetensors"])
 def test_export_into_its_checkpoint_is_refused(made, capsys, name):
     run, _, _ = made

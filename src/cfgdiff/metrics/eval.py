@@ -24,6 +24,7 @@ from cfgdiff.sampling.request import (
     check_before_work,
     guidance_scale,
     job_for,
+    load_model,
     model_inputs,
 )
 
@@ -69,28 +70,10 @@ class EvalRequest:
         if self.json is None:
             return
         check_output_file(self.json, "`json`")
-        inputs = [
-            ("the samples", self.samples),
-            ("the Inception network", self.reference.inception),
-        ]
+        inputs = [("the samples", self.samples), *self.reference.inputs()]
         if self.sampling is not None:
             inputs += model_inputs(self.sampling.checkpoint, self.sampling.guide_checkpoint)
-        inputs += dataset_folder(self.reference.dataset)
         refuse_overlap(self.json, inputs, "`json`")
-
-
-def dataset_folder(dataset: str | None) -> list[tuple[str, Path]]:
-    """A folder dataset's folder as an input outputs must not be written into."""
-    from cfgdiff.data import DatasetName
-    from cfgdiff.errors import CfgDiffError
-
-    if dataset is None:
-        return []
-    try:
-        folder = DatasetName.parse(dataset).folder
-    except CfgDiffError:  # a bad name: the command says why
-        return []
-    return [("the dataset folder", folder)] if folder is not None else []
 
 
 @dataclass
@@ -116,16 +99,12 @@ def evaluate(req: EvalRequest, *, log=None, world: dist.World | None = None) -> 
     world = world or dist.World()
     if req.samples is not None:
         return _evaluate_samples(req, log, world)
-    from cfgdiff.checkpoint import load_for_sampling
-    from cfgdiff.runtime import describe_machine, resolve_device
-    from cfgdiff.sampling.conditions import Model
+    from cfgdiff.runtime import describe_machine
 
     sr = req.sampling
     scale, given = guidance_scale(sr.scale, sr.w)
-    sr.settings.validate()
-    device = resolve_device(sr.settings.device)
-    model = Model.of(load_for_sampling(sr.checkpoint, device))
     # everything checked before the judge: building the reference may train one for minutes
+    model, device = load_model(sr)
     check_before_work(model, sr)
     judge = judge_of(
         model, sr.asks, req.n or DEFAULT_N, req.reference, device=device, log=log, world=world

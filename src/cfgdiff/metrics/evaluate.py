@@ -130,6 +130,21 @@ class ReferenceOptions:
     data_dir: Path | None = None
     device: torch.device | str = "auto"  # where the judge and the feature network run
 
+    def inputs(self) -> list[tuple[str, Path]]:
+        """What an output must not be or lie inside (files.refuse_overlap): the Inception
+        network read and a folder dataset's folder (a bad name is left to the command)."""
+        from cfgdiff.errors import CfgDiffError
+
+        found = [("the Inception network", self.inception)] if self.inception else []
+        if self.dataset is not None:
+            try:
+                folder = DatasetName.parse(self.dataset).folder
+            except CfgDiffError:
+                folder = None
+            if folder is not None:
+                found.append(("the dataset folder", folder))
+        return found
+
     def check(self, reads: tuple[str, ...], kind: str) -> None:
         """Refuse, before any work, an option a kind of model's judge does not read."""
         unread = {"features": self.features != "classifier", "inception": self.inception}

@@ -21,7 +21,12 @@ from cfgdiff.files import atomic_write_csv, atomic_write_json, refuse_overlap
 from cfgdiff.metrics.evaluate import ReferenceOptions
 from cfgdiff.metrics.judging import judge_of, measure_scales
 from cfgdiff.metrics.reports import sweep_lines
-from cfgdiff.sampling.request import SampleRequest, check_before_work, job_for, model_inputs
+from cfgdiff.sampling.request import (
+    SampleRequest,
+    check_before_work,
+    job_for,
+    model_inputs,
+)
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 DEFAULT_N = 5000  # samples per scale
@@ -61,7 +66,8 @@ class SweepRequest:
             raise ConfigError(f"`out` {self.out}: is a file; `out` names a folder here")
         if self.out is not None:
             sr = self.sampling
-            refuse_overlap(self.out, model_inputs(sr.checkpoint, sr.guide_checkpoint), "`out`")
+            inputs = model_inputs(sr.checkpoint, sr.guide_checkpoint) + self.reference.inputs()
+            refuse_overlap(self.out, inputs, "`out`")
 
 
 @dataclass

@@ -97,10 +97,15 @@ class SamplingJob:
     def scale(self) -> float:
         return float(self.guidance.scale)
 
+    @property
+    def models_sampler(self) -> bool:
+        """Whether the sampler is the model's own (none was asked for)."""
+        return "sampler" in self.from_model
+
     def sampler_words(self) -> str:
         """Which sampler, and whether it is the model's own: "ddpm 20 steps (the model's
         own)"."""
-        own = "the model's own" if "sampler" in self.from_model else "as asked"
+        own = "the model's own" if self.models_sampler else "as asked"
         return f"{self.settings.describe()} ({own})"
 
     def note(self) -> str:
@@ -117,7 +122,7 @@ class SamplingJob:
             **self.settings.record(),
             "checkpoint": str(self.model.path),
             "guide_checkpoint": str(guide) if guide is not None else None,
-            "sampler_from": "model" if "sampler" in self.from_model else "request",
+            "sampler_from": "model" if self.models_sampler else "request",
             **self.condition.record(),
         }
 
@@ -191,14 +196,20 @@ def prepare(
     _check_outputs(req, scale)
     if scale is None:  # --animate-scales alone: the first stands for the job's scale
         scale = req.animate_scales[0]
-    req.settings.validate()
     if model is None:
-        from cfgdiff.checkpoint import load_for_sampling
-        from cfgdiff.runtime import resolve_device
-
-        device = resolve_device(req.settings.device)
-        model = Model.of(load_for_sampling(req.checkpoint, device))
+        model, _ = load_model(req)
     return job_for(model, req.asks, req, scale, given)
+
+
+def load_model(req: SampleRequest) -> tuple[Model, torch.device]:
+    """The checkpoint `req` names, verified and loaded on its settings' device (checked
+    first), with what its conditions need; and that device."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.runtime import resolve_device
+
+    req.settings.validate()
+    device = resolve_device(req.settings.device)
+    return Model.of(load_for_sampling(req.checkpoint, device)), device
 
 
 def job_for(
