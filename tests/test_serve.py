@@ -6,6 +6,7 @@ the command line, and a burst of 50 concurrent requests."""
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import shlex
 import socket
@@ -83,50 +84,78 @@ def _cfg(classes: int = 3, timesteps: int = 1000, text: bool = False):
 
 
 @pytest.mark.parametrize(
-    "body,message",
+    "body,field,message",
     [
-        ([3], "the request must be a JSON object"),
-        ({"scale": 1}, "`class` must be an integer in [0, 2], got None"),
-        ({"class": 3}, "`class` must be in [0, 2], got 3"),
-        ({"class": True}, "`class` must be an integer in [0, 2], got True"),
-        ({"class": 0.5}, "`class` must be an integer in [0, 2], got 0.5"),
-        ({"class": 0, "scale": 11}, "`scale` must be in [0, 10], got 11"),
-        ({"class": 0, "scale": float("nan")}, "`scale` must be a number in [0, 10], got nan"),
-        ({"class": 0, "scale": "3"}, "`scale` must be a number in [0, 10], got '3'"),
-        ({"class": 0, "steps": 51}, "`steps` must be in [1, 50], got 51"),
-        ({"class": 0, "steps": 0}, "`steps` must be in [1, 50], got 0"),
-        ({"class": 0, "sampler": "euler"}, "`sampler` must be one of ddpm, ddim, dpmpp-2m"),
-        ({"class": 0, "seed": -1}, "`seed` must be in [0, 9007199254740991], got -1"),
-        ({"class": 0, "n": 9}, "`n` must be in [1, 8], got 9"),
-        ({"class": 0, "n": 5, "steps": 30}, "`n` x `steps`: at most 100 image-steps"),
-        ({"class": 0, "mode": "grid"}, "`mode` must be one of images, strip"),
-        ({"class": 0, "mode": "strip"}, "`scales` must be a list of 1 to 4 numbers"),
-        ({"class": 0, "mode": "strip", "scales": [1, 1]}, "`scales` must be distinct"),
-        ({"class": 0, "mode": "strip", "scales": [1, 2, 3], "n": 3}, "at most 8 images"),
-        ({"class": 0, "negative_class": 3}, "`negative_class` must be in [0, 2], got 3"),
-        ({"class": 0, "interval": [2, 1]}, "`interval` must satisfy lo < hi"),
-        ({"class": 0, "interval": "0,1"}, "`interval` must be [lo, hi], two numbers"),
-        ({"class": 0, "out": "/etc/passwd"}, "unknown field `out`"),
-        ({"class": 0, "checkpoint": "/tmp/x"}, "unknown field `checkpoint`"),
+        ([3], None, "the request must be a JSON object"),
+        ({"scale": 1}, "class", "class: is missing; give a whole number from 0 to 2"),
+        ({"class": None}, "class", "class: is empty; give a whole number from 0 to 2"),
+        ({"class": 3}, "class", "class: must be a whole number from 0 to 2, got 3"),
+        ({"class": True}, "class", "class: must be a whole number from 0 to 2, got true"),
+        ({"class": 0.5}, "class", "class: must be a whole number from 0 to 2, got 0.5"),
+        ({"class": 0, "scale": 11}, "scale", "scale: must be a number from 0 to 10, got 11"),
+        ({"class": 0, "scale": float("nan")}, "scale", "scale: must be a number from 0 to 10, "
+         "got not a number"),
+        ({"class": 0, "scale": "3"}, "scale", 'scale: must be a number from 0 to 10, got "3"'),
+        ({"class": 0, "steps": 51}, "steps", "steps: must be a whole number from 1 to 50, got 51"),
+        ({"class": 0, "steps": 0}, "steps", "steps: must be a whole number from 1 to 50, got 0"),
+        # a huge number is said in a few words, not echoed digit by digit
+        ({"class": 0, "steps": 1e300}, "steps", "steps: must be a whole number from 1 to 50, "
+         "got 1e+300"),
+        ({"class": 10**400}, "class", "class: must be a whole number from 0 to 2, got a "
+         "401-digit number"),
+        ({"class": 0, "sampler": "euler"}, "sampler", "sampler: must be one of ddpm, ddim, "
+         'dpmpp-2m, got "euler"'),
+        # a list or an object where a word is wanted: refused like any other value
+        ({"class": 0, "sampler": ["ddim"]}, "sampler", "got a list"),
+        ({"class": 0, "sampler": {}}, "sampler", "got an object"),
+        ({"class": 0, "mode": {"a": 1}}, "mode", "view: must be one of images, strip, got an "
+         "object"),
+        ({"class": 0, "seed": -1}, "seed", "seed: must be a whole number from 0 to "
+         "9007199254740991, got -1"),
+        ({"class": 0, "n": 9}, "n", "images: must be a whole number from 1 to 8, got 9"),
+        ({"class": 0, "n": None}, "n", "images: is empty; give a whole number from 1 to 8"),
+        ({"class": 0, "n": 5, "steps": 30}, "n", "images × steps: at most 100 image-steps a "
+         "request, got 5 × 30 = 150"),
+        ({"class": 0, "mode": "grid"}, "mode", "view: must be one of images, strip"),
+        ({"class": 0, "mode": "strip"}, "scales", "strip scales: is empty; give 1 to 4 distinct"),
+        ({"class": 0, "mode": "strip", "scales": [1, 1]}, "scales", "strip scales: must be "
+         "distinct"),
+        ({"class": 0, "mode": "strip", "scales": [1, 2, 3], "n": 3}, "n", "at most 8 images"),
+        ({"class": 0, "negative_class": 3}, "negative_class", "negative class: must be a whole "
+         "number from 0 to 2, got 3"),
+        ({"class": 0, "interval": [2, 1]}, "interval", "guidance interval σ: must satisfy lo < "
+         "hi, got [2, 1]"),
+        ({"class": 0, "interval": "0,1"}, "interval", "guidance interval σ: must be two "
+         "numbers lo < hi"),
+        ({"class": 0, "interval": [0, None]}, "interval", "guidance interval σ: must be two"),
+        ({"class": 0, "out": "/etc/passwd"}, None, 'unknown field "out"'),
+        ({"class": 0, "checkpoint": "/tmp/x"}, None, 'unknown field "checkpoint"'),
+        ({"class": 0, "x" * 5000: 1}, None, 'unknown field "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx…"'),
     ],
-)
-def test_every_field_is_checked_with_a_one_line_reason(body, message):
-    with pytest.raises(ConfigError) as e:
+)  # fmt: skip
+def test_every_field_is_checked_with_a_one_line_reason(body, field, message):
+    """Each refusal names the field by the page's label (and its API name for the page to mark
+    the box), says what is allowed, and says what came in a few words: at most 200 characters
+    whatever was sent."""
+    from cfgdiff.serve.schema import RequestError
+
+    with pytest.raises(RequestError) as e:
         parse_settings(body, _cfg(), LIMITS)
     assert message in str(e.value) and "\n" not in str(e.value)
+    assert e.value.field == field and len(str(e.value)) <= 200
 
 
 @pytest.mark.parametrize(
     "body,message",
     [
-        ({"class": 0}, "`class` is for a model of class labels; this one reads prompts"),
-        ({"prompt": "a", "negative_class": 1}, "`negative_class` is for a model of class labels"),
-        ({"scale": 2}, "`prompt` must be a non-empty string, got None"),
-        ({"prompt": "  "}, "`prompt` must be a non-empty string, got '  '"),
-        ({"prompt": 7}, "`prompt` must be a non-empty string, got 7"),
-        ({"prompt": "x" * 201}, "`prompt` must be at most 200 characters, got 201"),
-        ({"prompt": "a\nb"}, "`prompt` must be one line of printable text, got 'a\\nb'"),
-        ({"prompt": "a", "negative_prompt": ""}, "`negative_prompt` must be a non-empty string"),
+        ({"class": 0}, "class: this model reads prompts; give a prompt"),
+        ({"prompt": "a", "negative_class": 1}, "negative_class: this model reads prompts"),
+        ({"scale": 2}, "prompt: is missing; give one line of text, at most 200 characters"),
+        ({"prompt": "  "}, "prompt: must be one line of text, at most 200 characters, got blank"),
+        ({"prompt": 7}, "prompt: must be one line of text, at most 200 characters, got 7"),
+        ({"prompt": "x" * 201}, 'got "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx…"'),
+        ({"prompt": "a\nb"}, 'prompt: must be one line of printable text, got "a\\nb"'),
+        ({"prompt": "a", "negative_prompt": ""}, "negative prompt: must be one line of text"),
     ],
 )
 def test_a_text_models_fields_are_checked_with_a_one_line_reason(body, message):
@@ -137,7 +166,7 @@ def test_a_text_models_fields_are_checked_with_a_one_line_reason(body, message):
 
 def test_a_class_model_refuses_prompts():
     for key in ("prompt", "negative_prompt"):
-        with pytest.raises(ConfigError, match=f"`{key}` is for a text model; this one takes cl"):
+        with pytest.raises(ConfigError, match=f"{key}: this model takes class labels; give a cl"):
             parse_settings({"class": 0, key: "seven"}, _cfg(), LIMITS)
 
 
@@ -153,7 +182,7 @@ def test_a_good_request_and_its_defaults():
     own = s.sampling.resolve(cfg, "cpu")
     assert (own.sampler, own.steps, own.seed) == (cfg.sampling.sampler, cfg.sampling.steps, 0)
     # steps are capped by the model's T too
-    with pytest.raises(ConfigError, match=r"`steps` must be in \[1, 10\]"):
+    with pytest.raises(ConfigError, match=r"steps: must be a whole number from 1 to 10, got 11"):
         parse_settings({"class": 0, "steps": 11}, _cfg(timesteps=10), LIMITS)
 
 
@@ -249,16 +278,41 @@ def test_http_answers(server):
     for path in ("/app.js", "/app.css"):
         assert request(url, "GET", path)[0] == 200
     for path in ("/index.html", "/../pyproject.toml", "/static/app.js", "/api/generate"):
-        assert request(url, "GET", path)[0] in (404, 405), path
+        status, headers, body = request(url, "GET", path)
+        assert status in (404, 405), path
+        # the API's one JSON shape, for these too
+        assert headers["content-type"] == "application/json" and set(json.loads(body)) == {
+            "error", "field"}  # fmt: skip
+    assert json.loads(request(url, "GET", "/nope")[2])["error"] == "no such page or API: /nope"
+    assert json.loads(request(url, "GET", "/api/cancel")[2])["error"] == (
+        "GET is not allowed on /api/cancel"
+    )
     status, _, body = request(url, "GET", "/api/model")
     assert status == 200 and b'"classes":["class0","class1","class2"]' in body
     # bad input: 422 with one line, before anything runs
     status, _, body = request(url, "POST", "/api/generate", {"class": 0, "steps": 0})
-    assert (status, body) == (422, b'{"error":"`steps` must be in [1, 250], got 0"}')
+    assert (status, json.loads(body)) == (
+        422,
+        {"error": "steps: must be a whole number from 1 to 250, got 0", "field": "steps"},
+    )
     status, _, body = request(
         url, "POST", "/api/generate", b"{nope", {"Content-Type": "application/json"}
     )
-    assert (status, body) == (422, b'{"error":"the body is not valid JSON"}')
+    assert (status, body) == (422, b'{"error":"the body is not valid JSON","field":null}')
+    # numbers of any length: a short answer that names the field, never the digits
+    for digits in (400, 4000, 5000):
+        raw = b'{"class":' + b"9" * digits + b"}"
+        status, _, body = request(url, "POST", "/api/generate", raw,
+                                  {"Content-Type": "application/json"})  # fmt: skip
+        assert (status, json.loads(body)) == (422, {"error": "class: must be a whole number "
+            f"from 0 to 2, got a {digits}-digit number", "field": "class"})  # fmt: skip
+    status, _, body = request(url, "POST", "/api/generate", b'{"class":1,"steps":1e300}',
+                              {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 422 and len(body) < 120 and b"got 1e+300" in body
+    # a list or an object as a word: 422, not a server error
+    for bad in (["ddim"], {}):
+        status, _, body = request(url, "POST", "/api/generate", {"class": 1, "sampler": bad})
+        assert status == 422 and json.loads(body)["field"] == "sampler"
     status, _, _ = request(url, "POST", "/api/generate", b"class=0", {"Content-Type": "text/plain"})
     assert status == 415  # a form from another site cannot post here without a preflight
     status, _, _ = request(url, "POST", "/api/generate", {"class": 0, "pad": "x" * 9000})
@@ -268,10 +322,8 @@ def test_http_answers(server):
     assert request(url, "POST", "/api/cancel", {"job": "0" * 16})[2] == b'{"cancelled":false}'
     # a page served from elsewhere that resolves its name to 127.0.0.1 is refused
     status, _, body = request(url, "GET", "/api/model", headers={"Host": "attacker.example"})
-    assert (status, body) == (
-        400,
-        b'{"error":"the Host header must name this machine\'s loopback"}',
-    )
+    assert (status, json.loads(body)["error"]) == (
+        400, "the Host header must name this machine's loopback")  # fmt: skip
     for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
         assert request(url, "GET", "/api/model", headers={"Host": host})[0] == 200, host
     assert server.engine.counts == {"done": 0, "cancelled": 0, "error": 0, "refused": 0}
@@ -283,8 +335,6 @@ def test_http_answers(server):
 
 
 def _open_stream(url: str, body: dict):
-    import json
-
     host, port = host_port(url)
     c = http.client.HTTPConnection(host, port, timeout=30)
     c.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
@@ -508,7 +558,7 @@ def test_the_http_api_of_a_text_model(text_run):
         status, _, body = request(running.url, "GET", "/api/model")
         assert status == 200 and b'"condition":"text"' in body.replace(b" ", b"")
         status, _, body = request(running.url, "POST", "/api/generate", {"class": 1})
-        assert status == 422 and b"this one reads prompts" in body
+        assert status == 422 and b"this model reads prompts" in body
         status, _, body = request(
             running.url, "POST", "/api/generate", {"prompt": "a class0", "steps": 2}
         )

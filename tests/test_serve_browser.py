@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import DigitsOracle, digits_config, grid_cells, judge_digits
+from serving import DigitsOracle, digits_config, judge_digits
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -79,6 +79,19 @@ def _data_url_bytes(src: str) -> bytes:
     return base64.b64decode(src[len(prefix) :])
 
 
+def _gallery_images(page):
+    """The gallery's images as uint8 (N, 1, H, W), decoded from the cells the page shows."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    srcs = page.eval_on_selector_all("#gallery img", "els => els.map(e => e.src)")
+    cells = [np.asarray(Image.open(io.BytesIO(_data_url_bytes(s))).convert("L")) for s in srcs]
+    return torch.from_numpy(np.stack(cells))[:, None]
+
+
 def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path):
     page = chromium.new_page(viewport={"width": 1000, "height": 640})
     errors, urls = [], []
@@ -115,13 +128,14 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
             && document.getElementById('command').textContent.includes('--scale {word} ')""",
         timeout=120_000,
     )
-    frames = int(page.get_attribute("#preview", "data-frames"))
+    frames = int(page.get_attribute("#gallery", "data-frames"))
     assert frames >= 2, frames
-    assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
-    final = _data_url_bytes(page.get_attribute("#final", "src"))
-    assert _data_url_bytes(page.get_attribute("#download", "href")) == final
+    assert page.get_attribute("#gallery", "data-kind") == "final"
+    final = _data_url_bytes(page.get_attribute("#download", "href"))  # the grid, to download
+    assert final.startswith(b"\x89PNG")
     assert page.get_attribute("#download", "download").endswith(".png")
-    images = grid_cells(final, 3, str(label))
+    images = _gallery_images(page)
+    assert images.shape == (3, 1, 28, 28)
     verdict = judge_digits(images).argmax(1).tolist()
     assert verdict.count(label) >= 2, verdict
     command = page.inner_text("#command")
@@ -152,7 +166,10 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
     page.fill("#interval-hi", "1")
     page.click("#generate")
     page.wait_for_selector("#status[data-state=error]")
-    assert page.inner_text("#status") == "`interval` must satisfy lo < hi, got [5, 1]"
+    assert page.inner_text("#status") == "guidance interval σ: must satisfy lo < hi, got [5, 1]"
+    assert page.get_attribute("#interval-lo", "aria-invalid") == "true"  # the box is marked
+    # the class highlighted is still the one of the images and command shown (the strip's)
+    assert page.get_attribute(f"#classes button[data-class='{label}']", "class") == "selected"
     errors.remove("Failed to load resource: the server responded with a status of 422 "
                   "(Unprocessable Entity)")  # fmt: skip
     page.fill("#interval-lo", "")
@@ -166,7 +183,7 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
     page.fill("#n", "16")
     page.click("#generate")
     page.wait_for_function(
-        "() => Number(document.getElementById('preview').dataset.frames) >= 1", timeout=60_000
+        "() => Number(document.getElementById('gallery').dataset.frames) >= 1", timeout=60_000
     )
     page.click("#cancel")
     page.wait_for_selector("#status[data-state=cancelled]", timeout=30_000)
@@ -177,6 +194,135 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
     assert server.engine.counts["cancelled"] == cancelled_before + 1
 
     assert all(u.startswith(server.url) or u.startswith("data:") for u in urls), urls
+    assert errors == []
+    page.close()
+
+
+def _done(page, timeout: float = 120_000) -> None:
+    page.wait_for_selector("#status[data-state=done]", timeout=timeout)
+
+
+@pytest.mark.parametrize("width", [1280, 420])
+def test_32_images_wrap_and_the_page_remembers_its_runs(chromium, server, tmp_path, width):
+    """32 images are all in the window, none cut off and no horizontal scrolling, on a wide
+    window and a phone-sized one; the settings and the last runs survive a reload, and a run
+    from the history brings back its images, command and settings."""
+    page = chromium.new_page(viewport={"width": width, "height": 800})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(server.url)
+    page.wait_for_selector("#classes button")
+    page.fill("#steps", "6")
+    page.fill("#n", "3")
+    page.click("#classes button[data-class='2']")
+    _done(page)
+    first = page.inner_text("#command")
+    page.fill("#n", "32")
+    page.fill("#seed", "5")
+    page.click("#classes button[data-class='4']")
+    page.wait_for_function(
+        "() => document.getElementById('status').dataset.state === 'done' && "
+        "document.getElementById('command').textContent.includes('--per-class 32')",
+        timeout=120_000,
+    )
+    boxes = page.eval_on_selector_all(
+        "#gallery img", "els => els.map(e => { const r = e.getBoundingClientRect(); "
+        "return [r.left, r.right, r.width]; })")  # fmt: skip
+    assert len(boxes) == 32
+    assert all(left >= 0 and right <= width and w >= 28 for left, right, w in boxes), boxes
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    # a readable size: at least twice the pixels of a 28-px digit on a wide window
+    assert width < 800 or min(w for _, _, w in boxes) >= 56
+    _screenshot(page, tmp_path / f"serve-32-images-{width}px.png")
+
+    # a reload keeps the boxes, the class picked, the images shown and the history
+    page.reload()
+    page.wait_for_selector("#history button")
+    assert (page.input_value("#n"), page.input_value("#seed"), page.input_value("#steps")) == (
+        "32", "5", "6")  # fmt: skip
+    assert page.get_attribute("#classes button[data-class='4']", "class") == "selected"
+    assert page.locator("#gallery img").count() == 32
+    assert page.locator("#history button").count() == 2
+    page.locator("#history button").nth(1).click()  # the older run: 3 images of class 2
+    assert page.inner_text("#command") == first
+    assert page.locator("#gallery img").count() == 3 and page.input_value("#n") == "3"
+    assert page.get_attribute("#classes button[data-class='2']", "class") == "selected"
+    assert errors == []
+    page.close()
+
+
+def test_the_queue_as_the_page_sees_it(chromium, server, tmp_path):
+    """While another client's job runs: quick clicks leave one request waiting, which the page
+    says (one ahead); a full queue is retried when the server says; a cancel leaves the class
+    of the images shown highlighted; copying the command says that it did."""
+    import json
+    import threading
+
+    from serving import request
+
+    page = chromium.new_page(viewport={"width": 1000, "height": 700})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(server.url)
+    page.wait_for_selector("#classes button")
+    page.fill("#steps", "5")
+    page.fill("#n", "2")
+    page.click("#classes button[data-class='3']")
+    _done(page)
+    engine = server.engine
+
+    def others(n: int) -> list[threading.Thread]:  # another client's long requests
+        body = {"class": 1, "steps": 250, "n": 1}
+        threads = [threading.Thread(target=request, args=(server.url, "POST", "/api/generate",
+                                                          body)) for _ in range(n)]  # fmt: skip
+        for t in threads:
+            t.start()
+        return threads
+
+    def clear() -> None:  # the other client's jobs cancelled
+        for job in list(engine._jobs):
+            request(server.url, "POST", "/api/cancel", {"job": job})
+
+    threads = others(1)
+    page.wait_for_function("() => true")
+    while engine.status()["running"] is None:
+        page.wait_for_timeout(20)
+    mine = set()
+    for c in (5, 6, 7, 8):  # quick clicks: each replaces the one before, which leaves the queue
+        page.click(f"#classes button[data-class='{c}']")
+        page.wait_for_timeout(60)
+    page.wait_for_function("() => document.getElementById('status').textContent === "
+                           "'waiting: 1 request(s) ahead'")  # fmt: skip
+    assert engine.status()["waiting"] == 1
+    mine = {j for j in engine._jobs if engine._jobs[j] is not engine.running}
+    assert len(mine) == 1
+    # the page's request is cancelled: the highlight goes back to the images shown (class 3)
+    page.click("#cancel")
+    page.wait_for_selector("#status[data-state=cancelled]")
+    assert page.get_attribute("#classes button[data-class='3']", "class") == "selected"
+    assert page.locator("#classes button.selected").count() == 1
+    assert engine.status()["waiting"] == 0
+
+    # a full queue: the page retries when told (Retry-After), then gets its images
+    threads += others(2)
+    while engine.status()["waiting"] < 2:
+        page.wait_for_timeout(20)
+    page.click("#classes button[data-class='9']")
+    page.wait_for_selector("#status[data-state=retrying]")
+    assert "busy: 2 request(s) already wait" in page.inner_text("#status")
+    clear()
+    _done(page, 30_000)
+    assert "--classes 9 " in page.inner_text("#command")
+    for t in threads:
+        t.join(30)
+    assert json.loads(request(server.url, "GET", "/api/status")[2])["waiting"] == 0
+
+    page.click("#copy")  # feedback either way: copied, or selected for Ctrl-C
+    page.wait_for_function("() => document.getElementById('copy').textContent !== "
+                           "'copy command'")  # fmt: skip
+    errors = [e for e in errors if "status of 503" not in e]
     assert errors == []
     page.close()
 

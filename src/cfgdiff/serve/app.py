@@ -2,17 +2,27 @@
 over an Engine (jobs.py), on Starlette, served by uvicorn.
 
     GET  /                the page (and /app.js, /app.css)
-    GET  /api/model       class names, samplers and limits, for the page's controls
+    GET  /api/model       class names, samplers, limits and the request's fields (schema.py)
     GET  /api/status      the running job, how many wait, counts of done/cancelled/refused
     POST /api/generate    JSON settings -> a text/event-stream of the job's events
     POST /api/cancel      {"job": ID} -> stops that job (waiting or running)
 
-Every input is checked before anything runs: a bad value is HTTP 422 with a one-line reason,
-a body that is not JSON 415/422, a body over 8 KiB 413, a full queue 503 with Retry-After.
+Every answer that is not a page or a stream is JSON, and every refusal has one shape:
+{"error": one line of at most schema.MAX_MESSAGE characters, "field": the request field at
+fault or null}. Every input is checked before anything runs: a bad value is HTTP 422, a body
+that is not JSON 415/422, a body over 8 KiB 413, a body that does not arrive in time 408, a
+full queue 503 with Retry-After, an unknown path 404 and a wrong method 405.
 No route takes a file name: the page's three files have fixed routes. Bodies must be JSON,
 which a page on another site cannot send here without a CORS preflight, which this server
 does not answer; on a loopback address the Host header must name the loopback too (no DNS
 rebinding). A client that goes away cancels its job.
+
+Connections are bounded (Timeouts): a request must arrive (its headers, then its body) within
+a few seconds, an idle keep-alive connection is closed after a few more, and when
+`connections` are open the one idle longest is closed to make room, so that idle or
+half-sent connections cannot lock out the page, on the loopback or with --host. Stopping
+(SIGTERM, SIGINT, or `stop()`) first ends every job with a final "cancelled" event that says
+the server is stopping, so open streams end whole; the process then exits 0 (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -30,6 +41,7 @@ from ipaddress import ip_address
 import anyio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -37,6 +49,7 @@ from starlette.routing import Route
 
 from cfgdiff.errors import CfgDiffError, ConfigError, RuntimeFault
 from cfgdiff.serve.jobs import Busy, Engine
+from cfgdiff.serve.schema import MAX_MESSAGE, parse_int
 
 MAX_BODY = 8192
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -64,18 +77,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a connection may take and how many may be open. `request`: seconds from the
+    connection (or the previous answer) to a request's whole headers; `body`: seconds to its
+    whole body; `keep_alive`: seconds an idle connection is kept after an answer;
+    `connections`: open at once, beyond which the one idle longest is closed; `shutdown`:
+    seconds open streams get to end once jobs are cancelled."""
+
+    request: float = 5.0
+    body: float = 5.0
+    keep_alive: float = 5.0
+    connections: int = 64
+    shutdown: float = 5.0
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str, headers: dict | None = None):
         super().__init__(reason)
         self.status, self.reason, self.headers = status, reason, headers or {}
 
 
-def _refusal(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+def _refusal(
+    status: int, reason: str, headers: dict | None = None, field: str | None = None
+) -> JSONResponse:
+    """The one shape of every refusal: one line, capped, and the field at fault."""
+    reason = " ".join(reason.split())
+    if len(reason) > MAX_MESSAGE:
+        reason = reason[: MAX_MESSAGE - 1] + "…"
+    return JSONResponse({"error": reason, "field": field}, status_code=status, headers=headers)
 
 
-async def _json_body(request: Request):
-    """The request's JSON body, at most MAX_BODY bytes."""
+async def _json_body(request: Request, seconds: float):
+    """The request's JSON body, at most MAX_BODY bytes, arrived within `seconds`. An integer
+    too long to be any field's value is read as a schema.Digits marker, not converted."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise _Refused(415, "the body must be JSON (Content-Type: application/json)")
@@ -83,13 +118,17 @@ async def _json_body(request: Request):
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
         raise _Refused(413, f"the body must be at most {MAX_BODY} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _Refused(413, f"the body must be at most {MAX_BODY} bytes")
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        with anyio.fail_after(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise _Refused(413, f"the body must be at most {MAX_BODY} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _Refused(408, f"the body did not arrive within {seconds:g} s") from None
+    try:
+        return json.loads(b"".join(chunks), parse_int=parse_int)
     except (ValueError, RecursionError):
         raise _Refused(422, "the body is not valid JSON") from None
 
@@ -136,7 +175,9 @@ class EventStream(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
-def create_app(engine: Engine, allowed_hosts: list[str] | None = None) -> Starlette:
+def create_app(
+    engine: Engine, allowed_hosts: list[str] | None = None, timeouts: Timeouts = Timeouts()
+) -> Starlette:
     """The app over `engine`. `allowed_hosts`: the Host header names accepted (None: any)."""
     files = resources.files("cfgdiff.serve") / "static"
     pages = {route: (files.joinpath(name).read_bytes(), kind) for route, (name, kind) in
@@ -160,11 +201,11 @@ def create_app(engine: Engine, allowed_hosts: list[str] | None = None) -> Starle
 
     async def generate(request: Request) -> Response:
         try:
-            settings = engine.parse(await _json_body(request))
+            settings = engine.parse(await _json_body(request, timeouts.body))
         except _Refused as e:
             return _refusal(e.status, e.reason)
         except CfgDiffError as e:
-            return _refusal(422, str(e))
+            return _refusal(422, str(e), field=getattr(e, "field", None))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
 
@@ -194,7 +235,7 @@ def create_app(engine: Engine, allowed_hosts: list[str] | None = None) -> Starle
 
     async def cancel(request: Request) -> Response:
         try:
-            body = await _json_body(request)
+            body = await _json_body(request, timeouts.body)
         except _Refused as e:
             return _refusal(e.status, e.reason)
         job = body.get("job") if isinstance(body, dict) else None
@@ -212,7 +253,16 @@ def create_app(engine: Engine, allowed_hosts: list[str] | None = None) -> Starle
     middleware = []
     if allowed_hosts is not None:
         middleware.append(Middleware(HostCheck, allowed=allowed_hosts))
-    return Starlette(routes=routes, middleware=middleware)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        reason = {
+            404: f"no such page or API: {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
+        return _refusal(e.status_code, reason, dict(e.headers or {}))
+
+    handlers = {HTTPException: http_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -235,15 +285,87 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(engine: Engine, sock: socket.socket, host: str):
+def _server_classes():
+    """uvicorn's HTTP/1.1 connection and server, bounded as Timeouts says and stopping jobs
+    first (imported here: uvicorn is the `serve` extra's)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Connection(H11Protocol):
+        """A connection that must bring a request within `timeouts.request` seconds (of its
+        opening, or of the previous answer) and that is closed to make room when it is the
+        one idle longest of more than `timeouts.connections`."""
+
+        timeouts = Timeouts()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = None
+            self._arm()
+            over = len(self.connections) - self.timeouts.connections
+            if over > 0:
+                idle = [c for c in self.connections if c is not self and c.waiting()]
+                for c in sorted(idle, key=lambda c: c.idle_since)[:over]:
+                    c.transport.close()
+
+        def waiting(self) -> bool:
+            """Between requests: none has arrived whole, or the last one is answered."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.idle_since = self.loop.time()
+            self._deadline = self.loop.call_later(self.timeouts.request, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            if self.waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self.waiting():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server; stopping, it first ends the engine's jobs, so that every open
+        stream gets its final event and ends before the connections are waited for."""
+
+        engine: Engine
+
+        async def shutdown(self, sockets=None) -> None:
+            self.engine.stop()
+            await super().shutdown(sockets)
+
+    return Connection, Server
+
+
+def _server(engine: Engine, sock: socket.socket, host: str, timeouts: Timeouts = Timeouts()):
     import uvicorn
 
+    connection, server = _server_classes()
+    connection.timeouts = timeouts
     hosts = [*LOOPBACK_NAMES, host, f"[{host}]"] if is_loopback(host) else None
     config = uvicorn.Config(
-        create_app(engine, hosts), log_level="warning", access_log=False,
-        timeout_graceful_shutdown=3, limit_concurrency=256, timeout_keep_alive=5,
+        create_app(engine, hosts, timeouts), log_level="warning", access_log=False,
+        http=connection, timeout_graceful_shutdown=timeouts.shutdown, limit_concurrency=None,
+        timeout_keep_alive=timeouts.keep_alive, lifespan="off",
     )  # fmt: skip
-    return uvicorn.Server(config)
+    out = server(config)
+    out.engine = engine
+    return out
 
 
 def url_of(sock: socket.socket) -> str:
@@ -252,12 +374,17 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve_forever(engine: Engine, sock: socket.socket, host: str) -> None:
-    """Serve on a socket from bind() until interrupted (Ctrl-C, SIGTERM), then stop the
-    engine's jobs."""
+    """Serve on a socket from bind() until SIGINT (Ctrl-C) or SIGTERM, then stop the engine's
+    jobs (each open stream gets its final event) and return: either signal is how a server is
+    asked to stop, not an error. (uvicorn handles both while it runs and raises the one it
+    got again once it has stopped; the handlers set here take that.)"""
     server = _server(engine, sock, host)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         engine.close()
 
 
@@ -271,15 +398,19 @@ class RunningServer:
     engine: Engine
 
     def stop(self) -> None:
-        self.engine.close()
+        """Stop as a signal stops `cfgdiff serve`: jobs end with their final event, then the
+        server."""
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.engine.close()
 
 
-def start_in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+def start_in_thread(
+    engine: Engine, host: str = "127.0.0.1", port: int = 0, timeouts: Timeouts = Timeouts()
+) -> RunningServer:
     """Serve in a background thread (tests, benchmarks); returns once it accepts connections."""
     sock = bind(host, port)
-    server = _server(engine, sock, host)
+    server = _server(engine, sock, host, timeouts)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(2000):

@@ -21,33 +21,36 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
-import queue
 import secrets
 import shlex
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cfgdiff.config import RunConfig, range_of
+from cfgdiff.config import RunConfig
 from cfgdiff.errors import CfgDiffError, ConfigError
-from cfgdiff.pictures.images import labelled_grid, png_bytes
+from cfgdiff.pictures.images import grid_image, labelled_grid, png_bytes
 from cfgdiff.sampling.conditions import Asks, Model
 from cfgdiff.sampling.generate import generate, to_uint8
 from cfgdiff.sampling.guidance import Guidance
 from cfgdiff.sampling.request import SampleRequest, job_for
 from cfgdiff.sampling.settings import SamplingSettings, flag
-
-MAX_SCALE = 10.0  # the page's slider: s in [0, 10]
-MODES = ("images", "strip")
-MAX_PROMPT_CHARS = 200  # a prompt's length on the page; a model reads at most its text_tokens
-# The sampler settings a request may give: SamplingSettings fields, bounded and checked by
-# their declaration (and `steps` by the model's T and Limits.max_steps as well).
-SETTINGS_FIELDS = ("sampler", "steps", "seed")
-MAX_SEED = int(range_of(SamplingSettings, "seed").hi)
+from cfgdiff.serve.schema import (
+    CLASS_FIELDS,
+    MAX_PROMPT_CHARS,
+    MAX_SCALE,
+    MAX_SEED,
+    SETTINGS_FIELDS,
+    TEXT_FIELDS,
+    RequestError,
+    schema,
+    shown,
+)
 
 
 @dataclass(frozen=True)
@@ -108,131 +111,52 @@ class Settings:
         }  # fmt: skip
 
 
-# the fields a request may have
-FIELDS = (
-    "class", "scale", *SETTINGS_FIELDS, "n", "mode", "scales", "negative_class", "interval",
-    "prompt", "negative_prompt",
-)  # fmt: skip
-CLASS_FIELDS = ("class", "negative_class")  # a class model's only
-TEXT_FIELDS = ("prompt", "negative_prompt")  # a text model's only
-
-
-def _number(body: dict, key: str, lo: float, hi: float, default=None) -> float:
-    v = body.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise ConfigError(f"`{key}` must be a number in [{lo:g}, {hi:g}], got {v!r:.40}")
-    if not lo <= v <= hi:
-        raise ConfigError(f"`{key}` must be in [{lo:g}, {hi:g}], got {v:g}")
-    return float(v)
-
-
-def _integer(body: dict, key: str, lo: int, hi: int, default=None) -> int:
-    v = body.get(key, default)
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"`{key}` must be an integer in [{lo}, {hi}], got {v!r:.40}")
-    if not lo <= v <= hi:
-        raise ConfigError(f"`{key}` must be in [{lo}, {hi}], got {v}")
-    return v
-
-
-def _prompt(body: dict, key: str) -> str:
-    v = body.get(key)
-    if not isinstance(v, str) or not v.strip():
-        raise ConfigError(f"`{key}` must be a non-empty string, got {v!r:.40}")
-    v = v.strip()
-    if len(v) > MAX_PROMPT_CHARS:
-        raise ConfigError(f"`{key}` must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
-    if not v.isprintable():
-        raise ConfigError(f"`{key}` must be one line of printable text, got {v[:40]!r}")
-    return v
-
-
-def _sampling(body: dict, timesteps: int, limits: Limits) -> SamplingSettings:
-    """The request's sampler settings, each field checked against SamplingSettings'
-    declaration of it (its choices, or its range); absent ones are left to the model."""
-    given = {}
-    for name in SETTINGS_FIELDS:
-        if name not in body:
-            continue
-        f = next(f for f in dataclasses.fields(SamplingSettings) if f.name == name)
-        if "choices" in f.metadata:
-            v, allowed = body[name], list(f.metadata["choices"])
-            if not isinstance(v, str) or v not in allowed:
-                raise ConfigError(f"`{name}` must be one of {', '.join(allowed)}, got {v!r:.40}")
-            given[name] = v
-            continue
-        r = f.metadata["range"]
-        hi = int(r.hi) if name != "steps" else min(int(r.hi), limits.max_steps, timesteps)
-        given[name] = _integer(body, name, int(r.lo), hi)
-    return SamplingSettings(**given)
-
-
 def parse_settings(body: Any, cfg: RunConfig, limits: Limits) -> Settings:
-    """A request body (parsed JSON) for a model of `cfg`, checked field by field; a ConfigError
-    whose one line names the field (in backticks) for the first thing wrong. Nothing in a body
-    names a file. A text model reads prompts (`prompt`, `negative_prompt`) in place of class
-    labels."""
-    names, timesteps = cfg.label_names(), cfg.diffusion.timesteps
+    """A request body (parsed JSON) for a model of `cfg`, checked field by field against its
+    schema (schema.schema); a RequestError naming the field (its label, then its API name) for
+    the first thing wrong. Nothing in a body names a file. A text model reads prompts
+    (`prompt`, `negative_prompt`) in place of class labels."""
+    names = cfg.label_names()
     text = cfg.model.condition == "text"
     if not isinstance(body, dict):
-        raise ConfigError("the request must be a JSON object")
-    unknown = sorted(k for k in body if k not in FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown field `{str(unknown[0])[:40]}` (allowed: {', '.join(FIELDS)})")
-    for key in CLASS_FIELDS if text else TEXT_FIELDS:
-        if key in body:
-            raise ConfigError(
-                f"`{key}` is for a model of class labels; this one reads prompts (`prompt`)"
+        raise RequestError("the request must be a JSON object")
+    fields = schema(cfg, limits)
+    for key in body:
+        if key in (CLASS_FIELDS if text else TEXT_FIELDS):
+            raise RequestError(
+                f"{key}: this model reads prompts; give a prompt"
                 if text
-                else f"`{key}` is for a text model; this one takes class labels (`class`)"
+                else f"{key}: this model takes class labels; give a class",
+                key,
             )
-    k = len(names)
+        if key not in fields:
+            raise RequestError(f"unknown field {shown(str(key))} (allowed: {', '.join(fields)})")
+    got = {name: f.read(body) for name, f in fields.items()}
     if text:
-        asks = Asks(prompts=(_prompt(body, "prompt"),))
-        if "negative_prompt" in body:
-            asks = dataclasses.replace(asks, negative_prompt=_prompt(body, "negative_prompt"))
+        asks = Asks(prompts=(got["prompt"],), negative_prompt=got["negative_prompt"])
     else:
-        asks = Asks(classes=(names[_integer(body, "class", 0, k - 1)],))
-        if body.get("negative_class") is not None:
-            negative = _integer(body, "negative_class", 0, k - 1)
-            asks = dataclasses.replace(asks, negative_class=negative)
-    scale = _number(body, "scale", 0.0, MAX_SCALE, 3.0)
-    sampling = _sampling(body, timesteps, limits)
-    n = _integer(body, "n", 1, limits.max_images, 1)
-    mode = body.get("mode", "images")
-    if mode not in MODES:
-        raise ConfigError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r:.40}")
+        asks = Asks(classes=(names[got["class"]],), negative_class=got["negative_class"])
+    sampling = SamplingSettings(**{k: got[k] for k in SETTINGS_FIELDS if got[k] is not None})
     scales: tuple[float, ...] = ()
-    if mode == "strip":
-        raw = body.get("scales")
-        if not isinstance(raw, list) or not 1 <= len(raw) <= limits.max_scales:
-            raise ConfigError(
-                f"`scales` must be a list of 1 to {limits.max_scales} numbers for a strip"
+    if got["mode"] == "strip":
+        if got["scales"] is None:
+            raise RequestError(
+                f"strip scales: is empty; give {fields['scales'].allowed()}", "scales"
             )
-        scales = tuple(_number({"scales": v}, "scales", 0.0, MAX_SCALE) for v in raw)
-        if len(set(scales)) != len(scales):
-            raise ConfigError("`scales` must be distinct")
-    interval = body.get("interval")
-    if interval is not None:
-        if not isinstance(interval, list) or len(interval) != 2:
-            raise ConfigError("`interval` must be [lo, hi], two numbers")
-        lo = _number({"interval": interval[0]}, "interval", 0.0, 1e4)
-        hi = _number({"interval": interval[1]}, "interval", 0.0, 1e4)
-        if not lo < hi:
-            raise ConfigError(f"`interval` must satisfy lo < hi, got [{lo:g}, {hi:g}]")
-        interval = (lo, hi)
-    s = Settings(asks, scale, sampling, n, mode, scales, interval)
+        scales = got["scales"]
+    s = Settings(asks, got["scale"], sampling, got["n"], got["mode"], scales, got["interval"])
     steps = sampling.steps or cfg.sampling.steps  # none given: the model's own
     if s.images > limits.max_images:
-        raise ConfigError(
-            f"`n` x `scales`: at most {limits.max_images} images a request, got {s.images}"
+        raise RequestError(
+            f"images × strip scales: at most {limits.max_images} images a request, got "
+            f"{s.n} × {len(s.columns)} = {s.images}",
+            "n",
         )
     if s.images * steps > limits.max_image_steps:
-        raise ConfigError(
-            f"`n` x `steps`: at most {limits.max_image_steps} image-steps a request, got "
-            f"{s.images} x {steps} = {s.images * steps}"
+        raise RequestError(
+            f"images × steps: at most {limits.max_image_steps} image-steps a request, got "
+            f"{s.images} × {steps} = {s.images * steps}",
+            "n",
         )
     return s
 
@@ -278,7 +202,8 @@ def sample_command(checkpoint: str, names: list[str], s: Settings, settings) -> 
 
 
 class Busy(CfgDiffError):
-    """The queue is full: the request is refused, nothing was started."""
+    """The queue is full, or the engine is stopping: the request is refused, nothing was
+    started."""
 
 
 class Cancelled(Exception):
@@ -289,9 +214,10 @@ Sink = Callable[[dict], None]
 
 
 class Job:
-    """One request: its settings, where its events go (`sink`, called from the worker thread),
-    and whether it was cancelled. Events are dicts with a "type": queued, started, preview,
-    done, cancelled or error."""
+    """One request: its settings, where its events go (`sink`: called from either thread, and
+    must not block), and whether it was cancelled. Events are dicts with a "type": queued (again
+    whenever the number ahead of it changes), started, preview, then one of done, cancelled or
+    error."""
 
     def __init__(self, settings: Settings, sink: Sink):
         self.id = secrets.token_hex(8)
@@ -300,6 +226,7 @@ class Job:
         self._cancel = threading.Event()
         self.steps_done = 0
         self.state = "queued"
+        self.ahead = 0
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -309,10 +236,18 @@ class Job:
         return self._cancel.is_set()
 
 
+def _cells(images: torch.Tensor) -> list[str]:
+    """Each image of uint8 (N, C, H, W) as a base64 PNG of its own, for the page's gallery."""
+    return [base64.b64encode(png_bytes(grid_image(im[None], 1, pad=0))).decode() for im in images]
+
+
 class Engine:
     """One model, one worker thread: requests run one at a time in order, at most
     `limits.queue` wait behind the running one, and a request beyond that is refused (Busy)
-    at once, so a burst costs neither memory nor time."""
+    at once, so a burst costs neither memory nor time. A waiting job that is cancelled leaves
+    the queue at once (its slot is free for the next request), and every job behind it is
+    told its new place. `stop` refuses new requests and ends every job with a final event
+    that says why; `close` also waits for the worker."""
 
     def __init__(
         self, model: Model, limits: Limits = Limits(), device="cpu", precision: str = "fp32"
@@ -322,9 +257,10 @@ class Engine:
         self.device, self.precision = torch.device(device), precision
         self.names = model.cfg.label_names()
         self.text = model.cfg.model.condition == "text"
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(limits.queue, 0) or 1)
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Job] = deque()
+        self._stopping: str | None = None  # why new requests are refused, once stopping
         self.running: Job | None = None
         self.counts = {"done": 0, "cancelled": 0, "error": 0, "refused": 0}
         self._jobs: dict[str, Job] = {}
@@ -334,21 +270,23 @@ class Engine:
     # ------------------------------------------------------------ the web side's calls
 
     def info(self) -> dict:
-        """What the page needs to draw its controls."""
+        """What the page needs to draw its controls: the model, and the request's fields with
+        their labels and bounds (schema.schema)."""
         cfg, lim = self.model.cfg, self.limits
         m = cfg.model
-        samplers = next(f for f in dataclasses.fields(SamplingSettings) if f.name == "sampler")
+        fields = schema(cfg, lim)
         return {
             "condition": m.condition, "examples": self.examples(),
             "max_prompt_chars": MAX_PROMPT_CHARS,
             "classes": self.names, "image_size": m.image_size, "channels": m.in_channels,
-            "samplers": list(samplers.metadata["choices"]), "sampler": cfg.sampling.sampler,
+            "samplers": list(fields["sampler"].choices), "sampler": cfg.sampling.sampler,
             "steps": cfg.sampling.steps,
             "max_steps": min(lim.max_steps, cfg.diffusion.timesteps),
             "max_images": lim.max_images, "max_image_steps": lim.max_image_steps,
             "max_scales": lim.max_scales, "max_scale": MAX_SCALE, "max_seed": MAX_SEED,
             "checkpoint": str(self.model.path), "dataset": cfg.dataset,
             "device": str(self.device), "precision": self.precision,
+            "fields": {name: f.public() for name, f in fields.items()},
         }  # fmt: skip
 
     def examples(self) -> list[str]:
@@ -362,9 +300,16 @@ class Engine:
     def parse(self, body: Any) -> Settings:
         """A request checked (parse_settings) and made into its sampling job, so that what the
         model cannot do (a prompt it cannot read: too many tokens, no encoder) is refused
-        before it waits; the prompts' embeddings are kept for the job."""
+        before it waits, as a RequestError naming the prompt; the prompts' embeddings are kept
+        for the job."""
         s = parse_settings(body, self.model.cfg, self.limits)
-        self.job_of(s)
+        try:
+            self.job_of(s)
+        except ConfigError as e:
+            field = ("prompt" if s.asks.prompts else "class") if not isinstance(
+                e, RequestError) else e.field  # fmt: skip
+            label = schema(self.model.cfg, self.limits)[field].label
+            raise RequestError(f"{label}: {e}", field) from None
         return s
 
     def job_of(self, s: Settings):
@@ -381,35 +326,41 @@ class Engine:
 
     def submit(self, settings: Settings, sink: Sink) -> Job:
         """Queue a job, or raise Busy when `limits.queue` jobs already wait (the running one
-        does not count)."""
+        does not count) or the engine is stopping."""
         job = Job(settings, sink)
         with self._lock:
-            if self._waiting >= self.limits.queue and (self.running or self._waiting):
+            if self._stopping is not None:
+                self.counts["refused"] += 1
+                raise Busy(f"{self._stopping}; try again once it is back")
+            waiting = len(self._waiting)
+            if waiting >= self.limits.queue and (self.running or waiting):
                 self.counts["refused"] += 1
                 raise Busy(
-                    f"busy: {self._waiting} request(s) already wait behind the one running; "
+                    f"busy: {waiting} request(s) already wait behind the one running; "
                     "try again when one is done"
                 )
-            self._waiting += 1
-            ahead = self._waiting - 1 + (self.running is not None)
+            self._waiting.append(job)
             self._jobs[job.id] = job
-        job.sink({"type": "queued", "job": job.id, "ahead": ahead})
-        self._queue.put(job)  # never blocks: the count above bounds it
+            job.ahead = waiting + (self.running is not None)
+            # under the lock: the worker cannot start it before it is told it is queued
+            job.sink({"type": "queued", "job": job.id, "ahead": job.ahead})
+            self._wake.notify()
         return job
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a waiting or running job by its id: a waiting one is over at once, a running
-        one stops at its next step. False when no such job waits or runs."""
+    def cancel(self, job_id: str, reason: str | None = None) -> bool:
+        """Cancel a waiting or running job by its id: a waiting one leaves the queue at once,
+        a running one stops at its next step. False when no such job waits or runs. `reason`:
+        what the final event says, where it is not the client's own cancel."""
         with self._lock:
             job = self._jobs.get(job_id)
-            waiting = job is not None and job.state == "queued"
-            if waiting:
-                job.state = "cancelled"
-        if job is None:
-            return False
-        job.cancel()
-        if waiting:
-            self._finish(job, {"type": "cancelled", "job": job.id, "step": 0})
+            if job is None:
+                return False
+            job.cancel()
+            if job.state != "queued":
+                return True
+            self._waiting.remove(job)
+            self._reposition()
+        self._finish(job, self._cancelled(job, reason))
         return True
 
     def status(self) -> dict:
@@ -418,27 +369,25 @@ class Engine:
             return {
                 "running": None if running is None else running.id,
                 "running_steps_done": None if running is None else running.steps_done,
-                "waiting": self._waiting,
+                "waiting": len(self._waiting),
                 **self.counts,
             }
 
-    def close(self) -> None:
-        """Cancel every job and stop the worker (the running job stops at its next step)."""
+    def stop(self, reason: str = "the server is stopping") -> None:
+        """Refuse new requests and end every job: the waiting ones at once, the running one at
+        its next step, each with a final "cancelled" event that gives `reason`. Does not
+        block, so it may be called from the server's event loop."""
         with self._lock:
+            if self._stopping is None:
+                self._stopping = reason
             jobs = list(self._jobs.values())
+            self._wake.notify_all()
         for job in jobs:
-            job.cancel()
-        while True:  # make room for the stop marker: drop the waiting jobs
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
-                try:
-                    dropped = self._queue.get_nowait()
-                except queue.Empty:
-                    continue
-                if dropped is not None and dropped.state == "queued":
-                    self._finish(dropped, {"type": "cancelled", "job": dropped.id, "step": 0})
+            self.cancel(job.id, reason)
+
+    def close(self) -> None:
+        """stop(), then wait for the worker to end."""
+        self.stop()
         self._thread.join(timeout=30)
 
     def warm_up(self) -> None:
@@ -460,19 +409,32 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
             with self._lock:
-                self._waiting -= 1
-                if job.state == "cancelled":  # cancelled while it waited: already answered
-                    continue
+                while not self._waiting and self._stopping is None:
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
                 self.running, job.state = job, "running"
+                self._reposition()
             try:
                 self._run(job)
             finally:
                 with self._lock:
                     self.running = None
+
+    def _reposition(self) -> None:
+        """Tell each waiting job its place, where it changed (under the lock)."""
+        for i, job in enumerate(self._waiting):
+            ahead = i + (self.running is not None)
+            if job.ahead != ahead:
+                job.ahead = ahead
+                job.sink({"type": "queued", "job": job.id, "ahead": ahead})
+
+    def _cancelled(self, job: Job, reason: str | None) -> dict:
+        event = {"type": "cancelled", "job": job.id, "step": job.steps_done}
+        reason = reason or self._stopping
+        return {**event, "reason": reason} if reason else event
 
     def _finish(self, job: Job, event: dict) -> None:
         """The job's last event, sent once the engine's state says it is over."""
@@ -511,7 +473,7 @@ class Engine:
             if i == 0 or ((i + 1) % every == 0 and i + 1 < steps):
                 job.sink({
                     "type": "preview", "job": job.id, "step": i + 1, "steps": steps,
-                    "t": int(t), "png": picture(to_uint8(x0_hat).cpu()),
+                    "t": int(t), "images": _cells(to_uint8(x0_hat).cpu()),
                 })  # fmt: skip
 
         job.sink({"type": "started", "job": job.id, "steps": steps, "images": s.images})
@@ -523,7 +485,7 @@ class Engine:
                 indices=indices, callback=step,
             )  # fmt: skip
         except Cancelled:
-            self._finish(job, {"type": "cancelled", "job": job.id, "step": job.steps_done})
+            self._finish(job, self._cancelled(job, None))
             return
         except CfgDiffError as e:
             self._finish(job, {"type": "error", "job": job.id, "error": str(e)})
@@ -535,7 +497,8 @@ class Engine:
             return
         dt = time.perf_counter() - t0
         self._finish(job, {
-            "type": "done", "job": job.id, "png": picture(images), "seconds": round(dt, 3),
+            "type": "done", "job": job.id, "png": picture(images), "images": _cells(images),
+            "seconds": round(dt, 3),
             "images_per_s": round(s.images / max(dt, 1e-9), 2),
             "commands": sample_command(str(self.model.path), self.names, s, sampling.settings),
             "settings": {**s.fields(self.names), **{
