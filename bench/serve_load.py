@@ -12,6 +12,14 @@ it (a process of its own, loopback only) and driven over HTTP.
 3. a burst: `--burst` requests of 4 images x 20 steps sent at once; how many ran, waited or
    were refused (HTTP 503), how fast a refusal came, when the last accepted one finished, and
    the server's resident memory before, after and at its peak (VmHWM).
+4. clients that queue and leave: a long job runs, `--leavers` clients queue and go away one
+   after another; the queue count after each (it must be 0 again) and whether a new request
+   then waits rather than being refused.
+5. idle connections: `--idle` connections opened and left silent; seconds for GET / and a
+   request's first preview while they are open, and how many the server closed to make room.
+6. SIGTERM while a client watches a long job: seconds to the process's exit, its exit status,
+   whether the client got a final event, and whatever the server wrote on stderr (nothing:
+   no traceback in any of these runs).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +79,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--burst", type=int, default=50)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--leavers", type=int, default=4)
+    p.add_argument("--idle", type=int, default=250)
     a = p.parse_args()
     if a.quick:
         a.repeats, a.burst = 2, 8
@@ -97,7 +108,9 @@ def main() -> int:
 
         c = http.client.HTTPConnection(host, port, timeout=60)
         c.request("GET", "/api/model")
-        k = len(json.loads(c.getresponse().read())["classes"])  # class i asks for i % k
+        info = json.loads(c.getresponse().read())
+        k = len(info["classes"])  # class i asks for i % k
+        longest = {"steps": info["max_steps"], "n": info["max_image_steps"] // info["max_steps"]}
         c.close()
 
         # 1. first preview
@@ -193,14 +206,102 @@ def main() -> int:
         )
         status, _, _ = _post(host, port, {"class": 1 % k, "scale": 3, "steps": steps})
         print(f"after the burst: a new request answered {status}")
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-        return 0 if not other and status == 200 else 1
+
+        # 4. clients that queue and leave
+        long = _stream(host, port, {"class": 0, **longest})
+        _until(long, b"event: started")
+        waiting = []
+        for _ in range(a.leavers):
+            c = _stream(host, port, {"class": 2 % k, "steps": steps, "n": 1})
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.close()
+            deadline = time.perf_counter() + 2
+            while _get(host, port, "/api/status")["waiting"] and time.perf_counter() < deadline:
+                time.sleep(0.01)
+            waiting.append(_get(host, port, "/api/status")["waiting"])
+        c = _stream(host, port, {"class": 1 % k, "steps": steps})
+        after_leavers = c.response.status
+        c.close()
+        print(
+            f"{a.leavers} clients that queued and left: waiting after each {waiting}; a new "
+            f"request then answered {after_leavers}"
+        )
+        long.close()
+
+        # 5. idle connections
+        while _get(host, port, "/api/status")["running"] is not None:
+            time.sleep(0.05)
+        idle = [socket.create_connection((host, port)) for _ in range(a.idle)]
+        t0 = time.perf_counter()
+        page = http.client.HTTPConnection(host, port, timeout=30)
+        page.request("GET", "/")
+        page_status = page.getresponse().status
+        page_s = time.perf_counter() - t0
+        page.close()
+        status, total, first = _post(host, port, {"class": 7 % k, "scale": 3, "steps": steps})
+        closed = 0
+        for sock in idle:
+            sock.settimeout(0.01)
+            try:
+                closed += sock.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                pass
+            sock.close()
+        print(
+            f"{a.idle} idle connections open: GET / answered {page_status} in {page_s:.3f} s; "
+            f"a request answered {status}, first preview after {first or 0:.3f} s; the server "
+            f"closed {closed} idle ones to make room"
+        )
+
+        # 6. SIGTERM mid-stream
+        watch = _stream(host, port, {"class": 0, **longest})
+        _until(watch, b"event: preview")
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rest = watch.response.read()
+        rc = proc.wait(30)
+        stop_s = time.perf_counter() - t0
+        last = [json.loads(x[6:]) for x in rest.split(b"\n") if x.startswith(b"data: ")][-1:]
+        out, err = proc.communicate()
+        final = f"{last[0]['type']} ({last[0].get('reason')})" if last else "none"
+        print(
+            f"SIGTERM mid-stream: exit status {rc} after {stop_s:.2f} s; the client's last "
+            f"event: {final}; the server printed {out.strip()!r}; stderr: "
+            f"{'nothing' if not err else repr(err[-300:])}"
+        )
+        good = (
+            not other and status == 200 and after_leavers == 200 and max(waiting) == 0
+            and page_status == 200 and rc == 0 and stop_s < 2 and last and not err
+        )  # fmt: skip
+        return 0 if good else 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _stream(host: str, port: int, body: dict) -> http.client.HTTPConnection:
+    """A request whose answer is left open: the connection, its response in .response."""
+    c = http.client.HTTPConnection(host, port, timeout=60)
+    c.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    c.response = c.getresponse()
+    return c
+
+
+def _until(c: http.client.HTTPConnection, marker: bytes) -> None:
+    while marker not in c.response.readline():
+        pass
+
+
+def _get(host: str, port: int, path: str) -> dict:
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request("GET", path)
+    out = json.loads(c.getresponse().read())
+    c.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -355,6 +355,185 @@ def test_a_client_that_leaves_cancels_its_job(server):
     assert server.engine.status()["running"] is None
 
 
+def test_clients_that_queue_and_leave_free_their_places(server):
+    """A long job runs; four clients queue (the queue holds one here, so three are refused)
+    and leave: the queue is empty again at once, counts add up, and a new request is not
+    refused as busy."""
+    long_job, r = _open_stream(server.url, {"class": 0, "steps": 250})
+    assert r.status == 200
+    while b"event: started" not in r.readline():
+        pass
+    statuses = []
+    for _ in range(4):  # like `curl -m 1`: queue, then go away
+        c, r2 = _open_stream(server.url, {"class": 2, "steps": 5, "n": 1})
+        statuses.append(r2.status)
+        if r2.status == 200:
+            assert b"event: queued" in r2.readline()
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+        deadline = time.time() + 5
+        while server.engine.status()["waiting"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.engine.status()["waiting"] == 0
+    assert 200 in statuses
+    status = server.engine.status()
+    assert status["running"] is not None and status["cancelled"] == statuses.count(200)
+    # a new client waits (ahead: the running one) rather than being told the queue is full
+    c, r3 = _open_stream(server.url, {"class": 1, "steps": 2})
+    assert r3.status == 200 and b'"ahead":1' in r3.readline() + r3.readline()
+    c.close()
+    long_job.close()
+
+
+def test_the_queue_tells_each_waiting_job_its_place(loaded):
+    engine = _engine(loaded, delay=0.05, queue=3, max_steps=200, max_image_steps=10_000)
+    try:
+        long = engine.parse({"class": 0, "steps": 200})
+        sinks = [_collect() for _ in range(4)]
+        jobs = [engine.submit(long, sinks[0][2])]
+        while engine.status()["running"] is None:
+            time.sleep(0.01)
+        jobs += [engine.submit(long, sink) for _, _, sink in sinks[1:]]
+        assert [got[0]["ahead"] for got, _, _ in sinks[1:]] == [1, 2, 3]
+        assert engine.cancel(jobs[1].id)  # the first in line leaves: the others move up
+        assert [got[-1]["ahead"] for got, _, _ in sinks[2:]] == [1, 2]
+        assert engine.status()["waiting"] == 2
+        engine.cancel(jobs[0].id)  # the running one stops: the next starts, the last is first
+        assert sinks[2][1].wait(0) is False
+        deadline = time.time() + 10
+        while sinks[3][0][-1].get("ahead") != 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert sinks[3][0][-1] == {"type": "queued", "job": jobs[3].id, "ahead": 1} or sinks[
+            3][0][-1]["ahead"] == 0  # fmt: skip
+    finally:
+        engine.close()
+    # stopping ends every job with a final event that says why, and refuses new ones
+    for got, done, _ in sinks:
+        assert done.wait(5) and got[-1]["type"] == "cancelled"
+    assert sinks[3][0][-1]["reason"] == "the server is stopping"
+    with pytest.raises(Busy, match="the server is stopping"):
+        engine.submit(long, lambda e: None)
+
+
+def _open(url: str) -> socket.socket:
+    host, port = host_port(url)
+    return socket.create_connection((host, port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (reads until EOF or a reset)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def test_idle_and_half_sent_connections_are_bounded(loaded):
+    """A connection that sends nothing, or half a request, is closed after `request` seconds;
+    a body that does not come is answered 408; with more than `connections` idle ones open the
+    oldest are closed, and the page still answers."""
+    from cfgdiff.serve.app import Timeouts, start_in_thread
+
+    timeouts = Timeouts(request=0.5, body=0.5, keep_alive=0.5, connections=16)
+    running = start_in_thread(_engine(loaded), timeouts=timeouts)
+    url = running.url
+    try:
+        silent = _open(url)
+        half = _open(url)
+        half.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        t0 = time.perf_counter()
+        assert _closed_within(silent, 5) and _closed_within(half, 5)
+        assert time.perf_counter() - t0 < 3
+        slow = _open(url)
+        slow.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 20\r\n\r\n{")  # fmt: skip
+        slow.settimeout(5)
+        answer = b""
+        while b'"field"' not in answer and (chunk := slow.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"field":null' in answer
+        slow.close()
+    finally:
+        running.stop()
+    # many idle connections, and a long wait for a request: the oldest make room for new ones
+    timeouts = Timeouts(request=60, body=60, keep_alive=60, connections=16)
+    running = start_in_thread(_engine(loaded), timeouts=timeouts)
+    try:
+        idle = [_open(running.url) for _ in range(60)]  # more than `connections`, all silent
+        status, _, body = request(running.url, "GET", "/")
+        assert status == 200 and b"<title>" in body
+        assert request(running.url, "GET", "/api/status")[0] == 200
+        closed = sum(_closed_within(s, 0.05) for s in idle[:40])
+        assert closed == 40  # the oldest, closed long before their 60 s were up
+    finally:
+        for s in idle:
+            s.close()
+        running.stop()
+
+
+def _serve_process(run, cwd):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfgdiff", "serve", "--checkpoint", str(run), "--port", "0",
+         "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    return proc, re.search(r"at (http://127\.0\.0\.1:\d+/)", line).group(1)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_stream_ends_the_stream_whole_and_exits_0(run, tmp_path, sig):
+    """SIGTERM or Ctrl-C while a client watches a long job: the client gets a final
+    "cancelled" event that says the server is stopping, the process prints `stopped` and exits
+    0 within 2 s, and nothing is printed on stderr (no traceback)."""
+    import signal
+
+    proc, url = _serve_process(run, tmp_path)
+    try:
+        c, r = _open_stream(url, {"class": 0, "steps": 250, "n": 8})
+        assert r.status == 200
+        while b"event: preview" not in r.readline():
+            pass
+        t0 = time.perf_counter()
+        proc.send_signal(getattr(signal, sig))
+        rest = r.read()
+        rc = proc.wait(10)
+        took = time.perf_counter() - t0
+    finally:
+        proc.kill()
+    final = events(rest)[-1]
+    assert final["type"] == "cancelled" and final["reason"] == "the server is stopping"
+    assert rc == 0 and took < 2, (rc, took)
+    assert proc.stdout.read().strip() == "stopped"
+    assert proc.stderr.read() == ""
+
+
+def test_sigterm_when_idle_exits_0(run, tmp_path):
+    import signal
+
+    proc, url = _serve_process(run, tmp_path)
+    try:
+        assert request(url, "GET", "/api/model")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(10)
+    finally:
+        proc.kill()
+    assert rc == 0 and proc.stdout.read().strip() == "stopped"
+    assert proc.stderr.read() == ""
+
+
 def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -473,8 +652,14 @@ def test_the_load_benchmark_runs(run):
         [sys.executable, str(bench), "--checkpoint", str(run), "--quick"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     assert "first preview" in out.stdout and "refused with 503" in out.stdout
+    assert "4 clients that queued and left: waiting after each [0, 0, 0, 0]" in out.stdout
+    assert "250 idle connections open: GET / answered 200" in out.stdout
+    assert re.search(r"SIGTERM mid-stream: exit status 0 after [01]\.\d\d s; the client's last "
+                     r"event: cancelled \(the server is stopping\).*stderr: nothing",
+                     out.stdout)  # fmt: skip
+    print(out.stdout)
 
 
 def test_the_command_names_the_class_so_that_the_cli_reads_it_back():
