@@ -22,7 +22,8 @@ a few seconds, an idle keep-alive connection is closed after a few more, and whe
 `connections` are open the one idle longest is closed to make room, so that idle or
 half-sent connections cannot lock out the page, on the loopback or with --host. Stopping
 (SIGTERM, SIGINT, or `stop()`) first ends every job with a final "cancelled" event that says
-the server is stopping, so open streams end whole; the process then exits 0 (docs/serve.md).
+the server is stopping, so open streams end whole; the process then exits 0 (docs/DESIGN.md,
+"Interfaces over the library").
 """
 
 from __future__ import annotations
