@@ -174,6 +174,16 @@ def test_the_page_guides_previews_judges_and_cancels(chromium, server, tmp_path)
                   "(Unprocessable Entity)")  # fmt: skip
     page.fill("#interval-lo", "")
     page.fill("#interval-hi", "")
+    # an empty box is said to be empty, by its label, not sent as 0
+    page.fill("#n", "")
+    page.click("#generate")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith("
+                           "'images: is empty')")  # fmt: skip
+    assert page.get_attribute("#n", "aria-invalid") == "true"
+    errors.remove("Failed to load resource: the server responded with a status of 422 "
+                  "(Unprocessable Entity)")  # fmt: skip
+    page.fill("#n", "2")
+    assert page.get_attribute("#n", "aria-invalid") is None  # typing clears the mark
     page.select_option("#negative", "")
     page.select_option("#mode", "images")
 
