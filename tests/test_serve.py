@@ -149,7 +149,7 @@ def test_every_field_is_checked_with_a_one_line_reason(body, field, message):
     "body,message",
     [
         ({"class": 0}, "class: this model reads prompts; give a prompt"),
-        ({"prompt": "a", "negative_class": 1}, "negative_class: this model reads prompts"),
+        ({"prompt": "a", "negative_class": 1}, "negative class: this model reads prompts"),
         ({"scale": 2}, "prompt: is missing; give one line of text, at most 200 characters"),
         ({"prompt": "  "}, "prompt: must be one line of text, at most 200 characters, got blank"),
         ({"prompt": 7}, "prompt: must be one line of text, at most 200 characters, got 7"),
@@ -166,7 +166,8 @@ def test_a_text_models_fields_are_checked_with_a_one_line_reason(body, message):
 
 def test_a_class_model_refuses_prompts():
     for key in ("prompt", "negative_prompt"):
-        with pytest.raises(ConfigError, match=f"{key}: this model takes class labels; give a cl"):
+        label = key.replace("_", " ")
+        with pytest.raises(ConfigError, match=f"{label}: this model takes class labels; give"):
             parse_settings({"class": 0, key: "seven"}, _cfg(), LIMITS)
 
 

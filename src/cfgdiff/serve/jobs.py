@@ -123,10 +123,11 @@ def parse_settings(body: Any, cfg: RunConfig, limits: Limits) -> Settings:
     fields = schema(cfg, limits)
     for key in body:
         if key in (CLASS_FIELDS if text else TEXT_FIELDS):
+            label = key.replace("_", " ")  # the page's label of each
             raise RequestError(
-                f"{key}: this model reads prompts; give a prompt"
+                f"{label}: this model reads prompts; give a prompt"
                 if text
-                else f"{key}: this model takes class labels; give a class",
+                else f"{label}: this model takes class labels; give a class",
                 key,
             )
         if key not in fields:
@@ -305,11 +306,9 @@ class Engine:
         s = parse_settings(body, self.model.cfg, self.limits)
         try:
             self.job_of(s)
-        except ConfigError as e:
-            field = ("prompt" if s.asks.prompts else "class") if not isinstance(
-                e, RequestError) else e.field  # fmt: skip
-            label = schema(self.model.cfg, self.limits)[field].label
-            raise RequestError(f"{label}: {e}", field) from None
+        except ConfigError as e:  # what the prompt (or class) asks cannot be had
+            field = "prompt" if s.asks.prompts else "class"
+            raise RequestError(f"{field}: {e}", field) from None
         return s
 
     def job_of(self, s: Settings):
