@@ -104,6 +104,94 @@ def test_export_into_its_checkpoint_is_refused(made, capsys, name):
     assert snapshot(run) == before
 
 
+# ----------------------------------------------------------------- a run folder's own files
+
+
+def test_the_run_layout_names_every_file_a_run_writes(made):
+    """run_layout.RUN_FILES, the list every output is checked against, holds everything
+    `cfgdiff train` wrote in the run folder."""
+    from cfgdiff.run_layout import RUN_FILES
+
+    run, _, _ = made
+    assert {p.name for p in run.iterdir()} <= {f.name for f in RUN_FILES}
+
+
+@pytest.mark.parametrize("given", ["run", "step", "checkpoints", "latest"])
+def test_eval_json_onto_the_runs_training_log_is_refused(made, capsys, given):
+    """`cfgdiff eval --json RUN/loss.csv` overwrote the training log (exit 0), and a resume
+    then refused the run; whichever way the checkpoint is given, it is refused before work."""
+    run, _, _ = made
+    checkpoint = {"run": run, "step": ckpt_of(run), "checkpoints": run / "checkpoints",
+                  "latest": run / "checkpoints" / "latest"}[given]  # fmt: skip
+    before = snapshot(run)
+    argv = ["eval", "--checkpoint", checkpoint, "--scale", "1", "--n", "10", "--json",
+            run / "loss.csv"]  # fmt: skip
+    line = one_line(*cli(argv, capsys))
+    assert line == (
+        f"cfgdiff: error: --json {run / 'loss.csv'}: is the run's training log, an input of "
+        "`cfgdiff train --resume`; write it elsewhere"
+    )
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["sample", "--scale", "1", "--out", "{run}/real.png"], "the run's grid of real images"),
+        (["sample", "--scale", "1", "--out", "{run}/samples/x.png"], "lies inside the run's"),
+        (["sample", "--scale", "1", "--out", "{run}/guidance_strip.png"], "guidance strip"),
+        (["sample", "--scale", "1", "--out", "{run}/loss.png"], "the run's loss curve"),
+        (["sweep", "--scales", "1", "--n", "10", "--out", "{run}/samples"], "preview grids"),
+        (["sweep", "--scales", "1", "--n", "10", "--out", "{run}/tensorboard"], "TensorBoard"),
+        (["eval", "--scale", "1", "--n", "10", "--json", "{run}/SUMMARY.txt"], "the run's summary"),
+        (["eval", "--scale", "1", "--n", "10", "--json", "{run}/eval.csv"], "evaluations"),
+        (["eval", "--scale", "1", "--n", "10", "--json", "{run}/.lock"], "the run's lock"),
+        (["export", "--out", "{run}/captions.safetensors"], "a text run's caption table"),
+    ],
+    ids=lambda v: v[-1].rsplit("/", 1)[-1] if isinstance(v, list) else None,
+)  # fmt: skip
+def test_no_output_takes_one_of_the_runs_own_files(made, capsys, argv, words):
+    """Every command that writes refuses a target that is, or lies inside, a file or folder of
+    the run it reads, in one line naming the flag, the path and what the file is."""
+    run, _, _ = made
+    before = snapshot(run)
+    argv = [a.format(run=run) for a in argv]
+    line = one_line(*cli([argv[0], "--checkpoint", run, *argv[1:]], capsys))
+    assert f" {argv[-1]}: " in line and words in line and "write it elsewhere" in line, line
+    assert argv[-2] in line, line  # the flag
+    assert snapshot(run) == before
+
+
+def test_every_name_of_the_run_layout_is_refused(made):
+    """The whole list, at the library's boundary (checkpoint.input_paths)."""
+    from cfgdiff.checkpoint import input_paths
+    from cfgdiff.errors import ConfigError
+    from cfgdiff.files import refuse_overlap
+    from cfgdiff.run_layout import RUN_FILES
+
+    run, _, _ = made
+    for f in RUN_FILES:
+        for target in (run / f.name, run / f.name / "x.png"):
+            with pytest.raises(ConfigError, match=f.what):
+                refuse_overlap(target, input_paths(run))
+
+
+def test_a_new_file_of_the_users_choosing_in_the_run_folder_is_allowed(made, capsys):
+    """What SUMMARY.txt suggests (RUN/eval_s3.json, RUN/model.safetensors) and any other new
+    name are the user's: only the run's own names are refused."""
+    from cfgdiff.metrics.eval import EvalRequest
+    from cfgdiff.sampling.request import SampleRequest
+
+    run, _, _ = made
+    EvalRequest(SampleRequest(checkpoint=run, scale=3), json=run / "eval_s3.json").outputs()
+    out = run / "grid.png"
+    argv = ["sample", "--checkpoint", run, "--scale", "2", "--steps", "1", "--per-class", "1",
+            "--device", "cpu", "--out", out]  # fmt: skip
+    rc, err = cli(argv, capsys)
+    assert rc == 0 and out.is_file(), err
+    out.unlink()
+
+
 def _png_header_only(path, width: int, height: int) -> None:
     """A PNG that declares width x height grey pixels and holds a few bytes of them: what a
     decompression bomb's header looks like."""

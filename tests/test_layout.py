@@ -15,7 +15,7 @@ ROOT = Path(cfgdiff.__file__).parent
 # A part is a top-level module or package, or a module of a package named on its own (the
 # sampler table and the text encoder sit below the rest of their packages).
 LAYERS = [
-    {"errors", "files", "layers", "ema", "dist", "text.encoder"},
+    {"errors", "files", "layers", "ema", "dist", "text.encoder", "run_layout"},
     {"schedule", "data"},
     {"sampling.samplers", "pictures"},
     {"config"},

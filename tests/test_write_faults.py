@@ -188,7 +188,7 @@ def test_a_real_full_disk_loses_nothing(made, tmpfs, capsys):
     line = one_line(*cli(argv, capsys), status=(1,))
     assert f"disk full while writing checkpoint step-0000003 in {run_dir / 'checkpoints'}" in line
     assert "No space left on device): free space or lower --keep" in line
-    assert line.endswith("(the previous checkpoint is intact)")
+    assert line.endswith("(the previous checkpoint step-0000002 is intact)")
     root = run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001", "step-0000002"]
     assert leftovers(tmpfs) == []

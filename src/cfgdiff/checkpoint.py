@@ -1,18 +1,37 @@
-"""Checkpoints as plain data, written atomically.
+"""Checkpoints as plain data, written atomically, and which checkpoint of a run a command uses.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding
   model.safetensors  raw weights            ema.safetensors  EMA weights (used for sampling)
   config.json        RunConfig + format version + guidance convention and null label
   state.pt           optimizer, step, RNG states, data position (torch.load(weights_only=True))
-  MANIFEST.json      SHA-256 of the four files above, checked before anything is loaded
+  MANIFEST.json      SHA-256 of the four files above
 It is built under a temporary name, every file fsynced, then renamed into place; the `latest`
 pointer file is replaced atomically afterwards and old checkpoints are pruned last. Only a folder
 named step-N holding all five files is a checkpoint (list_checkpoints), and only such a name is
-taken from `latest`. Loading never unpickles code: tensors come from safetensors, the rest from
-JSON and weights_only torch.load, and every file is checked in this order: the MANIFEST (exactly
-these files, each regular, each hash), then config.json, then state.pt, each parsed into a typed
-record (records.py) before a network is built from it or a tensor of it used. A write that fails
-is one line naming the file: a WriteFault (exit status 1) when the disk is full or not writable.
+taken from `latest`. cfgdiff never removes or replaces what it did not write: a run that would
+save over a step-N entry holding anything else (a user's notes, a link) is refused before it
+trains (clear_to_save), and pruning such a folder removes only cfgdiff's files from it.
+
+What each load reads (none unpickles code: tensors come from safetensors, the rest from JSON
+and weights_only torch.load), every file checked before it is used, in this order:
+  every load   MANIFEST.json first (exactly the four files, each a regular file, each SHA-256
+               matching, state.pt's included), then config.json parsed into a typed record
+               (records.py) and the network's size bounded, then the weights it uses (their
+               names and shapes those of the config's network, every value finite)
+  sampling     (load_for_sampling: sample, eval, sweep, serve, info) the EMA weights, or the raw
+               ones; state.pt is hashed by the MANIFEST check but never opened, so whatever it
+               holds runs nothing there
+  info, export also state.pt, parsed (records.parse_state) for the data and precision it records
+  resume       both weights and state.pt parsed (check_resumable), then restored from them
+               (train.state.TrainState.load)
+
+Which checkpoint a run folder means (choose): the one `latest` names, else the newest complete
+one; one that fails the command's checks (a hash, a config, NaN weights) is passed over for the
+one before it. Whatever is passed over on the way (a `latest` naming no checkpoint of this run,
+an incomplete or broken folder) is a `Skipped` record the command returns, which the CLI says in
+one line each. A checkpoint folder named explicitly is used or refused, never swapped for another.
+A write that fails is one line naming the file: a WriteFault (exit status 1) when the disk is
+full or not writable.
 
 A model file (`cfgdiff export`) is the one file to ship for sampling: a .safetensors holding the
 EMA weights (or the raw ones; fp32, fp16 or bf16), with the config JSON, the source RUN/step-N
@@ -27,8 +46,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +70,16 @@ from cfgdiff.files import (
     writing,
 )
 from cfgdiff.records import CHECKPOINT_FILES, MANIFEST, PREFIX, is_regular_file
+from cfgdiff.run_layout import CHECKPOINTS, run_inputs
 from cfgdiff.runtime import is_out_of_memory
 from cfgdiff.unet import UNet, count_parameters
 
 # The largest network a config may describe (about 8 GB of fp32 weights; the largest preset has
 # 38 M parameters): counted on the meta device before anything is allocated.
 MAX_PARAMETERS = 2_000_000_000
+LATEST = "latest"
+# What a killed save leaves under checkpoints/ (_write's temporary and replaced folders).
+_STALE = re.compile(r"\.(tmp|old)-step-\d{7,8}-\d+")
 
 
 def save_checkpoint(
@@ -66,24 +91,33 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, prune to `keep`."""
+    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, prune to `keep`.
+    A step-N entry already there is replaced only when it is cfgdiff's (a checkpoint this run
+    saves again after a resume, or an incomplete one); anything else there is refused."""
     name = f"{PREFIX}{step:07d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if os.path.lexists(final):
+        problem = _not_cfgdiffs(final)
+        if problem is not None:  # clear_to_save refuses it before training; this is a race
+            raise CheckpointError(
+                f"cannot write checkpoint {name}: {final} {problem}; move it elsewhere, then "
+                f"resume ({_previous(ckpt_root, final)})"
+            )
     try:
         with writing(ckpt_root):
             ckpt_root.mkdir(parents=True, exist_ok=True)
         _write(tmp, final, ckpt_root, name, cfg, model, ema, state)
         try:
-            atomic_write_bytes(ckpt_root / "latest", (name + "\n").encode())
+            atomic_write_bytes(ckpt_root / LATEST, (name + "\n").encode())
         except WriteFault:
             # the checkpoint is whole; a `latest` that still names the previous one would make a
             # resume go back to it, while without one the newest checkpoint is taken
             with contextlib.suppress(OSError):
-                (ckpt_root / "latest").unlink()
+                (ckpt_root / LATEST).unlink()
             raise
     except WriteFault as e:
-        intact = "the previous checkpoint is intact"
+        intact = _previous(ckpt_root, final)
         if e.cause == "space":
             raise RuntimeFault(
                 f"disk full while writing checkpoint {name} in {ckpt_root} ({Path(e.path).name}: "
@@ -96,8 +130,50 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {name} in {ckpt_root}: {e}") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _previous(ckpt_root: Path, final: Path) -> str:
+    """What a failed save leaves to resume from, in words: the newest checkpoint other than
+    `final`, or that there is none."""
+    earlier = [p for p in list_checkpoints(ckpt_root) if p != final]
+    if not earlier:
+        return "this run has no earlier checkpoint"
+    return f"the previous checkpoint {earlier[-1].name} is intact"
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a pruned checkpoint; from a folder that also holds what cfgdiff did not write,
+    only cfgdiff's files (MANIFEST.json first, so it is no checkpoint from then on), leaving the
+    folder and the rest where they are."""
+    if _not_cfgdiffs(ckpt) is None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return
+    for f in (MANIFEST, *CHECKPOINT_FILES):
+        if is_regular_file(ckpt / f):
+            with contextlib.suppress(OSError):
+                (ckpt / f).unlink()
+
+
+def _not_cfgdiffs(path: Path) -> str | None:
+    """None when the step-N entry `path` holds only what cfgdiff writes there (a checkpoint's
+    files, as regular files; some may be missing), so cfgdiff may replace or remove it; else
+    what is not cfgdiff's, as a phrase ("holds notes.txt, which cfgdiff did not write")."""
+    if path.is_symlink():
+        return "is a symbolic link, which cfgdiff did not make"
+    if not path.is_dir():
+        return "is not a folder (cfgdiff did not write it)"
+    own = {*CHECKPOINT_FILES, MANIFEST}
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    other = [n for n in names if n not in own or not is_regular_file(path / n)]
+    if not other:
+        return None
+    shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+    return f"holds {shown}, which cfgdiff did not write"
 
 
 def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, state) -> None:
@@ -131,7 +207,7 @@ def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, 
             for f in tmp.iterdir():
                 fsync_file(f)
             fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (after a resume): replace it
+            if final.exists():  # cfgdiff's own (save_checkpoint checked): replace it
                 old = ckpt_root / f".old-{name}-{os.getpid()}"
                 final.rename(old)
                 tmp.rename(final)
@@ -145,15 +221,16 @@ def _write(tmp: Path, final: Path, ckpt_root: Path, name: str, cfg, model, ema, 
 
 
 def clean_stale(ckpt_root: Path) -> list[str]:
-    """Remove half-written (.tmp-*) and half-replaced (.old-*) folders a killed process left.
-    Only call this while holding the run lock."""
+    """Remove half-written (.tmp-step-N-PID) and half-replaced (.old-step-N-PID) folders a
+    killed process left, and `latest`'s temporary files; nothing else. Only call this while
+    holding the run lock."""
     removed = []
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+            if _STALE.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
-    for p in ckpt_root.glob(".latest.*.tmp") if ckpt_root.is_dir() else []:
+    for p in ckpt_root.glob(f".{LATEST}.*.tmp") if ckpt_root.is_dir() else []:
         p.unlink(missing_ok=True)
     return removed
 
@@ -204,30 +281,199 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The checkpoint `latest` names if that is a complete checkpoint of this folder, else the
-    newest complete one (`latest` holds a name, never a path: "../.." names nothing)."""
-    name = records.read_latest(ckpt_root)
+    newest complete one (`latest` holds a name, never a path: "../.." names nothing). What
+    choose passes over on the way is not said here: commands call choose."""
+    return choose(ckpt_root).checkpoint
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A checkpoint folder passed over, or a `latest` pointer ignored, by a command choosing a
+    run's checkpoint (choose): `reason` says why ("state.pt is missing"), `instead` is the
+    checkpoint used (None: none was). Commands return these; the CLI says each in one line."""
+
+    path: Path
+    reason: str
+    instead: Path | None = None
+
+    def line(self, using: str = "using") -> str:
+        """One line: skipped checkpoint RUN/checkpoints/step-0000040: state.pt is missing;
+        using step-0000030 (`using`: the command's words for it, "resuming from")."""
+        what = "ignored" if self.path.name == LATEST else "skipped checkpoint"
+        then = f"{using} {self.instead.name}" if self.instead is not None else "none used"
+        return f"{what} {self.path}: {self.reason}; {then}"
+
+    def record(self) -> dict[str, str]:
+        """As output files record it (a sampling job's record)."""
+        return {"path": str(self.path), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The checkpoint a command uses (None: none could be), what its check returned for it
+    (`value`), and what was passed over on the way, newest first."""
+
+    checkpoint: Path | None
+    value: Any = None
+    skipped: tuple[Skipped, ...] = ()
+
+    def require(self, where: str, root: Path) -> Path:
+        """The checkpoint, or a CheckpointError saying there is none in `root` (`where`: the
+        parameter that asked, "`resume=True`") and why each entry was passed over."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        if not self.skipped:
+            raise CheckpointError(f"{where}: no checkpoint in {root}")
+        why = "; ".join(f"{s.path.name}: {s.reason}" for s in self.skipped)
+        raise CheckpointError(f"{where}: no checkpoint in {root} can be used ({why})")
+
+
+def incomplete(path: Path) -> str | None:
+    """Why a step-N entry is not a complete checkpoint ("state.pt is missing"), None when it
+    is one (is_complete)."""
+    if path.is_symlink():
+        return "it is a symbolic link, not a checkpoint folder"
+    if not path.is_dir():
+        return "it is not a folder"
+    names = (*CHECKPOINT_FILES, MANIFEST)
+    missing = [f for f in names if not os.path.lexists(path / f)]
+    if len(missing) == len(names):
+        return "it holds none of a checkpoint's files"
+    if missing:
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    odd = [f for f in names if not is_regular_file(path / f)]
+    if odd:
+        verb = "is not a regular file" if len(odd) == 1 else "are not regular files"
+        return f"{', '.join(odd)} {verb}"
+    return None
+
+
+def _step_entries(ckpt_root: Path) -> list[Path]:
+    """Every entry of `ckpt_root` named like a checkpoint (step-NNNNNNN), whatever it is,
+    newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if records.checkpoint_step(p.name) is not None]
+    return sorted(found, key=lambda p: records.checkpoint_step(p.name), reverse=True)
+
+
+def choose(ckpt_root: Path, check: Callable[[Path], Any] | None = None) -> Choice:
+    """The checkpoint of `ckpt_root` a command uses: the one `latest` names when that is a
+    complete checkpoint, else the newest complete one; with `check` (a function that raises
+    CheckpointError for a checkpoint the command cannot use, and returns what it read), the
+    first that passes, trying each older one in turn. Everything passed over on the way is a
+    Skipped record: a `latest` that names no checkpoint of this folder (a path, `..`, a link, a
+    FIFO, a folder that is not there; no `latest` at all is nothing to say), a step-N entry
+    newer than the one used that is incomplete, fails the check, or is newer than the one
+    `latest` names."""
+    entries = _step_entries(ckpt_root)
+    latest = ckpt_root / LATEST
+    skipped: list[Skipped] = []
+    name, problem = records.parse_latest(ckpt_root)
+    order = entries
     if name is not None and is_complete(ckpt_root / name):
-        return ckpt_root / name
-    ckpts = list_checkpoints(ckpt_root)
-    return ckpts[-1] if ckpts else None
+        named = records.checkpoint_step(name)
+        for p in entries:
+            if records.checkpoint_step(p.name) > named:
+                why = incomplete(p) or f"it is newer than {name}, which {LATEST} names"
+                skipped.append(Skipped(p, why))
+        order = [ckpt_root / name] + [p for p in entries if records.checkpoint_step(p.name) < named]
+    elif name is not None and not os.path.lexists(ckpt_root / name):
+        skipped.append(Skipped(latest, f"it names {name}, which is not there"))
+    elif problem is not None:
+        skipped.append(Skipped(latest, f"it {problem}"))
+    for p in order:
+        why, value = incomplete(p), None
+        if why is None and check is not None:
+            try:
+                value = check(p)
+            except CheckpointError as e:
+                why = _reason(e, p)
+        if why is None:
+            return Choice(p, value, tuple(replace(s, instead=p) for s in skipped))
+        skipped.append(Skipped(p, why))
+    return Choice(None, None, tuple(skipped))
 
 
-def resolve(path: Path, arg: str = "`checkpoint`") -> Path:
-    """Accept a checkpoint folder, a run folder or a checkpoints folder. arg: the parameter that
-    named the path, for messages."""
+def _reason(e: Exception, ckpt: Path) -> str:
+    """An error about a file of `ckpt` as a reason to pass it over, its folder not repeated:
+    "ema.safetensors: tensor x holds NaN ..."."""
+    return str(e).replace(f"{ckpt}/", "").replace(f"{ckpt}: ", "")
+
+
+def choose_for(
+    path: Path, arg: str = "`checkpoint`", check: Callable[[Path], Any] | None = None
+) -> Choice:
+    """The checkpoint `path` names: a checkpoint folder itself (checked; no other is tried in
+    its place), or the one a run folder, its checkpoints folder or its `latest` file means
+    (choose). A CheckpointError when there is none; arg: the parameter that named the path."""
     path = Path(path)
+    if path.name == LATEST and path.is_file():
+        path = path.parent
     if (path / "config.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
+        return Choice(path, check(path) if check is not None else None)
+    for root in (path / CHECKPOINTS, path):
+        choice = choose(root, check)
+        if choice.checkpoint is not None or choice.skipped:
+            choice.require(f"{arg} {path}", root)
+            return choice
     if not path.exists():
         raise CheckpointError(f"{arg} {path}: no such file or directory")
     raise CheckpointError(
         f"{arg} {path}: no checkpoint found (expected a folder with config.json, "
         "or a run folder with checkpoints/)"
     )
+
+
+def resolve(path: Path, arg: str = "`checkpoint`") -> Path:
+    """Accept a checkpoint folder, a run folder, a checkpoints folder or its `latest` file: the
+    checkpoint (choose_for, unchecked). arg: the parameter that named the path, for messages."""
+    return choose_for(path, arg).checkpoint
+
+
+def run_folder_of(ckpt: Path) -> Path | None:
+    """RUN for a checkpoint RUN/checkpoints/step-N; None for one outside a run folder."""
+    ckpt = Path(ckpt)
+    if records.checkpoint_step(ckpt.name) is not None and ckpt.parent.name == CHECKPOINTS:
+        return ckpt.parent.parent
+    return None
+
+
+def clear_to_save(ckpt_root: Path, after: int, where: str = "`run_dir`") -> list[Path]:
+    """Refuse, before a run trains, a step-N entry past step `after` that cfgdiff did not write
+    (a folder holding a user's notes, a link, a file): the run may save step N's checkpoint
+    there (at its interval, on a stop request or at its end, so at any step), which would
+    replace it. Refusing is the safer of the two ways out: a checkpoint saved beside it under
+    another name would be none that resume, `latest` or `keep` know, while this way the user's
+    files stay where they were put and nothing is trained in vain. Returns the entries past
+    `after` that are cfgdiff's (incomplete or broken checkpoints): the run replaces one of them
+    if it saves its step."""
+    own = []
+    for p in _step_entries(ckpt_root):
+        step = records.checkpoint_step(p.name)
+        if step <= after:
+            break
+        problem = _not_cfgdiffs(p)
+        if problem is not None:
+            raise ConfigError(
+                f"{where}: {p} {problem}; this run would save its step {step} checkpoint there: "
+                "move it elsewhere, then run again"
+            )
+        own.append(p)
+    return own
+
+
+def check_resumable(ckpt: Path) -> RunConfig:
+    """What a resume reads of a checkpoint, checked before it is used: the MANIFEST, config.json,
+    both weights (fitting the config, finite) and state.pt parsed. A CheckpointError says what
+    is broken (choose then tries the checkpoint before it); returns the config."""
+    verify(ckpt)
+    cfg = read_config(ckpt)
+    net = build_network(cfg, ckpt)
+    for which in ("model", "ema"):
+        load_weights(ckpt, which, net)
+    load_state(ckpt)
+    return cfg
 
 
 def read_config(ckpt: Path) -> RunConfig:
@@ -332,6 +578,7 @@ class Loaded:
     cfg: RunConfig
     net: UNet  # EMA weights unless asked otherwise, in eval mode
     data: dict | None = None  # a model file's training-data identity (recorded_data_identity)
+    skipped: tuple[Skipped, ...] = ()  # the run's checkpoints passed over for this one (choose)
 
 
 MODEL_FILE_FORMAT = "cfgdiff-model-1"
@@ -356,13 +603,16 @@ def _model_file_sha256(
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32") -> dict[str, str]:
+def export_model(
+    path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32", log=None
+) -> dict[str, str]:
     """Write the checkpoint at `path` (folder, run folder) as one model file `out` (atomically):
     its EMA weights (or the raw ones, ema=False), stored as `dtype` (fp16 or bf16 halve the file;
     loading casts them back to fp32), and the metadata load_for_sampling needs. Returns the
-    metadata. Refused before any work: a `path` that is a file (a model file is exported
-    already), an `out` that does not end in .safetensors, is a folder, or lies in a checkpoint
-    folder (whose files it could overwrite) or in the checkpoint read."""
+    metadata; `log` hears each checkpoint of the run passed over (Skipped.line). Refused before
+    any work: a `path` that is a file (a model file is exported already), an `out` that does not
+    end in .safetensors, is a folder, or lies in a checkpoint folder (whose files it could
+    overwrite), in the checkpoint read or on one of its run's own files (run_layout)."""
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     out = Path(out)
@@ -375,15 +625,16 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
             f"`out` {out}: inside a checkpoint folder, whose files it could overwrite; write "
             "it elsewhere (e.g. the run folder)"
         )
-    if Path(path).is_file():
+    if Path(path).is_file() and Path(path).name != LATEST:
         raise ConfigError(f"`checkpoint` {path}: expected a checkpoint or run folder")
-    ckpt = resolve(path)
     check_output_file(out)
-    refuse_overlap(out, input_paths(ckpt))  # before any work
-    verify(ckpt)
-    cfg = read_config(ckpt)
+    refuse_overlap(out, input_paths(path))  # before any work
     which = "ema" if ema else "model"
-    load_weights(ckpt, which, build_network(cfg, ckpt))  # refuses weights that do not fit
+    choice = choose_for(path, check=_loader(which))
+    ckpt, (cfg, _) = choice.checkpoint, choice.value
+    for s in choice.skipped:
+        if log is not None:
+            log(s.line())
     tensors = {
         k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v
         for k, v in load_file(str(ckpt / f"{which}.safetensors")).items()
@@ -405,22 +656,38 @@ def export_model(path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32"
     return metadata
 
 
-def input_paths(path: Path) -> list[tuple[str, Path]]:
+def input_paths(path: Path) -> list[tuple[str, Path] | tuple[str, Path, str]]:
     """What a command that reads checkpoint or model file `path` (a checkpoint, run or
-    checkpoints folder, or a model file) must not write into: the model file, or the
-    checkpoint folder and, for one of a run's checkpoints, the whole checkpoints folder (the
-    other checkpoints and `latest`). For files.refuse_overlap."""
+    checkpoints folder, its `latest`, or a model file) must not write into: the model file, or
+    the checkpoint folder and, for one of a run's checkpoints, every file and folder of the
+    run's own (run_layout.RUN_FILES: its checkpoints folder with `latest`, its training log,
+    previews, summary...). For files.refuse_overlap."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.name != LATEST:
         return [("the model file", path)]
     try:
         ckpt = resolve(path)
     except CheckpointError:  # not a checkpoint: loading it will say so
         return [("the checkpoint", path)]
-    found = [("the checkpoint", ckpt)]
-    if records.checkpoint_step(ckpt.name) is not None and ckpt.parent.name == "checkpoints":
-        found.append(("the checkpoints folder", ckpt.parent))
+    found: list = [("the checkpoint", ckpt)]
+    run = run_folder_of(ckpt)
+    if run is not None:  # its checkpoints folder among them
+        found += run_inputs(run)
     return found
+
+
+def _loader(which: str) -> Callable[[Path], tuple[RunConfig, UNet]]:
+    """The check a sampling load makes of a checkpoint, as choose takes it: the MANIFEST, the
+    config, and `which` weights ("ema" or "model") in the config's network, which it returns."""
+
+    def load(ckpt: Path) -> tuple[RunConfig, UNet]:
+        verify(ckpt)
+        cfg = read_config(ckpt)
+        net = build_network(cfg, ckpt)
+        load_weights(ckpt, which, net)
+        return cfg, net
+
+    return load
 
 
 def _load_model_file(path: Path) -> tuple[RunConfig, UNet, dict | None]:
@@ -450,17 +717,15 @@ def load_for_sampling(
 ) -> Loaded:
     """A checkpoint (folder, run folder) or a model file, verified, on `device` in eval mode.
     ema picks the weights of a checkpoint; a model file holds the ones it was exported with.
-    arg: the parameter that named the path, for messages."""
+    A run folder gives its newest checkpoint that loads (choose_for); the ones passed over are
+    the Loaded's `skipped`. arg: the parameter that named the path, for messages."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         cfg, net, data = _load_model_file(path)
         return Loaded(path, cfg, net.to(device).eval(), data)
-    ckpt = resolve(path, arg)
-    verify(ckpt)
-    cfg = read_config(ckpt)
-    net = build_network(cfg, ckpt)
-    load_weights(ckpt, "ema" if ema else "model", net)
-    return Loaded(ckpt, cfg, net.to(device).eval())
+    choice = choose_for(path, arg, check=_loader("ema" if ema else "model"))
+    cfg, net = choice.value
+    return Loaded(choice.checkpoint, cfg, net.to(device).eval(), skipped=choice.skipped)
 
 
 def load_guide(path: Path, loaded: Loaded, device: torch.device | str = "cpu") -> Loaded:

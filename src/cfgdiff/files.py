@@ -163,20 +163,25 @@ def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = M
     return parse_json(data, max_depth=max_depth)
 
 
-def refuse_overlap(out: Path, inputs: Iterable[tuple[str, Path]], arg: str = "`out`") -> None:
-    """A ConfigError when `out` is, or lies inside, one of `inputs` ((what, path) pairs such as
-    ("the checkpoint", folder); None paths are skipped), compared with symbolic links resolved.
-    For output paths, checked before any work."""
+def refuse_overlap(
+    out: Path, inputs: Iterable[tuple[str, Path] | tuple[str, Path, str]], arg: str = "`out`"
+) -> None:
+    """A ConfigError when `out` is, or lies inside, one of `inputs`, compared with symbolic links
+    resolved. Each input is (what, path) such as ("the checkpoint", folder), an input of this
+    command, or (what, path, why) saying why else it must be left alone (a run folder's own
+    files: run_layout.run_inputs); None paths are skipped. For output paths, checked before any
+    work."""
     target = Path(out).resolve()
-    for what, p in inputs:
+    for what, p, *why in inputs:
         if p is None:
             continue
         src = Path(p).resolve()
-        if target == src or target.is_relative_to(src):
-            raise ConfigError(
-                f"{arg} {out}: {'is' if target == src else 'lies inside'} {what} {p}, an input "
-                "of this command; write it elsewhere"
-            )
+        reason = why[0] if why else "an input of this command"
+        if target == src:
+            shown = "" if Path(out) == Path(p) else f" {p}"  # a path not as the user wrote it
+            raise ConfigError(f"{arg} {out}: is {what}{shown}, {reason}; write it elsewhere")
+        if target.is_relative_to(src):
+            raise ConfigError(f"{arg} {out}: lies inside {what} {p}, {reason}; write it elsewhere")
 
 
 def check_output_file(out: Path, arg: str = "`out`") -> None:

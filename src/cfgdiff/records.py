@@ -64,19 +64,35 @@ def is_regular_file(path: Path) -> bool:
 
 def read_latest(ckpt_root: Path) -> str | None:
     """The checkpoint name the `latest` pointer holds, or None when it is absent, not a small
-    regular file or not a checkpoint name."""
+    regular file or not a checkpoint name (parse_latest says why)."""
+    return parse_latest(ckpt_root)[0]
+
+
+def parse_latest(ckpt_root: Path) -> tuple[str | None, str | None]:
+    """(the checkpoint name `latest` holds, None), or (None, why it names none: a phrase such
+    as "is a symbolic link"); (None, None) when there is no `latest`. Never follows a link or
+    opens anything but a regular file (a FIFO would block the read)."""
     path = ckpt_root / "latest"
+    if not os.path.lexists(path):
+        return None, None
+    if os.path.islink(path):
+        return None, "is a symbolic link, not a file holding a checkpoint's name"
     if not is_regular_file(path):
-        return None
+        return None, "is not a regular file"
     try:
         with open(path, "rb") as f:
             raw = f.read(LATEST_MAX_BYTES + 1)
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if len(raw) > LATEST_MAX_BYTES:
+        return None, f"is longer than {LATEST_MAX_BYTES} bytes"
+    try:
         name = raw.decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if len(raw) > LATEST_MAX_BYTES or checkpoint_step(name) is None:
-        return None
-    return name
+    except UnicodeDecodeError:
+        return None, "is not ASCII text"
+    if checkpoint_step(name) is None:
+        return None, f"names {name!r}, not a checkpoint folder of this run"
+    return name, None
 
 
 def read_json_file(path: Path) -> Any:

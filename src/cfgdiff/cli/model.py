@@ -44,8 +44,11 @@ def add_export_parser(sub) -> None:
 def run_info(a: argparse.Namespace) -> int:
     """Load (and so verify) a checkpoint or model file and say what it is."""
     from cfgdiff.checkpoint import PREFIX, load_for_sampling, training_record
+    from cfgdiff.cli.progress import log
 
     loaded = load_for_sampling(a.checkpoint)
+    for s in loaded.skipped:
+        log(s.line())
     kind = "model file" if loaded.path.is_file() else "checkpoint"
     # a checkpoint's training state (read once) says what it trained on and how
     record = training_record(loaded.path) if kind == "checkpoint" else None
@@ -120,8 +123,9 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
 
 def run_export(a: argparse.Namespace) -> int:
     from cfgdiff.checkpoint import export_model
+    from cfgdiff.cli.progress import log
 
-    meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
+    meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype, log=log)
     size = a.out.stat().st_size / 2**20
     print(
         f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']} in "

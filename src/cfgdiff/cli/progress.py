@@ -141,6 +141,9 @@ class TrainProgress:
     def on_note(self, info) -> None:
         self.note(info["text"])
 
+    def on_checkpoint_skipped(self, info) -> None:
+        self.note(info["text"])  # the resume's line for a checkpoint.Skipped
+
     def on_data_changed(self, info) -> None:
         self.note(
             f"--resume: the training data changed since the checkpoint ({info['was']:,} images "

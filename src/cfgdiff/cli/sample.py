@@ -98,6 +98,8 @@ def run(a: argparse.Namespace) -> int:
     world, req = dist.world(), request(a)
     job = sampling.prepare(req)
     if world.is_main:
+        for line in job.skipped_lines():
+            log(line)
         print(job.note(), flush=True)
     if a.animate is not None:
         from cfgdiff.pictures.images import save_animation

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cfgdiff.cli.options import UsageError, device_options, int_in
+from cfgdiff.cli.progress import log
 
 
 def add_parser(sub) -> None:
@@ -72,6 +73,8 @@ def run(a: argparse.Namespace) -> int:
     try:
         device = resolve_device(a.device)
         loaded = load_for_sampling(a.checkpoint, device)
+        for s in loaded.skipped:
+            log(s.line())
         engine = Engine(Model.of(loaded), limits, device, resolve_precision(a.precision, device))
         engine.warm_up()
     except BaseException:

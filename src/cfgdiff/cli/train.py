@@ -17,6 +17,7 @@ from cfgdiff.cli.options import (
     overrides,
 )
 from cfgdiff.cli.progress import StopFlag, TrainProgress, log
+from cfgdiff.run_layout import TENSORBOARD
 from cfgdiff.runtime import COMPILE_CHOICES, COMPILE_MIN_TRAIN_IMAGES
 
 
@@ -101,7 +102,7 @@ def run(a: argparse.Namespace) -> int:
     )  # fmt: skip
     on_event = progress if world.is_main else None
     if a.tensorboard and world.is_main:
-        board = TensorBoardEvents(a.out / "tensorboard", prepared.cfg.train.log_every)
+        board = TensorBoardEvents(a.out / TENSORBOARD, prepared.cfg.train.log_every)
 
         def on_event(name, info):
             progress(name, info)

@@ -105,11 +105,15 @@ def evaluate(req: EvalRequest, *, log=None, world: dist.World | None = None) -> 
     scale, given = guidance_scale(sr.scale, sr.w)
     # everything checked before the judge: building the reference may train one for minutes
     model, device = load_model(sr)
+    for s in model.skipped if log is not None and world.is_main else ():
+        log(s.line())  # the run's checkpoints passed over for the one evaluated
     check_before_work(model, sr)
     judge = judge_of(
         model, sr.asks, req.n or DEFAULT_N, req.reference, device=device, log=log, world=world
     )
     job = job_for(model, sr.asks, sr, scale, given, rows=judge.rows)
+    for s in job.guide_skipped if log is not None and world.is_main else ():
+        log(s.line())
     (row,), per_s = measure_scales(job, judge, [scale], log=log if world.is_main else None,
                                    world=world)  # fmt: skip
     floor = judge.floor(world)

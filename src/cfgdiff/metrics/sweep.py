@@ -98,11 +98,15 @@ def sweep(req: SweepRequest, *, log=None, world: dist.World | None = None) -> Sw
     device = resolve_device(sr.settings.device)
     model = Model.of(load_for_sampling(sr.checkpoint, device))
     out = req.out if req.out is not None else default_sweep_dir(model.path)
+    for s in model.skipped if log is not None and world.is_main else ():
+        log(s.line())  # the run's checkpoints passed over for the one swept
     # everything checked before the judge: building the reference may train one for minutes
     check_before_work(model, sr)
     main_log = log if world.is_main else None
     judge = judge_of(model, sr.asks, req.n, req.reference, device=device, log=log, world=world)
     job = job_for(model, sr.asks, sr, 1.0, rows=judge.rows)
+    for s in job.guide_skipped if log is not None and world.is_main else ():
+        log(s.line())
     rows, per_s = measure_scales(job, judge, scales, log=main_log, world=world)
     floor = judge.floor(world)
     if not world.is_main:

@@ -46,6 +46,7 @@ class Model:
     path: Path
     captions: TextConditions | None = None
     encoder: Any = None
+    skipped: tuple = ()  # checkpoint.Skipped: the run's checkpoints passed over for this one
     _kept: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -58,7 +59,10 @@ class Model:
             from cfgdiff.text.embedding import run_caption_table
 
             captions = run_caption_table(loaded.path)
-        return cls(loaded.net, loaded.cfg, Path(loaded.path), captions)
+        return cls(
+            loaded.net, loaded.cfg, Path(loaded.path), captions,
+            skipped=loaded.skipped,
+        )  # fmt: skip
 
     @property
     def kind(self) -> type[Condition]:

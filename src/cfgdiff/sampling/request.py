@@ -46,11 +46,11 @@ def guidance_scale(scale: float | None, w: float | None) -> tuple[float | None, 
 
 
 def model_inputs(checkpoint: Path | None, guide_checkpoint: Path | None = None):
-    """The (what, path) pairs an output must not be or lie inside (files.refuse_overlap): the
-    checkpoint and autoguidance network read (checkpoint.input_paths)."""
+    """What an output must not be or lie inside (files.refuse_overlap): the checkpoint and
+    autoguidance network read, with their runs' own files (checkpoint.input_paths)."""
     from cfgdiff.checkpoint import input_paths
 
-    inputs: list[tuple[str, Path]] = []
+    inputs: list = []
     for path in (checkpoint, guide_checkpoint):
         if path is not None:
             inputs += input_paths(path)
@@ -92,6 +92,7 @@ class SamplingJob:
     guide_checkpoint: Path | None = None
     from_model: tuple[str, ...] = ()  # the settings that took the model's own default
     asks: Asks = Asks()  # what the rows and the reference were made from
+    guide_skipped: tuple = ()  # checkpoint.Skipped: the guide's run's checkpoints passed over
 
     @property
     def scale(self) -> float:
@@ -112,15 +113,22 @@ class SamplingJob:
         """The line a command starts with: which sampler and seed."""
         return f"sampling with {self.sampler_words()}, seed {self.settings.seed}"
 
+    def skipped_lines(self) -> list[str]:
+        """A line for each of the run's checkpoints passed over for the one sampled (a run
+        folder's newest that is incomplete or broken: checkpoint.choose)."""
+        return [s.line() for s in (*self.model.skipped, *self.guide_skipped)]
+
     def record(self) -> dict:
         """How the images are made, as output files record it (settings.json, .npz, --json):
-        the guidance (its convention named), the sampler settings, the checkpoint and the
-        rows' record."""
+        the guidance (its convention named), the sampler settings, the checkpoint (and any of
+        its run's passed over for it) and the rows' record."""
         guide = self.guide_checkpoint
+        skipped = [s.record() for s in (*self.model.skipped, *self.guide_skipped)]
         return {
             **self.guidance.to_record(),
             **self.settings.record(),
             "checkpoint": str(self.model.path),
+            **({"skipped_checkpoints": skipped} if skipped else {}),
             "guide_checkpoint": str(guide) if guide is not None else None,
             "sampler_from": "model" if self.models_sampler else "request",
             **self.condition.record(),
@@ -226,18 +234,19 @@ def job_for(
 
     device = network_device(model.net)
     condition = rows if rows is not None else model.kind.of(model, asks)
-    guide_net = None
+    guide_net, guide_skipped = None, ()
     if req.guide_checkpoint is not None:
         from cfgdiff.checkpoint import Loaded, load_guide
 
         loaded = Loaded(model.path, model.cfg, model.net)
-        guide_net = load_guide(req.guide_checkpoint, loaded, device).net
+        guide = load_guide(req.guide_checkpoint, loaded, device)
+        guide_net, guide_skipped = guide.net, guide.skipped
     guidance = condition.guided(dataclasses.replace(req.guidance, scale=scale, guide_net=guide_net))
     guidance.validate(model.cfg.model.num_classes)
     settings = req.settings.resolve(model.cfg, device)
     return SamplingJob(
         model, condition, req.per_class, guidance, settings, given, req.guide_checkpoint,
-        req.settings.from_model(), asks,
+        req.settings.from_model(), asks, guide_skipped,
     )  # fmt: skip
 
 

@@ -23,10 +23,9 @@ import torch
 from cfgdiff.config import ModelConfig
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import atomic_write_bytes
+from cfgdiff.run_layout import CAPTIONS_FILE
 from cfgdiff.text.captions import FILLER_WORDS, CaptionSet, dataset_captions
 from cfgdiff.text.encoder import TextEncoder, load_encoder
-
-CAPTIONS_FILE = "captions.safetensors"
 
 
 def check_encoder(model: ModelConfig, encoder: TextEncoder) -> None:

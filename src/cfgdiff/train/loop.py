@@ -32,10 +32,11 @@ from cfgdiff.compiled import check_compiled_gradients
 from cfgdiff.config import RunConfig
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
-from cfgdiff.errors import CheckpointError, ConfigError, RuntimeFault
+from cfgdiff.errors import ConfigError, RuntimeFault
+from cfgdiff.records import checkpoint_step
+from cfgdiff.run_layout import CAPTIONS_FILE, CHECKPOINTS
 from cfgdiff.runtime import autocast, error_line, is_out_of_memory
 from cfgdiff.sampling.previews import guidance_strip, preview_grid, preview_settings, real_grid
-from cfgdiff.text.embedding import CAPTIONS_FILE
 from cfgdiff.train.budget import TimeBudget
 from cfgdiff.train.run_folder import RunLock, RunOutputs
 from cfgdiff.train.state import Event, TrainState, lr_at
@@ -152,8 +153,8 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
     t, emit, w = cfg.train, o.emit, o.world
 
     # --- the state (a new run's, or that of the run's latest checkpoint) and rank 0's files
-    ckpt_root = run_dir / "checkpoints"
-    last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume, w)
+    ckpt_root = run_dir / CHECKPOINTS
+    last_ckpt = _existing_checkpoint(ckpt_root, run_dir, o.resume, w, emit)
     state = TrainState.create(cfg, data, o.device, o.precision, w)
     if o.resume:
         state.load(last_ckpt, emit)
@@ -314,23 +315,45 @@ def _finish(state: TrainState, out: RunOutputs, data, o: _Options, stopped: bool
 
 
 def _existing_checkpoint(
-    ckpt_root: Path, run_dir: Path, resume: bool, w: dist.World
+    ckpt_root: Path, run_dir: Path, resume: bool, w: dist.World, emit: Event
 ) -> Path | None:
-    """The checkpoint a resume continues from (None for a new run); a new run in a folder that
-    holds checkpoints, or a resume in one that holds none, is refused. Leftovers of a killed
-    process are removed first (by rank 0, which holds the run lock; the others look after it)."""
+    """The checkpoint a resume continues from (None for a new run): the newest that a resume can
+    read (checkpoint.choose with check_resumable), each one passed over said by a
+    "checkpoint_skipped" event (its Skipped record and the line to say). A new run in a folder
+    that holds checkpoints, a resume in one that holds none it can use, and a step-N entry past
+    the start that cfgdiff did not write (checkpoint.clear_to_save) are refused before anything
+    is written. Leftovers of a killed process are removed first (by rank 0, which holds the run
+    lock; the others look after it)."""
     if w.is_main:
         ckpt_io.clean_stale(ckpt_root)
     dist.barrier(w)
-    existing = ckpt_io.latest_checkpoint(ckpt_root)
-    if existing is not None and not resume:
-        raise ConfigError(
-            f"`run_dir` {run_dir}: already holds checkpoints; pass `resume=True` to continue it "
-            "or choose another `run_dir`"
-        )
-    if resume and existing is None:
-        raise CheckpointError(f"`resume=True`: no checkpoint in {ckpt_root}")
+    skipped: tuple[ckpt_io.Skipped, ...] = ()
+    if resume:
+        choice = ckpt_io.choose(ckpt_root, ckpt_io.check_resumable)
+        existing = choice.require("`resume=True`", ckpt_root)
+        start, skipped = checkpoint_step(existing.name), choice.skipped
+    else:
+        existing, start = None, 0
+        if ckpt_io.latest_checkpoint(ckpt_root) is not None:
+            raise ConfigError(
+                f"`run_dir` {run_dir}: already holds checkpoints; pass `resume=True` to continue "
+                "it or choose another `run_dir`"
+            )
+    own = ckpt_io.clear_to_save(ckpt_root, start)
+    for s in skipped:
+        text = s.line("resuming from") + (f" ({_replaced(s.path)})" if s.path in own else "")
+        emit("checkpoint_skipped", {"skipped": s, "text": text})
+    for p in own:
+        if p not in {s.path for s in skipped}:  # a new run's: nothing was chosen over them
+            why = ckpt_io.incomplete(p) or "a checkpoint"
+            emit("note", {"text": f"{p}: {why}; {_replaced(p)}"})
     return existing
+
+
+def _replaced(ckpt: Path) -> str:
+    """What becomes of a broken or incomplete checkpoint folder of cfgdiff's past the start."""
+    step = checkpoint_step(ckpt.name)
+    return f"it is left as it is; this run replaces it if it saves step {step}"
 
 
 def _preview(state: TrainState, out: RunOutputs, data, emit: Event) -> None:

@@ -27,6 +27,8 @@ from cfgdiff.data import DatasetName, check_name, load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
 from cfgdiff.presets import MACHINE_PRESETS, config_for_dataset, machine_preset, resolve_config
+from cfgdiff.records import checkpoint_step
+from cfgdiff.run_layout import CHECKPOINTS
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
 from cfgdiff.train.loop import TrainOptions, TrainResult, check_budget, train
 from cfgdiff.train.state import Event
@@ -78,12 +80,12 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
         raise ConfigError(f"`run_dir` {req.run_dir}: is a file; `run_dir` names a folder here")
     device = resolve_device(req.device)
     found = resumed = None
-    if req.resume:
-        found = ckpt_io.latest_checkpoint(req.run_dir / "checkpoints")
-        if found is None:
-            raise ConfigError(f"`resume=True`: no checkpoint in {req.run_dir / 'checkpoints'}")
-        ckpt_io.verify(found)  # its MANIFEST before any of its files is read
-        resumed = ckpt_io.read_config(found)
+    root = req.run_dir / CHECKPOINTS
+    if req.resume:  # the checkpoint the loop will choose, and what it passes over (said there)
+        choice = ckpt_io.choose(root, ckpt_io.check_resumable)  # each MANIFEST checked first
+        found, resumed = choice.require("`resume=True`", root), choice.value
+    # before the data is read: a step-N entry past the start that cfgdiff did not write
+    ckpt_io.clear_to_save(root, checkpoint_step(found.name) if found is not None else 0)
     precision, notes = _precision(req, found, device)
     preset, chosen = req.preset, None
     if preset in MACHINE_PRESETS:  # a resumed run keeps the preset it was trained with

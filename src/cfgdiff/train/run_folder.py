@@ -4,7 +4,8 @@ Owns: run_dir/.lock (held while training), loss.csv (one row per log interval, a
 goes), eval.csv (one row per in-training evaluation), real.png, samples/step-N.png, loss.png
 and loss.svg, guidance_strip.png, and SUMMARY.txt (what a finished run made and how long it
 took, `summary`). A resumed run keeps the rows up to its checkpoint's step and rewrites the
-rest. Checkpoints are checkpoint.py's.
+rest. Checkpoints are checkpoint.py's. The names are run_layout.py's, whose list of them no
+command's output may take.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from cfgdiff.errors import ConfigError
 from cfgdiff.files import append_bytes, atomic_write_bytes, atomic_write_csv, writing
 from cfgdiff.pictures.images import save_png
 from cfgdiff.records import read_step_rows
+from cfgdiff.run_layout import (
+    EVAL_CSV,
+    LOCK,
+    LOSS_CSV,
+    LOSS_PLOT,
+    REAL_GRID,
+    SAMPLES,
+    STRIP,
+    SUMMARY,
+    TENSORBOARD,
+)
 
 LOSS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
@@ -30,7 +42,7 @@ class RunLock:
     process is killed with SIGKILL."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+        self.path = run_dir / LOCK
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -88,13 +100,13 @@ class RunOutputs:
     def __init__(self, run_dir: Path, resumed_at: int | None, note=None):
         self.run_dir = run_dir
         keep = resumed_at is not None
-        rows = read_csv(run_dir / "loss.csv", resumed_at, note, LOSS_FIELDS) if keep else []
+        rows = read_csv(run_dir / LOSS_CSV, resumed_at, note, LOSS_FIELDS) if keep else []
         self.loss_rows = rows
-        self.eval_rows = read_csv(run_dir / "eval.csv", resumed_at, note) if keep else []
-        for folder in (run_dir, run_dir / "samples"):
+        self.eval_rows = read_csv(run_dir / EVAL_CSV, resumed_at, note) if keep else []
+        for folder in (run_dir, run_dir / SAMPLES):
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
                 tmp.unlink(missing_ok=True)  # atomic writes' leftovers (the caller holds the lock)
-        atomic_write_csv(run_dir / "loss.csv", self.loss_rows, LOSS_FIELDS)
+        atomic_write_csv(run_dir / LOSS_CSV, self.loss_rows, LOSS_FIELDS)
 
     @property
     def last_loss(self) -> float | None:
@@ -111,27 +123,27 @@ class RunOutputs:
         line = io.StringIO()
         csv.DictWriter(line, fieldnames=LOSS_FIELDS).writerow(row)
         # a whole row or none: a failed append is cut back (files.append_bytes)
-        append_bytes(self.run_dir / "loss.csv", line.getvalue().encode())
+        append_bytes(self.run_dir / LOSS_CSV, line.getvalue().encode())
         self.loss_rows.append(row)
 
     def add_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.eval_rows.append({"step": step, **{k: f"{v:.6g}" for k, v in metrics.items()}})
-        atomic_write_csv(self.run_dir / "eval.csv", self.eval_rows, list(self.eval_rows[-1]))
+        atomic_write_csv(self.run_dir / EVAL_CSV, self.eval_rows, list(self.eval_rows[-1]))
 
     def real_grid(self, make) -> None:
         """real.png, made by `make()` the first time only."""
-        if not (self.run_dir / "real.png").exists():
-            save_png(make(), self.run_dir / "real.png")
+        if not (self.run_dir / REAL_GRID).exists():
+            save_png(make(), self.run_dir / REAL_GRID)
 
     def preview(self, step: int, img) -> Path:
-        return save_png(img, self.run_dir / "samples" / f"step-{step:07d}.png")
+        return save_png(img, self.run_dir / SAMPLES / f"step-{step:07d}.png")
 
     def strip(self, img) -> Path:
-        return save_png(img, self.run_dir / "guidance_strip.png")
+        return save_png(img, self.run_dir / STRIP)
 
     def loss_plot(self) -> None:
         if self.loss_rows:
-            write_loss_plot(self.loss_rows, self.run_dir / "loss.png")
+            write_loss_plot(self.loss_rows, self.run_dir / LOSS_PLOT)
 
 
 def summary(res, prepared, total: float, board: bool = False) -> list[str]:
@@ -150,13 +162,13 @@ def summary(res, prepared, total: float, board: bool = False) -> list[str]:
         f"checkpoints and evaluations, {loading:.0f} s loading data",
         f"  machine:         {prepared.device.type}: {prepared.machine}",
         f"  checkpoint:      {res.checkpoint}",
-        f"  sample grids:    {out / 'samples'}/step-*.png  "
-        f"(rows = classes, s={scale:g}; real images in {out / 'real.png'})",
-        f"  guidance strip:  {out / 'guidance_strip.png'}  (rows = classes, columns = s 0,1,2,3,5)",
-        f"  loss curve:      {out / 'loss.png'}  and  {out / 'loss.csv'}",
-        *([f"  tensorboard:     tensorboard --logdir {out / 'tensorboard'}"] if board else []),
+        f"  sample grids:    {out / SAMPLES}/step-*.png  "
+        f"(rows = classes, s={scale:g}; real images in {out / REAL_GRID})",
+        f"  guidance strip:  {out / STRIP}  (rows = classes, columns = s 0,1,2,3,5)",
+        f"  loss curve:      {out / LOSS_PLOT}  and  {out / LOSS_CSV}",
+        *([f"  tensorboard:     tensorboard --logdir {out / TENSORBOARD}"] if board else []),
         f"  class accuracy:  cfgdiff eval --checkpoint {out} --scale 3 --json {out}/eval_s3.json",
         f"  model file:      cfgdiff export --checkpoint {out} --out {out}/model.safetensors",
     ]
-    atomic_write_bytes(Path(out) / "SUMMARY.txt", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(Path(out) / SUMMARY, ("\n".join(lines) + "\n").encode())
     return lines
