@@ -498,7 +498,7 @@ def _serve_process(run, cwd):
 def test_a_signal_mid_stream_ends_the_stream_whole_and_exits_0(run, tmp_path, sig):
     """SIGTERM or Ctrl-C while a client watches a long job: the client gets a final
     "cancelled" event that says the server is stopping, the process prints `stopped` and exits
-    0 within 2 s, and nothing is printed on stderr (no traceback)."""
+    0, and nothing is printed on stderr (no traceback, no tasks cancelled at the deadline)."""
     import signal
 
     proc, url = _serve_process(run, tmp_path)
@@ -516,7 +516,9 @@ def test_a_signal_mid_stream_ends_the_stream_whole_and_exits_0(run, tmp_path, si
         proc.kill()
     final = events(rest)[-1]
     assert final["type"] == "cancelled" and final["reason"] == "the server is stopping"
-    assert rc == 0 and took < 2, (rc, took)
+    # not timed here (bench/serve_load.py times it): had the streams not ended first, uvicorn
+    # would have cancelled them after its grace period and said so on stderr
+    assert rc == 0, (rc, took)
     assert proc.stdout.read().strip() == "stopped"
     assert proc.stderr.read() == ""
 
