@@ -471,7 +471,7 @@ def test_idle_and_half_sent_connections_are_bounded(loaded):
         status, _, body = request(running.url, "GET", "/")
         assert status == 200 and b"<title>" in body
         assert request(running.url, "GET", "/api/status")[0] == 200
-        closed = sum(_closed_within(s, 0.05) for s in idle[:40])
+        closed = sum(_closed_within(s, 0.5) for s in idle[:40])
         assert closed == 40  # the oldest, closed long before their 60 s were up
     finally:
         for s in idle:
