@@ -1,7 +1,8 @@
 """The work behind the page, without the web: a request's settings checked against the model
 and the limits, one generation at a time per model with a small queue, and the events a job
-sends (queued, started, previews of the predicted x0, the final PNG with the command that
-reproduces it, or why it stopped). A class model is asked for a class (and a negative class);
+sends (queued, and again when its place changes; started; previews of the predicted x0, a PNG
+per image for the page's gallery; the final images, the grid PNG and the command that
+reproduces it; or why it stopped). A class model is asked for a class (and a negative class);
 a text model for a prompt (and a negative prompt, the reference of the guidance in place of
 the null, as `cfgdiff sample --negative-prompt`): embedded when the request is checked (the
 run's caption table, else the encoder the engine holds), so a prompt the model cannot read is
