@@ -22,7 +22,7 @@ LAYERS = [
     {"diffusion", "presets", "runtime", "unet", "text", "records"},
     {"sampling.guidance", "checkpoint", "compiled", "oracles"},
     {"sampling"},
-    {"metrics"},
+    {"metrics", "export"},
     {"train", "serve"},
     {"cli", "__init__", "__main__"},
 ]

@@ -22,6 +22,7 @@ def add_info_parser(sub) -> None:
 
 def add_export_parser(sub) -> None:
     from cfgdiff.checkpoint import EXPORT_DTYPES
+    from cfgdiff.export import FORMATS
 
     ex = sub.add_parser(
         "export",
@@ -29,7 +30,16 @@ def add_export_parser(sub) -> None:
         description="cfgdiff export --checkpoint PATH --out FILE.safetensors [--raw]",
     )
     ex.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
-    ex.add_argument("--out", type=Path, required=True, help="the model file (.safetensors)")
+    ex.add_argument(
+        "--out", type=Path, required=True, help="the model file (.safetensors), or what --format "
+        "writes"
+    )  # fmt: skip
+    ex.add_argument(
+        "--format",
+        default="safetensors",
+        choices=list(FORMATS),
+        help="safetensors: a model file cfgdiff samples (default)",
+    )
     ex.add_argument(
         "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
     )
@@ -122,10 +132,13 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
 
 
 def run_export(a: argparse.Namespace) -> int:
-    from cfgdiff.checkpoint import export_model
     from cfgdiff.cli.progress import log
+    from cfgdiff.export import export
 
-    meta = export_model(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype, log=log)
+    meta = export(a.checkpoint, a.out, a.format, ema=not a.raw, dtype=a.dtype, log=log)
+    if a.format != "safetensors":
+        print(f"wrote {a.out}: {meta['summary']}")
+        return 0
     size = a.out.stat().st_size / 2**20
     print(
         f"wrote {a.out} ({size:.1f} MiB: {meta['weights']} weights of {meta['source']} in "
