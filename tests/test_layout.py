@@ -20,7 +20,7 @@ LAYERS = [
     {"sampling.samplers", "pictures"},
     {"config"},
     {"diffusion", "presets", "runtime", "unet", "text", "records"},
-    {"sampling.guidance", "checkpoint", "compiled", "oracles"},
+    {"sampling.guidance", "checkpoint", "compiled", "oracles", "onnx_net"},
     {"sampling"},
     {"metrics", "export"},
     {"train", "serve"},

@@ -131,6 +131,7 @@ GIVEN = {
     "device": ("cpu", "cpu"),
     "precision": ("fp32", "fp32"),
     "compile": ("off", "off"),
+    "backend": ("onnxruntime", "onnxruntime"),
 }
 
 
@@ -186,7 +187,7 @@ def test_a_models_own_sampler_is_every_commands_default(run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(run), "--scale", "2", "--out",
                  str(tmp_path / "a.png")]) == 0  # fmt: skip
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == "sampling with dpmpp-2m 20 steps (the model's own), seed 0"
+    assert first.startswith("sampling with dpmpp-2m 20 steps (the model's own), seed 0; torch ")
     js = tmp_path / "e.json"
     argv = ["eval", "--checkpoint", str(run), "--scale", "2", "--n", "12", "--steps", "2"]
     assert main([*argv, "--data-dir", str(tmp_path / "d"), "--json", str(js)]) == 0

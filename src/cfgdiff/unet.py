@@ -164,7 +164,8 @@ class UNet(nn.Module):
         null_tokens = torch.zeros_like(tokens[0])
         null_tokens[0] = self.null_token.to(tokens.dtype)
         tokens = torch.where(null[:, None, None], null_tokens, tokens)
-        return tokens, torch.where(null[:, None], first, mask)
+        # the null's mask is `first`, in logical ops (ONNX Runtime has no boolean Where)
+        return tokens, mask | (null[:, None] & first)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy images; t: (B,) timesteps (float or int); y: the condition,

@@ -38,7 +38,10 @@ def add_export_parser(sub) -> None:
         "--format",
         default="safetensors",
         choices=list(FORMATS),
-        help="safetensors: a model file cfgdiff samples (default)",
+        help="safetensors: a model file cfgdiff samples (default); onnx: the network as one "
+        "ONNX graph (--out FILE.onnx, fp32), checked against PyTorch, with the noise schedule, "
+        "prediction type, classes or captions and the model's own sampler in its metadata "
+        "(needs: pip install 'cfgdiff[onnx]')",
     )
     ex.add_argument(
         "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"

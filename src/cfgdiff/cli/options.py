@@ -24,6 +24,7 @@ from cfgdiff.config import (
 )
 from cfgdiff.errors import CfgDiffError
 from cfgdiff.runtime import COMPILE_MIN_IMAGE_STEPS, DEVICES, PRECISIONS
+from cfgdiff.sampling.backends import AUTO_MIN_IMAGE_STEPS
 from cfgdiff.sampling.guidance import APG, THRESHOLDS, Guidance
 from cfgdiff.sampling.request import SCALE_RANGE
 from cfgdiff.sampling.settings import SamplingSettings, flag
@@ -404,6 +405,10 @@ SETTINGS_HELP = {
     "one shape; eager fallback if compilation fails or its first output differs from eager). "
     f"auto: on for CPU jobs of at least {COMPILE_MIN_IMAGE_STEPS:,} image-steps, where the "
     "compilation pays off; off on CUDA until measured there",
+    "backend": "what runs the network: torch, or onnxruntime (its ONNX graph, checked against "
+    "torch, on the CPU in fp32; needs pip install 'cfgdiff[onnx]'). auto (default): on a CPU "
+    f"with onnxruntime installed and a job of at least {AUTO_MIN_IMAGE_STEPS:,} image-steps, the "
+    "faster of the two measured on the job's batch; else torch. The first line says which",
 }
 
 

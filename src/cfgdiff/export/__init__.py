@@ -1,6 +1,7 @@
 """A trained model taken out of cfgdiff: the formats `cfgdiff export --format F` writes.
 
     safetensors  one model file that cfgdiff samples (checkpoint.export_model; the default)
+    onnx         the network as one ONNX graph with its sampler record (export/onnx.py)
 
 Each format is one function, named in FORMATS as "module:function" and imported when asked for
 (a format may need an optional extra): export(path, out, *, ema, dtype, log) -> dict, where
@@ -21,6 +22,7 @@ from cfgdiff.errors import ConfigError
 # format -> "module:function" (imported on use)
 FORMATS: dict[str, str] = {
     "safetensors": "cfgdiff.checkpoint:export_model",
+    "onnx": "cfgdiff.export.onnx:export_onnx",
 }
 
 

@@ -1,7 +1,8 @@
 """Generating images from a trained network: conditions + guidance + settings -> uint8 images.
 
 Owns: batching (a batch size chosen for the device, halved while it runs out of memory),
-compiling the network for a long job (runtime.compile_sampling says when), per-sample noise
+compiling the network for a long job (runtime.compile_sampling says when), or handing its
+forward passes to ONNX Runtime (backends.py), per-sample noise
 streams (sample i of seed S always starts from the same x_T and sees the same per-step noise,
 whatever the batch size), the float -> uint8 conversion, and the per-step callback through which
 pictures of the trajectory (animations, the web page's live preview) watch a job. Given the
@@ -22,6 +23,7 @@ from cfgdiff.compiled import CompiledForward
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError, RuntimeFault
 from cfgdiff.runtime import autocast, compile_sampling, is_out_of_memory, sampling_batch_size
+from cfgdiff.sampling.backends import ORT, check, runtime_network
 from cfgdiff.sampling.guidance import Guidance, guided_denoiser
 from cfgdiff.sampling.samplers import PerSampleNoise, run_sampler
 from cfgdiff.sampling.settings import SamplingSettings
@@ -66,8 +68,10 @@ def generate(
     (cfg.model.condition "text") an (N, cond_dim) float tensor of caption embeddings
     (conditions.py makes either from what a user asks for).
     settings: how to sample (SamplingSettings; None fields take the model's own, cfg.sampling;
-    device "auto" is where the network is). guidance: how to guide (its scale may be an (N,)
-    tensor of per-sample scales).
+    device "auto" is where the network is; backend "onnxruntime" evaluates the network's
+    verified ONNX graph in fp32 instead, the rest unchanged, and "auto" is torch here: a
+    sampling job decides it before, sampling.backends.choose). guidance: how to guide (its
+    scale may be an (N,) tensor of per-sample scales).
     indices: the noise-stream index of each sample (default 0..N-1); equal indices give equal
     noise, which is how guidance strips hold the noise fixed across scales.
     A batch size left to be chosen that runs out of memory is halved and the job retried,
@@ -99,9 +103,17 @@ def generate(
         return dist.gather(mine, n, world)
     s = settings.resolve(cfg, network_device(net))
     device = torch.device(s.device)
-    compiled = compile_sampling(s.compile, device, len(cond), s.steps)
     fixed = s.batch_size is not None
     batch_size = s.batch_size or sampling_batch_size(net, cfg.model, device, s.precision)
+    s = s.with_backend(ORT if s.backend == ORT else "torch")  # auto: the job decided before
+    if s.backend == ORT:
+        check(ORT, device)
+        net = runtime_network(net, cfg)  # converted once per network (backends.py)
+        compiled = False
+        if settings.compile == "on" and log is not None:
+            log("torch.compile does not apply to ONNX Runtime: `compile=on` ignored")
+    else:
+        compiled = compile_sampling(s.compile, device, len(cond), s.steps)
     if compiled:
         net = CompiledForward(net, device)
         s = dataclasses.replace(s, static_batches=True)

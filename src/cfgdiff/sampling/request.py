@@ -25,6 +25,7 @@ from cfgdiff.config import bounded, check_ranges
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import refuse_overlap
 from cfgdiff.pictures.images import animation_format, sample_output_kind, write_samples
+from cfgdiff.sampling.backends import choose
 from cfgdiff.sampling.conditions import Asks, Condition, Model
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.guidance import Guidance, scale_from_w
@@ -93,6 +94,7 @@ class SamplingJob:
     from_model: tuple[str, ...] = ()  # the settings that took the model's own default
     asks: Asks = Asks()  # what the rows and the reference were made from
     guide_skipped: tuple = ()  # checkpoint.Skipped: the guide's run's checkpoints passed over
+    backend_reason: str = ""  # why settings.backend runs the network (backends.Choice)
 
     @property
     def scale(self) -> float:
@@ -109,9 +111,17 @@ class SamplingJob:
         own = "the model's own" if self.models_sampler else "as asked"
         return f"{self.settings.describe()} ({own})"
 
+    def backend_words(self) -> str:
+        """What runs the network, in which precision, and why: "onnxruntime fp32 (auto: ...)"."""
+        s = self.settings
+        return f"{s.backend} {s.precision}" + (
+            f" ({self.backend_reason})" if self.backend_reason else ""
+        )
+
     def note(self) -> str:
-        """The line a command starts with: which sampler and seed."""
-        return f"sampling with {self.sampler_words()}, seed {self.settings.seed}"
+        """The line a command starts with: which sampler and seed, and what runs the network."""
+        seed = self.settings.seed
+        return f"sampling with {self.sampler_words()}, seed {seed}; {self.backend_words()}"
 
     def skipped_lines(self) -> list[str]:
         """A line for each of the run's checkpoints passed over for the one sampled (a run
@@ -244,9 +254,12 @@ def job_for(
     guidance = condition.guided(dataclasses.replace(req.guidance, scale=scale, guide_net=guide_net))
     guidance.validate(model.cfg.model.num_classes)
     settings = req.settings.resolve(model.cfg, device)
+    # what runs the network: as asked, or auto's measured choice for this job's batches
+    images = len(condition) * req.per_class
+    choice = choose(model.net, model.cfg, settings, images, guided=scale != 1)
     return SamplingJob(
-        model, condition, req.per_class, guidance, settings, given, req.guide_checkpoint,
-        req.settings.from_model(), asks, guide_skipped,
+        model, condition, req.per_class, guidance, settings.with_backend(choice.backend), given,
+        req.guide_checkpoint, req.settings.from_model(), asks, guide_skipped, choice.reason,
     )  # fmt: skip
 
 

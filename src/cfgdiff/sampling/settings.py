@@ -2,9 +2,10 @@
 
 Owns: every setting of how images are sampled, apart from guidance (which is `Guidance`'s) and
 what they are conditioned on (conditions.py): the sampler and its options, the seed, the batch
-size, the device, the precision and compilation, each with its default and its range stated
-once, here. The CLI's flags (cli.options.sampling_flags), the page's request fields
-(serve.jobs) and the `cfgdiff sample` command the page shows are derived from these fields.
+size, the device, the precision, compilation and the backend that runs the network, each with
+its default and its range stated once, here. The CLI's flags (cli.options.sampling_flags), the
+page's request fields (serve.jobs) and the `cfgdiff sample` command the page shows are derived
+from these fields.
 
 A field left None takes the model's own default: the sampler its preset judges it with
 (config.SamplingConfig, recorded in every checkpoint), so `cfgdiff eval` with no `--sampler`
@@ -23,6 +24,7 @@ import torch
 from cfgdiff.config import RunConfig, bounded, check_ranges
 from cfgdiff.errors import ConfigError
 from cfgdiff.runtime import COMPILE_CHOICES, DEVICES, PRECISIONS, resolve_device, resolve_precision
+from cfgdiff.sampling.backends import BACKENDS, ORT
 from cfgdiff.sampling.samplers import SAMPLERS
 from cfgdiff.schedule import SPACINGS
 
@@ -59,6 +61,9 @@ class SamplingSettings:
     # torch.compile the network: "auto" where the job is long enough to pay for it
     # (runtime.compile_sampling); a compile that fails or disagrees with eager falls back
     compile: str = field(default="auto", metadata={"choices": COMPILE_CHOICES})
+    # what evaluates the network: PyTorch, or ONNX Runtime (CPU, fp32; the `onnx` extra); "auto"
+    # measures both on the job's batch where the job is long enough (sampling/backends.py)
+    backend: str = field(default="auto", metadata={"choices": BACKENDS})
     # pad a short last batch to `batch_size` so every forward pass has one shape (compiled
     # networks and CUDA graphs want that; compiling turns it on); the images are the same
     static_batches: bool = field(default=False, metadata={"flag": False})
@@ -78,18 +83,22 @@ class SamplingSettings:
     def resolve(self, cfg: RunConfig, device: torch.device | str | None = None) -> SamplingSettings:
         """Concrete settings for a model of `cfg`: the model's own sampler, steps, spacing and
         eta where these are None, the device (`device`: where the network is, for "auto") and
-        the precision resolved, everything checked (steps at most the model's T)."""
+        the precision resolved (fp32 for ONNX Runtime, which runs nothing else), everything
+        checked (steps at most the model's T; ONNX Runtime on the CPU). A backend left "auto"
+        is decided per job (backends.choose)."""
         self.validate()
         own = {k: getattr(cfg.sampling, k) for k in self.MODEL_FIELDS if getattr(self, k) is None}
         if self.device == "auto" and device is not None:
             where = torch.device(device)
         else:
             where = resolve_device(self.device)
+        if self.backend == ORT and where.type != "cpu":
+            raise ConfigError(f"`backend={ORT}` runs on the CPU: pass `device=cpu`")
         s = dataclasses.replace(
             self,
             **own,
             device=str(where),
-            precision=resolve_precision(self.precision, where),
+            precision="fp32" if self.backend == ORT else resolve_precision(self.precision, where),
         )
         if s.steps > cfg.diffusion.timesteps:
             raise ConfigError(f"`steps` must be in [1, {cfg.diffusion.timesteps}], got {s.steps}")
@@ -98,6 +107,12 @@ class SamplingSettings:
     def from_model(self) -> tuple[str, ...]:
         """The fields that will take the model's own default."""
         return tuple(k for k in self.MODEL_FIELDS if getattr(self, k) is None)
+
+    def with_backend(self, backend: str) -> SamplingSettings:
+        """These resolved settings sampling with `backend` (a backends.choose decision): fp32
+        for ONNX Runtime."""
+        precision = "fp32" if backend == ORT else self.precision
+        return dataclasses.replace(self, backend=backend, precision=precision)
 
     def describe(self) -> str:
         """ "ddpm 20 steps" (resolved settings)."""
@@ -112,6 +127,8 @@ class SamplingSettings:
             "spacing": self.spacing,
             "eta": self.eta,
             "seed": self.seed,
+            "backend": self.backend,
+            "precision": self.precision,
         }
 
     def sampler_options(self) -> dict[str, Any]:
