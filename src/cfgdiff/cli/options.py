@@ -429,6 +429,15 @@ def settings_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(flag(f.name), **kwargs)
 
 
+def backend_option(sp: argparse.ArgumentParser) -> None:
+    """--backend alone, as SamplingSettings declares it (for `serve`, which decides it once)."""
+    (f,) = [f for f in _settings_fields() if f.name == "backend"]
+    sp.add_argument(
+        flag(f.name), choices=list(f.metadata["choices"]), default=None,
+        help=SETTINGS_HELP[f.name] + " (serve: measured once, when it starts, on one image)",
+    )  # fmt: skip
+
+
 def settings_of(a: argparse.Namespace) -> SamplingSettings:
     """The SamplingSettings the flags ask for."""
     given = {f.name: getattr(a, f.name, None) for f in _settings_fields()}

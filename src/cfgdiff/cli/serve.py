@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cfgdiff.cli.options import UsageError, device_options, int_in
+from cfgdiff.cli.options import UsageError, backend_option, device_options, int_in
 from cfgdiff.cli.progress import log
 
 
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
         "--port", type=int_in(0, 65535), default=8000, help="(default 8000; 0: a free one)"
     )
     device_options(sv)
+    backend_option(sv)
     sv.add_argument(
         "--max-images",
         type=int_in(1, 4096),
@@ -75,7 +76,8 @@ def run(a: argparse.Namespace) -> int:
         loaded = load_for_sampling(a.checkpoint, device)
         for s in loaded.skipped:
             log(s.line())
-        engine = Engine(Model.of(loaded), limits, device, resolve_precision(a.precision, device))
+        precision = resolve_precision(a.precision, device)
+        engine = Engine(Model.of(loaded), limits, device, precision, a.backend or "auto")
         engine.warm_up()
     except BaseException:
         sock.close()
@@ -86,7 +88,11 @@ def run(a: argparse.Namespace) -> int:
             "this machine can use the page and its processor time (no login, no encryption)",
             file=sys.stderr,
         )
-    print(f"serving {loaded.path} at {url_of(sock)}  (Ctrl-C to stop)", flush=True)
+    print(
+        f"serving {loaded.path} at {url_of(sock)}  (Ctrl-C to stop; network: "
+        f"{engine.backend_words()})",
+        flush=True,
+    )
     try:
         serve_forever(engine, sock, a.host)
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error

@@ -198,7 +198,8 @@ def sample_command(checkpoint: str, names: list[str], s: Settings, settings) -> 
         if s.interval is not None:
             words += ["--guidance-interval", ",".join(_number_word(v) for v in s.interval)]
         name = "sample.png" if s.mode == "images" else f"strip-s{_number_word(scale)}.png"
-        words += [flag("precision"), settings.precision, "--out", name]
+        words += [flag("precision"), settings.precision, flag("backend"), settings.backend]
+        words += ["--out", name]
         out.append(shlex.join(words))
     return out
 
@@ -252,11 +253,21 @@ class Engine:
     that says why; `close` also waits for the worker."""
 
     def __init__(
-        self, model: Model, limits: Limits = Limits(), device="cpu", precision: str = "fp32"
+        self,
+        model: Model,
+        limits: Limits = Limits(),
+        device="cpu",
+        precision: str = "fp32",
+        backend: str = "torch",
     ):
         limits.validate()
         self.model, self.limits = model, limits
         self.device, self.precision = torch.device(device), precision
+        # what runs the network (SamplingSettings.backend); "auto" is decided by warm_up, once
+        # for every request: a page's request is too short to repay a measurement of its own
+        self.backend, self.backend_reason = backend, "as asked"
+        if backend == "onnxruntime":  # it runs fp32 only
+            self.precision = "fp32"
         self.names = model.cfg.label_names()
         self.text = model.cfg.model.condition == "text"
         self._lock = threading.Lock()
@@ -287,7 +298,7 @@ class Engine:
             "max_images": lim.max_images, "max_image_steps": lim.max_image_steps,
             "max_scales": lim.max_scales, "max_scale": MAX_SCALE, "max_seed": MAX_SEED,
             "checkpoint": str(self.model.path), "dataset": cfg.dataset,
-            "device": str(self.device), "precision": self.precision,
+            "device": str(self.device), "precision": self.precision, "backend": self.backend,
             "fields": {name: f.public() for name, f in fields.items()},
         }  # fmt: skip
 
@@ -316,7 +327,11 @@ class Engine:
         """The library's sampling job of a checked request (sampling.request.job_for): the
         rows, reference and settings `cfgdiff sample` would take for the same flags."""
         settings = dataclasses.replace(
-            s.sampling, batch_size=s.images, device=str(self.device), precision=self.precision
+            s.sampling,
+            batch_size=s.images,
+            device=str(self.device),
+            precision=self.precision,
+            backend=self.backend,
         )
         req = SampleRequest(
             checkpoint=self.model.path, per_class=s.n, guidance=Guidance(interval=s.interval),
@@ -390,9 +405,28 @@ class Engine:
         self.stop()
         self._thread.join(timeout=30)
 
+    def choose_backend(self) -> None:
+        """Decide a backend left "auto" for every request to come (sampling.backends.choose),
+        measured on the page's default request, one image guided."""
+        from cfgdiff.sampling.backends import choose
+
+        settings = SamplingSettings(
+            device=str(self.device), precision=self.precision, backend=self.backend
+        ).resolve(self.model.cfg, self.device)
+        choice = choose(self.model.net, self.model.cfg, settings, 1, True, min_image_steps=0)
+        self.backend, self.backend_reason = choice.backend, choice.reason
+        self.precision = settings.with_backend(choice.backend).precision
+
+    def backend_words(self) -> str:
+        """What runs the network, in which precision, and why (SamplingJob.backend_words)."""
+        return f"{self.backend} {self.precision} ({self.backend_reason})"
+
     def warm_up(self) -> None:
         """One small guided generation, so that the first request does not pay for the first
-        network call (memory allocation, kernel selection)."""
+        network call (memory allocation, kernel selection; ONNX Runtime's conversion). A
+        backend left "auto" is decided first (choose_backend)."""
+        if self.backend == "auto":
+            self.choose_backend()
         c = torch.zeros(1, dtype=torch.long)
         if self.text:  # and the encoder, when it can be had (else new prompts are refused)
             c = self.model.embed(self.examples()[:1])
@@ -401,7 +435,11 @@ class Engine:
             except CfgDiffError:
                 pass
         settings = SamplingSettings(
-            steps=2, batch_size=1, device=str(self.device), precision=self.precision
+            steps=2,
+            batch_size=1,
+            device=str(self.device),
+            precision=self.precision,
+            backend=self.backend,
         )
         generate(self.model.net, self.model.cfg, c, settings=settings, guidance=Guidance(scale=2.0))
 
