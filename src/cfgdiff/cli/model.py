@@ -41,11 +41,17 @@ def add_export_parser(sub) -> None:
         help="safetensors: a model file cfgdiff samples (default); onnx: the network as one "
         "ONNX graph (--out FILE.onnx, fp32), checked against PyTorch, with the noise schedule, "
         "prediction type, classes or captions and the model's own sampler in its metadata "
-        "(needs: pip install 'cfgdiff[onnx]')",
+        "(needs: pip install 'cfgdiff[onnx]')"
+        "; web: a folder (--out DIR, new or empty) with a static page that samples the model in "
+        "the browser with onnxruntime-web (fetched with npm, or --ort; needs the onnx extra)",
     )
     ex.add_argument(
         "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
     )
+    ex.add_argument(
+        "--ort", type=Path, metavar="PATH", help="--format web: onnxruntime-web's files from a "
+        "folder or the .tgz of `npm pack onnxruntime-web` instead of fetching them with npm"
+    )  # fmt: skip
     ex.add_argument(
         "--dtype",
         default="fp32",
@@ -136,9 +142,13 @@ def describe(loaded, data: dict | None, trained: tuple[str, str] | None) -> list
 
 def run_export(a: argparse.Namespace) -> int:
     from cfgdiff.cli.progress import log
+    from cfgdiff.errors import ConfigError
     from cfgdiff.export import export
 
-    meta = export(a.checkpoint, a.out, a.format, ema=not a.raw, dtype=a.dtype, log=log)
+    extra = {"ort": a.ort} if a.format == "web" else {}
+    if a.ort is not None and a.format != "web":
+        raise ConfigError(f"`ort` is for --format web, not {a.format}")
+    meta = export(a.checkpoint, a.out, a.format, ema=not a.raw, dtype=a.dtype, log=log, **extra)
     if a.format != "safetensors":
         print(f"wrote {a.out}: {meta['summary']}")
         return 0

@@ -2,13 +2,17 @@
 
     safetensors  one model file that cfgdiff samples (checkpoint.export_model; the default)
     onnx         the network as one ONNX graph with its sampler record (export/onnx.py)
+    web          a folder: a static page that samples the model in the browser with
+                 onnxruntime-web (export/web/)
 
 Each format is one function, named in FORMATS as "module:function" and imported when asked for
 (a format may need an optional extra): export(path, out, *, ema, dtype, log) -> dict, where
 `path` is a checkpoint or run folder, `out` the file or folder to write (refused before any
 work when it is one of the inputs, or a run's own file), `ema` the weights (EMA or raw),
 `dtype` their storage type where the format has a choice, `log` hears each checkpoint passed
-over. The dict returned says what was written; its "summary" is the CLI's line about it.
+over. The dict returned says what was written; its "summary" is the CLI's line about it. A
+format may take keyword-only options of its own, with defaults, which the CLI passes to it alone
+(web: `ort`, where onnxruntime-web's files come from).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cfgdiff.errors import ConfigError
 FORMATS: dict[str, str] = {
     "safetensors": "cfgdiff.checkpoint:export_model",
     "onnx": "cfgdiff.export.onnx:export_onnx",
+    "web": "cfgdiff.export.web:export_web",
 }
 
 
