@@ -114,6 +114,8 @@ def evaluate(req: EvalRequest, *, log=None, world: dist.World | None = None) -> 
     job = job_for(model, sr.asks, sr, scale, given, rows=judge.rows)
     for s in job.guide_skipped if log is not None and world.is_main else ():
         log(s.line())
+    if log is not None and world.is_main:
+        log(f"network: {job.backend_words()}")
     (row,), per_s = measure_scales(job, judge, [scale], log=log if world.is_main else None,
                                    world=world)  # fmt: skip
     floor = judge.floor(world)

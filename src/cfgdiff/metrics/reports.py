@@ -84,9 +84,11 @@ def metrics_table(columns: dict[str, dict], features: str) -> str:
 
 
 def _sampler(r: dict) -> str:
-    """ "ddpm 20 steps (the model's own)": the sampler, and whether the model chose it."""
+    """ "ddpm 20 steps (the model's own), onnxruntime fp32": the sampler, whether the model
+    chose it, and what ran the network in which precision (where the record says)."""
     own = "the model's own" if r.get("sampler_from") == "model" else "as asked"
-    return f"{r['sampler']} {r['steps']} steps ({own})"
+    ran = f", {r['backend']} {r['precision']}" if "backend" in r else ""
+    return f"{r['sampler']} {r['steps']} steps ({own}){ran}"
 
 
 def _judge_line(r: dict) -> str:

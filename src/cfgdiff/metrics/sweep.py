@@ -104,9 +104,11 @@ def sweep(req: SweepRequest, *, log=None, world: dist.World | None = None) -> Sw
     check_before_work(model, sr)
     main_log = log if world.is_main else None
     judge = judge_of(model, sr.asks, req.n, req.reference, device=device, log=log, world=world)
-    job = job_for(model, sr.asks, sr, 1.0, rows=judge.rows)
+    job = job_for(model, sr.asks, sr, 1.0, rows=judge.rows, guided=any(s != 1 for s in scales))
     for s in job.guide_skipped if log is not None and world.is_main else ():
         log(s.line())
+    if main_log is not None:
+        main_log(f"network: {job.backend_words()}")
     rows, per_s = measure_scales(job, judge, scales, log=main_log, world=world)
     floor = judge.floor(world)
     if not world.is_main:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.errors import ConfigError
 from cfgdiff.runtime import CPU_SAMPLING_BATCH, autocast, compile_sampling, error_line
@@ -106,6 +107,8 @@ def choose(
     work = images * settings.steps
     if device.type != "cpu":
         return Choice("torch", f"auto: {device.type}, where ONNX Runtime is not used")
+    if dist.world().enabled:  # each process would measure, and might choose, on its own
+        return Choice("torch", "auto: several processes sample this job")
     if any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxruntime")):
         return Choice("torch", "auto: onnxruntime is not installed (pip install 'cfgdiff[onnx]')")
     if work < least:

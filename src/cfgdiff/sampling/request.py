@@ -237,9 +237,12 @@ def job_for(
     scale: float,
     given: str = "scale",
     rows: Condition | None = None,
+    guided: bool | None = None,
 ) -> SamplingJob:
     """The job of `model` for the rows `asks` asks for (or `rows`, made from `asks` elsewhere:
-    an evaluation's), with `req`'s guidance, guide network, images per row and settings."""
+    an evaluation's), with `req`'s guidance, guide network, images per row and settings.
+    `guided`: whether its batches are guided pairs, for auto's measurement of the backends
+    (default: scale != 1; a sweep's job stands for several scales)."""
     from cfgdiff.sampling.generate import network_device
 
     device = network_device(model.net)
@@ -256,7 +259,8 @@ def job_for(
     settings = req.settings.resolve(model.cfg, device)
     # what runs the network: as asked, or auto's measured choice for this job's batches
     images = len(condition) * req.per_class
-    choice = choose(model.net, model.cfg, settings, images, guided=scale != 1)
+    guided = scale != 1 if guided is None else guided
+    choice = choose(model.net, model.cfg, settings, images, guided=guided)
     return SamplingJob(
         model, condition, req.per_class, guidance, settings.with_backend(choice.backend), given,
         req.guide_checkpoint, req.settings.from_model(), asks, guide_skipped, choice.reason,
