@@ -7,7 +7,7 @@ and ort/ (onnxruntime-web's files: runtime.py); the refusals made before any wor
 folder whole or not at all (a temporary sibling renamed into place). Also `seed_noise`, the
 page's seeded initial noise in Python, which lets cfgdiff's own samplers start from the x_T the
 page starts from. The sampling is sampler.js's, a port of sampling/samplers.py and
-sampling/guidance.py (docs/export.md, "The web page").
+sampling/guidance.py (docs/DESIGN.md, "The static page").
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def export_web(
     (their embeddings are written; the text encoder does not run in the browser). Refused
     before any work: a `dtype` other than fp32 (the graph runs in fp32); an `out` that exists
     and is a file or a folder that is not empty, that lies in a checkpoint folder, or that is
-    an input or one of its run's own files; raw weights of a model file; a text model without
-    a caption table. Returns what was written; its "summary" is the CLI's line."""
+    an input or one of its run's own files; raw weights of a model file. A text model without a
+    caption table is refused once its checkpoint is read, before anything is written. Returns
+    what was written; its "summary" is the CLI's line."""
     if dtype != "fp32":
         raise ConfigError(
             f"`dtype` must be fp32 for the web format (the page runs the graph in fp32), "
@@ -89,8 +90,12 @@ def export_web(
                 "run in the browser)"
             )
     ckpt = loaded.path
-    source = ckpt.name if model_file else f"{ckpt.parent.parent.name}/{ckpt.name}"  # no local path
-    made = {"weights": "ema" if ema else "model", "source": source}
+    # a page is made to be published: no local path in it (a folder dataset by its name)
+    source = ckpt.name if model_file else f"{ckpt.parent.parent.name}/{ckpt.name}"
+    dataset = cfg.dataset
+    if dataset.startswith("folder:"):
+        dataset = "folder:" + Path(dataset[len("folder:") :]).name
+    made = {"weights": "ema" if ema else "model", "source": source, "dataset": dataset}
     # the graph is the one --format onnx writes, its record in its metadata
     converted = convert(loaded.net, cfg, sampler_record(cfg, captions) | made)
     record = page_record(cfg, captions) | made

@@ -1,7 +1,7 @@
 // The page of `cfgdiff export --format web`: loads model.json (what the export wrote about the
 // model: its classes or captions, schedule, timesteps, defaults) and model.onnx, and samples
 // with sampler.js, drawing each step. Everything it loads lies beside it (ort/ holds the
-// runtime); docs/export.md, "The web page".
+// runtime); docs/DESIGN.md, "The static page".
 import * as ort from "./ort/ort.wasm.bundle.min.mjs";
 import { sampleImage, toUint8 } from "./sampler.js";
 

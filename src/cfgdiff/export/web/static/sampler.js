@@ -2,7 +2,7 @@
 // (eta = 0) and DPM-Solver++(2M) steps, each written after its Python original (samplers.py,
 // guidance.py, diffusion.py) with the same timesteps, which the export computes and writes into
 // model.json. No DOM and no runtime here: the network is a function handed in, so that this
-// module also runs under node. docs/export.md, "The web page", says what agrees with what.
+// module also runs under node. docs/DESIGN.md, "The static page", says what agrees with what.
 
 // --- Seeded noise -------------------------------------------------------------------------
 // A counter-based generator that cfgdiff.export.web.seed_noise repeats in Python: element k of
