@@ -1,6 +1,7 @@
 """A trained model taken out of cfgdiff: the formats `cfgdiff export --format F` writes.
 
     safetensors  one model file that cfgdiff samples (checkpoint.export_model; the default)
+    diffusers    a folder that Hugging Face diffusers loads (export/diffusers.py; a class model)
     onnx         the network as one ONNX graph with its sampler record (export/onnx.py)
     web          a folder: a static page that samples the model in the browser with
                  onnxruntime-web (export/web/)
@@ -26,6 +27,7 @@ from cfgdiff.errors import ConfigError
 # format -> "module:function" (imported on use)
 FORMATS: dict[str, str] = {
     "safetensors": "cfgdiff.checkpoint:export_model",
+    "diffusers": "cfgdiff.export.diffusers:export_diffusers",
     "onnx": "cfgdiff.export.onnx:export_onnx",
     "web": "cfgdiff.export.web:export_web",
 }
