@@ -43,7 +43,10 @@ def add_export_parser(sub) -> None:
         "prediction type, classes or captions and the model's own sampler in its metadata "
         "(needs: pip install 'cfgdiff[onnx]')"
         "; web: a folder (--out DIR, new or empty) with a static page that samples the model in "
-        "the browser with onnxruntime-web (fetched with npm, or --ort; needs the onnx extra)",
+        "the browser with onnxruntime-web (fetched with npm, or --ort; needs the onnx extra)"
+        "; diffusers: a folder (--out DIR, new or empty) that Hugging Face diffusers loads with "
+        "CfgdiffPipeline.from_pretrained, for class models (needs: pip install "
+        "'cfgdiff[diffusers]')",
     )
     ex.add_argument(
         "--raw", action="store_true", help="the raw weights instead of the EMA ones (sampling)"
