@@ -357,3 +357,34 @@ def test_the_page_decides_auto_once_and_its_command_names_the_backend(run, monke
     assert final["type"] == "done", final
     assert "--backend onnxruntime" in final["commands"][0]
     assert base64.b64decode(final["png"])[:4] == b"\x89PNG"
+
+
+def test_the_graph_is_kept_on_disk_and_a_damaged_copy_is_only_a_miss(monkeypatch):
+    from cfgdiff.data import default_data_dir
+
+    cfg = tiny_config()
+    net = _random_weights(UNet(cfg.model), seed=3)
+    made = []
+    real = onnx_net.convert
+
+    def counted(*a, **k):
+        made.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(onnx_net, "convert", counted)
+    backends.runtime_network(net, cfg)
+    (kept,) = (default_data_dir() / backends.GRAPH_CACHE).glob("*.onnx")
+    assert kept.name == f"{onnx_net.graph_key(net, cfg)}.onnx" and len(made) == 1
+    backends._sessions.clear()  # as another process would find it
+    x, t, c = onnx_net.example_inputs(cfg, 3)
+    graph = backends.runtime_network(net, cfg)
+    assert len(made) == 1  # read back, not converted
+    with torch.inference_mode():
+        assert float((graph(x, t, c) - net(x, t, c)).abs().max()) <= onnx_net.TOLERANCE
+    other = _random_weights(UNet(cfg.model), seed=4)  # another network's graph under this name
+    kept.write_bytes(onnx_net.onnx_model_bytes(other, cfg))
+    backends._sessions.clear()
+    graph = backends.runtime_network(net, cfg)
+    assert len(made) == 3  # refused by the verification, converted again (and the other's)
+    with torch.inference_mode():
+        assert float((graph(x, t, c) - net(x, t, c)).abs().max()) <= onnx_net.TOLERANCE

@@ -15,6 +15,7 @@ extra (docs/DESIGN.md, "Sampling backends").
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import warnings
@@ -161,13 +162,37 @@ def convert(net: torch.nn.Module, cfg: RunConfig, record: dict | None = None) ->
         entry = proto.metadata_props.add()
         entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
     model = proto.SerializeToString()
+    _, worst, rows = load_verified(model, net, cfg)
+    return Converted(model, worst, len(VERIFY_BATCHES), rows)
+
+
+def load_verified(
+    model: bytes, net: torch.nn.Module, cfg: RunConfig, threads: int | None = None
+) -> tuple[OnnxNetwork, float, int]:
+    """An ONNX Runtime session of the graph `model` (OnnxNetwork), checked against `net` as
+    convert checks a new one (verify): the network, the largest |difference| and the rows
+    compared. A graph ONNX Runtime cannot run, or one that disagrees, is a ConfigError."""
     try:
-        graph = OnnxNetwork(model)
+        graph = OnnxNetwork(model, threads)
     except Exception as e:  # an operator ONNX Runtime does not implement for these types
         why = error_line(e)
         raise ConfigError(f"ONNX Runtime cannot run the network's graph ({why})") from None
-    worst, rows = verify(net, cfg, graph)
-    return Converted(model, worst, len(VERIFY_BATCHES), rows)
+    worst, rows = verify(_cpu_fp32(net), cfg, graph)
+    return graph, worst, rows
+
+
+def graph_key(net: torch.nn.Module, cfg: RunConfig) -> str:
+    """SHA-256 naming the graph of `net`: the record format, the opset, torch's version (its
+    exporter), the network's config and every weight (name, dtype, shape, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{RECORD_FORMAT}|{OPSET}|{torch.__version__}|".encode())
+    h.update(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode())
+    for name, v in sorted(net.state_dict().items()):
+        v = v.detach().to("cpu").contiguous()
+        h.update(f"|{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def verify(net, cfg: RunConfig, graph) -> tuple[float, int]:

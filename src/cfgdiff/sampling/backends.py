@@ -13,6 +13,7 @@ changes hands. ONNX Runtime runs fp32 whatever the precision asked for (docs/DES
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -22,7 +23,7 @@ import torch
 
 from cfgdiff import dist
 from cfgdiff.config import RunConfig
-from cfgdiff.errors import ConfigError
+from cfgdiff.errors import CfgDiffError, ConfigError
 from cfgdiff.runtime import CPU_SAMPLING_BATCH, autocast, compile_sampling, error_line
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -66,21 +67,53 @@ def _weights_state(net: torch.nn.Module) -> tuple:
 
 
 def runtime_network(net: torch.nn.Module, cfg: RunConfig):
-    """The ONNX Runtime network of `net` (onnx_net.OnnxNetwork of its verified graph): converted
-    on first use, then kept with the network while its weights and torch's thread count stay
-    as they were (a network whose weights change, as training's EMA does, is converted
-    again). A network ONNX cannot express is a ConfigError (onnx_net.convert)."""
-    from cfgdiff.onnx_net import OnnxNetwork, convert
-
+    """The ONNX Runtime network of `net` (onnx_net.OnnxNetwork of its verified graph): made on
+    first use, then kept with the network while its weights and torch's thread count stay as
+    they were (a network whose weights change, as training's EMA does, is made again). The
+    graph itself is kept on disk too (_graph_from_cache), so another process sampling the same
+    weights does not convert them again. A network ONNX cannot express is a ConfigError
+    (onnx_net.convert)."""
     threads = torch.get_num_threads()
     state = _weights_state(net)
     with _lock:
         kept = _sessions.get(net)
         if kept is not None and kept[0] == state and kept[1] == threads:
             return kept[2]
-        graph = OnnxNetwork(convert(net, cfg).model, threads)
+        graph = _graph_from_cache(net, cfg, threads)
         _sessions[net] = (state, threads, graph)
         return graph
+
+
+GRAPH_CACHE = "onnx"  # under the data directory: graphs named by onnx_net.graph_key
+GRAPHS_KEPT = 8  # the newest used are kept; older ones are removed when one is added
+
+
+def _graph_from_cache(net, cfg: RunConfig, threads: int):
+    """The graph of `net` from the data directory's cache (verified against the network like a
+    new one, so a damaged or foreign file is only a miss), else converted and added to it. A
+    cache that cannot be read or written costs a conversion, never an error."""
+    from cfgdiff.data import default_data_dir
+    from cfgdiff.files import atomic_write_bytes
+    from cfgdiff.onnx_net import OnnxNetwork, convert, graph_key, load_verified
+
+    folder = default_data_dir() / GRAPH_CACHE
+    path = folder / f"{graph_key(net, cfg)}.onnx"
+    try:
+        graph, _, _ = load_verified(path.read_bytes(), net, cfg, threads)
+        os.utime(path)  # the newest used
+        return graph
+    except (OSError, CfgDiffError):
+        pass
+    converted = convert(net, cfg)  # verified
+    graph = OnnxNetwork(converted.model, threads)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, converted.model)
+        for old in sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime)[:-GRAPHS_KEPT]:
+            old.unlink(missing_ok=True)
+    except (OSError, CfgDiffError):
+        pass
+    return graph
 
 
 def network_for(net, cfg: RunConfig, backend: str):
