@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         (["sample_throughput.py", "--quick", "--preset", "tiny", "--runs", "ddim:3"], "ddim  "),
         (["samplers.py", "--quick"], "ODE err s=3"),
         (["onnx_backend.py", "--quick", "--preset", "tiny", "--no-compile"], "onnxruntime fp32"),
+        (["diffusers_export.py", "--quick", "--preset", "tiny"], "DPMSolverMultistepScheduler"),
         (["folder_load.py", "--quick"], "speed-up"),
         (["upsample.py", "--quick"], "speed-up of the step"),
         (["time_to_quality.py", "--quick"], "at the end"),

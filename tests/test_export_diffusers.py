@@ -24,7 +24,7 @@ from cfgdiff.export.diffusers_pipeline import CfgdiffPipeline, CfgdiffUNet  # no
 
 # Max |diffusers - cfgdiff| over pixels in [-1, 1], same model, labels and x_T: the schedulers
 # hold alpha_bar in fp32 where cfgdiff holds it in fp64 (docs/export.md, "Agreement").
-TOLERANCE = 1e-5
+TOLERANCE = 1e-4
 LABELS = [0, 1, 2, 2, 1, 0]
 
 
@@ -202,6 +202,8 @@ def test_the_models_own_scheduler_and_the_pipelines_options(exported):
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     images = pipe(["class0", "class2"], generator=torch.Generator().manual_seed(0)).images
     assert [(im.mode, im.size) for im in images] == [("L", (8, 8))] * 2
+    again = pipe(torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0)).images
+    assert [np.asarray(im).tolist() for im in again] == [np.asarray(im).tolist() for im in images]
     pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
     g = torch.Generator().manual_seed(1)
     arr = pipe([0, 1], num_inference_steps=5, generator=g, output_type="np").images

@@ -115,8 +115,10 @@ class CfgdiffPipeline(DiffusionPipeline):
         self.set_progress_bar_config(disable=True)
 
     def label_ids(self, class_labels: int | str | Sequence[int | str]) -> list[int]:
-        """Class indices of labels given as indices or as the class names the model records
-        (`pipe.unet.cfg.label_names()`)."""
+        """Class indices of labels given as indices (a list, tensor or array) or as the class
+        names the model records (`pipe.unet.cfg.label_names()`)."""
+        if isinstance(class_labels, torch.Tensor | np.ndarray):
+            class_labels = class_labels.tolist()
         labels = [class_labels] if isinstance(class_labels, int | str) else list(class_labels)
         names, k = self.unet.cfg.label_names(), self.unet.cfg.model.num_classes
         out = []
