@@ -25,8 +25,10 @@ import time
 import torch
 
 from cfgdiff.compiled import CompiledForward
+from cfgdiff.data import default_data_dir
+from cfgdiff.onnx_net import graph_key
 from cfgdiff.runtime import configure_cpu_threads, describe_machine
-from cfgdiff.sampling.backends import runtime_network
+from cfgdiff.sampling.backends import GRAPH_CACHE, runtime_network
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.guidance import Guidance
 from cfgdiff.sampling.settings import SamplingSettings
@@ -78,9 +80,11 @@ def main() -> int:
     )
     print(f"# load average at the start {os.getloadavg()[0]:.1f} (other processes share the CPU)")
     net, cfg, what = _model(a)
+    cached = (default_data_dir() / GRAPH_CACHE / f"{graph_key(net, cfg)}.onnx").is_file()
     t0 = time.perf_counter()
     runtime_network(net, cfg)  # converted and verified once; generate finds it kept
-    print(f"{what}: converted to ONNX and verified in {time.perf_counter() - t0:.1f} s")
+    how = "read back from the disk cache" if cached else "converted to ONNX"
+    print(f"{what}: {how} and verified in {time.perf_counter() - t0:.1f} s")
     runs = a.runs or [("dpmpp-2m", 2 if a.quick else 20)]
     batches = [int(b) for b in (a.batches or ("4,1" if a.quick else "64,1")).split(",")]
     repeats = 1 if a.quick else a.repeats
