@@ -203,7 +203,11 @@ def verify(net, cfg: RunConfig, graph) -> tuple[float, int]:
         for i, b in enumerate(VERIFY_BATCHES):
             x, t, c = example_inputs(cfg, b, seed=1 + i)
             ref = net(x, t, c).float()
-            out = graph(x, t, c).float()
+            try:
+                out = graph(x, t, c).float()
+            except Exception as e:  # a kernel that fails at run time (a shape it cannot take)
+                why = error_line(e)
+                raise ConfigError(f"ONNX Runtime cannot run the network's graph ({why})") from None
             if out.shape != ref.shape:
                 raise ConfigError(
                     f"the ONNX graph gives shape {tuple(out.shape)} for a batch of {b}, PyTorch "
