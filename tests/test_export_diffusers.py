@@ -175,6 +175,21 @@ def test_the_folder_and_its_scheduler_config(exported):
     assert all(torch.equal(v, ema[k]) for k, v in unet.net.state_dict().items())
 
 
+def test_raw_weights(exported, tmp_path, capsys):
+    from cfgdiff.checkpoint import load_for_sampling
+
+    run, _ = exported
+    out = tmp_path / "raw"
+    argv = ["export", "--checkpoint", str(run), "--out", str(out), "--format", "diffusers"]
+    assert main([*argv, "--raw"]) == 0
+    assert "with the model weights of run/step-0000004 in fp32" in capsys.readouterr().out
+    raw = load_for_sampling(run, ema=False).net.state_dict()
+    got = CfgdiffUNet.from_pretrained(out, subfolder="unet").net.state_dict()
+    assert all(torch.equal(v, raw[k]) for k, v in got.items())
+    ema = load_for_sampling(run).net.state_dict()
+    assert not all(torch.equal(v, ema[k]) for k, v in got.items())  # not the EMA weights
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("T", [1000, 100, 37])
 def test_every_scheduler_holds_cfgdiffs_alpha_bar(schedule, T):
