@@ -2,7 +2,8 @@
 
 Owns: the choices of `SamplingSettings.backend` (BACKENDS), the ONNX Runtime network of a loaded
 network (onnx_net's verified graph in an InferenceSession on the CPU, converted once and kept
-with the network for as long as its weights are unchanged), and what `auto` takes for a job
+with the network for as long as its weights are unchanged, and on disk, named by a hash of the
+weights, for the next process), and what `auto` takes for a job
 (`choose`): PyTorch on CUDA, without onnxruntime, for a job too short to repay the conversion or
 one that torch.compile will run; otherwise whichever of the two is measured faster on a couple
 of forward passes of the job's batch shape. Everything else about sampling (the samplers, the
@@ -114,13 +115,6 @@ def _graph_from_cache(net, cfg: RunConfig, threads: int):
     except (OSError, CfgDiffError):
         pass
     return graph
-
-
-def network_for(net, cfg: RunConfig, backend: str):
-    """What evaluates f(x, t, c) for `backend`: the network itself for torch (and for auto, which
-    `choose` decides before a job; generate called directly with auto samples with torch), its
-    ONNX Runtime network for onnxruntime."""
-    return runtime_network(net, cfg) if backend == ORT else net
 
 
 def choose(
