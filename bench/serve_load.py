@@ -276,7 +276,7 @@ def main() -> int:
         )
         good = (
             not other and status == 200 and after_leavers == 200 and max(waiting) == 0
-            and page_status == 200 and rc == 0 and stop_s < 2 and last and not err
+            and page_status == 200 and rc == 0 and last and not err
         )  # fmt: skip
         return 0 if good else 1
     finally:
