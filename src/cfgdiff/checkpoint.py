@@ -603,6 +603,22 @@ def _model_file_sha256(
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_export_file(out: Path, suffix: str) -> Path:
+    """An export's output file, refused before any work unless it ends in `suffix`, is not a
+    folder and does not lie in a checkpoint folder (whose files it could overwrite)."""
+    out = Path(out)
+    if out.suffix != suffix:
+        raise ConfigError(f"`out` must end in {suffix}, got {out}")
+    if out.is_dir():
+        raise ConfigError(f"`out` {out}: is a directory")
+    if (out.parent / MANIFEST).is_file() or (out.parent / "config.json").is_file():
+        raise ConfigError(
+            f"`out` {out}: inside a checkpoint folder, whose files it could overwrite; write "
+            "it elsewhere (e.g. the run folder)"
+        )
+    return out
+
+
 def export_model(
     path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32", log=None
 ) -> dict[str, str]:
@@ -615,16 +631,7 @@ def export_model(
     overwrite), in the checkpoint read or on one of its run's own files (run_layout)."""
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"`out` must end in .safetensors, got {out}")
-    if out.is_dir():
-        raise ConfigError(f"`out` {out}: is a directory")
-    if (out.parent / MANIFEST).is_file() or (out.parent / "config.json").is_file():
-        raise ConfigError(
-            f"`out` {out}: inside a checkpoint folder, whose files it could overwrite; write "
-            "it elsewhere (e.g. the run folder)"
-        )
+    out = check_export_file(out, ".safetensors")
     if Path(path).is_file() and Path(path).name != LATEST:
         raise ConfigError(f"`checkpoint` {path}: expected a checkpoint or run folder")
     check_output_file(out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfgdiff.checkpoint import LATEST, MANIFEST, input_paths, load_for_sampling
+from cfgdiff.checkpoint import LATEST, check_export_file, input_paths, load_for_sampling
 from cfgdiff.errors import ConfigError
 from cfgdiff.files import atomic_write_bytes, check_output_file, refuse_overlap
 from cfgdiff.onnx_net import RECORD_KEY, convert, require, sampler_record
@@ -32,16 +32,7 @@ def export_onnx(
             f"`dtype` must be fp32 for the onnx format (ONNX Runtime runs the graph in fp32), "
             f"got {dtype!r:.20}"
         )
-    path, out = Path(path), Path(out)
-    if out.suffix != ".onnx":
-        raise ConfigError(f"`out` must end in .onnx, got {out}")
-    if out.is_dir():
-        raise ConfigError(f"`out` {out}: is a directory")
-    if (out.parent / MANIFEST).is_file() or (out.parent / "config.json").is_file():
-        raise ConfigError(
-            f"`out` {out}: inside a checkpoint folder, whose files it could overwrite; write "
-            "it elsewhere (e.g. the run folder)"
-        )
+    path, out = Path(path), check_export_file(out, ".onnx")
     model_file = path.is_file() and path.name != LATEST
     if model_file and not ema:
         raise ConfigError(
