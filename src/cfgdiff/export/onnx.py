@@ -16,6 +16,33 @@ from cfgdiff.files import atomic_write_bytes, check_output_file, refuse_overlap
 from cfgdiff.onnx_net import RECORD_KEY, convert, require, sampler_record
 
 
+def is_model_file(path: Path, ema: bool) -> bool:
+    """Whether `path` is a model file (not a checkpoint, run folder or `latest`); its raw
+    weights (ema=False) are refused: it holds the weights it was exported with."""
+    model_file = path.is_file() and path.name != LATEST
+    if model_file and not ema:
+        raise ConfigError(
+            f"`raw`: the model file {path} holds the weights it was exported with; export the "
+            "raw weights from its checkpoint"
+        )
+    return model_file
+
+
+def load_network(path: Path, ema: bool, log=None):
+    """The network a graph is made of, on the CPU (each checkpoint passed over said through
+    `log`), and a text model's caption table (None for a class model, or a run without one)."""
+    loaded = load_for_sampling(path, "cpu", ema=ema)
+    for s in loaded.skipped:
+        if log is not None:
+            log(s.line())
+    captions = None
+    if loaded.cfg.model.condition == "text":
+        from cfgdiff.text.embedding import run_caption_table
+
+        captions = run_caption_table(loaded.path)
+    return loaded, captions
+
+
 def export_onnx(
     path: Path, out: Path, *, ema: bool = True, dtype: str = "fp32", log=None
 ) -> dict[str, str]:
@@ -33,25 +60,12 @@ def export_onnx(
             f"got {dtype!r:.20}"
         )
     path, out = Path(path), check_export_file(out, ".onnx")
-    model_file = path.is_file() and path.name != LATEST
-    if model_file and not ema:
-        raise ConfigError(
-            f"`raw`: the model file {path} holds the weights it was exported with; export the "
-            "raw weights from its checkpoint"
-        )
+    model_file = is_model_file(path, ema)
     check_output_file(out)
     refuse_overlap(out, input_paths(path))  # before any work
     require("onnx", "onnxruntime")
-    loaded = load_for_sampling(path, "cpu", ema=ema)
-    for s in loaded.skipped:
-        if log is not None:
-            log(s.line())
+    loaded, captions = load_network(path, ema, log)
     cfg = loaded.cfg
-    captions = None
-    if cfg.model.condition == "text":
-        from cfgdiff.text.embedding import run_caption_table
-
-        captions = run_caption_table(loaded.path)
     record = sampler_record(cfg, captions)
     ckpt = loaded.path
     source = ckpt.name if model_file else f"{ckpt.parent.parent.name}/{ckpt.name}"

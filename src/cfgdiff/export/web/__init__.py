@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cfgdiff.checkpoint import LATEST, MANIFEST, input_paths, load_for_sampling
+from cfgdiff.checkpoint import MANIFEST, input_paths
 from cfgdiff.errors import ConfigError
+from cfgdiff.export.onnx import is_model_file, load_network
 from cfgdiff.export.web.runtime import find_runtime
 from cfgdiff.files import refuse_overlap, writing
 from cfgdiff.onnx_net import convert, require, sampler_record
@@ -64,25 +65,13 @@ def export_web(
         )
     path, out = Path(path), Path(out)
     check_output_folder(out)
-    model_file = path.is_file() and path.name != LATEST
-    if model_file and not ema:
-        raise ConfigError(
-            f"`raw`: the model file {path} holds the weights it was exported with; export the "
-            "raw weights from its checkpoint"
-        )
+    model_file = is_model_file(path, ema)
     refuse_overlap(out, input_paths(path))
     require("onnx", "onnxruntime")
     runtime = find_runtime(ort, cache, log)
-    loaded = load_for_sampling(path, "cpu", ema=ema)
-    for s in loaded.skipped:
-        if log is not None:
-            log(s.line())
+    loaded, captions = load_network(path, ema, log)
     cfg = loaded.cfg
-    captions = None
     if cfg.model.condition == "text":
-        from cfgdiff.text.embedding import run_caption_table
-
-        captions = run_caption_table(loaded.path)
         if captions is None:
             raise ConfigError(
                 f"`checkpoint` {path}: a text model whose run has no caption table; the page "
