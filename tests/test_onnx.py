@@ -9,6 +9,7 @@ import dataclasses
 import json
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,7 @@ def test_the_file_carries_what_a_sampler_needs(run, exported):
     }  # fmt: skip
     assert (r["shape"], r["weights"]) == ([1, 8, 8], "ema")
     assert r["source"] == f"run/{latest_checkpoint(run / 'checkpoints').name}"  # no local path
+    assert cfg.dataset.startswith("folder:/") and r["dataset"] == "folder:" + Path(cfg.dataset).name
 
 
 @pytest.mark.parametrize("tokens", [0, 4])

@@ -20,6 +20,7 @@ import io
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -253,6 +254,14 @@ def _float9(v: float) -> float:
     return float(f"{v:.9g}")
 
 
+def public_dataset(dataset: str) -> str:
+    """`dataset` as an exported file records it: a folder dataset by its folder's name, since an
+    exported model is made to be shared and carries no local path."""
+    if dataset.startswith("folder:"):
+        return "folder:" + Path(dataset[len("folder:") :]).name
+    return dataset
+
+
 def sampler_record(cfg: RunConfig, captions=None) -> dict[str, Any]:
     """What a sampler outside cfgdiff needs beside the graph (onnx_model_bytes), as plain JSON
     data: the graph's inputs, the image shape, the noise schedule (name, T and its alpha_bar
@@ -285,7 +294,7 @@ def sampler_record(cfg: RunConfig, captions=None) -> dict[str, Any]:
             "eta": s.eta,
             "timesteps": spaced_timesteps(schedule, s.steps, s.spacing),
         },  # fmt: skip
-        "dataset": cfg.dataset,
+        "dataset": public_dataset(cfg.dataset),
     }
     if text:
         record |= {

@@ -81,10 +81,7 @@ def export_web(
     ckpt = loaded.path
     # a page is made to be published: no local path in it (a folder dataset by its name)
     source = ckpt.name if model_file else f"{ckpt.parent.parent.name}/{ckpt.name}"
-    dataset = cfg.dataset
-    if dataset.startswith("folder:"):
-        dataset = "folder:" + Path(dataset[len("folder:") :]).name
-    made = {"weights": "ema" if ema else "model", "source": source, "dataset": dataset}
+    made = {"weights": "ema" if ema else "model", "source": source}
     # the graph is the one --format onnx writes, its record in its metadata
     converted = convert(loaded.net, cfg, sampler_record(cfg, captions) | made)
     record = page_record(cfg, captions) | made
