@@ -5,7 +5,7 @@ from conftest import sample_with, tiny_config
 from cfgdiff.errors import ConfigError
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "edm"])
 def test_same_seed_same_images_regardless_of_batch_size(tiny_net, sampler):
     cfg = tiny_config()
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 1])

@@ -5,7 +5,8 @@ Public API (nothing is executed at import beyond these imports):
     PRESETS, config_for_dataset                                          presets.py
     UNet                                                                 unet.py
     Guidance, APG, guided_denoiser, cfg_combine                          sampling/guidance.py
-    SAMPLERS, sample_ddpm, sample_ddim, sample_dpmpp_2m                  sampling/samplers.py
+    SAMPLERS, sample_ddpm, sample_ddim, sample_dpmpp_2m,
+    sample_dpmpp_2m_sde, sample_edm                                      sampling/samplers.py
     SamplingSettings                                                     sampling/settings.py
     Asks, Model, ClassLabels, TextPrompts                                sampling/conditions.py
     generate                                                             sampling/generate.py
@@ -23,7 +24,14 @@ from cfgdiff.sampling.conditions import Asks, ClassLabels, Model, TextPrompts
 from cfgdiff.sampling.generate import generate
 from cfgdiff.sampling.guidance import APG, Guidance, cfg_combine, guided_denoiser
 from cfgdiff.sampling.request import SampleRequest, prepare
-from cfgdiff.sampling.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cfgdiff.sampling.samplers import (
+    SAMPLERS,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_edm,
+)
 from cfgdiff.sampling.settings import SamplingSettings
 from cfgdiff.train import train
 from cfgdiff.unet import UNet
@@ -57,5 +65,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_edm",
     "train",
 ]

@@ -41,6 +41,10 @@ SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
     "dpmpp-2m": "DPMSolverMultistepScheduler",
+    # the same solver with algorithm_type "sde-dpmsolver++" (scheduler_config)
+    "dpmpp-2m-sde": "DPMSolverMultistepScheduler",
+    # Heun's steps in sigma without EDM's churn: the nearest diffusers has for a discrete model
+    "edm": "HeunDiscreteScheduler",
 }
 # diffusion.prediction -> diffusers' prediction_type
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
@@ -68,8 +72,11 @@ def scheduler_config(cfg: RunConfig) -> dict:
         "sample_max_value": 1.0,
         "clip_sample": True,
         "clip_sample_range": 1.0,
-        # DPM-Solver++(2M), first order on the first step and on the last (to sigma = 0)
-        "algorithm_type": "dpmsolver++",
+        # DPM-Solver++(2M), first order on the first step and on the last (to sigma = 0); its
+        # SDE form for a model whose own sampler is dpmpp-2m-sde
+        "algorithm_type": (
+            "sde-dpmsolver++" if cfg.sampling.sampler == "dpmpp-2m-sde" else "dpmsolver++"
+        ),
         "solver_order": 2,
         "solver_type": "midpoint",
         "lower_order_final": True,

@@ -195,6 +195,131 @@ def sample_dpmpp_2m(
     return x
 
 
+def sample_dpmpp_2m_sde(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    eta: float = 1.0,
+    spacing: str = "trailing",
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5 and Appendix: SDE-DPM-Solver++ with the
+    2M multistep correction; k-diffusion's `sample_dpmpp_2m_sde`, midpoint form), data
+    prediction. With lambda_t = log(alpha_t / sigma_t), h = lambda_t - lambda_s (s the
+    previous, noisier timestep) and D the multistep estimate of x_0 as in sample_dpmpp_2m:
+    x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-(1 + eta) h}) D
+          + sigma_t sqrt(1 - e^{-2 eta h}) z.
+    eta = 1 is the SDE (fresh noise replaces part of x_s at every step); eta = 0 is
+    sample_dpmpp_2m exactly. The last step, to sigma = 0, returns x0_hat."""
+    if eta < 0:
+        raise ConfigError(f"`eta` must be >= 0, got {eta}")
+    ts = spaced_timesteps(schedule, steps, spacing)
+    x = x_T
+    x0_prev: torch.Tensor | None = None
+    h_prev: float | None = None
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        ab, ab_next = _ab(schedule, t), _ab(schedule, t_next)
+        a, s = ab**0.5, (1 - ab) ** 0.5
+        _, x0 = _predict(denoise, x, t, ab)
+        if t_next < 0:
+            x = x0
+        else:
+            a_n, s_n = ab_next**0.5, (1 - ab_next) ** 0.5
+            h = math.log(a_n / s_n) - math.log(a / s)
+            if x0_prev is None or h_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_n / s) * math.exp(-eta * h) * x - a_n * math.expm1(-(1 + eta) * h) * d
+            if eta > 0:
+                x = x + s_n * (-math.expm1(-2 * eta * h)) ** 0.5 * randn_like(x, generator)
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _sigma_ve(schedule: Schedule, t: int) -> float:
+    """sigma_t / alpha_t: the noise level of timestep t in EDM's variance-exploding form
+    x = x_0 + sigma n (Karras et al. 2022, Table 1, VP); 0 for the clean data (t = -1)."""
+    ab = _ab(schedule, t)
+    return ((1 - ab) / ab) ** 0.5
+
+
+# EDM's largest noise level (Karras et al. 2022, section 5: sigma_max = 80). A discrete
+# schedule's top level lies far above it (2e4 for the cosine schedule at T = 1000), where a Heun
+# step's trapezoid spans a ratio of thousands and multiplies the Euler step's error by it; steps
+# from above it are Euler steps.
+EDM_SIGMA_MAX = 80.0
+
+
+def sample_edm(
+    denoise: Callable,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    churn: float = 40.0,
+    s_tmin: float = 0.05,
+    s_tmax: float = 50.0,
+    s_noise: float = 1.003,
+    spacing: str = "trailing",
+    generator=None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): at each noise level sigma_i
+    with S_tmin <= sigma_i <= S_tmax, raise it to sigma_hat = (1 + gamma) sigma_i,
+    gamma = min(S_churn / N, sqrt 2 - 1), by adding noise of variance
+    S_noise^2 (sigma_hat^2 - sigma_i^2); then a Heun step (Euler and its trapezoidal correction)
+    to sigma_{i+1}. sigma is sigma_t / alpha_t (x in EDM's form x / alpha_t); the network is
+    discrete in time, so sigma_hat is the noise level of the nearest timestep at or above
+    (1 + gamma) sigma_i. The last step (to sigma = 0, as in Algorithm 2) and steps from above
+    EDM_SIGMA_MAX are Euler steps: N steps evaluate the network 2N - 1 times on a grid whose top
+    is below sigma_max, 2N - 2 on the trailing grid of a cosine or linear schedule, whose first
+    level is above it. `churn` = S_churn; 0 gives the deterministic Heun sampler (Algorithm 1,
+    with `s_noise` unused)."""
+    if churn < 0:
+        raise ConfigError(f"`churn` must be >= 0, got {churn}")
+    ts = spaced_timesteps(schedule, steps, spacing)
+    sigmas = ((1 - schedule.alpha_bar.double()) / schedule.alpha_bar.double()).sqrt()
+    gamma = min(churn / len(ts), 2**0.5 - 1)
+    x = x_T / _ab(schedule, ts[0]) ** 0.5  # EDM's form: x / alpha_t
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        sigma = _sigma_ve(schedule, t)
+        t_hat = t
+        if gamma > 0 and s_tmin <= sigma <= s_tmax:
+            above = int(torch.searchsorted(sigmas, sigma * (1 + gamma)))
+            t_hat = min(max(above, t), len(sigmas) - 1)
+        sigma_hat = _sigma_ve(schedule, t_hat)
+        if sigma_hat > sigma:
+            x = x + s_noise * (sigma_hat**2 - sigma**2) ** 0.5 * randn_like(x, generator)
+        sigma_next = _sigma_ve(schedule, t_next)
+        x0 = _edm_denoise(denoise, x, schedule, t_hat)
+        d = (x - x0) / sigma_hat  # dx/dsigma (Algorithm 2, line 7)
+        x_euler = x + (sigma_next - sigma_hat) * d
+        if t_next < 0 or sigma_hat > EDM_SIGMA_MAX:
+            x = x_euler  # an Euler step (= DDIM's): the last one, and any from above sigma_max
+        else:
+            x0_next = _edm_denoise(denoise, x_euler, schedule, t_next)
+            d_next = (x_euler - x0_next) / sigma_next
+            x = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)  # line 10
+        if callback is not None:
+            callback(i, t, x * _ab(schedule, t_next) ** 0.5, x0)
+    return x
+
+
+def _edm_denoise(denoise: Callable, x: torch.Tensor, schedule: Schedule, t: int) -> torch.Tensor:
+    """D(x; sigma_t) of EDM's form: x0_hat of the network at timestep t, given x / alpha_t."""
+    ab = _ab(schedule, t)
+    return _predict(denoise, x * ab**0.5, t, ab)[1]
+
+
 @dataclass(frozen=True)
 class SamplerEntry:
     """A sampler of the table: its function and the keyword options, beyond the common
@@ -212,6 +337,8 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(sample_ddpm, deterministic=False),
     "ddim": SamplerEntry(sample_ddim, options=("eta",)),
     "dpmpp-2m": SamplerEntry(sample_dpmpp_2m),
+    "dpmpp-2m-sde": SamplerEntry(sample_dpmpp_2m_sde, deterministic=False),
+    "edm": SamplerEntry(sample_edm, deterministic=False),
 }
 
 
