@@ -5,11 +5,16 @@
    deterministic samplers, the max distance to a 1000-step solution of the guided (s = 3) ODE.
 2. A trained checkpoint (optional, --checkpoint): class accuracy at s = 1 and s = 3 judged by
    cfgdiff's own classifier, per sampler and step count.
+3. The grid (--grid, with --checkpoint): every sampler x steps (--grid-steps, default 10, 20,
+   35) x scale (--grid-scales, default 1, 1.5, 3), each cell a `cfgdiff sweep` of n samples
+   from the same noise: FID in the judge's features (with the real floor), precision, recall,
+   class accuracy; then the best cell by FID and by accuracy at s = 1.
 
 NFE counts network evaluations per sample: a guided step evaluates the network twice (one
 batched forward over [cond; null]); an s = 1 step once.
 
     python bench/samplers.py [--quick] [--checkpoint runs/demo --n 200] [--device cpu]
+    python bench/samplers.py --grid --checkpoint runs/demo --n 500 [--grid-out DIR]
 """
 
 from __future__ import annotations
@@ -116,13 +121,109 @@ def checkpoint_table(path: Path, steps_by_sampler: dict, n: int, device: str) ->
             )
 
 
+def network_evaluations(name: str, schedule, steps: int) -> int:
+    """Network evaluations per image of sampler `name` in `steps` steps at s = 1 (counted on a
+    stand-in denoiser; a guided step evaluates the batch [cond; ref] once, so a guided image
+    costs twice as many rows)."""
+    from cfgdiff.sampling.samplers import run_sampler
+
+    calls = []
+
+    def count(x, t):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    run_sampler(name, count, torch.zeros(1, 1, 1, 1), schedule, steps)
+    return len(calls)
+
+
+def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, out: Path,
+               data_dir: Path | None = None) -> list[dict]:  # fmt: skip
+    """Print the grid (module docstring, 3) and return its cells."""
+    from cfgdiff.checkpoint import load_for_sampling
+    from cfgdiff.metrics.evaluate import ReferenceOptions
+    from cfgdiff.metrics.sweep import SweepRequest, sweep
+    from cfgdiff.runtime import describe_machine, resolve_device
+    from cfgdiff.sampling.request import SampleRequest
+    from cfgdiff.schedule import make_schedule
+
+    loaded = load_for_sampling(path, torch.device("cpu"))
+    d = loaded.cfg.diffusion
+    schedule = make_schedule(d.schedule, d.timesteps)
+    print(
+        f"\ngrid: {loaded.path} ({loaded.cfg.dataset}, preset {loaded.cfg.preset}), {n} samples "
+        f"per cell, the same noise in every cell; {describe_machine(resolve_device(device))}"
+    )
+    print(
+        f"{'sampler':12s} {'steps':>5s} {'NFE':>4s} {'s':>4s} {'FID':>7s} {'prec':>6s} "
+        f"{'recall':>6s} {'acc':>6s} {'img/s':>6s}"
+    )
+    cells, floor = [], None
+    for name in samplers:
+        nfe = {steps: network_evaluations(name, schedule, steps) for steps in steps_list}
+        for steps in steps_list:
+            settings = SamplingSettings(sampler=name, steps=steps, seed=0, device=device)
+            req = SweepRequest(
+                sampling=SampleRequest(checkpoint=path, settings=settings), scales=tuple(scales),
+                n=n, out=out / f"{name}-{steps}", reference=ReferenceOptions(data_dir=data_dir),
+            )  # fmt: skip
+            res = sweep(req)
+            floor = res.record.get("real_floor", floor)
+            speed = res.record.get("sampling_images_per_s") or {}
+            for r in res.record["rows"]:
+                s = float(r["scale"])
+                cell = {"sampler": name, "steps": steps, "nfe": nfe[steps] * (1 if s == 1 else 2),
+                        **{k: r[k] for k in ("scale", "fid", "precision", "recall",
+                                             "class_accuracy")}}  # fmt: skip
+                cells.append(cell)
+                ips = speed.get(str(s), speed.get(s)) if isinstance(speed, dict) else None
+                print(
+                    f"{name:12s} {steps:5d} {cell['nfe']:4d} {s:4g} {r['fid']:7.3f} "
+                    f"{r['precision']:6.3f} {r['recall']:6.3f} {r['class_accuracy']:6.3f} "
+                    f"{ips if ips is None else f'{ips:6.1f}'}",
+                    flush=True,
+                )
+    if floor is not None:
+        print(f"real floor: FID {floor['fid']:.3f}, precision {floor['precision']:.3f}, "
+              f"recall {floor['recall']:.3f}, accuracy {floor['class_accuracy']:.3f}")  # fmt: skip
+    best = min(cells, key=lambda c: c["fid"])
+    s1 = [c for c in cells if c["scale"] == 1]
+    acc1 = max(s1, key=lambda c: (c["class_accuracy"], -c["fid"])) if s1 else None
+    print(f"best FID: {best['sampler']} {best['steps']} steps at s = {best['scale']:g}: "
+          f"{best['fid']:.3f}")  # fmt: skip
+    if acc1 is not None:
+        print(f"best accuracy at s = 1: {acc1['sampler']} {acc1['steps']} steps: "
+              f"{acc1['class_accuracy']:.3f} (FID {acc1['fid']:.3f})")  # fmt: skip
+    return cells
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="seconds: few steps, few samples")
     p.add_argument("--n", type=int, default=200, help="samples per checkpoint cell")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", type=Path, default=None, help="the judge's data directory")
+    p.add_argument("--grid", action="store_true", help="sampler x steps x scale on --checkpoint")
+    p.add_argument("--grid-samplers", default=",".join(SAMPLERS))
+    p.add_argument("--grid-steps", default="10,20,35")
+    p.add_argument("--grid-scales", default="1,1.5,3")
+    p.add_argument("--grid-out", type=Path, default=None, help="the sweeps' folders (default: a "
+                   "temporary folder)")  # fmt: skip
     a = p.parse_args()
+    if a.grid:
+        import tempfile
+
+        if a.checkpoint is None:
+            p.error("--grid needs --checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:
+            grid_table(
+                a.checkpoint, a.grid_samplers.split(","),
+                [int(v) for v in a.grid_steps.split(",")],
+                [float(v) for v in a.grid_scales.split(",")], a.n, a.device,
+                a.grid_out or Path(tmp), a.data_dir,
+            )  # fmt: skip
+        return 0
     if a.quick:
         oracle_table([5, 10], 500)
     else:

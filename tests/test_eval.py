@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -515,3 +516,26 @@ def test_bad_options_are_refused_before_any_classifier_training(run, tmp_path, c
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err
     assert not (dd / "classifiers").exists() and not (tmp_path / "sw").exists()
+
+
+def test_the_sampler_grid_benchmark_judges_every_cell(run, judged, tmp_path, capsys):
+    """bench/samplers.py --grid: a cell per sampler x steps x scale, each a sweep from the same
+    noise, and the network evaluations each costs."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import samplers as bench_samplers
+    finally:
+        sys.path.remove(str(bench))
+    cells = bench_samplers.grid_table(
+        run, ["ddim", "edm"], [2, 3], [1.0, 3.0], 12, "cpu", tmp_path / "g", _dd(tmp_path, judged)
+    )
+    assert [(c["sampler"], c["steps"], c["scale"]) for c in cells] == [
+        (s, k, g) for s in ("ddim", "edm") for k in (2, 3) for g in (1.0, 3.0)
+    ]
+    # EDM: Heun steps after a first Euler step from above sigma_max, and an Euler last step
+    assert [c["nfe"] for c in cells] == [2, 4, 3, 6, 2, 4, 4, 8]
+    out = capsys.readouterr().out
+    assert "real floor: FID" in out and "best FID: " in out
