@@ -138,7 +138,7 @@ def network_evaluations(name: str, schedule, steps: int) -> int:
 
 
 def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, out: Path,
-               data_dir: Path | None = None) -> list[dict]:  # fmt: skip
+               data_dir: Path | None = None, precision: str = "auto") -> list[dict]:  # fmt: skip
     """Print the grid (module docstring, 3) and return its cells."""
     from cfgdiff.checkpoint import load_for_sampling
     from cfgdiff.metrics.evaluate import ReferenceOptions
@@ -152,7 +152,8 @@ def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, ou
     schedule = make_schedule(d.schedule, d.timesteps)
     print(
         f"\ngrid: {loaded.path} ({loaded.cfg.dataset}, preset {loaded.cfg.preset}), {n} samples "
-        f"per cell, the same noise in every cell; {describe_machine(resolve_device(device))}"
+        f"per cell, the same noise in every cell; {describe_machine(resolve_device(device))}, "
+        f"precision {precision}"
     )
     print(
         f"{'sampler':12s} {'steps':>5s} {'NFE':>4s} {'s':>4s} {'FID':>7s} {'prec':>6s} "
@@ -162,7 +163,9 @@ def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, ou
     for name in samplers:
         nfe = {steps: network_evaluations(name, schedule, steps) for steps in steps_list}
         for steps in steps_list:
-            settings = SamplingSettings(sampler=name, steps=steps, seed=0, device=device)
+            settings = SamplingSettings(
+                sampler=name, steps=steps, seed=0, device=device, precision=precision
+            )
             req = SweepRequest(
                 sampling=SampleRequest(checkpoint=path, settings=settings), scales=tuple(scales),
                 n=n, out=out / f"{name}-{steps}", reference=ReferenceOptions(data_dir=data_dir),
@@ -206,6 +209,7 @@ def main() -> int:
     p.add_argument("--data-dir", type=Path, default=None, help="the judge's data directory")
     p.add_argument("--grid", action="store_true", help="sampler x steps x scale on --checkpoint")
     p.add_argument("--grid-samplers", default=",".join(SAMPLERS))
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--grid-steps", default="10,20,35")
     p.add_argument("--grid-scales", default="1,1.5,3")
     p.add_argument("--grid-out", type=Path, default=None, help="the sweeps' folders (default: a "
@@ -221,7 +225,7 @@ def main() -> int:
                 a.checkpoint, a.grid_samplers.split(","),
                 [int(v) for v in a.grid_steps.split(",")],
                 [float(v) for v in a.grid_scales.split(",")], a.n, a.device,
-                a.grid_out or Path(tmp), a.data_dir,
+                a.grid_out or Path(tmp), a.data_dir, a.precision,
             )  # fmt: skip
         return 0
     if a.quick:
