@@ -79,6 +79,8 @@ class TrainProgress:
             f"{self.machine}, {info['precision']}, {self.images} images, step {info['step']} "
             f"-> {end}"
         )
+        if info.get("data"):
+            log(info["data"])
         if self.world is not None and self.world.enabled:
             log(
                 f"{self.world.size} processes: global batch {info['batch_size']} = "

@@ -1,10 +1,18 @@
-"""Batches for training: the whole uint8 dataset lives on the training device, batches are
-drawn there by index. No DataLoader, no workers.
+"""Batches for training, drawn by index from the uint8 dataset. No DataLoader, no workers.
+
+Where the images are read from (`placement`, chosen by `choose_placement` and said when training
+starts):
+- "device": the whole dataset is copied to the training device once and batches are drawn there
+  (a CUDA device where it fits with room to spare: DEVICE_DATA_FRACTION of its free memory).
+- "mapped": the images stay where they are, memory-mapped from their cache file on a CPU (every
+  process of a machine reads the same pages of the page cache, never a copy of its own), and
+  each batch's rows are gathered by index on a background thread one batch ahead, into pinned
+  memory with a non-blocking copy on CUDA. docs/datasets.md, "Memory".
 
 The order is a sequence of seeded permutations, one per epoch; the position (epoch, offset) is
 plain data, so a resumed run draws exactly the batches the uninterrupted run would have. Random
 horizontal flips (hflip) are drawn the same way: one seeded coin per image and epoch, applied on
-the device with no host sync.
+the device with no host sync. The two placements draw the same batches, to the bit.
 
 Several processes (a distributed run) share one order: `batch_size` is the global batch, the
 step's batch is positions [k B, (k + 1) B) of the order as counted in images seen, and process
@@ -14,7 +22,31 @@ position do not depend on W, so a run resumes on another number of processes whe
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 import torch
+
+# A CUDA device keeps the dataset when it takes at most this share of the device's free memory.
+DEVICE_DATA_FRACTION = 0.25
+PLACEMENTS = ("device", "mapped")
+
+
+def choose_placement(images: torch.Tensor, device: torch.device | str) -> tuple[str, str]:
+    """("device" or "mapped", the words that say why) for uint8 `images` trained on `device`."""
+    device = torch.device(device)
+    mib = images.numel() * images.element_size() / 2**20
+    if device.type == "cpu":
+        return "mapped", f"data: {mib:,.0f} MiB read where it lies (memory-mapped from its cache)"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if mib * 2**20 <= DEVICE_DATA_FRACTION * free:
+            return "device", f"data: {mib:,.0f} MiB kept on {device.type}"
+        return "mapped", (
+            f"data: {mib:,.0f} MiB, over {DEVICE_DATA_FRACTION:.0%} of {device.type}'s free "
+            f"{free / 2**20:,.0f} MiB: batches gathered from the memory map on a thread"
+        )
+    return "device", f"data: {mib:,.0f} MiB kept on {device.type}"
 
 
 class DeviceBatches:
@@ -27,10 +59,22 @@ class DeviceBatches:
         device: torch.device | str,
         hflip: bool = False,
         part: tuple[int, int] = (0, 1),
+        placement: str | None = None,
     ):
-        """part: (r, W), this process's share of each global batch (r of W equal parts)."""
-        self.images = images.to(device)  # uint8 (N, C, H, W)
-        self.labels = labels.to(device)
+        """part: (r, W), this process's share of each global batch (r of W equal parts).
+        placement: "device" or "mapped" (default: choose_placement's)."""
+        self.device = torch.device(device)
+        chosen, self.words = choose_placement(images, self.device)
+        self.placement = placement or chosen
+        if placement is not None:
+            self.words = f"data: {placement} (as asked)"
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r}")
+        mapped = self.placement == "mapped"
+        # the order lives where the rows are gathered: the device, or the CPU for a map
+        self._order_device = torch.device("cpu") if mapped else self.device
+        self.images = images if mapped else images.to(self.device)  # uint8 (N, C, H, W)
+        self.labels = labels.to(self._order_device)
         self.n = images.shape[0]
         self.batch_size = batch_size
         self.seed = seed
@@ -42,16 +86,24 @@ class DeviceBatches:
         self._rows = None if size == 1 else slice(rank * per, (rank + 1) * per)
         self.epoch = 0
         self.offset = 0
-        self._perm, self._flip = self._permutation(0)
+        self._perms: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # the mapped placement's next batch, gathered on a thread: ((epoch, offset), Future)
+        self._ahead: tuple[tuple[int, int], Future] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cfgdiff-batches") if mapped else None
 
     def _permutation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The epoch's order, and whether the image at each position of it is mirrored."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=g).to(self.images.device)
-        if not self.hflip:
-            return perm, None
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 0x5EED_F11B)
-        return perm, (torch.rand(self.n, generator=g) < 0.5).to(self.images.device)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).to(self._order_device)
+            flip = None
+            if self.hflip:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 0x5EED_F11B)
+                flip = (torch.rand(self.n, generator=g) < 0.5).to(self._order_device)
+            for old in [e for e in self._perms if e < epoch - 1]:
+                del self._perms[old]
+            self._perms[epoch] = perm, flip
+        return self._perms[epoch]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -65,30 +117,51 @@ class DeviceBatches:
                 f"data position (epoch {epoch}, offset {offset}) outside {self.n} images"
             )
         self.epoch, self.offset = epoch, offset
-        self._perm, self._flip = self._permutation(self.epoch)
+        self._ahead = None
+
+    def _indices(self, epoch: int, offset: int):
+        """The rows of the batch at position (epoch, offset) of the order (this process's part),
+        their mirror coins (None without hflip), and the position after it."""
+        idx, flips = [], []
+        need = self.batch_size
+        while need > 0:
+            perm, flip = self._permutation(epoch)
+            take = perm[offset : offset + need]
+            idx.append(take)
+            if flip is not None:
+                flips.append(flip[offset : offset + need])
+            need -= take.shape[0]
+            offset += take.shape[0]
+            if offset >= self.n:
+                epoch, offset = epoch + 1, 0
+        i = torch.cat(idx) if len(idx) > 1 else idx[0]
+        f = (torch.cat(flips) if len(flips) > 1 else flips[0]) if flips else None
+        if self._rows is not None:
+            i = i[self._rows]
+            f = f[self._rows] if f is not None else None
+        return i, f, (epoch, offset)
+
+    def _gather(self, i: torch.Tensor) -> torch.Tensor:
+        """uint8 rows `i` of the map, on the CPU (pinned for a CUDA device)."""
+        src = self.images.numpy()
+        rows = torch.from_numpy(np.take(src, i.numpy(), axis=0))
+        return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x in [-1, 1] float32 (B, C, H, W), y int64 (B,)); batches may span epochs. With a
         part, this process's rows of the global batch."""
-        idx, flips = [], []
-        need = self.batch_size
-        while need > 0:
-            take = self._perm[self.offset : self.offset + need]
-            idx.append(take)
-            if self._flip is not None:
-                flips.append(self._flip[self.offset : self.offset + need])
-            need -= take.shape[0]
-            self.offset += take.shape[0]
-            if self.offset >= self.n:
-                self.epoch += 1
-                self.offset = 0
-                self._perm, self._flip = self._permutation(self.epoch)
-        i = torch.cat(idx) if len(idx) > 1 else idx[0]
-        if self._rows is not None:
-            i = i[self._rows]
-            flips = [torch.cat(flips)[self._rows]] if flips else flips
-        x = self.images[i].float().div_(127.5).sub_(1.0)
-        if flips:
-            f = torch.cat(flips).view(-1, 1, 1, 1)
-            x = torch.where(f, x.flip(-1), x)
-        return x, self.labels[i]
+        here = (self.epoch, self.offset)
+        i, f, after = self._indices(*here)
+        if self.placement == "device":
+            x = self.images[i]
+        else:
+            ahead = self._ahead
+            rows = ahead[1].result() if ahead is not None and ahead[0] == here else self._gather(i)
+            x = rows.to(self.device, non_blocking=True)
+            i_next = self._indices(*after)[0]
+            self._ahead = after, self._pool.submit(self._gather, i_next)
+        self.epoch, self.offset = after
+        x = x.float().div_(127.5).sub_(1.0)
+        if f is not None:
+            x = torch.where(f.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, self.labels[i].to(self.device)

@@ -19,14 +19,24 @@ import numpy as np
 
 from cfgdiff.data import folders
 from cfgdiff.data.folders import Log
+from cfgdiff.data.mapped import file_sha256, open_mapped, write_npy
 from cfgdiff.errors import DataError
-from cfgdiff.files import atomic_write_bytes, atomic_write_with
+from cfgdiff.files import atomic_write_bytes
 
 CACHE_VERSION = 1
 
 
 def array_sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    """SHA-256 of the array's bytes in C order, hashed a block of rows at a time (no copy of a
+    whole array, mapped or not)."""
+    h = hashlib.sha256()
+    if a.ndim == 0 or a.size == 0:
+        h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+    rows = max(1, (16 << 20) // a[:1].nbytes)
+    for i in range(0, len(a), rows):
+        h.update(memoryview(np.ascontiguousarray(a[i : i + rows])).cast("B"))
+    return h.hexdigest()
 
 
 def folder_caches(data_dir: Path) -> Path:
@@ -56,11 +66,12 @@ def load_folder(
     log: Log | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """folders.folder_dataset(root, image_size, channels), through a cache of the decoded images
-    in data_dir/cache/folders/KEY/FINGERPRINT: the fingerprint (names, sizes and modification
-    times of the files) is checked on every load, so an added, removed or rewritten image means
-    decoding again (see FolderListing.fingerprint for its one blind spot). A cache that cannot
-    be written (read-only or full disk) is skipped, said through `log`; one that cannot be read
-    is rebuilt.
+    in data_dir/cache/folders/KEY/FINGERPRINT, written a chunk of images at a time as they are
+    decoded and read back memory-mapped (data/mapped.py): the fingerprint (names, sizes and
+    modification times of the files) is checked on every load, so an added, removed or
+    rewritten image means decoding again (see FolderListing.fingerprint for its one blind
+    spot). A cache that cannot be written (read-only or full disk) is skipped, said through
+    `log`; one that cannot be read is rebuilt.
     listing: list_folder(root) or scan_folder(root) if the caller has it already.
     write: False to read a cache but not write one."""
     listing = listing or folders.list_folder(root)
@@ -75,66 +86,78 @@ def load_folder(
         return got
     scan = listing if isinstance(listing, folders.FolderScan) else None
     scan = scan or folders.scan_folder(root, listing)
-    x, y, class_names = folders.folder_dataset(root, image_size, channels, scan=scan, log=log)
     if not write:
-        return x, y, class_names
-    meta = {
-        "version": CACHE_VERSION,
-        "root": os.path.abspath(root),
-        "image_size": image_size,
-        "channels": channels,
-        "decode_version": folders.DECODE_VERSION,
-        "fingerprint": fingerprint,
-        "class_names": class_names,
-        "shape": list(x.shape),
-        "images_sha256": array_sha256(x),
-        "labels_sha256": array_sha256(y),
-    }
+        return folders.folder_dataset(root, image_size, channels, scan=scan, log=log)
+    decoding = folders.decode_folder(root, image_size, channels, scan=scan, log=log)
     try:
-        _write_folder_cache(slot, entry, meta, x, y)
+        _write_folder_cache(slot, entry, fingerprint, decoding, image_size, channels)
+        got = _read_folder_cache(entry, fingerprint, verify=False)  # just written and hashed
+        if got is None:
+            raise OSError(f"{entry}: the cache just written cannot be read back")
     except OSError as e:
         if log is not None:
             log(f"{root}: decoded images not cached ({e}); every command decodes the folder")
-    else:
-        if log is not None and large:
-            log(f"{root}: decoded images cached in {entry} ({x.nbytes / 2**20:,.0f} MiB)")
-    return x, y, class_names
+        return folders.folder_dataset(root, image_size, channels, scan=scan, log=log)
+    if log is not None and large:
+        log(f"{root}: decoded images cached in {entry} ({got[0].nbytes / 2**20:,.0f} MiB)")
+    return got
 
 
-def _read_folder_cache(entry: Path, fingerprint: str):
-    """(images, labels, class names) of a complete, intact cache entry for these files; None
-    otherwise (absent, written by another version, torn or corrupted: the caller decodes)."""
+def _read_folder_cache(entry: Path, fingerprint: str, verify: bool = True):
+    """(images, labels, class names) of a complete, intact cache entry for these files, the
+    arrays memory-mapped (their checksums checked in chunks first unless `verify` is False);
+    None otherwise (absent, written by another version, torn or corrupted: the caller decodes)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
             return None
-        x = np.load(entry / "images.npy", allow_pickle=False)
-        y = np.load(entry / "labels.npy", allow_pickle=False)
-        if array_sha256(x) != meta["images_sha256"] or array_sha256(y) != meta["labels_sha256"]:
+        paths = entry / "images.npy", entry / "labels.npy"
+        want = [meta["images_sha256"], meta["labels_sha256"]]
+        if verify and [file_sha256(p) for p in paths] != want:
+            return None
+        x, y = (open_mapped(p) for p in paths)
+        if list(x.shape) != meta["shape"] or y.shape != (x.shape[0],):
             return None
         return x, y, [str(c) for c in meta["class_names"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage: a miss
         return None
 
 
-def _write_folder_cache(slot: Path, entry: Path, meta: dict, x: np.ndarray, y: np.ndarray):
-    """Arrays first, meta.json last (an entry without it is incomplete), then the slot's older
-    entries are removed. Raises OSError (no space, read-only, ...) with nothing partial left."""
-    need = x.nbytes + y.nbytes + FOLDER_CACHE_HEADROOM
+def _write_folder_cache(slot: Path, entry: Path, fingerprint: str, decoding, image_size,
+                        channels) -> None:  # fmt: skip
+    """Decode `decoding` (folders.FolderDecoding) a chunk at a time straight into the entry's
+    images.npy, then labels.npy, then meta.json last (an entry without it is incomplete), then
+    remove the slot's older entries. Raises OSError (no space, read-only, ...) with nothing
+    partial left; a DataError of a bad image, likewise."""
+    shape = decoding.shape
+    nbytes = int(np.prod(shape, dtype=np.int64))
+    need = nbytes + 8 * shape[0] + FOLDER_CACHE_HEADROOM
     probe = entry
     while not probe.exists():  # the nearest existing folder is on the disk it would go to
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need > free:
         raise OSError(
-            f"{x.nbytes / 2**20:,.0f} MiB would leave under "
+            f"{nbytes / 2**20:,.0f} MiB would leave under "
             f"{FOLDER_CACHE_HEADROOM >> 20} MiB free on {probe}"
         )
+    y = decoding.labels
+    meta = {
+        "version": CACHE_VERSION,
+        "root": os.path.abspath(decoding.root),
+        "image_size": image_size,
+        "channels": channels,
+        "decode_version": folders.DECODE_VERSION,
+        "fingerprint": fingerprint,
+        "class_names": decoding.class_names,
+        "shape": list(shape),
+    }
     try:
-        for name, a in (("images.npy", x), ("labels.npy", y)):
-            atomic_write_with(entry / name, lambda f, a=a: np.save(f, a, allow_pickle=False))
+        chunks = (c for _, c in decoding.chunks())
+        meta["images_sha256"] = write_npy(entry / "images.npy", shape, np.uint8, chunks)
+        meta["labels_sha256"] = write_npy(entry / "labels.npy", y.shape, np.int64, [y])
         atomic_write_bytes(entry / "meta.json", json.dumps(meta, indent=1).encode())
-    except OSError:
+    except BaseException:
         shutil.rmtree(entry, ignore_errors=True)
         raise
     for old in slot.iterdir():

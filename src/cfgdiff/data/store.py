@@ -22,6 +22,7 @@ import torch
 
 from cfgdiff.data import folder_cache, folders
 from cfgdiff.data.folder_cache import CACHE_VERSION, array_sha256
+from cfgdiff.data.mapped import file_sha256, open_mapped
 from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import DataError
 from cfgdiff.files import atomic_write_bytes
@@ -104,7 +105,8 @@ def write_cache(data_dir: Path, name: str, arrays: Arrays, class_names, source: 
 
 
 def read_cache(data_dir: Path, name: str, split: str, verify: bool = True):
-    """(images, labels, meta) from the cache, or None if it is absent or incomplete."""
+    """(images, labels, meta) from the cache, or None if it is absent or incomplete: the arrays
+    memory-mapped (mapped.open_mapped), their checksums checked in chunks first."""
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())
@@ -112,14 +114,16 @@ def read_cache(data_dir: Path, name: str, split: str, verify: bool = True):
         return None
     if meta.get("version") != CACHE_VERSION or split not in meta.get("splits", {}):
         return None
+    s = meta["splits"][split]
+    paths = d / f"{split}_images.npy", d / f"{split}_labels.npy"
     try:
-        x = np.load(d / f"{split}_images.npy", allow_pickle=False)
-        y = np.load(d / f"{split}_labels.npy", allow_pickle=False)
+        if verify and [file_sha256(p) for p in paths] != [s["images_sha256"], s["labels_sha256"]]:
+            raise DataError(
+                f"{d}: cache checksum mismatch for {split}; delete the folder to rebuild"
+            )
+        x, y = (open_mapped(p) for p in paths)
     except (OSError, ValueError) as e:
         raise DataError(f"{d}: unreadable cache ({e}); delete the folder to rebuild it") from None
-    s = meta["splits"][split]
-    if verify and (array_sha256(x) != s["images_sha256"] or array_sha256(y) != s["labels_sha256"]):
-        raise DataError(f"{d}: cache checksum mismatch for {split}; delete the folder to rebuild")
     return x, y, meta
 
 

@@ -164,6 +164,7 @@ def _run(cfg: RunConfig, run_dir: Path, data, o: _Options) -> TrainResult:
         "params": count_parameters(state.net), "device": str(o.device),
         "precision": o.precision, "run_dir": str(run_dir), "world_size": w.size,
         "batch_size": t.batch_size, "batch_size_per_rank": t.batch_size // w.size,
+        "data": state.batches.words,
     })  # fmt: skip
 
     # --- the step's network: eager, or compiled and checked against eager (timed with the run)

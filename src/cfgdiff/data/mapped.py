@@ -1,0 +1,85 @@
+"""Cache arrays on disk, read memory-mapped and written in chunks.
+
+Owns the one way a dataset cache's .npy files are read and written: `open_mapped` maps a file
+(never copying it into the process: every process on a machine reads the same pages of the
+page cache), `file_sha256` checks one against its recorded checksum by reading it in chunks
+(without mapping it, so that the check leaves nothing resident), and `write_npy` writes an
+array atomically from chunks that arrive in order (a decoder's), hashing as it goes, so that
+neither writing nor checking holds more than one chunk in memory. The checksum is that of the
+array's bytes in C order, the same as folder_cache.array_sha256 of the whole array: caches
+written before stay valid. docs/datasets.md, "Memory".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from cfgdiff.files import atomic_write_with
+
+CHUNK_BYTES = 16 << 20  # what checking reads at a time
+
+
+def _data_offset(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of the open .npy file `f`, positioned at its start."""
+    major, _ = np.lib.format.read_magic(f)
+    if major == 1:
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran:
+        raise ValueError("a Fortran-ordered array (cfgdiff writes C order)")
+    return tuple(shape), dtype, f.tell()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the array bytes of the .npy file `path`, read CHUNK_BYTES at a time (raises
+    OSError or ValueError for an unreadable or malformed file, or one cut short)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        shape, dtype, _ = _data_offset(f)
+        left = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        while left > 0:
+            block = f.read(min(CHUNK_BYTES, left))
+            if not block:
+                raise ValueError(f"{path}: cut short ({left:,} bytes missing)")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def open_mapped(path: Path) -> np.ndarray:
+    """The .npy array `path` mapped copy-on-write: reads share the page cache with every other
+    process that maps it, a write (cfgdiff makes none) would stay private to this process."""
+    return np.load(path, mmap_mode="c", allow_pickle=False)
+
+
+def write_npy(path: Path, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]) -> str:
+    """Write a .npy file of `shape` and `dtype` atomically from `chunks` (consecutive slices along
+    the first axis, in order, together exactly `shape`), and return the SHA-256 of its array bytes.
+    Raises ValueError if the chunks do not add up, and OSError (a full disk) with `path` left as
+    it was."""
+    dtype = np.dtype(dtype)
+    digest = hashlib.sha256()
+
+    def write(f) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                  "shape": tuple(shape)}  # fmt: skip
+        np.lib.format.write_array_header_2_0(f, header)
+        rows = 0
+        for chunk in chunks:
+            c = np.ascontiguousarray(chunk, dtype=dtype)
+            if c.shape[1:] != tuple(shape[1:]) or rows + c.shape[0] > shape[0]:
+                raise ValueError(f"a chunk of shape {c.shape} past {rows} rows of {shape}")
+            view = memoryview(c).cast("B")
+            digest.update(view)
+            f.write(view)
+            rows += c.shape[0]
+        if rows != shape[0]:
+            raise ValueError(f"{rows} rows written of {shape[0]}")
+
+    atomic_write_with(path, write)
+    return digest.hexdigest()

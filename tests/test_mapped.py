@@ -1,0 +1,147 @@
+"""Data beyond RAM: caches read memory-mapped, folders decoded a chunk at a time straight into
+their cache, and batches gathered from the map exactly as from memory."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from cfgdiff.data import folders, load_dataset
+from cfgdiff.data.batches import DeviceBatches
+from cfgdiff.data.folder_cache import array_sha256
+from cfgdiff.data.mapped import file_sha256, open_mapped, write_npy
+from cfgdiff.data.store import write_cache
+
+
+def _mapped_from(t: torch.Tensor, path) -> bool:
+    """Whether tensor `t`'s memory lies in a mapping of file `path` (Linux's /proc/self/maps)."""
+    ptr = t.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+def rgb_folder(root, per_class: int, size: int = 32):
+    """3 classes x per_class RGB PNGs of size x size, each image its own noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(a, mode="RGB").save(root / f"class{c}" / f"{i:04d}.png")
+    return root
+
+
+def test_a_builtin_cache_is_mapped_not_copied(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (50, 1, 28, 28), dtype=np.uint8)
+    y = np.arange(50) % 10
+    write_cache(tmp_path, "mnist", {"train": (x, y)}, [str(i) for i in range(10)], "test")
+    ds = load_dataset("mnist", tmp_path)
+    assert np.array_equal(ds.images.numpy(), x) and np.array_equal(ds.labels.numpy(), y)
+    assert _mapped_from(ds.images, tmp_path / "cache" / "mnist" / "train_images.npy")
+
+
+def test_a_folder_is_decoded_in_chunks_into_its_cache_as_in_one_piece(tmp_path, monkeypatch):
+    """Decoding a chunk at a time gives the array that one piece gives, to the bit, written to
+    the cache file as np.save would write it (the same checksum), and read back mapped."""
+    folder = rgb_folder(tmp_path / "f", 7)
+    whole, labels, names = folders.folder_dataset(folder, None, None)
+    monkeypatch.setattr(folders, "DECODE_CHUNK", 4)  # 21 images: 6 chunks, the last of 1
+    dd = tmp_path / "dd"
+    ds = load_dataset(f"folder:{folder}", dd)
+    assert np.array_equal(ds.images.numpy(), whole) and np.array_equal(ds.labels.numpy(), labels)
+    assert ds.class_names == tuple(names)
+    (entry,) = (dd / "cache" / "folders").glob("*/*")
+    assert file_sha256(entry / "images.npy") == array_sha256(whole)
+    assert _mapped_from(ds.images, entry / "images.npy")
+    again = load_dataset(f"folder:{folder}", dd)  # from the cache, mapped again
+    assert torch.equal(again.images, ds.images)
+
+
+def test_decoding_into_the_cache_holds_one_chunk_not_the_folder(tmp_path, monkeypatch):
+    """The memory allocated while a folder is decoded into its cache does not grow with the
+    folder's images: four times the images raise the peak by under a quarter of what they add
+    (the rest is a few hundred bytes of listing per file), and the peak stays under half the
+    images' size, where decoding whole holds them all (numpy reports its allocations to
+    tracemalloc)."""
+    monkeypatch.setattr(folders, "DECODE_CHUNK", 16)
+    peaks, sizes = [], []
+    for per_class in (40, 160):
+        folder = rgb_folder(tmp_path / f"f{per_class}", per_class)
+        tracemalloc.start()
+        ds = load_dataset(f"folder:{folder}", tmp_path / f"dd{per_class}")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        peaks.append(peak)
+        sizes.append(ds.images.numel())
+    assert sizes == [120 * 3 * 32 * 32, 480 * 3 * 32 * 32]
+    assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 4, (peaks, sizes)
+    assert peaks[1] < sizes[1] / 2, (peaks, sizes)
+
+
+def test_a_bad_image_mid_folder_leaves_no_cache_and_names_the_file(tmp_path, monkeypatch):
+    from cfgdiff.errors import DataError
+
+    monkeypatch.setattr(folders, "DECODE_CHUNK", 4)
+    folder = rgb_folder(tmp_path / "f", 7)
+    bad = folder / "class2" / "0003.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # its header intact, its pixels cut off
+    with pytest.raises(DataError, match=r"0003\.png: cannot decode image"):
+        load_dataset(f"folder:{folder}", tmp_path / "dd")
+    assert not list((tmp_path / "dd").rglob("*.npy")) and not list((tmp_path / "dd").rglob("*.tmp"))
+
+
+def test_write_npy_streams_chunks_and_refuses_a_wrong_total(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (10, 3, 4, 4), dtype=np.uint8)
+    digest = write_npy(tmp_path / "a.npy", a.shape, np.uint8, [a[:3], a[3:7], a[7:]])
+    assert digest == array_sha256(a) == file_sha256(tmp_path / "a.npy")
+    assert digest == hashlib.sha256(a.tobytes()).hexdigest()
+    assert np.array_equal(open_mapped(tmp_path / "a.npy"), a)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), a)
+    for bad in ([a[:3]], [a, a[:1]], [a[:, :2]]):
+        with pytest.raises(ValueError):
+            write_npy(tmp_path / "b.npy", a.shape, np.uint8, bad)
+        assert list(tmp_path.iterdir()) == [tmp_path / "a.npy"]  # nothing partial left
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+@pytest.mark.parametrize("part", [(0, 1), (1, 2)])
+def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part):
+    """The map's batches, gathered a batch ahead on a thread, equal those drawn from memory,
+    across epoch ends and a resume from a saved position (the batch gathered ahead for the old
+    position is dropped)."""
+    x = np.random.default_rng(2).integers(0, 256, (37, 3, 6, 6), dtype=np.uint8)
+    write_npy(tmp_path / "x.npy", x.shape, np.uint8, [x])
+    mapped = torch.from_numpy(open_mapped(tmp_path / "x.npy"))
+    y = torch.arange(37) % 5
+    kw = dict(batch_size=8, seed=3, device="cpu", hflip=hflip, part=part)
+    a = DeviceBatches(mapped, y, placement="mapped", **kw)
+    b = DeviceBatches(torch.from_numpy(x.copy()), y, placement="device", **kw)
+    assert a.placement == "mapped" and b.placement == "device"
+    for _ in range(12):  # past two epoch ends
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    saved = a.state()
+    a.next()
+    a.load_state(saved)
+    b.load_state(saved)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_cpu_run_says_where_its_data_is_read(tmp_path):
+    from cfgdiff.data.batches import choose_placement
+
+    place, words = choose_placement(torch.zeros(1000, 1, 28, 28, dtype=torch.uint8), "cpu")
+    assert place == "mapped" and words.startswith("data: 1 MiB read where it lies")
