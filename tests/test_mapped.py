@@ -145,3 +145,99 @@ def test_a_cpu_run_says_where_its_data_is_read(tmp_path):
 
     place, words = choose_placement(torch.zeros(1000, 1, 28, 28, dtype=torch.uint8), "cpu")
     assert place == "mapped" and words.startswith("data: 1 MiB read where it lies")
+
+
+# ----------------------------------------------------------------- WebDataset tar shards
+def write_shards(folder, out, per_shard: int, classes_txt: bool = True):
+    """The images of `folder` (class sub-folders) as WebDataset shards in `out`: samples
+    KEY.png + KEY.cls in the folder's order, `per_shard` to a tar (Python's tarfile)."""
+    import io
+    import tarfile
+
+    out.mkdir(parents=True)
+    listing = folders.list_folder(folder)
+    for s in range(0, len(listing.files), per_shard):
+        with tarfile.open(out / f"train-{s // per_shard:04d}.tar", "w") as tar:
+            for j, (path, label) in enumerate(listing.files[s : s + per_shard]):
+                for ext, data in (("png", path.read_bytes()), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{s + j:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    if classes_txt:
+        (out / "classes.txt").write_text("\n".join(listing.class_names) + "\n")
+    return out
+
+
+def test_shards_decode_as_the_folder_they_were_made_from(tmp_path, monkeypatch):
+    pytest.importorskip("webdataset")
+    folder = rgb_folder(tmp_path / "f", 7)
+    shards = write_shards(folder, tmp_path / "s", per_shard=5)  # 21 images: 5 tars
+    whole, labels, names = folders.folder_dataset(folder, None, None)
+    monkeypatch.setattr(folders, "DECODE_CHUNK", 4)
+    said: list[str] = []
+    ds = load_dataset(f"shards:{shards}", tmp_path / "dd", log=said.append)
+    assert np.array_equal(ds.images.numpy(), whole) and np.array_equal(ds.labels.numpy(), labels)
+    assert ds.class_names == tuple(names) and ds.name == f"shards:{shards}"
+    assert said[0] == f"shards:{shards}: decoding 5 shards to 3x32x32"
+    (entry,) = (tmp_path / "dd" / "cache" / "shards").glob("*/*")
+    assert _mapped_from(ds.images, entry / "images.npy")
+    # a brace pattern names the same shards; at another size they are decoded again
+    small = load_dataset(
+        f"shards:{shards}/train-{{0000..0004}}.tar", tmp_path / "dd", image_size=16
+    )
+    assert small.images.shape == (21, 3, 16, 16)
+    # without classes.txt the classes are the numbers
+    (shards / "classes.txt").unlink()
+    assert load_dataset(f"shards:{shards}", tmp_path / "dd2").class_names == ("0", "1", "2")
+
+
+def test_bad_shards_are_one_line_each(tmp_path):
+    import io
+    import tarfile
+
+    pytest.importorskip("webdataset")
+    from cfgdiff.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="a folder with no .tar shards in it"):
+        load_dataset(f"shards:{tmp_path / 'empty'}", tmp_path / "dd")
+    with pytest.raises(DataError, match=r"x-1\.tar is not a file \(1 of 2 named shards missing\)"):
+        (tmp_path / "x-0.tar").write_bytes(b"")
+        load_dataset(f"shards:{tmp_path}/x-{{0..1}}.tar", tmp_path / "dd")
+    (tmp_path / "nocls").mkdir()
+    with tarfile.open(tmp_path / "nocls" / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("000.png")
+        png = io.BytesIO()
+        from PIL import Image
+
+        Image.new("L", (8, 8)).save(png, format="PNG")
+        info.size = len(png.getvalue())
+        tar.addfile(info, io.BytesIO(png.getvalue()))
+    with pytest.raises(DataError, match=r"000: a sample with no class \(\.cls\)"):
+        load_dataset(f"shards:{tmp_path / 'nocls'}", tmp_path / "dd")
+    assert not list((tmp_path / "dd").rglob("*.npy"))
+
+
+def test_a_run_on_shards_trains_and_resumes_exactly(tmp_path):
+    """Training reads the shards' cache: a run resumed from its step-2 checkpoint ends with the
+    weights of the run that went straight to step 4, to the bit."""
+    pytest.importorskip("webdataset")
+    import shutil
+
+    from cfgdiff.cli import main
+
+    folder = rgb_folder(tmp_path / "f", 6, size=8)
+    shards = write_shards(folder, tmp_path / "s", per_shard=4)
+    common = ["--dataset", f"shards:{shards}", "--preset", "tiny", "--sample-every", "0",
+              "--no-progress", "--precision", "fp32", "--data-dir", str(tmp_path / "dd"),
+              "--checkpoint-every", "2", "--keep", "5"]  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--out", str(a), "--steps", "4", *common]) == 0
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-0000004")
+    (b / "checkpoints" / "latest").unlink(missing_ok=True)
+    assert main(["train", "--out", str(b), "--resume", "--data-dir", str(tmp_path / "dd"),
+                 "--no-progress"]) == 0  # fmt: skip
+    for name in ("model.safetensors", "ema.safetensors"):
+        one, two = (r / "checkpoints" / "step-0000004" / name for r in (a, b))
+        assert one.read_bytes() == two.read_bytes(), name

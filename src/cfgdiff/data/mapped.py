@@ -83,3 +83,47 @@ def write_npy(path: Path, shape: tuple[int, ...], dtype, chunks: Iterable[np.nda
 
     atomic_write_with(path, write)
     return digest.hexdigest()
+
+
+# The header write_npy_rows writes before it knows the row count, and rewrites in place after:
+# .npy format 2.0 padded to this many bytes (a multiple of 64, as the format asks).
+_RESERVED_HEADER = 256
+
+
+def write_npy_rows(
+    path: Path, row: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]
+) -> tuple[int, str]:
+    """write_npy for a number of rows known only at the end (a stream of samples): the rows of
+    `chunks` (each of shape (k, *row)) go to the file as they come, then the header is rewritten
+    with their count. Returns (rows, SHA-256 of the array bytes); atomic as write_npy."""
+    dtype = np.dtype(dtype)
+    digest = hashlib.sha256()
+    rows = 0
+
+    def header(n: int) -> bytes:
+        d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+             "shape": (n, *row)}  # fmt: skip
+        text = repr(d).encode("latin1")
+        pad = _RESERVED_HEADER - 12 - len(text) - 1
+        if pad < 0:
+            raise ValueError(f"an array header too long for {_RESERVED_HEADER} bytes: {d}")
+        body = text + b" " * pad + b"\n"
+        return b"\x93NUMPY\x02\x00" + len(body).to_bytes(4, "little") + body
+
+    def write(f) -> None:
+        nonlocal rows
+        f.write(header(0))
+        for chunk in chunks:
+            c = np.ascontiguousarray(chunk, dtype=dtype)
+            if c.shape[1:] != tuple(row):
+                raise ValueError(f"a chunk of shape {c.shape}, rows of {row} expected")
+            view = memoryview(c).cast("B") if c.size else b""
+            digest.update(view)
+            f.write(view)
+            rows += c.shape[0]
+        f.seek(0)
+        f.write(header(rows))
+        f.seek(0, 2)
+
+    atomic_write_with(path, write)
+    return rows, digest.hexdigest()

@@ -11,6 +11,7 @@ help, the cache, the judge and the presets read it from here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from cfgdiff.data import sources
 from cfgdiff.errors import DataError
 
 FOLDER_PREFIX = "folder:"
+SHARDS_PREFIX = "shards:"
 
 
 @dataclass(frozen=True)
@@ -85,16 +87,21 @@ FOLDER = DatasetSpec(
     judge={"epochs": 3, "flip": False, "min_steps": 300},
 )
 
-NAMES_HELP = " | ".join([*DATASETS, f"{FOLDER_PREFIX}PATH"])
+# WebDataset tar shards (data/shards.py): a user's own images, judged as a folder's are.
+SHARDS = dataclasses.replace(FOLDER, name="shards")
+
+NAMES_HELP = " | ".join([*DATASETS, f"{FOLDER_PREFIX}PATH", f"{SHARDS_PREFIX}PATTERN"])
 
 
 @dataclass(frozen=True)
 class DatasetName:
-    """A dataset name, parsed: a built-in's spec, or the folder spec and the folder's absolute
-    path. str() gives the canonical name that runs record."""
+    """A dataset name, parsed: a built-in's spec, the folder spec and the folder's absolute
+    path, or the shards spec and the shards' pattern (absolute). str() gives the canonical name
+    that runs record."""
 
     spec: DatasetSpec
     folder: Path | None = None
+    shards: str | None = None
 
     @classmethod
     def parse(cls, name: str) -> DatasetName:
@@ -103,15 +110,22 @@ class DatasetName:
         if name.startswith(FOLDER_PREFIX) and len(name) > len(FOLDER_PREFIX):
             path = os.path.abspath(os.path.expanduser(name[len(FOLDER_PREFIX) :]))
             return cls(FOLDER, Path(path))
+        if name.startswith(SHARDS_PREFIX) and len(name) > len(SHARDS_PREFIX):
+            pattern = os.path.abspath(os.path.expanduser(name[len(SHARDS_PREFIX) :]))
+            return cls(SHARDS, shards=pattern)
         raise DataError(
-            f"`dataset` must be one of {', '.join(DATASETS)} or {FOLDER_PREFIX}PATH, got {name!r}"
+            f"`dataset` must be one of {', '.join(DATASETS)}, {FOLDER_PREFIX}PATH or "
+            f"{SHARDS_PREFIX}PATTERN, got {name!r}"
         )
 
     @property
     def is_folder(self) -> bool:
-        return self.folder is not None
+        """A user's own images (a folder or shards): no test split, judged as folders are."""
+        return self.folder is not None or self.shards is not None
 
     def __str__(self) -> str:
+        if self.shards is not None:
+            return f"{SHARDS_PREFIX}{self.shards}"
         return f"{FOLDER_PREFIX}{self.folder}" if self.folder is not None else self.spec.name
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfgdiff.data import folder_cache, folders
+from cfgdiff.data import folder_cache, folders, shards
 from cfgdiff.data.folder_cache import CACHE_VERSION, array_sha256
 from cfgdiff.data.mapped import file_sha256, open_mapped
 from cfgdiff.data.specs import DatasetName
@@ -170,6 +170,11 @@ def load_dataset(
             ds.folder, image_size, channels, data_dir, log=log
         )
         return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
+    if ds.shards is not None:
+        if split != "train":
+            raise DataError(f"{name}: shards are one train split")
+        x, y, class_names = shards.load_shards(ds.shards, image_size, channels, data_dir, log=log)
+        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
     meta = obtain(name, data_dir, log)
     got = read_cache(data_dir, name, split)
     if got is None:
@@ -215,6 +220,11 @@ def class_names_of(name: str, data_dir: Path | None = None, log: Log | None = No
     if ds.folder is not None:
         return folders.list_folder(ds.folder).class_names
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if ds.shards is not None:
+        try:
+            return shards.shard_class_names(ds.shards)
+        except DataError:  # no classes.txt: the classes the decoded shards hold
+            return shards.load_shards(ds.shards, None, None, data_dir, log=log)[2]
     return list(obtain(name, data_dir, log)["class_names"])
 
 
@@ -225,6 +235,14 @@ def info(name: str, data_dir: Path | None = None, log: Log | None = None) -> dic
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if ds.folder is not None:
         return folder_cache.folder_info(name, ds.folder, data_dir, log)
+    if ds.shards is not None:
+        x, y, class_names = shards.load_shards(ds.shards, None, None, data_dir, log=log)
+        counts = np.bincount(y, minlength=len(class_names)).tolist()
+        return {
+            "name": name, "path": ds.shards, "class_names": class_names,
+            "shards": [str(p) for p in shards.list_shards(ds.shards)],
+            "splits": {"train": {"shape": list(x.shape), "counts": counts}},
+        }  # fmt: skip
     d = cache_dir(data_dir, name)
     try:
         meta = json.loads((d / "meta.json").read_text())

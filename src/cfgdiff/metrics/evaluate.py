@@ -76,7 +76,7 @@ def _dataset_of(cfg: RunConfig, dataset: str | None) -> str:
     if dataset is not None:
         return dataset
     name = DatasetName.parse(cfg.dataset)
-    if name.is_folder and not name.folder.is_dir():
+    if name.folder is not None and not name.folder.is_dir():
         raise ConfigError(
             f"the checkpoint was trained on {cfg.dataset}, which is not on this machine; pass "
             "`dataset` folder:PATH (the same class sub-folders) to evaluate against it"
