@@ -117,7 +117,8 @@ def test_write_npy_streams_chunks_and_refuses_a_wrong_total(tmp_path):
 @pytest.mark.parametrize("hflip", [False, True])
 @pytest.mark.parametrize("part", [(0, 1), (1, 2)])
 def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part):
-    """The map's batches, gathered a batch ahead on a thread, equal those drawn from memory,
+    """The map's batches, gathered a batch ahead on a thread (as for a CUDA device), equal those
+    drawn from memory,
     across epoch ends and a resume from a saved position (the batch gathered ahead for the old
     position is dropped)."""
     x = np.random.default_rng(2).integers(0, 256, (37, 3, 6, 6), dtype=np.uint8)
@@ -125,7 +126,7 @@ def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part)
     mapped = torch.from_numpy(open_mapped(tmp_path / "x.npy"))
     y = torch.arange(37) % 5
     kw = dict(batch_size=8, seed=3, device="cpu", hflip=hflip, part=part)
-    a = DeviceBatches(mapped, y, placement="mapped", **kw)
+    a = DeviceBatches(mapped, y, placement="mapped", ahead=True, **kw)
     b = DeviceBatches(torch.from_numpy(x.copy()), y, placement="device", **kw)
     assert a.placement == "mapped" and b.placement == "device"
     for _ in range(12):  # past two epoch ends

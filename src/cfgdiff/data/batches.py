@@ -4,10 +4,12 @@ Where the images are read from (`placement`, chosen by `choose_placement` and sa
 starts):
 - "device": the whole dataset is copied to the training device once and batches are drawn there
   (a CUDA device where it fits with room to spare: DEVICE_DATA_FRACTION of its free memory).
-- "mapped": the images stay where they are, memory-mapped from their cache file on a CPU (every
-  process of a machine reads the same pages of the page cache, never a copy of its own), and
-  each batch's rows are gathered by index on a background thread one batch ahead, into pinned
-  memory with a non-blocking copy on CUDA. docs/datasets.md, "Memory".
+- "mapped": the images stay where they are, memory-mapped from their cache file (every process
+  of a machine reads the same pages of the page cache, never a copy of its own). For a CUDA
+  device each batch's rows are gathered by index on a background thread one batch ahead, into
+  pinned memory, and copied without blocking; on a CPU they are gathered in the step, as from
+  memory: a thread would share the step's cores, and costs more than the gather from cached
+  pages (docs/datasets.md, "Memory").
 
 The order is a sequence of seeded permutations, one per epoch; the position (epoch, offset) is
 plain data, so a resumed run draws exactly the batches the uninterrupted run would have. Random
@@ -60,9 +62,11 @@ class DeviceBatches:
         hflip: bool = False,
         part: tuple[int, int] = (0, 1),
         placement: str | None = None,
+        ahead: bool | None = None,
     ):
         """part: (r, W), this process's share of each global batch (r of W equal parts).
-        placement: "device" or "mapped" (default: choose_placement's)."""
+        placement: "device" or "mapped" (default: choose_placement's). ahead: gather a mapped
+        batch on a thread, one batch ahead (default: for a CUDA device)."""
         self.device = torch.device(device)
         chosen, self.words = choose_placement(images, self.device)
         self.placement = placement or chosen
@@ -89,7 +93,9 @@ class DeviceBatches:
         self._perms: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # the mapped placement's next batch, gathered on a thread: ((epoch, offset), Future)
         self._ahead: tuple[tuple[int, int], Future] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cfgdiff-batches") if mapped else None
+        if ahead is None:
+            ahead = mapped and self.device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cfgdiff-batches") if ahead else None
 
     def _permutation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The epoch's order, and whether the image at each position of it is mirrored."""
@@ -152,8 +158,8 @@ class DeviceBatches:
         part, this process's rows of the global batch."""
         here = (self.epoch, self.offset)
         i, f, after = self._indices(*here)
-        if self.placement == "device":
-            x = self.images[i]
+        if self._pool is None:  # on the device, or a map gathered in the step
+            x = self.images[i].to(self.device)
         else:
             ahead = self._ahead
             rows = ahead[1].result() if ahead is not None and ahead[0] == here else self._gather(i)
