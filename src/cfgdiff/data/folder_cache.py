@@ -79,7 +79,7 @@ def load_folder(
     slot = folder_caches(data_dir) / _folder_cache_key(root, image_size, channels)
     entry = slot / fingerprint[:16]
     large = len(listing.files) >= folders.LOG_DECODING_FROM
-    got = _read_folder_cache(entry, fingerprint)
+    got = read_entry(entry, fingerprint)
     if got is not None:
         if log is not None and large:
             log(f"{root}: {len(listing.files):,} images as decoded before, from {entry}")
@@ -91,7 +91,7 @@ def load_folder(
     decoding = folders.decode_folder(root, image_size, channels, scan=scan, log=log)
     try:
         _write_folder_cache(slot, entry, fingerprint, decoding, image_size, channels)
-        got = _read_folder_cache(entry, fingerprint, verify=False)  # just written and hashed
+        got = read_entry(entry, fingerprint, verify=False)  # just written and hashed
         if got is None:
             raise OSError(f"{entry}: the cache just written cannot be read back")
     except OSError as e:
@@ -103,8 +103,9 @@ def load_folder(
     return got
 
 
-def _read_folder_cache(entry: Path, fingerprint: str, verify: bool = True):
-    """(images, labels, class names) of a complete, intact cache entry for these files, the
+def read_entry(entry: Path, fingerprint: str, verify: bool = True):
+    """(images, labels, class names) of a complete, intact cache entry (of a folder or of shards)
+    for these files, the
     arrays memory-mapped (their checksums checked in chunks first unless `verify` is False);
     None otherwise (absent, written by another version, torn or corrupted: the caller decodes)."""
     try:

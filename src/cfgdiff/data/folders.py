@@ -92,6 +92,24 @@ def _decode(im, mode: str, size: int) -> np.ndarray:
     return np.asarray(im.convert(mode), dtype=np.uint8)
 
 
+def decode_image(where, im, mode: str, size: int) -> np.ndarray:
+    """One opened image (from file or archive member `where`, named in errors) as uint8
+    (C, size, size): upright (_decode), its centre square, resized (bicubic) to `size`. Raises
+    DataError for one too large to decode, and what _unreadable() lists for a broken one."""
+    from PIL import Image
+
+    _check_pixels(where, im.size)  # a file may have changed since its scan
+    a = _decode(im, mode, size)
+    h, w = a.shape[:2]
+    if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
+        top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+        a = a[top : top + min(h, w), left : left + min(h, w)]
+    if a.shape[:2] != (size, size):
+        resized = Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)
+        a = np.asarray(resized, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
 def class_folder_names(names: Sequence[str]) -> list[str]:
     """A file-system-safe, distinct folder name for each class name ("T-shirt/top" ->
     "T-shirt_top"; a name that is empty, hidden or taken gets its index appended)."""
@@ -252,18 +270,9 @@ class FolderDecoding:
             p = files[i][0]
             try:
                 with Image.open(p) as im:
-                    _check_pixels(p, im.size)  # the file may have changed since its scan
-                    a = _decode(im, mode, size)
-                h, w = a.shape[:2]
-                if h != w:  # the centre square: resizing a 4:3 photo to a square would squash it
-                    top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
-                    a = a[top : top + min(h, w), left : left + min(h, w)]
-                if a.shape[:2] != (size, size):
-                    resized = Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)
-                    a = np.asarray(resized, dtype=np.uint8)
+                    out[i - start] = decode_image(p, im, mode, size)
             except _unreadable() as e:
                 raise DataError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
-            out[i - start] = a[None] if channels == 1 else a.transpose(2, 0, 1)
 
         # Pillow releases the GIL while decoding and resizing, so threads use every core. Each
         # image lands at its own index: the array is the same whatever the order the threads

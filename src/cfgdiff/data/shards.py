@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from cfgdiff.data import folders
-from cfgdiff.data.folder_cache import CACHE_VERSION, FOLDER_CACHE_HEADROOM
+from cfgdiff.data.folder_cache import CACHE_VERSION, FOLDER_CACHE_HEADROOM, read_entry
 from cfgdiff.data.folders import Log
-from cfgdiff.data.mapped import file_sha256, open_mapped, write_npy, write_npy_rows
+from cfgdiff.data.mapped import write_npy, write_npy_rows
 from cfgdiff.errors import DataError
 from cfgdiff.files import atomic_write_bytes
 
@@ -105,29 +105,14 @@ def _samples(files: list[Path]):
         yield key, image, label
 
 
-def _decode_image(key: str, data: bytes, mode: str, size: int | None) -> np.ndarray:
+def _decode_image(key: str, data: bytes, mode: str, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            folders._check_pixels(Path(key), im.size)
-            if size is None:
-                w, h = im.size
-                size = w
-                if w != h:
-                    raise DataError(f"{key}: image is {w}x{h}, not square; pass `image_size`")
-            a = folders._decode(im, mode, size)
+            return folders.decode_image(key, im, mode, size)
     except folders._unreadable() as e:
         raise DataError(f"{key}: cannot decode image ({type(e).__name__}: {e})") from None
-    h, w = a.shape[:2]
-    if h != w:
-        top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
-        a = a[top : top + min(h, w), left : left + min(h, w)]
-    if a.shape[:2] != (size, size):
-        a = np.asarray(
-            Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8
-        )
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _first_image(files: list[Path]) -> tuple[str, int]:
@@ -152,13 +137,14 @@ def load_shards(
     """The images, labels and class names of the shards `pattern` names, memory-mapped from
     their cache (decoded first, a chunk at a time, when the cache is missing or the shards
     changed). channels None: the first image's (1 if it is grayscale, else 3); image_size
-    None: the first image's side, every image the same square size."""
+    None: the first image's width (every image cropped to its centre square and resized to it,
+    as `image_size` does)."""
     files = list_shards(pattern)
     fingerprint = _fingerprint(files)
     key = json.dumps([os.path.abspath(pattern), image_size, channels, folders.DECODE_VERSION])
     slot = data_dir / "cache" / "shards" / hashlib.sha256(key.encode()).hexdigest()[:16]
     entry = slot / fingerprint[:16]
-    got = _read(entry, fingerprint)
+    got = read_entry(entry, fingerprint)
     if got is not None:
         if log is not None:
             log(f"shards:{pattern}: {len(got[1]):,} images as decoded before, from {entry}")
@@ -234,32 +220,13 @@ def load_shards(
     for old in slot.iterdir():
         if old != entry and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-    got = _read(entry, fingerprint, verify=False)
+    got = read_entry(entry, fingerprint, verify=False)
     if got is None:
         raise DataError(f"{entry}: the cache just written cannot be read back")
     if log is not None:
         log(f"shards:{pattern}: {n:,} images cached in {entry} "
             f"({got[0].nbytes / 2**20:,.0f} MiB)")  # fmt: skip
     return got
-
-
-def _read(entry: Path, fingerprint: str, verify: bool = True):
-    """folder_cache._read_folder_cache for a shards entry: mapped arrays, or None."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-        if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
-            return None
-        paths = entry / "images.npy", entry / "labels.npy"
-        if verify and [file_sha256(p) for p in paths] != [
-            meta["images_sha256"], meta["labels_sha256"]
-        ]:  # fmt: skip
-            return None
-        x, y = (open_mapped(p) for p in paths)
-        if list(x.shape) != meta["shape"] or y.shape != (x.shape[0],):
-            return None
-        return x, y, [str(c) for c in meta["class_names"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def shard_class_names(pattern: str) -> list[str]:
