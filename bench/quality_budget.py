@@ -1,0 +1,82 @@
+"""Quality against training time: a table and a plot from `cfgdiff sweep` records.
+
+    python bench/quality_budget.py --point MINUTES,LABEL,RUN/sweep/sweep.json [--point ...]
+                                   [--plot docs/quality_budget.png]
+
+Each point is one trained model: its training minutes (the wall time of `cfgdiff train`'s
+training, as its SUMMARY.txt says), a label (the recipe and the machine), and the sweep.json of
+`cfgdiff sweep --n 1000` over scales that include 1. The table gives, per point, the best FID
+over the swept scales (the judge's features) and its ratio to the real floor, precision and
+recall there, and class accuracy at s = 1 and at the largest swept scale. The plot (matplotlib)
+draws FID / floor at the best scale and at s = 1 against the minutes, one marker per label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def summary(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    rows = r["rows"]
+    floor = r["real_floor"]["fid"]
+    best = min(rows, key=lambda x: x["fid"])
+    at1 = next(x for x in rows if float(x["scale"]) == 1.0)
+    top = max(rows, key=lambda x: float(x["scale"]))
+    return {
+        "n": r["n"], "floor": floor, "best_scale": float(best["scale"]), "best_fid": best["fid"],
+        "ratio": best["fid"] / floor, "precision": best["precision"], "recall": best["recall"],
+        "fid_s1": at1["fid"], "acc_s1": at1["class_accuracy"], "top_scale": float(top["scale"]),
+        "acc_top": top["class_accuracy"], "sampler": f"{r['sampler']} {r['steps']}",
+    }  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--point", action="append", required=True, help="MINUTES,LABEL,SWEEP_JSON")
+    p.add_argument("--plot", type=Path, default=None)
+    a = p.parse_args()
+    points = []
+    for spec in a.point:
+        minutes, label, path = spec.split(",", 2)
+        points.append({"minutes": float(minutes), "label": label, **summary(Path(path))})
+    points.sort(key=lambda q: q["minutes"])
+    print("| training | recipe, machine | sampler | n | best s | FID (floor) | x floor | precision "
+          "| recall | acc s = 1 (FID) | acc at top s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for q in points:
+        top = f"{100 * q['acc_top']:.1f} % (s = {q['top_scale']:g})"
+        print(f"| {q['minutes']:g} min | {q['label']} | {q['sampler']} | {q['n']} | "
+              f"{q['best_scale']:g} | {q['best_fid']:.3f} ({q['floor']:.3f}) | {q['ratio']:.2f} | "
+              f"{q['precision']:.3f} | {q['recall']:.3f} | {100 * q['acc_s1']:.1f} % "
+              f"({q['fid_s1']:.3f}) | {top} |")  # fmt: skip
+    if a.plot is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.4, 4.0), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label in dict.fromkeys(q["label"] for q in points):
+            qs = [q for q in points if q["label"] == label]
+            ax.plot([q["minutes"] for q in qs], [q["ratio"] for q in qs], "o-",
+                    label=f"{label}: best s")  # fmt: skip
+            ax.plot([q["minutes"] for q in qs], [q["fid_s1"] / q["floor"] for q in qs], "x--",
+                    label=f"{label}: s = 1")  # fmt: skip
+        ax.set_xlim(left=0, right=max(q["minutes"] for q in points) * 1.1)
+        ax.axhline(2.0, color="grey", lw=0.8, ls=":")
+        ax.text(ax.get_xlim()[0], 2.03, " 2x the real floor", color="grey", fontsize=8)
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_ylabel("FID / real floor (judge features, n = 1000)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(a.plot)
+        print(f"plot: {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
