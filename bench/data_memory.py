@@ -154,7 +154,7 @@ def train_cmd(dataset: str, out: Path, data_dir: Path, steps: int, batch: int, e
     return ["-m", "cfgdiff", "train", "--dataset", dataset, "--out", str(out), "--preset", "tiny",
             "--steps", str(steps), "--batch-size", str(batch), "--sample-every", "0",
             "--checkpoint-every", str(max(1, steps // 2)), "--no-progress", "--precision", "fp32",
-            "--data-dir", str(data_dir), *extra]  # fmt: skip
+            "--data-dir", str(data_dir), "--patch-size", "2", *extra]  # fmt: skip
 
 
 def torchrun(src: Path, dataset: str, work: Path, data_dir: Path, steps: int) -> dict:

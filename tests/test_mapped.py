@@ -242,3 +242,23 @@ def test_a_run_on_shards_trains_and_resumes_exactly(tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         one, two = (r / "checkpoints" / "step-0000004" / name for r in (a, b))
         assert one.read_bytes() == two.read_bytes(), name
+
+
+def test_the_data_identity_reads_the_cache_files_and_equals_the_arrays(tmp_path):
+    """A run's data identity (count and SHA-256 of images then labels) is read from the cache
+    files, leaving the map's pages alone, and is the one the arrays in memory give; a held-out
+    part is in memory and hashed as such."""
+    import dataclasses
+
+    from cfgdiff.train.state import data_identity
+
+    x = np.random.default_rng(0).integers(0, 256, (30, 1, 8, 8), dtype=np.uint8)
+    write_cache(tmp_path, "mnist", {"train": (x, np.arange(30) % 10)}, list("abcdefghij"), "t")
+    ds = load_dataset("mnist", tmp_path)
+    assert ds.files is not None and ds.files[0].name == "train_images.npy"
+    assert data_identity(ds) == data_identity(dataclasses.replace(ds, files=None))
+    rest, held = ds.hold_out(3)
+    assert rest.files is None and held.files is None
+    assert data_identity(held)["n"] == 10
+    # at another size the images are converted in memory: no files to read
+    assert load_dataset("mnist", tmp_path, image_size=16).files is None

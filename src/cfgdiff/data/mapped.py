@@ -35,10 +35,10 @@ def _data_offset(f) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, f.tell()
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of the array bytes of the .npy file `path`, read CHUNK_BYTES at a time (raises
-    OSError or ValueError for an unreadable or malformed file, or one cut short)."""
-    h = hashlib.sha256()
+def data_chunks(path: Path):
+    """The array bytes of the .npy file `path`, CHUNK_BYTES at a time, read from the file (not
+    through a map, so that nothing stays resident); raises OSError or ValueError for an
+    unreadable or malformed file, or one cut short."""
     with open(path, "rb") as f:
         shape, dtype, _ = _data_offset(f)
         left = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -46,9 +46,23 @@ def file_sha256(path: Path) -> str:
             block = f.read(min(CHUNK_BYTES, left))
             if not block:
                 raise ValueError(f"{path}: cut short ({left:,} bytes missing)")
-            h.update(block)
+            yield block
             left -= len(block)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the array bytes of the .npy file `path` (data_chunks)."""
+    h = hashlib.sha256()
+    for block in data_chunks(path):
+        h.update(block)
     return h.hexdigest()
+
+
+def mapped_file(a) -> Path | None:
+    """The file array `a` (numpy) is mapped from, whole (open_mapped's), else None."""
+    if isinstance(a, np.memmap) and a.filename is not None and a.base is not None:
+        return Path(a.filename)
+    return None
 
 
 def open_mapped(path: Path) -> np.ndarray:

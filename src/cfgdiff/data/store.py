@@ -22,7 +22,7 @@ import torch
 
 from cfgdiff.data import folder_cache, folders, shards
 from cfgdiff.data.folder_cache import CACHE_VERSION, array_sha256
-from cfgdiff.data.mapped import file_sha256, open_mapped
+from cfgdiff.data.mapped import file_sha256, mapped_file, open_mapped
 from cfgdiff.data.specs import DatasetName
 from cfgdiff.errors import DataError
 from cfgdiff.files import atomic_write_bytes
@@ -37,6 +37,9 @@ class Dataset:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
     class_names: tuple[str, ...]
+    # the .npy files `images` and `labels` are mapped from, whole (None: in memory), so that
+    # their bytes can be read again without making the map resident (train.state.data_identity)
+    files: tuple[Path, Path] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -57,8 +60,12 @@ class Dataset:
         """(the rest, every `every`-th image from the first): a held-out split for data that has
         no test split (a folder; its classes are contiguous, so each is represented)."""
         held = torch.arange(len(self)) % every == 0
-        rest = dataclasses.replace(self, images=self.images[~held], labels=self.labels[~held])
-        return rest, dataclasses.replace(self, images=self.images[held], labels=self.labels[held])
+        rest = dataclasses.replace(
+            self, images=self.images[~held], labels=self.labels[~held], files=None
+        )
+        return rest, dataclasses.replace(
+            self, images=self.images[held], labels=self.labels[held], files=None
+        )
 
 
 def default_data_dir() -> Path:
@@ -169,20 +176,30 @@ def load_dataset(
         x, y, class_names = folder_cache.load_folder(
             ds.folder, image_size, channels, data_dir, log=log
         )
-        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
+        return _dataset(name, x, y, class_names)
     if ds.shards is not None:
         if split != "train":
             raise DataError(f"{name}: shards are one train split")
         x, y, class_names = shards.load_shards(ds.shards, image_size, channels, data_dir, log=log)
-        return Dataset(name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names))
+        return _dataset(name, x, y, class_names)
     meta = obtain(name, data_dir, log)
     got = read_cache(data_dir, name, split)
     if got is None:
         raise DataError(f"{cache_dir(data_dir, name)}: cache has no {split} split")
     x, y, meta = got
-    images = torch.from_numpy(x)
-    images = convert_images(images, image_size, channels)
-    return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
+    images = convert_images(torch.from_numpy(x), image_size, channels)
+    if images.data_ptr() != torch.from_numpy(x).data_ptr():  # converted: in memory
+        return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
+    return _dataset(name, x, y, meta["class_names"])
+
+
+def _dataset(name: str, x: np.ndarray, y: np.ndarray, class_names) -> Dataset:
+    """A Dataset of arrays as a cache gives them, remembering the files they are mapped from."""
+    files = (mapped_file(x), mapped_file(y))
+    return Dataset(
+        name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names),
+        files if None not in files else None,
+    )  # fmt: skip
 
 
 def convert_images(

@@ -25,6 +25,7 @@ from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.data import DatasetName, canonical_name, is_folder
 from cfgdiff.data.batches import DeviceBatches
+from cfgdiff.data.mapped import data_chunks
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError
@@ -41,8 +42,14 @@ def data_identity(data) -> dict:
     a resume can tell when a folder changed in between: training then goes on with the data as
     it is now, which cannot repeat the uninterrupted run exactly (the "data_changed" event)."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(data.images.numpy()))
-    h.update(np.ascontiguousarray(data.labels.numpy()))
+    files = getattr(data, "files", None)
+    if files is not None:  # read from the cache files: the map's pages stay where they are
+        for path in files:
+            for block in data_chunks(path):
+                h.update(block)
+    else:
+        h.update(np.ascontiguousarray(data.images.numpy()))
+        h.update(np.ascontiguousarray(data.labels.numpy()))
     return {"n": len(data), "sha256": h.hexdigest()}
 
 
