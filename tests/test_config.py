@@ -210,3 +210,38 @@ def test_the_fp32_demo_is_a_cheaper_network_of_the_same_recipe():
             net(x, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).shape
             == x.shape
         )
+
+
+@pytest.mark.parametrize(
+    "seconds,device,precision,chosen",
+    [(180, "cpu", "fp32", "cpu-demo-fp32"), (600, "cpu", "fp32", "cpu-demo-fp32"),
+     (1800, "cpu", "fp32", "cpu-30m-fp32"), (3600, "cpu", "fp32", "cpu-30m-fp32"),
+     (1800, "cpu", "bf16", "cpu-demo"), (1800, "cuda", "bf16", "cpu-demo")],
+)  # fmt: skip
+def test_a_time_budget_picks_the_recipe_measured_for_it(seconds, device, precision, chosen):
+    from cfgdiff.presets import BUDGET_RECIPES, budget_preset
+
+    name, note = budget_preset(seconds, device, precision)
+    assert name == chosen and chosen in PRESETS
+    assert note.startswith(f"--time {seconds // 60} min: preset {chosen}") and "\n" not in note
+    measured = {(r.device, r.precision) for r in BUDGET_RECIPES}
+    assert ("no budget recipe is measured" in note) == ((device, precision) not in measured)
+    for r in BUDGET_RECIPES:  # every row names a preset that builds
+        r.preset in PRESETS or pytest.fail(r.preset)
+
+
+def test_a_budgeted_run_records_its_recipe_and_a_preset_or_resume_keeps_its_own(
+    folder_data, tmp_path
+):
+    from cfgdiff.train.run import RunRequest, prepare
+
+    said = []
+    base = dict(dataset=f"folder:{folder_data}", device="cpu", precision="fp32")
+    p = prepare(RunRequest(tmp_path / "a", time_budget=1800, **base), said.append)
+    assert p.cfg.preset == "cpu-30m-fp32" and p.cfg.model.base_channels == 48
+    assert said[0].startswith("--time 30 min: preset cpu-30m-fp32 (")
+    said.clear()
+    p = prepare(RunRequest(tmp_path / "b", time_budget=1800, preset="tiny", **base), said.append)
+    assert p.cfg.preset == "tiny" and not any(s.startswith("--time") for s in said)
+    p = prepare(RunRequest(tmp_path / "c", time_budget=120, **base), said.append)
+    assert p.cfg.preset == "cpu-demo-fp32"

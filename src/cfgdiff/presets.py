@@ -88,6 +88,26 @@ PRESETS: dict[str, RunConfig] = {
         ),
         preset="cpu-demo-fp32",
     ),  # fmt: skip
+    # About 30 minutes of training on a 2-core CPU in fp32: cpu-demo-fp32's patch stem with 48
+    # channels, and an EMA for a run of thousands of steps (docs/results.md, "Quality for the
+    # time you have").
+    "cpu-30m-fp32": dataclasses.replace(
+        replace_fields(
+            _CPU_DEMO,
+            {
+                "model.patch_size": 2,
+                "model.base_channels": 48,
+                "model.channel_mult": (1, 2),
+                "model.attn_levels": (1,),
+                "train.steps": 2400,
+                "train.warmup_steps": 200,
+                "train.ema_decay": 0.999,
+                "train.sample_every": 1000,
+                "train.checkpoint_every": 500,
+            },
+        ),
+        preset="cpu-30m-fp32",
+    ),  # fmt: skip
     # MNIST on one GPU: a wider network and more steps.
     "mnist": RunConfig(
         model=ModelConfig(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2),
@@ -173,6 +193,58 @@ PRESETS: dict[str, RunConfig] = {
 # cousin cpu-demo-fp32 on CPUs without native bf16 (docs/results.md, "The demo on a CPU without
 # native bf16").
 MACHINE_PRESETS: dict[str, dict[str, str]] = {"demo": {"bf16": "cpu-demo", "fp32": "cpu-demo-fp32"}}
+
+
+@dataclass(frozen=True)
+class BudgetRecipe:
+    """A row of BUDGET_RECIPES: the preset that measured best for time budgets up to `up_to_s`
+    seconds (above the previous row's) when training on `device` in `precision`, and the
+    measurement behind it, said when it is chosen."""
+
+    device: str  # "cpu" or "cuda"
+    precision: str  # "fp32" or "bf16"
+    up_to_s: float
+    preset: str
+    evidence: str
+
+
+# The recipe `cfgdiff train --time` picks where no --preset is given, from what the project
+# measured on 2-core CPUs on MNIST (docs/results.md, "Quality for the time you have"). A kind
+# of machine with no row of its own gets the `demo` preset's choice, and the start line says
+# that no recipe was measured there.
+BUDGET_RECIPES: tuple[BudgetRecipe, ...] = (
+    BudgetRecipe(
+        "cpu", "fp32", 15 * 60, "cpu-demo-fp32",
+        "the demo's recipe, measured best at 6-10 min",
+    ),
+    BudgetRecipe(
+        "cpu", "fp32", float("inf"), "cpu-30m-fp32",
+        "48 channels and a slower EMA, measured at 30 min",
+    ),
+    BudgetRecipe(
+        "cpu", "bf16", float("inf"), "cpu-demo",
+        "the demo's recipe; no longer bf16 recipe is measured yet",
+    ),
+)  # fmt: skip
+
+
+def budget_preset(seconds: float, device_type: str, precision: str) -> tuple[str, str]:
+    """The preset `cfgdiff train --time` takes for a budget of `seconds` training on
+    `device_type` in `precision` (BUDGET_RECIPES), and the one line that says which and why."""
+    budget = _minutes(seconds)
+    rows = [r for r in BUDGET_RECIPES if (r.device, r.precision) == (device_type, precision)]
+    for r in rows:
+        if seconds <= r.up_to_s:
+            return r.preset, f"--time {budget}: preset {r.preset} ({r.evidence}; --preset chooses)"
+    chosen, _ = machine_preset("demo", device_type, precision)
+    return chosen, (
+        f"--time {budget}: preset {chosen}, the demo's (no budget recipe is measured for "
+        f"{device_type} in {precision}; --preset chooses)"
+    )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def machine_preset(name: str, device_type: str, precision: str) -> tuple[str, str | None]:

@@ -37,15 +37,17 @@ def add_parser(sub) -> None:
         "--preset",
         default=None,
         choices=[*PRESETS, *MACHINE_PRESETS],
-        help="named configuration (default cpu-demo; on --resume the checkpoint's); demo: "
-        "cpu-demo where training runs in bf16, cpu-demo-fp32 on a CPU without native bf16",
+        help="named configuration (default cpu-demo, or with --time the recipe measured best for "
+        "the budget; on --resume the checkpoint's); demo: cpu-demo where training runs in bf16, "
+        "cpu-demo-fp32 on a CPU without native bf16",
     )
     tr.add_argument(
         "--time",
         type=duration,
         help="train for about this long instead of --steps (90, 90s, 5m, 1.5h): the step count, "
         "and so the LR schedule, is sized to it from the speed of the first 25 steps; previews, "
-        "evaluations and checkpoints come on top",
+        "evaluations and checkpoints come on top. Without --preset, the recipe measured best for "
+        "the budget on this kind of machine (docs/results.md, 'Quality for the time you have')",
     )
     add_config_flags(tr)
     tr.add_argument("--image-size", type=int_in(8, 1024), help="resize images to this side")

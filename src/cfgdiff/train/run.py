@@ -26,7 +26,13 @@ from cfgdiff.config import RunConfig
 from cfgdiff.data import DatasetName, check_name, load_dataset
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
-from cfgdiff.presets import MACHINE_PRESETS, config_for_dataset, machine_preset, resolve_config
+from cfgdiff.presets import (
+    MACHINE_PRESETS,
+    budget_preset,
+    config_for_dataset,
+    machine_preset,
+    resolve_config,
+)
 from cfgdiff.records import checkpoint_step
 from cfgdiff.run_layout import CHECKPOINTS
 from cfgdiff.runtime import compile_training, describe_machine, resolve_device, resolve_precision
@@ -90,6 +96,8 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
     preset, chosen = req.preset, None
     if preset in MACHINE_PRESETS:  # a resumed run keeps the preset it was trained with
         preset, chosen = (None, None) if resumed else machine_preset(preset, device.type, precision)
+    elif preset is None and req.time_budget is not None and not req.resume:
+        preset, chosen = budget_preset(req.time_budget, device.type, precision)
     resolved = resolve_config(req.overrides, preset=preset, dataset=req.dataset, resumed=resumed)
     if chosen is not None and log is not None:
         log(chosen)
