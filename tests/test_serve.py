@@ -20,6 +20,7 @@ from serving import events, host_port, request
 
 from cfgdiff.cli import main
 from cfgdiff.errors import ConfigError
+from cfgdiff.sampling.samplers import SAMPLERS
 from cfgdiff.serve.jobs import Busy, Engine, Limits, Model, Settings, parse_settings
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -103,8 +104,8 @@ def _cfg(classes: int = 3, timesteps: int = 1000, text: bool = False):
          "got 1e+300"),
         ({"class": 10**400}, "class", "class: must be a whole number from 0 to 2, got a "
          "401-digit number"),
-        ({"class": 0, "sampler": "euler"}, "sampler", "sampler: must be one of ddpm, ddim, "
-         'dpmpp-2m, got "euler"'),
+        ({"class": 0, "sampler": "euler"}, "sampler",
+         f'sampler: must be one of {", ".join(SAMPLERS)}, got "euler"'),
         # a list or an object where a word is wanted: refused like any other value
         ({"class": 0, "sampler": ["ddim"]}, "sampler", "got a list"),
         ({"class": 0, "sampler": {}}, "sampler", "got an object"),

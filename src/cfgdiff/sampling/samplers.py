@@ -301,14 +301,16 @@ def sample_edm(
             x = x + s_noise * (sigma_hat**2 - sigma**2) ** 0.5 * randn_like(x, generator)
         sigma_next = _sigma_ve(schedule, t_next)
         x0 = _edm_denoise(denoise, x, schedule, t_hat)
-        d = (x - x0) / sigma_hat  # dx/dsigma (Algorithm 2, line 7)
-        x_euler = x + (sigma_next - sigma_hat) * d
+        # Euler (Algorithm 2, lines 7-8): x + (sigma_next - sigma_hat) (x - x0) / sigma_hat, as
+        # the blend r x + (1 - r) x0, which does not cancel x ~ 2e4 against itself at the top
+        r = sigma_next / sigma_hat
+        x_euler = r * x + (1 - r) * x0
         if t_next < 0 or sigma_hat > EDM_SIGMA_MAX:
             x = x_euler  # an Euler step (= DDIM's): the last one, and any from above sigma_max
-        else:
+        else:  # line 10: x + (sigma_next - sigma_hat) (d + d') / 2, as the mean of two steps
             x0_next = _edm_denoise(denoise, x_euler, schedule, t_next)
             d_next = (x_euler - x0_next) / sigma_next
-            x = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)  # line 10
+            x = 0.5 * x_euler + 0.5 * (x + (sigma_next - sigma_hat) * d_next)
         if callback is not None:
             callback(i, t, x * _ab(schedule, t_next) ** 0.5, x0)
     return x
