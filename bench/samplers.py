@@ -157,7 +157,7 @@ def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, ou
     )
     print(
         f"{'sampler':12s} {'steps':>5s} {'NFE':>4s} {'s':>4s} {'FID':>7s} {'prec':>6s} "
-        f"{'recall':>6s} {'acc':>6s} {'img/s':>6s}"
+        f"{'recall':>6s} {'acc':>6s} {'img/s':>6s} (img/s: over the cell's scales)"
     )
     cells, floor = [], None
     for name in samplers:
@@ -172,18 +172,17 @@ def grid_table(path: Path, samplers, steps_list, scales, n: int, device: str, ou
             )  # fmt: skip
             res = sweep(req)
             floor = res.record.get("real_floor", floor)
-            speed = res.record.get("sampling_images_per_s") or {}
+            speed = res.record.get("sampling_images_per_s")  # over the sweep's scales
             for r in res.record["rows"]:
                 s = float(r["scale"])
                 cell = {"sampler": name, "steps": steps, "nfe": nfe[steps] * (1 if s == 1 else 2),
                         **{k: r[k] for k in ("scale", "fid", "precision", "recall",
                                              "class_accuracy")}}  # fmt: skip
                 cells.append(cell)
-                ips = speed.get(str(s), speed.get(s)) if isinstance(speed, dict) else None
+                ips = f"{speed:6.1f}" if speed is not None else "     -"
                 print(
                     f"{name:12s} {steps:5d} {cell['nfe']:4d} {s:4g} {r['fid']:7.3f} "
-                    f"{r['precision']:6.3f} {r['recall']:6.3f} {r['class_accuracy']:6.3f} "
-                    f"{ips if ips is None else f'{ips:6.1f}'}",
+                    f"{r['precision']:6.3f} {r['recall']:6.3f} {r['class_accuracy']:6.3f} {ips}",
                     flush=True,
                 )
     if floor is not None:
