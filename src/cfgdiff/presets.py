@@ -215,11 +215,11 @@ class BudgetRecipe:
 BUDGET_RECIPES: tuple[BudgetRecipe, ...] = (
     BudgetRecipe(
         "cpu", "fp32", 15 * 60, "cpu-demo-fp32",
-        "the demo's recipe, measured best at 6-10 min",
+        "the demo's recipe, tuned at 6-10 min",
     ),
     BudgetRecipe(
         "cpu", "fp32", float("inf"), "cpu-30m-fp32",
-        "48 channels and a slower EMA, measured at 30 min",
+        "48 channels and a slower EMA: 98.3 % at s = 1, FID 2.2x the real floor after 30 min",
     ),
     BudgetRecipe(
         "cpu", "bf16", float("inf"), "cpu-demo",
