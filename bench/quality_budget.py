@@ -8,7 +8,8 @@ training, as its SUMMARY.txt says), a label (the recipe and the machine), and th
 `cfgdiff sweep --n 1000` over scales that include 1. The table gives, per point, the best FID
 over the swept scales (the judge's features) and its ratio to the real floor, precision and
 recall there, and class accuracy at s = 1 and at the largest swept scale. The plot (matplotlib)
-draws FID / floor at the best scale and at s = 1 against the minutes, one marker per label.
+draws FID / floor at the best scale and at s = 1 against the minutes, each point named by its
+label.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ def main() -> int:
         fig = Figure(figsize=(6.4, 4.0), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for label in dict.fromkeys(q["label"] for q in points):
-            qs = [q for q in points if q["label"] == label]
-            ax.plot([q["minutes"] for q in qs], [q["ratio"] for q in qs], "o-",
-                    label=f"{label}: best s")  # fmt: skip
-            ax.plot([q["minutes"] for q in qs], [q["fid_s1"] / q["floor"] for q in qs], "x--",
-                    label=f"{label}: s = 1")  # fmt: skip
-        ax.set_xlim(left=0, right=max(q["minutes"] for q in points) * 1.1)
+        xs = [q["minutes"] for q in points]
+        ax.plot(xs, [q["ratio"] for q in points], "o-", label="best scale")
+        ax.plot(xs, [q["fid_s1"] / q["floor"] for q in points], "x--", label="s = 1")
+        for q in points:
+            ax.annotate(f"{q['label']}\nbest s = {q['best_scale']:g}", (q["minutes"], q["ratio"]),
+                        textcoords="offset points", xytext=(6, -22), fontsize=7)  # fmt: skip
+        ax.set_xlim(left=0, right=max(q["minutes"] for q in points) * 1.45)
         ax.axhline(2.0, color="grey", lw=0.8, ls=":")
         ax.text(ax.get_xlim()[0], 2.03, " 2x the real floor", color="grey", fontsize=8)
         ax.set_xlabel("training minutes (2 CPU cores)")
