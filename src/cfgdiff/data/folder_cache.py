@@ -161,6 +161,12 @@ def _write_folder_cache(slot: Path, entry: Path, fingerprint: str, decoding, ima
     except BaseException:
         shutil.rmtree(entry, ignore_errors=True)
         raise
+    keep_only(slot, entry)
+
+
+def keep_only(slot: Path, entry: Path) -> None:
+    """Remove the entries of `slot` other than `entry`: a cache slot keeps its latest decoding
+    (of a folder or of shards)."""
     for old in slot.iterdir():
         if old != entry and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from cfgdiff.data import folders
-from cfgdiff.data.folder_cache import CACHE_VERSION, FOLDER_CACHE_HEADROOM, read_entry
+from cfgdiff.data.folder_cache import (
+    CACHE_VERSION,
+    FOLDER_CACHE_HEADROOM,
+    keep_only,
+    read_entry,
+)
 from cfgdiff.data.folders import Log
 from cfgdiff.data.mapped import write_npy, write_npy_rows
 from cfgdiff.errors import DataError
@@ -217,9 +222,7 @@ def load_shards(
     except BaseException:
         shutil.rmtree(entry, ignore_errors=True)
         raise
-    for old in slot.iterdir():
-        if old != entry and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    keep_only(slot, entry)
     got = read_entry(entry, fingerprint, verify=False)
     if got is None:
         raise DataError(f"{entry}: the cache just written cannot be read back")
