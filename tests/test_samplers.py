@@ -102,14 +102,17 @@ def test_ddim_eta1_equals_ddpm_given_same_noise():
     assert torch.allclose(a, b, atol=1e-9)
 
 
-def test_dpmpp_sde_at_eta_0_is_dpmpp_2m():
+def test_dpmpp_sde_at_eta_0_draws_no_noise_and_at_eta_1_does():
+    """eta = 0 is the ODE solver (sample_dpmpp_2m is that case): the same images whatever the
+    generator; eta = 1 draws noise, a different image per stream."""
     sch = cosine_schedule(1000)
     d = gaussian_oracle(sch, MU, TAU)
     x_T = torch.randn(64, 1, 2, 2, dtype=torch.float64)
     a = sample_dpmpp_2m_sde(d, x_T, sch, 20, eta=0.0, generator=PerSampleNoise(3, range(64)))
-    assert torch.equal(a, sample_dpmpp_2m(d, x_T, sch, 20))
+    assert torch.equal(a, sample_dpmpp_2m_sde(d, x_T, sch, 20, eta=0.0, generator=None))
     b = sample_dpmpp_2m_sde(d, x_T, sch, 20, generator=PerSampleNoise(3, range(64)))
-    assert (a - b).abs().max() > 0.01  # eta = 1 draws noise
+    c = sample_dpmpp_2m_sde(d, x_T, sch, 20, generator=PerSampleNoise(4, range(64)))
+    assert (a - b).abs().max() > 0.01 and (b - c).abs().max() > 0.01
 
 
 def test_edm_without_churn_is_heun_and_beats_euler():

@@ -169,30 +169,9 @@ def sample_dpmpp_2m(
     Deterministic: `generator` is accepted for the common signature and not used.
     """
     del generator
-    ts = spaced_timesteps(schedule, steps, spacing)
-    x = x_T
-    x0_prev: torch.Tensor | None = None
-    h_prev: float | None = None
-    for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else -1
-        ab, ab_next = _ab(schedule, t), _ab(schedule, t_next)
-        a, s = ab**0.5, (1 - ab) ** 0.5
-        _, x0 = _predict(denoise, x, t, ab)
-        if t_next < 0:  # final step to the clean data: alpha = 1, sigma = 0
-            x = x0
-        else:
-            a_n, s_n = ab_next**0.5, (1 - ab_next) ** 0.5
-            h = math.log(a_n / s_n) - math.log(a / s)
-            if x0_prev is None or h_prev is None:
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_n / s) * x - a_n * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+    return sample_dpmpp_2m_sde(
+        denoise, x_T, schedule, steps, eta=0.0, spacing=spacing, callback=callback
+    )
 
 
 def sample_dpmpp_2m_sde(
