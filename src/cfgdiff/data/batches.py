@@ -68,10 +68,10 @@ class DeviceBatches:
         placement: "device" or "mapped" (default: choose_placement's). ahead: gather a mapped
         batch on a thread, one batch ahead (default: for a CUDA device)."""
         self.device = torch.device(device)
-        chosen, self.words = choose_placement(images, self.device)
-        self.placement = placement or chosen
-        if placement is not None:
-            self.words = f"data: {placement} (as asked)"
+        if placement is None:
+            self.placement, self.words = choose_placement(images, self.device)
+        else:
+            self.placement, self.words = placement, f"data: {placement} (as asked)"
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {placement!r}")
         mapped = self.placement == "mapped"

@@ -105,9 +105,9 @@ def load_folder(
 
 def read_entry(entry: Path, fingerprint: str, verify: bool = True):
     """(images, labels, class names) of a complete, intact cache entry (of a folder or of shards)
-    for these files, the
-    arrays memory-mapped (their checksums checked in chunks first unless `verify` is False);
-    None otherwise (absent, written by another version, torn or corrupted: the caller decodes)."""
+    for these files, the arrays memory-mapped (their checksums checked in chunks first unless
+    `verify` is False); None otherwise (absent, written by another version, torn or corrupted:
+    the caller decodes)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
@@ -133,10 +133,7 @@ def _write_folder_cache(slot: Path, entry: Path, fingerprint: str, decoding, ima
     shape = decoding.shape
     nbytes = int(np.prod(shape, dtype=np.int64))
     need = nbytes + 8 * shape[0] + FOLDER_CACHE_HEADROOM
-    probe = entry
-    while not probe.exists():  # the nearest existing folder is on the disk it would go to
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    probe, free = free_space(entry)
     if need > free:
         raise OSError(
             f"{nbytes / 2**20:,.0f} MiB would leave under "
@@ -162,6 +159,15 @@ def _write_folder_cache(slot: Path, entry: Path, fingerprint: str, decoding, ima
         shutil.rmtree(entry, ignore_errors=True)
         raise
     keep_only(slot, entry)
+
+
+def free_space(path: Path) -> tuple[Path, int]:
+    """(the nearest existing folder at or above `path`, the free bytes of its disk): the disk a
+    new cache entry at `path` would go to."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return probe, shutil.disk_usage(probe).free
 
 
 def keep_only(slot: Path, entry: Path) -> None:

@@ -32,6 +32,7 @@ from cfgdiff.data import folders
 from cfgdiff.data.folder_cache import (
     CACHE_VERSION,
     FOLDER_CACHE_HEADROOM,
+    free_space,
     keep_only,
     read_entry,
 )
@@ -164,11 +165,9 @@ def load_shards(
     if log is not None:
         side = f"{channels}x{image_size}x{image_size}"
         log(f"shards:{pattern}: decoding {len(files)} shards to {side}")
-    probe = slot
-    while not probe.exists():
-        probe = probe.parent
+    probe, free = free_space(slot)
     total = sum(p.stat().st_size for p in files)
-    if shutil.disk_usage(probe).free < total + FOLDER_CACHE_HEADROOM:  # decoded PNGs are larger
+    if free < total + FOLDER_CACHE_HEADROOM:  # decoded PNGs are larger
         raise DataError(
             f"shards:{pattern}: {total / 2**20:,.0f} MiB of shards would leave under "
             f"{FOLDER_CACHE_HEADROOM >> 20} MiB free on {probe} once decoded; free some space"
