@@ -71,37 +71,17 @@ def open_mapped(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
+# The header the writers write before the row count is known, and rewrite in place after:
+# .npy format 2.0 padded to this many bytes (a multiple of 64, as the format asks).
+_RESERVED_HEADER = 256
+
+
 def write_npy(path: Path, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]) -> str:
     """Write a .npy file of `shape` and `dtype` atomically from `chunks` (consecutive slices along
     the first axis, in order, together exactly `shape`), and return the SHA-256 of its array bytes.
     Raises ValueError if the chunks do not add up, and OSError (a full disk) with `path` left as
     it was."""
-    dtype = np.dtype(dtype)
-    digest = hashlib.sha256()
-
-    def write(f) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                  "shape": tuple(shape)}  # fmt: skip
-        np.lib.format.write_array_header_2_0(f, header)
-        rows = 0
-        for chunk in chunks:
-            c = np.ascontiguousarray(chunk, dtype=dtype)
-            if c.shape[1:] != tuple(shape[1:]) or rows + c.shape[0] > shape[0]:
-                raise ValueError(f"a chunk of shape {c.shape} past {rows} rows of {shape}")
-            view = memoryview(c).cast("B")
-            digest.update(view)
-            f.write(view)
-            rows += c.shape[0]
-        if rows != shape[0]:
-            raise ValueError(f"{rows} rows written of {shape[0]}")
-
-    atomic_write_with(path, write)
-    return digest.hexdigest()
-
-
-# The header write_npy_rows writes before it knows the row count, and rewrites in place after:
-# .npy format 2.0 padded to this many bytes (a multiple of 64, as the format asks).
-_RESERVED_HEADER = 256
+    return _write_rows(path, tuple(shape[1:]), dtype, chunks, expect=shape[0])[1]
 
 
 def write_npy_rows(
@@ -110,6 +90,13 @@ def write_npy_rows(
     """write_npy for a number of rows known only at the end (a stream of samples): the rows of
     `chunks` (each of shape (k, *row)) go to the file as they come, then the header is rewritten
     with their count. Returns (rows, SHA-256 of the array bytes); atomic as write_npy."""
+    return _write_rows(path, row, dtype, chunks, expect=None)
+
+
+def _write_rows(path: Path, row: tuple[int, ...], dtype, chunks: Iterable[np.ndarray],
+                expect: int | None) -> tuple[int, str]:  # fmt: skip
+    """Both writers: a reserved header, the chunks hashed as they are written, the header
+    rewritten with the count; `expect` rows exactly when given (ValueError otherwise)."""
     dtype = np.dtype(dtype)
     digest = hashlib.sha256()
     rows = 0
@@ -129,12 +116,17 @@ def write_npy_rows(
         f.write(header(0))
         for chunk in chunks:
             c = np.ascontiguousarray(chunk, dtype=dtype)
-            if c.shape[1:] != tuple(row):
-                raise ValueError(f"a chunk of shape {c.shape}, rows of {row} expected")
+            if c.shape[1:] != tuple(row) or (expect is not None and rows + len(c) > expect):
+                raise ValueError(
+                    f"a chunk of shape {c.shape} after {rows} rows of shape {row}, "
+                    f"{expect} rows in all"
+                )
             view = memoryview(c).cast("B") if c.size else b""
             digest.update(view)
             f.write(view)
             rows += c.shape[0]
+        if expect is not None and rows != expect:
+            raise ValueError(f"{rows} rows written of {expect}")
         f.seek(0)
         f.write(header(rows))
         f.seek(0, 2)
