@@ -187,8 +187,9 @@ def load_dataset(
     if got is None:
         raise DataError(f"{cache_dir(data_dir, name)}: cache has no {split} split")
     x, y, meta = got
-    images = convert_images(torch.from_numpy(x), image_size, channels)
-    if images.data_ptr() != torch.from_numpy(x).data_ptr():  # converted: in memory
+    mapped = torch.from_numpy(x)
+    images = convert_images(mapped, image_size, channels)
+    if images is not mapped:  # converted: in memory
         return Dataset(name, images, torch.from_numpy(y), tuple(meta["class_names"]))
     return _dataset(name, x, y, meta["class_names"])
 
