@@ -259,3 +259,32 @@ def folder_run(root, per_class: int = 6):
             "--steps", "4", "--no-progress", "--precision", "fp32"]  # fmt: skip
     assert main(argv) == 0
     return out
+
+
+def write_shards(folder, out, per_shard: int, classes_txt: bool = True, cls: bool = True,
+                 captions: dict[int, str] | None = None):  # fmt: skip
+    """The images of `folder` (class sub-folders) as WebDataset shards in `out`: samples
+    KEY.png + KEY.cls (unless not `cls`) + KEY.txt (image i's caption in `captions`, if any)
+    in the folder's order, `per_shard` to a tar (Python's tarfile)."""
+    import io
+    import tarfile
+
+    out.mkdir(parents=True)
+    from cfgdiff.data import folders
+
+    listing = folders.list_folder(folder)
+    captions = captions or {}
+    for s in range(0, len(listing.files), per_shard):
+        with tarfile.open(out / f"train-{s // per_shard:04d}.tar", "w") as tar:
+            for j, (path, label) in enumerate(listing.files[s : s + per_shard]):
+                parts = [("png", path.read_bytes())]
+                parts += [("cls", str(label).encode())] if cls else []
+                if s + j in captions:
+                    parts.append(("txt", captions[s + j].encode()))
+                for ext, data in parts:
+                    info = tarfile.TarInfo(f"{s + j:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    if classes_txt:
+        (out / "classes.txt").write_text("\n".join(listing.class_names) + "\n")
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, tiny_config
+from conftest import image_folder, tiny_config, write_shards
 
 from cfgdiff import dist
 from cfgdiff.cli import main
@@ -274,6 +274,34 @@ def test_two_processes_train_a_text_model_as_one(folder, tmp_path):
     r = _torchrun(_train_argv(folder, two_text, *text))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_close_runs(one_text, two_text, 5)
+
+
+@pytest.mark.slow
+def test_two_processes_decode_their_own_shards_and_train_on_their_captions_as_one(tmp_path):
+    """Captioned tar shards on 2 processes: each decodes its own shards, rank 0 joins them into
+    the cache one process writes, byte for byte, and a text model trains on the captions as on
+    one process."""
+    pytest.importorskip("webdataset")
+    pytest.importorskip("wordllama", reason="the text extra is not installed")
+    folder = image_folder(tmp_path / "f", 7)  # 21 images: 6 shards of 4
+    caps = {i: f"bar number {i % 5}" for i in range(0, 21, 2)}
+    shards = write_shards(folder, tmp_path / "s", per_shard=4, captions=caps)
+
+    def argv(out: Path, data: Path) -> list[str]:
+        a = _train_argv(folder, out, "--condition", "text", "--steps", "6", "--data-dir", data)
+        return [f"shards:{shards}" if x == f"folder:{folder}" else x for x in a]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(argv(one, tmp_path / "d1")) == 0
+    r = _torchrun(argv(two, tmp_path / "d2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "process 0 of 2 decoding 3 of 6 shards" in r.stderr
+    assert "(6 decoded by the processes)" in r.stderr
+    e1, e2 = ((tmp_path / d / "cache" / "shards").glob("*/*") for d in ("d1", "d2"))
+    (e1,), (e2,) = list(e1), list(e2)  # the parts are gone once joined
+    for name in ("images.npy", "labels.npy", "captions.json"):
+        assert (e1 / name).read_bytes() == (e2 / name).read_bytes(), name
+    _assert_close_runs(one, two, 5)
 
 
 @pytest.mark.slow

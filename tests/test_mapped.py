@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from conftest import write_shards
 
 from cfgdiff.data import folders, load_dataset
 from cfgdiff.data.batches import DeviceBatches
@@ -149,26 +150,6 @@ def test_a_cpu_run_says_where_its_data_is_read(tmp_path):
 
 
 # ----------------------------------------------------------------- WebDataset tar shards
-def write_shards(folder, out, per_shard: int, classes_txt: bool = True):
-    """The images of `folder` (class sub-folders) as WebDataset shards in `out`: samples
-    KEY.png + KEY.cls in the folder's order, `per_shard` to a tar (Python's tarfile)."""
-    import io
-    import tarfile
-
-    out.mkdir(parents=True)
-    listing = folders.list_folder(folder)
-    for s in range(0, len(listing.files), per_shard):
-        with tarfile.open(out / f"train-{s // per_shard:04d}.tar", "w") as tar:
-            for j, (path, label) in enumerate(listing.files[s : s + per_shard]):
-                for ext, data in (("png", path.read_bytes()), ("cls", str(label).encode())):
-                    info = tarfile.TarInfo(f"{s + j:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    if classes_txt:
-        (out / "classes.txt").write_text("\n".join(listing.class_names) + "\n")
-    return out
-
-
 def test_shards_decode_as_the_folder_they_were_made_from(tmp_path, monkeypatch):
     pytest.importorskip("webdataset")
     folder = rgb_folder(tmp_path / "f", 7)
@@ -214,9 +195,91 @@ def test_bad_shards_are_one_line_each(tmp_path):
         Image.new("L", (8, 8)).save(png, format="PNG")
         info.size = len(png.getvalue())
         tar.addfile(info, io.BytesIO(png.getvalue()))
-    with pytest.raises(DataError, match=r"000: a sample with no class \(\.cls\)"):
+    with pytest.raises(DataError, match=r"000: a sample with no class \(\.cls\) and no caption"):
         load_dataset(f"shards:{tmp_path / 'nocls'}", tmp_path / "dd")
     assert not list((tmp_path / "dd").rglob("*.npy"))
+
+
+def test_each_process_decodes_its_own_shards_and_the_join_is_one_process_cache(tmp_path):
+    """Under torchrun each rank decodes shards rank, rank + world, ... into parts; the cache
+    joined from them is the one a single process writes, byte for byte, and the parts go once
+    joined. A damaged part is decoded again, not joined."""
+    pytest.importorskip("webdataset")
+    from cfgdiff.data import shards as shards_mod
+
+    folder = rgb_folder(tmp_path / "f", 7, size=8)
+    shards = write_shards(folder, tmp_path / "s", per_shard=4)  # 21 images: 6 tars
+    one = load_dataset(f"shards:{shards}", tmp_path / "one")
+    dd = tmp_path / "two"
+    done = [shards_mod.decode_own_shards(str(shards), None, None, dd, (r, 2)) for r in (0, 1)]
+    assert done == [3, 3]
+    (parts,) = (dd / "cache" / "shards").glob("*/*.parts")
+    assert sorted(p.name for p in parts.glob("*.npy")) == [f"{i:06d}.npy" for i in range(6)]
+    assert shards_mod.decode_own_shards(str(shards), None, None, dd, (1, 2)) == 0  # done before
+    said: list[str] = []
+    two = load_dataset(f"shards:{shards}", dd, log=said.append)
+    assert said[0].endswith("decoding 6 shards to 3x8x8 (6 decoded by the processes)")
+    assert not parts.exists()
+    (e1,), (e2,) = ((d / "cache" / "shards").glob("*/*") for d in (tmp_path / "one", dd))
+    for name in ("images.npy", "labels.npy"):
+        assert (e1 / name).read_bytes() == (e2 / name).read_bytes(), name
+    assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+    # a complete cache: nothing for any process to decode
+    assert shards_mod.decode_own_shards(str(shards), None, None, dd, (0, 2)) == 0
+    # a part damaged after it was written is decoded again by the joining process
+    d3 = tmp_path / "three"
+    shards_mod.decode_own_shards(str(shards), None, None, d3, (0, 1))
+    (part,) = (d3 / "cache" / "shards").glob("*/*.parts/000002.npy")
+    raw = bytearray(part.read_bytes())
+    raw[-1] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    said.clear()
+    three = load_dataset(f"shards:{shards}", d3, log=said.append)
+    assert said[0].endswith("(5 decoded by the processes)")
+    assert torch.equal(three.images, one.images)
+
+
+def test_shards_carry_captions_and_may_have_no_classes(tmp_path, capsys):
+    """A sample's .txt is its caption (None where it has none, the data's order kept through a
+    hold-out); shards without any .cls are one class, `image`; a run of either kind of shard
+    resolves the same way from its cache."""
+    pytest.importorskip("webdataset")
+    from cfgdiff.errors import DataError
+
+    folder = rgb_folder(tmp_path / "f", 4, size=8)  # 12 images
+    caps = {0: "a red square", 5: "  café au lait  ", 11: "the last one"}
+    shards = write_shards(folder, tmp_path / "s", per_shard=5, captions=caps)
+    ds = load_dataset(f"shards:{shards}", tmp_path / "dd")
+    want = [None] * 12
+    want[0], want[5], want[11] = "a red square", "café au lait", "the last one"
+    assert ds.captions == tuple(want) and ds.class_names == ("class0", "class1", "class2")
+    again = load_dataset(f"shards:{shards}", tmp_path / "dd")  # from the cache
+    assert again.captions == tuple(want)
+    rest, held = ds.hold_out(3)
+    assert held.captions == tuple(want[0::3]) and len(rest.captions) == 8
+    from cfgdiff.cli import main
+
+    assert main(["data", "info", f"shards:{shards}", "--data-dir", str(tmp_path / "dd")]) == 0
+    assert "    with a caption: 3 images" in capsys.readouterr().out.splitlines()
+    # captions without classes: one class
+    only = write_shards(folder, tmp_path / "t", per_shard=5, classes_txt=False, cls=False,
+                        captions={i: f"image {i}" for i in range(12)})  # fmt: skip
+    ds = load_dataset(f"shards:{only}", tmp_path / "dd")
+    assert ds.class_names == ("image",) and not ds.labels.any()
+    assert ds.captions == tuple(f"image {i}" for i in range(12))
+    # classes for some samples but not others, or a classes.txt without any .cls: one line
+    mixed = write_shards(folder, tmp_path / "m", per_shard=5, cls=False,
+                         captions={i: "x" for i in range(12)})  # fmt: skip
+    with pytest.raises(DataError, match="names 3 classes, but no sample has a class"):
+        load_dataset(f"shards:{mixed}", tmp_path / "dd")
+    import shutil
+
+    for p in sorted((tmp_path / "s").glob("*.tar"))[1:]:
+        shutil.copy(p, tmp_path / "m" / p.name)  # shards 1 and 2 with .cls, shard 0 without
+    with pytest.raises(DataError, match=r"sample 0 of .*train-0000.tar has no class \(\.cls\) "
+                       r"where 7 others have one"):  # fmt: skip
+        load_dataset(f"shards:{mixed}", tmp_path / "dd")
+    assert not list((tmp_path / "dd" / "cache" / "shards").glob("*/*.parts"))
 
 
 def test_a_run_on_shards_trains_and_resumes_exactly(tmp_path):

@@ -364,6 +364,28 @@ def test_folder_captions_per_class_and_per_image(tmp_path):
     assert cs.captions[int(cs.held_out_rows[9, 0])] == "an image of a class1"
 
 
+def test_captions_carried_by_each_image_are_groups_of_their_own():
+    """Data with a caption per image (tar shards' .txt): a captioned image is a group of its
+    own with that one phrasing; the others train on their class's name and paraphrases; the
+    record says where they came from, and eval refuses the run as a captions file's."""
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    images = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    caps = ["a red bar", None, "a red bar", "blue", None]
+    cs, groups = dataset_captions(images, labels, ["r", "b", "g"], None, (caps, "shards:/s"))
+    assert groups.tolist() == [3, 0, 4, 5, 2] and cs.counts.tolist()[3:] == [1, 1, 1]
+    assert [cs.captions[int(cs.rows[g, 0])] for g in (3, 4)] == ["a red bar", "a red bar"]
+    assert cs.captions[int(cs.rows[2, 0])] == "g"  # an uncaptioned image's class name
+    record = cs.to_record()
+    assert record["source"] == "file" and record["file"] == "shards:/s (each image's caption)"
+    tc = TextConditions(cs.captions, torch.eye(len(cs.captions)), {}, cs, record)
+    from cfgdiff.metrics.adherence import held_out_prompts
+
+    with pytest.raises(ConfigError, match=r"came from the captions file shards:/s \(each"):
+        held_out_prompts(tc, ["r", "b", "g"])
+    with pytest.raises(DataError, match="shards:/s: no image has a caption"):
+        dataset_captions(images, labels, ["r", "b", "g"], None, ([None] * 5, "shards:/s"))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -48,6 +48,8 @@ def run(a: argparse.Namespace) -> int:
             "    counts per class: "
             + ", ".join(f"{n}={c}" for n, c in zip(meta["class_names"], s["counts"], strict=True))
         )
+        if s.get("captioned"):  # tar shards with .txt captions
+            print(f"    with a caption: {s['captioned']:,} images")
         if "images_sha256" in s:
             print(f"    images sha256 {s['images_sha256']}")
             print(f"    labels sha256 {s['labels_sha256']}")

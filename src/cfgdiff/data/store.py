@@ -40,6 +40,10 @@ class Dataset:
     # the .npy files `images` and `labels` are mapped from, whole (None: in memory), so that
     # their bytes can be read again without making the map resident (train.state.data_identity)
     files: tuple[Path, Path] | None = None
+    # each image's own caption (None where it has none), for data that carries captions per
+    # image (tar shards' .txt); None for data without (a folder's captions.txt is read by the
+    # text conditions from the folder itself)
+    captions: tuple[str | None, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -60,12 +64,17 @@ class Dataset:
         """(the rest, every `every`-th image from the first): a held-out split for data that has
         no test split (a folder; its classes are contiguous, so each is represented)."""
         held = torch.arange(len(self)) % every == 0
-        rest = dataclasses.replace(
-            self, images=self.images[~held], labels=self.labels[~held], files=None
-        )
-        return rest, dataclasses.replace(
-            self, images=self.images[held], labels=self.labels[held], files=None
-        )
+
+        def part(keep: torch.Tensor) -> Dataset:
+            caps = self.captions
+            if caps is not None:
+                caps = tuple(c for c, k in zip(caps, keep.tolist(), strict=True) if k)
+            return dataclasses.replace(
+                self, images=self.images[keep], labels=self.labels[keep], files=None,
+                captions=caps,
+            )  # fmt: skip
+
+        return part(~held), part(held)
 
 
 def default_data_dir() -> Path:
@@ -180,8 +189,9 @@ def load_dataset(
     if ds.shards is not None:
         if split != "train":
             raise DataError(f"{name}: shards are one train split")
-        x, y, class_names = shards.load_shards(ds.shards, image_size, channels, data_dir, log=log)
-        return _dataset(name, x, y, class_names)
+        got = shards.load_shards(ds.shards, image_size, channels, data_dir, log=log)
+        captions = tuple(got.captions) if got.captions is not None else None
+        return _dataset(name, got.images, got.labels, got.class_names, captions)
     meta = obtain(name, data_dir, log)
     got = read_cache(data_dir, name, split)
     if got is None:
@@ -194,12 +204,12 @@ def load_dataset(
     return _dataset(name, x, y, meta["class_names"])
 
 
-def _dataset(name: str, x: np.ndarray, y: np.ndarray, class_names) -> Dataset:
+def _dataset(name: str, x: np.ndarray, y: np.ndarray, class_names, captions=None) -> Dataset:
     """A Dataset of arrays as a cache gives them, remembering the files they are mapped from."""
     files = (mapped_file(x), mapped_file(y))
     return Dataset(
         name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names),
-        files if None not in files else None,
+        files if None not in files else None, captions,
     )  # fmt: skip
 
 
@@ -242,7 +252,7 @@ def class_names_of(name: str, data_dir: Path | None = None, log: Log | None = No
         try:
             return shards.shard_class_names(ds.shards)
         except DataError:  # no classes.txt: the classes the decoded shards hold
-            return shards.load_shards(ds.shards, None, None, data_dir, log=log)[2]
+            return shards.load_shards(ds.shards, None, None, data_dir, log=log).class_names
     return list(obtain(name, data_dir, log)["class_names"])
 
 
@@ -254,12 +264,14 @@ def info(name: str, data_dir: Path | None = None, log: Log | None = None) -> dic
     if ds.folder is not None:
         return folder_cache.folder_info(name, ds.folder, data_dir, log)
     if ds.shards is not None:
-        x, y, class_names = shards.load_shards(ds.shards, None, None, data_dir, log=log)
-        counts = np.bincount(y, minlength=len(class_names)).tolist()
+        got = shards.load_shards(ds.shards, None, None, data_dir, log=log)
+        counts = np.bincount(got.labels, minlength=len(got.class_names)).tolist()
+        captioned = sum(c is not None for c in got.captions or ())
         return {
-            "name": name, "path": ds.shards, "class_names": class_names,
+            "name": name, "path": ds.shards, "class_names": got.class_names,
             "shards": [str(p) for p in shards.list_shards(ds.shards)],
-            "splits": {"train": {"shape": list(x.shape), "counts": counts}},
+            "splits": {"train": {"shape": list(got.images.shape), "counts": counts,
+                                 "captioned": captioned}},
         }  # fmt: skip
     d = cache_dir(data_dir, name)
     try:

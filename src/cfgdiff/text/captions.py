@@ -255,10 +255,15 @@ def dataset_captions(
     labels: torch.Tensor,
     class_names: Sequence[str],
     folder: Path | None = None,
+    image_captions: tuple[Sequence[str | None], str] | None = None,
 ) -> tuple[CaptionSet, torch.Tensor]:
     """The caption set of a dataset (attribute levels cut at its own terciles where it is
     digits) and the group of each image. folder: the root of a folder dataset, whose
-    captions.txt, when it has one, gives the captions (folder_caption_set)."""
+    captions.txt, when it has one, gives the captions (folder_caption_set). image_captions:
+    (each image's caption or None, the data's name) for data that carries them
+    (image_caption_set)."""
+    if image_captions is not None:
+        return image_caption_set(labels, class_names, *image_captions)
     if folder is not None:
         path = Path(folder) / FOLDER_CAPTIONS
         if path.exists() or path.is_symlink():
@@ -363,10 +368,7 @@ def folder_caption_set(
     root: Path, labels: torch.Tensor, class_names: Sequence[str]
 ) -> tuple[CaptionSet, torch.Tensor]:
     """The caption set of a folder dataset from its captions.txt, and the group of each image
-    (labels: the dataset's, in the folder's order). Groups 0..K-1 are the classes: a class's
-    lines, or without any its name and paraphrases (NAME_TEMPLATES); an image with lines of its
-    own is a group of its own. Every caption trains; none is held out (a single caption cannot
-    be, and the captions are the data the model has to learn)."""
+    (labels: the dataset's, in the folder's order): own_caption_set of the file's lines."""
     from cfgdiff.data.folders import list_folder
 
     listing = list_folder(root)
@@ -378,13 +380,44 @@ def folder_caption_set(
         )
     image_paths = [f"{p.parent.name}/{p.name}" for p, _ in listing.files]
     fc = read_folder_captions(root / FOLDER_CAPTIONS, class_names, image_paths)
+    origin = {"source": "file", "file": str(fc.path), "sha256": fc.sha256}
+    return own_caption_set(labels, class_names, fc.classes, fc.images, origin)
+
+
+def image_caption_set(
+    labels: torch.Tensor, class_names: Sequence[str], captions: Sequence[str | None], where: str
+) -> tuple[CaptionSet, torch.Tensor]:
+    """The caption set of data that carries a caption per image (tar shards' .txt; None where an
+    image has none, which trains with its class's name and paraphrases), and the group of each
+    image: own_caption_set with one phrasing per captioned image. where: the data's name, for
+    the record."""
+    images = {i: (c,) for i, c in enumerate(captions) if c is not None}
+    if not images:
+        raise DataError(f"{where}: no image has a caption")
+    digest = hashlib.sha256("\0".join(c or "" for c in captions).encode()).hexdigest()
+    origin = {"source": "file", "file": f"{where} (each image's caption)", "sha256": digest}
+    return own_caption_set(labels, class_names, {}, images, origin)
+
+
+def own_caption_set(
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    classes: dict[int, tuple[str, ...]],
+    images: dict[int, tuple[str, ...]],
+    origin: dict,
+) -> tuple[CaptionSet, torch.Tensor]:
+    """The caption set of data with captions of its own (`classes`: class -> its phrasings;
+    `images`: image index -> its own), and the group of each image. Groups 0..K-1 are the
+    classes: a class's phrasings, or without any its name and paraphrases (NAME_TEMPLATES); an
+    image with phrasings of its own is a group of its own. Every caption trains; none is held
+    out (a single caption cannot be, and the captions are the data the model has to learn)."""
     k = len(class_names)
     phrasings = [
-        fc.classes.get(c) or tuple(name_phrase(t, class_names[c]) for t in NAME_TEMPLATES)
+        classes.get(c) or tuple(name_phrase(t, class_names[c]) for t in NAME_TEMPLATES)
         for c in range(k)
     ]
     groups = labels.long().clone()
-    for i, caps in fc.images.items():
+    for i, caps in images.items():
         groups[i] = len(phrasings)
         phrasings.append(caps)
     captions: dict[str, int] = {}
@@ -394,7 +427,6 @@ def folder_caption_set(
         for j in range(width):  # past a group's count: its first caption (never drawn)
             rows[g, j] = captions.setdefault(caps[j if j < len(caps) else 0], len(captions))
     counts = torch.tensor([len(p) for p in phrasings], dtype=torch.long)
-    origin = {"source": "file", "file": str(fc.path), "sha256": fc.sha256}
     cs = CaptionSet(
         tuple(captions), rows, torch.zeros(len(phrasings), 0, dtype=torch.long), (), (), {}, k,
         counts=counts, origin=origin,

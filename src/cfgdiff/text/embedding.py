@@ -59,12 +59,14 @@ class TextConditions:
         model,
         folder: Path | None = None,
         filler_words: float = 0.0,
+        image_captions: tuple[Sequence[str | None], str] | None = None,
     ) -> tuple[TextConditions, torch.Tensor]:
         """The table of a dataset's captions, encoded once, and the group of every image.
         folder: a folder dataset's root, whose captions.txt gives the captions when it has one
         (text/captions.py). filler_words: the probability that a training caption gets filler
-        words (a token model's; DiffusionConfig.filler_words), encoded here too."""
-        cs, groups = dataset_captions(images, labels, class_names, folder)
+        words (a token model's; DiffusionConfig.filler_words), encoded here too. image_captions:
+        (each image's caption or None, the data's name) for data with a caption per image."""
+        cs, groups = dataset_captions(images, labels, class_names, folder, image_captions)
         encoder = load_encoder(model.text_encoder)
         check_encoder(model, encoder)
         table = encode_for(model, encoder, list(cs.captions))

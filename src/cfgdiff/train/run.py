@@ -23,7 +23,8 @@ import torch
 from cfgdiff import checkpoint as ckpt_io
 from cfgdiff import dist
 from cfgdiff.config import RunConfig
-from cfgdiff.data import DatasetName, check_name, load_dataset
+from cfgdiff.data import DatasetName, check_name, default_data_dir, load_dataset
+from cfgdiff.data.shards import decode_own_shards
 from cfgdiff.errors import CheckpointError, ConfigError
 from cfgdiff.files import refuse_overlap
 from cfgdiff.presets import (
@@ -115,6 +116,11 @@ def prepare(req: RunRequest, log: Log | None = None) -> PreparedRun:
     world = dist.world()
     if world.enabled:
         dist.per_rank_batch(resolved.config.train.batch_size, world)
+    shards = DatasetName.parse(resolved.dataset).shards
+    if world.enabled and shards is not None:  # each process decodes its own shards first
+        decode_own_shards(shards, size, channels, req.data_dir or default_data_dir(),
+                          (world.rank, world.size), log=log)  # fmt: skip
+        dist.barrier(world)
     with dist.main_first(world):  # rank 0 writes the data cache, the others read it
         data = load_dataset(
             resolved.dataset, req.data_dir, image_size=size, channels=channels, log=log

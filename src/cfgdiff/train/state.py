@@ -155,9 +155,10 @@ class TrainState:
         text, labels = None, data.labels
         if cfg.model.condition == "text":  # captions encoded once, here, not in the step
             folder = DatasetName.parse(data.name).folder if is_folder(data.name) else None
+            own = (data.captions, data.name) if data.captions is not None else None
             text, labels = TextConditions.for_dataset(
                 data.images, data.labels, data.class_names, cfg.model, folder,
-                cfg.diffusion.filler_words,
+                cfg.diffusion.filler_words, own,
             )  # fmt: skip
         batches = DeviceBatches(
             data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
