@@ -18,9 +18,11 @@ under a memory limit smaller than the data, and the speed of the mapped path on 
    the memory it may use.
 5. MNIST training speed, mapped against in memory (the images copied into the process, as before
    the map), interleaved in one run: the ratio of training images/s.
+6. Peak memory per process and the sum over processes against dataset size (--scaling-sizes,
+   the first images of the folder) and the number of processes (1, 2, 4).
 
 With --before SRC (the `src` folder of an earlier checkout, e.g. `git worktree add /tmp/before
-<commit>`), 2 to 4 also run that version (PYTHONPATH=SRC), for the figures before.
+<commit>`), 2 to 4 and 6 also run that version (PYTHONPATH=SRC), for the figures before.
 """
 
 from __future__ import annotations
@@ -157,20 +159,81 @@ def train_cmd(dataset: str, out: Path, data_dir: Path, steps: int, batch: int, e
             "--data-dir", str(data_dir), "--patch-size", "2", *extra]  # fmt: skip
 
 
-def torchrun(src: Path, dataset: str, work: Path, data_dir: Path, steps: int) -> dict:
+def torchrun(src: Path, dataset: str, work: Path, data_dir: Path, steps: int,
+             procs: int = 2) -> dict:  # fmt: skip
+    """Train `steps` on `procs` processes under torchrun: seconds and each process's peaks (MiB),
+    the largest first."""
     out = work / f"tr-{src.parent.name}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *train_cmd(dataset, out, data_dir, steps, 64)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(procs), *train_cmd(dataset, out, data_dir, steps, 64)]  # fmt: skip
     t0 = time.perf_counter()
     with Watch(str(out)) as w:
         r = subprocess.run(cmd, env=env_for(src), capture_output=True, text=True)
     took = time.perf_counter() - t0
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1], "s": took}
-    procs = sorted(w.peaks.values(), key=lambda m: -m["VmHWM"])[:2]
-    mib = {k: [m[k] / 1024 for m in procs] for k in ("VmHWM", "RssAnon", "RssFile", "Pss")}
+    found = sorted(w.peaks.values(), key=lambda m: -m["VmHWM"])[:procs]
+    mib = {k: [m[k] / 1024 for m in found] for k in ("VmHWM", "RssAnon", "RssFile", "Pss")}
     return {"s": took, **mib}
+
+
+def subset_folder(folder: Path, root: Path, n: int) -> Path:
+    """The first n images of make_data's folder (image i is in class i mod 10) as hard links in
+    `root`, made once: the same images, a smaller dataset."""
+    if (root / "done").is_file():
+        return root / "folder"
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(n):
+        c = i % 10
+        (root / "folder" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        os.link(folder / f"c{c}" / f"{i:07d}.png", root / "folder" / f"c{c}" / f"{i:07d}.png")
+    (root / "done").write_text(str(n))
+    return root / "folder"
+
+
+# what the version before the map held per process, in dataset sizes (part 2 at 200,000 images:
+# 5,011 MiB of peak RSS for 2,344 MiB of images), to leave out runs that would not fit
+BEFORE_COPY = 2.5
+
+
+def available_mib() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/meminfo")
+                if line.startswith("MemAvailable")) / 1024  # fmt: skip
+
+
+def scaling(versions, folder: Path, a, record: dict) -> None:
+    """Peak memory per process and the sum of PSS against dataset size and process count: each
+    size's folder decoded first into its own data directory (so that training only reads the
+    cache), then `--scaling-steps` steps on 1, 2 and 4 processes. A "before" run whose copies
+    would not fit in the available memory is left out."""
+    sizes = [int(v) for v in a.scaling_sizes.split(",")]
+    print(f"\n5. peak memory against dataset size and processes ({a.scaling_steps} steps of the "
+          "tiny preset, batch 64; MiB)")  # fmt: skip
+    print(f"{'version':8s} {'images':>8s} {'GiB':>5s} {'procs':>5s} {'peak RSS (largest)':>19s} "
+          f"{'sum PSS':>8s} {'s':>5s}")  # fmt: skip
+    rows = []
+    for n in sizes:
+        gib = n * 3 * a.size * a.size / 2**30
+        sub = folder if n == a.images else subset_folder(folder, a.work / f"subset-{n}", n)
+        for label, src in versions:
+            dd = a.work / (f"dd-{label}-folder" + ("" if n == a.images else f"-{n}"))
+            if not (dd / "cache").is_dir():
+                decode(src, f"folder:{sub}", dd)
+            for procs in (1, 2, 4):
+                if label == "before" and procs * gib * 1024 * BEFORE_COPY > available_mib():
+                    print(f"{label:8s} {n:8,d} {gib:5.2f} {procs:5d} left out: {procs} copies "
+                          f"would not fit in {available_mib():,.0f} MiB available")  # fmt: skip
+                    continue
+                r = torchrun(src, f"folder:{sub}", a.work, dd, a.scaling_steps, procs)
+                row = {"version": label, "images": n, "gib": gib, "procs": procs, **r}
+                rows.append(row)
+                if "error" in r:
+                    print(f"{label:8s} {n:8,d} {gib:5.2f} {procs:5d} error: {r['error']}")
+                    continue
+                print(f"{label:8s} {n:8,d} {gib:5.2f} {procs:5d} {max(r['VmHWM']):19.0f} "
+                      f"{sum(r['Pss']):8.0f} {r['s']:5.0f}", flush=True)  # fmt: skip
+    record["scaling"] = rows
 
 
 def cgroup_run(src: Path, dataset: str, work: Path, data_dir: Path, limit: int, steps: int):
@@ -234,11 +297,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="seconds: 2,000 images of 16x16")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: decode,torchrun,"
-                   "cgroup,speed")  # fmt: skip
+                   "cgroup,speed,scaling")  # fmt: skip
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scaling-sizes", default="50000,100000,200000",
+                   help="images in each dataset of part 5 (at most --images)")  # fmt: skip
+    p.add_argument("--scaling-steps", type=int, default=20)
     a = p.parse_args()
     if a.quick:
         a.images, a.size, a.train_steps, a.speed_steps, a.rounds = 2000, 16, 4, 12, 1
+        a.scaling_sizes, a.scaling_steps = "1000,2000", 2
         a.skip = a.skip or "cgroup"
     skip = set(filter(None, a.skip.split(",")))
     a.work.mkdir(parents=True, exist_ok=True)
@@ -312,6 +379,8 @@ def main() -> int:
         record["mnist_speed"] = s
         m, i = np.median(s["mapped"]), np.median(s["in memory"])
         print(f"mapped {s['mapped']} / in memory {s['in memory']}: ratio {m / i:.3f}")
+    if "scaling" not in skip:
+        scaling(versions, folder, a, record)
     print("\n" + json.dumps(record))
     return 0
 
