@@ -205,8 +205,8 @@ def available_mib() -> float:
 def scaling(versions, folder: Path, a, record: dict) -> None:
     """Peak memory per process and the sum of PSS against dataset size and process count: each
     size's folder decoded first into its own data directory (so that training only reads the
-    cache), then `--scaling-steps` steps on 1, 2 and 4 processes. A "before" run whose copies
-    would not fit in the available memory is left out."""
+    cache), then `--scaling-steps` steps on each count of `--scaling-procs` processes. A
+    "before" run whose copies would not fit in the available memory is left out."""
     sizes = [int(v) for v in a.scaling_sizes.split(",")]
     print(f"\n5. peak memory against dataset size and processes ({a.scaling_steps} steps of the "
           "tiny preset, batch 64; MiB)")  # fmt: skip
@@ -220,7 +220,7 @@ def scaling(versions, folder: Path, a, record: dict) -> None:
             dd = a.work / (f"dd-{label}-folder" + ("" if n == a.images else f"-{n}"))
             if not (dd / "cache").is_dir():
                 decode(src, f"folder:{sub}", dd)
-            for procs in (1, 2, 4):
+            for procs in (int(v) for v in a.scaling_procs.split(",")):
                 if label == "before" and procs * gib * 1024 * BEFORE_COPY > available_mib():
                     print(f"{label:8s} {n:8,d} {gib:5.2f} {procs:5d} left out: {procs} copies "
                           f"would not fit in {available_mib():,.0f} MiB available")  # fmt: skip
@@ -301,11 +301,12 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--scaling-sizes", default="50000,100000,200000",
                    help="images in each dataset of part 5 (at most --images)")  # fmt: skip
+    p.add_argument("--scaling-procs", default="1,2,4", help="process counts of part 5")
     p.add_argument("--scaling-steps", type=int, default=20)
     a = p.parse_args()
     if a.quick:
         a.images, a.size, a.train_steps, a.speed_steps, a.rounds = 2000, 16, 4, 12, 1
-        a.scaling_sizes, a.scaling_steps = "1000,2000", 2
+        a.scaling_sizes, a.scaling_procs, a.scaling_steps = "2000", "1,2", 2
         a.skip = a.skip or "cgroup"
     skip = set(filter(None, a.skip.split(",")))
     a.work.mkdir(parents=True, exist_ok=True)

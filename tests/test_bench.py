@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         (["time_to_quality.py", "--quick"], "at the end"),
         (["time_to_quality.py", "--quick", "--schedule", "budget,held"], "schedule: "),
         (["distributed_scaling.py", "--quick", "--preset", "tiny"], "scaling efficiency: "),
+        (["data_memory.py", "--quick", "--skip", "cgroup,speed"], "peak memory against dataset"),
     ],
 )
 def test_quick_benchmarks(script, expect):
