@@ -14,7 +14,7 @@ from conftest import write_shards
 from cfgdiff.data import folders, load_dataset
 from cfgdiff.data.batches import DeviceBatches
 from cfgdiff.data.folder_cache import array_sha256
-from cfgdiff.data.mapped import file_sha256, open_mapped, write_npy
+from cfgdiff.data.mapped import RowReader, file_sha256, open_mapped, write_npy
 from cfgdiff.data.store import write_cache
 
 
@@ -117,17 +117,19 @@ def test_write_npy_streams_chunks_and_refuses_a_wrong_total(tmp_path):
 
 @pytest.mark.parametrize("hflip", [False, True])
 @pytest.mark.parametrize("part", [(0, 1), (1, 2)])
-def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part):
-    """The map's batches, gathered a batch ahead on a thread (as for a CUDA device), equal those
-    drawn from memory,
-    across epoch ends and a resume from a saved position (the batch gathered ahead for the old
+@pytest.mark.parametrize("how", ["map, ahead", "rows", "rows, ahead"])
+def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part, how):
+    """Batches gathered from the map, or read by row from its file (in the step, as on a CPU,
+    or a batch ahead on a thread, as for a CUDA device) equal those drawn from memory, across
+    epoch ends and a resume from a saved position (the batch gathered ahead for the old
     position is dropped)."""
     x = np.random.default_rng(2).integers(0, 256, (37, 3, 6, 6), dtype=np.uint8)
     write_npy(tmp_path / "x.npy", x.shape, np.uint8, [x])
     mapped = torch.from_numpy(open_mapped(tmp_path / "x.npy"))
     y = torch.arange(37) % 5
     kw = dict(batch_size=8, seed=3, device="cpu", hflip=hflip, part=part)
-    a = DeviceBatches(mapped, y, placement="mapped", ahead=True, **kw)
+    rows = RowReader(tmp_path / "x.npy") if "rows" in how else None
+    a = DeviceBatches(mapped, y, placement="mapped", ahead="ahead" in how, rows=rows, **kw)
     b = DeviceBatches(torch.from_numpy(x.copy()), y, placement="device", **kw)
     assert a.placement == "mapped" and b.placement == "device"
     for _ in range(12):  # past two epoch ends
@@ -140,6 +142,34 @@ def test_mapped_batches_are_the_device_batches_to_the_bit(tmp_path, hflip, part)
     for _ in range(3):
         (xa, ya), (xb, yb) = a.next(), b.next()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _rss_file_kib() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status")
+                if line.startswith("RssFile"))  # fmt: skip
+
+
+def test_rows_read_by_index_are_the_rows_and_leave_nothing_resident(tmp_path):
+    """RowReader.take gives the file's rows in the order asked (repeats included) and maps
+    nothing: 2,000 rows read at random from a 48 MiB file add under 4 MiB to the process's
+    file-backed resident memory, whatever the kernel's page-cache folios."""
+    x = np.random.default_rng(0).integers(0, 256, (4096, 3, 64, 64), dtype=np.uint8)
+    write_npy(tmp_path / "x.npy", x.shape, np.uint8, [x])
+    r = RowReader(tmp_path / "x.npy")
+    assert (r.n, r.row, r.dtype) == (4096, (3, 64, 64), np.uint8)
+    assert np.array_equal(r.take([5, 0, 5, 4095]), x[[5, 0, 5, 4095]])
+    assert r.take([]).shape == (0, 3, 64, 64)
+    with pytest.raises(IndexError, match=r"a row outside \[0, 4096\)"):
+        r.take([4096])
+    idx = np.random.default_rng(1).integers(0, 4096, 2000)
+    r.take(idx[:10])  # the first call's own pages
+    before = _rss_file_kib()
+    got = r.take(idx)
+    assert _rss_file_kib() - before < 4096
+    assert np.array_equal(got, x[idx])
+    with pytest.raises(ValueError, match="rows of"):
+        DeviceBatches(torch.zeros(5, 3, 64, 64, dtype=torch.uint8), torch.zeros(5), 2, 0, "cpu",
+                      placement="mapped", rows=r)  # fmt: skip
 
 
 def test_a_cpu_run_says_where_its_data_is_read(tmp_path):

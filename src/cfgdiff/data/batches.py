@@ -4,12 +4,13 @@ Where the images are read from (`placement`, chosen by `choose_placement` and sa
 starts):
 - "device": the whole dataset is copied to the training device once and batches are drawn there
   (a CUDA device where it fits with room to spare: DEVICE_DATA_FRACTION of its free memory).
-- "mapped": the images stay where they are, memory-mapped from their cache file (every process
-  of a machine reads the same pages of the page cache, never a copy of its own). For a CUDA
-  device each batch's rows are gathered by index on a background thread one batch ahead, into
-  pinned memory, and copied without blocking; on a CPU they are gathered in the step, as from
-  memory: a thread would share the step's cores, and costs more than the gather from cached
-  pages (docs/datasets.md, "Memory").
+- "mapped": the images stay where they are, in their cache file (every process of a machine
+  reads the same pages of the page cache, never a copy of its own). Each batch's rows are read
+  by index from the file (mapped.RowReader, when the caller gives one: the process then holds
+  the batch and nothing more of the file), else gathered from the memory map. For a CUDA
+  device they are gathered on a background thread one batch ahead, into pinned memory, and
+  copied without blocking; on a CPU they are gathered in the step: a thread would share the
+  step's cores, and costs more than the gather from cached pages (docs/datasets.md, "Memory").
 
 The order is a sequence of seeded permutations, one per epoch; the position (epoch, offset) is
 plain data, so a resumed run draws exactly the batches the uninterrupted run would have. Random
@@ -29,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from cfgdiff.data.mapped import RowReader
+
 # A CUDA device keeps the dataset when it takes at most this share of the device's free memory.
 DEVICE_DATA_FRACTION = 0.25
 PLACEMENTS = ("device", "mapped")
@@ -39,14 +42,14 @@ def choose_placement(images: torch.Tensor, device: torch.device | str) -> tuple[
     device = torch.device(device)
     mib = images.numel() * images.element_size() / 2**20
     if device.type == "cpu":
-        return "mapped", f"data: {mib:,.0f} MiB read where it lies (memory-mapped from its cache)"
+        return "mapped", f"data: {mib:,.0f} MiB read where it lies (from its cache file by row)"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if mib * 2**20 <= DEVICE_DATA_FRACTION * free:
             return "device", f"data: {mib:,.0f} MiB kept on {device.type}"
         return "mapped", (
             f"data: {mib:,.0f} MiB, over {DEVICE_DATA_FRACTION:.0%} of {device.type}'s free "
-            f"{free / 2**20:,.0f} MiB: batches gathered from the memory map on a thread"
+            f"{free / 2**20:,.0f} MiB: batches read from its cache file on a thread"
         )
     return "device", f"data: {mib:,.0f} MiB kept on {device.type}"
 
@@ -63,10 +66,13 @@ class DeviceBatches:
         part: tuple[int, int] = (0, 1),
         placement: str | None = None,
         ahead: bool | None = None,
+        rows: RowReader | None = None,
     ):
         """part: (r, W), this process's share of each global batch (r of W equal parts).
         placement: "device" or "mapped" (default: choose_placement's). ahead: gather a mapped
-        batch on a thread, one batch ahead (default: for a CUDA device)."""
+        batch on a thread, one batch ahead (default: for a CUDA device). rows: a reader of the
+        file `images` is mapped from, which mapped batches are read with (else they are
+        gathered from `images`)."""
         self.device = torch.device(device)
         if placement is None:
             self.placement, self.words = choose_placement(images, self.device)
@@ -78,6 +84,9 @@ class DeviceBatches:
         # the order lives where the rows are gathered: the device, or the CPU for a map
         self._order_device = torch.device("cpu") if mapped else self.device
         self.images = images if mapped else images.to(self.device)  # uint8 (N, C, H, W)
+        if rows is not None and (rows.n, *rows.row) != tuple(images.shape):
+            raise ValueError(f"rows of {rows.path} ({rows.n}, {rows.row}) for {images.shape}")
+        self._rows_from = rows if mapped else None
         self.labels = labels.to(self._order_device)
         self.n = images.shape[0]
         self.batch_size = batch_size
@@ -148,9 +157,12 @@ class DeviceBatches:
         return i, f, (epoch, offset)
 
     def _gather(self, i: torch.Tensor) -> torch.Tensor:
-        """uint8 rows `i` of the map, on the CPU (pinned for a CUDA device)."""
-        src = self.images.numpy()
-        rows = torch.from_numpy(np.take(src, i.numpy(), axis=0))
+        """uint8 rows `i` of the data, on the CPU (pinned for a CUDA device): read from the
+        cache file where there is a reader, else gathered from the map."""
+        if self._rows_from is not None:
+            rows = torch.from_numpy(self._rows_from.take(i.numpy()))
+        else:
+            rows = torch.from_numpy(np.take(self.images.numpy(), i.numpy(), axis=0))
         return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +170,9 @@ class DeviceBatches:
         part, this process's rows of the global batch."""
         here = (self.epoch, self.offset)
         i, f, after = self._indices(*here)
-        if self._pool is None:  # on the device, or a map gathered in the step
+        if self._pool is None and self._rows_from is not None:  # read in the step
+            x = self._gather(i).to(self.device)
+        elif self._pool is None:  # on the device, or a map gathered in the step
             x = self.images[i].to(self.device)
         else:
             ahead = self._ahead

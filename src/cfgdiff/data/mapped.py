@@ -1,18 +1,20 @@
-"""Cache arrays on disk, read memory-mapped and written in chunks.
+"""Cache arrays on disk, read memory-mapped or by row, and written in chunks.
 
 Owns the one way a dataset cache's .npy files are read and written: `open_mapped` maps a file
 (never copying it into the process: every process on a machine reads the same pages of the
-page cache), `file_sha256` checks one against its recorded checksum by reading it in chunks
-(without mapping it, so that the check leaves nothing resident), and `write_npy` writes an
-array atomically from chunks that arrive in order (a decoder's), hashing as it goes, so that
-neither writing nor checking holds more than one chunk in memory. The checksum is that of the
-array's bytes in C order, the same as folder_cache.array_sha256 of the whole array: caches
-written before stay valid. docs/datasets.md, "Memory".
+page cache), `RowReader` reads rows of one by index without mapping them (what training
+gathers its batches with), `file_sha256` checks one against its recorded checksum by reading
+it in chunks (without mapping it, so that the check leaves nothing resident), and `write_npy`
+writes an array atomically from chunks that arrive in order (a decoder's), hashing as it goes,
+so that neither writing nor checking holds more than one chunk in memory. The checksum is that
+of the array's bytes in C order, the same as folder_cache.array_sha256 of the whole array:
+caches written before stay valid. docs/datasets.md, "Memory".
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,6 +71,48 @@ def open_mapped(path: Path) -> np.ndarray:
     """The .npy array `path` mapped copy-on-write: reads share the page cache with every other
     process that maps it, a write (cfgdiff makes none) would stay private to this process."""
     return np.load(path, mmap_mode="c", allow_pickle=False)
+
+
+class RowReader:
+    """Rows of a .npy cache file read by index with positioned reads (os.preadv) straight into
+    the batch's buffer. The process maps nothing of the file, so it holds the batch and no more,
+    while the page cache holds the file once for every process.
+
+    Training gathers its batches with it rather than by indexing the map: where the kernel's
+    page cache holds a file in large folios (Linux 6.x), a fault on one mapped row maps the
+    whole folio around it, hundreds of KiB for a row of 12 KiB, so a process indexing a map at
+    random makes most of the file its resident memory within an epoch (docs/datasets.md,
+    "Memory")."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            shape, self.dtype, self.offset = _data_offset(f)
+        self.n, self.row = shape[0], tuple(shape[1:])
+        self.row_bytes = int(np.prod(self.row, dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def take(self, idx) -> np.ndarray:
+        """Rows `idx` (integers in [0, n)) as a new array (len(idx), *row)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *self.row), dtype=self.dtype)
+        if not idx.size:
+            return out
+        if not (0 <= idx.min() and idx.max() < self.n):
+            raise IndexError(f"{self.path}: a row outside [0, {self.n})")
+        view, rb = memoryview(out).cast("B"), self.row_bytes
+        for k, i in enumerate(idx.tolist()):
+            if os.preadv(self._fd, [view[k * rb : (k + 1) * rb]], self.offset + i * rb) != rb:
+                raise OSError(f"{self.path}: row {i} cut short")
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
 
 
 # The header the writers write before the row count is known, and rewrite in place after:

@@ -25,7 +25,7 @@ from cfgdiff import dist
 from cfgdiff.config import RunConfig
 from cfgdiff.data import DatasetName, canonical_name, is_folder
 from cfgdiff.data.batches import DeviceBatches
-from cfgdiff.data.mapped import data_chunks
+from cfgdiff.data.mapped import RowReader, data_chunks
 from cfgdiff.diffusion import training_loss
 from cfgdiff.ema import EMA
 from cfgdiff.errors import CheckpointError
@@ -160,9 +160,10 @@ class TrainState:
                 data.images, data.labels, data.class_names, cfg.model, folder,
                 cfg.diffusion.filler_words, own,
             )  # fmt: skip
+        files = getattr(data, "files", None)
         batches = DeviceBatches(
             data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
-            part=(world.rank, world.size),
+            part=(world.rank, world.size), rows=RowReader(files[0]) if files else None,
         )  # fmt: skip
         # before a resume restores the global RNG: its initialisation draws from it
         ema_net = UNet(cfg.model).to(device).eval()
