@@ -5,11 +5,11 @@
 
 Each point is one trained model: its training minutes (the wall time of `cfgdiff train`'s
 training, as its SUMMARY.txt says), a label (the recipe and the machine), and the sweep.json of
-`cfgdiff sweep --n 1000` over scales that include 1. The table gives, per point, the best FID
-over the swept scales (the judge's features) and its ratio to the real floor, precision and
-recall there, and class accuracy at s = 1 and at the largest swept scale. The plot (matplotlib)
-draws FID / floor at the best scale and at s = 1 against the minutes, each point named by its
-label.
+`cfgdiff sweep --n 1000` over scales that include 1. The table gives, per point, the dataset,
+the best FID over the swept scales (the judge's features) and its ratio to the real floor,
+precision and recall there, and class accuracy at s = 1 and at the largest swept scale. The
+plot (matplotlib) draws FID / floor at the best scale and at s = 1 against the minutes, one
+pair of lines per dataset, each point named by its label.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def summary(path: Path) -> dict:
         "ratio": best["fid"] / floor, "precision": best["precision"], "recall": best["recall"],
         "fid_s1": at1["fid"], "acc_s1": at1["class_accuracy"], "top_scale": float(top["scale"]),
         "acc_top": top["class_accuracy"], "sampler": f"{r['sampler']} {r['steps']}",
+        "dataset": r["dataset"],
     }  # fmt: skip
 
 
@@ -43,14 +44,15 @@ def main() -> int:
     for spec in a.point:
         minutes, label, path = spec.split(",", 2)
         points.append({"minutes": float(minutes), "label": label, **summary(Path(path))})
-    points.sort(key=lambda q: q["minutes"])
-    print("| training | recipe, machine | sampler | n | best s | FID (floor) | x floor | precision "
-          "| recall | acc s = 1 (FID) | acc at top s |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    points.sort(key=lambda q: (q["dataset"], q["minutes"]))
+    print("| dataset | training | recipe, machine | sampler | n | best s | FID (floor) | x floor "
+          "| precision | recall | acc s = 1 (FID) | acc at top s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for q in points:
         top = f"{100 * q['acc_top']:.1f} % (s = {q['top_scale']:g})"
-        print(f"| {q['minutes']:g} min | {q['label']} | {q['sampler']} | {q['n']} | "
-              f"{q['best_scale']:g} | {q['best_fid']:.3f} ({q['floor']:.3f}) | {q['ratio']:.2f} | "
+        print(f"| {q['dataset']} | {q['minutes']:g} min | {q['label']} | {q['sampler']} | "
+              f"{q['n']} | {q['best_scale']:g} | {q['best_fid']:.3f} ({q['floor']:.3f}) | "
+              f"{q['ratio']:.2f} | "
               f"{q['precision']:.3f} | {q['recall']:.3f} | {100 * q['acc_s1']:.1f} % "
               f"({q['fid_s1']:.3f}) | {top} |")  # fmt: skip
     if a.plot is not None:
@@ -60,9 +62,13 @@ def main() -> int:
         fig = Figure(figsize=(6.4, 4.0), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        xs = [q["minutes"] for q in points]
-        ax.plot(xs, [q["ratio"] for q in points], "o-", label="best scale")
-        ax.plot(xs, [q["fid_s1"] / q["floor"] for q in points], "x--", label="s = 1")
+        for k, name in enumerate(dict.fromkeys(q["dataset"] for q in points)):
+            mine = [q for q in points if q["dataset"] == name]
+            xs, colour = [q["minutes"] for q in mine], f"C{k}"
+            ax.plot(xs, [q["ratio"] for q in mine], "o-", color=colour,
+                    label=f"{name}, best scale")  # fmt: skip
+            ax.plot(xs, [q["fid_s1"] / q["floor"] for q in mine], "x--", color=colour,
+                    label=f"{name}, s = 1")  # fmt: skip
         for q in points:
             ax.annotate(f"{q['label']}\nbest s = {q['best_scale']:g}", (q["minutes"], q["ratio"]),
                         textcoords="offset points", xytext=(6, -22), fontsize=7)  # fmt: skip

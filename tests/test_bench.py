@@ -195,3 +195,37 @@ def test_a_failing_variant_keeps_the_others_figures(monkeypatch, capsys):
     assert "! tiny bf16-compile-cg: failed: RuntimeError" in out
     (row,) = [line for line in out.splitlines() if line.startswith("tiny ")]
     assert "nan!" in row and "nan " not in row.split("nan!")[1]  # best/base and TFLOP/s measured
+
+
+def test_quality_budget_tables_and_plots_points_per_dataset(tmp_path):
+    """bench/quality_budget.py on sweep records of two datasets: one table row per point with
+    the best scale's FID over the floor, and a plot with a pair of lines per dataset."""
+    import json
+
+    def record(dataset: str, fids: list[float], name: str) -> Path:
+        rows = [
+            {"scale": s, "fid": f, "precision": 0.8, "recall": 0.7, "class_accuracy": a}
+            for s, f, a in zip([1.0, 1.5, 3.0], fids, [0.95, 0.99, 1.0], strict=True)
+        ]
+        r = {"rows": rows, "real_floor": {"fid": 0.1}, "n": 1000, "sampler": "ddpm",
+             "steps": 20, "dataset": dataset}  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(r))
+        return path
+
+    points = [
+        ("30", "big", record("mnist", [0.2, 0.3, 0.5], "a")),
+        ("10", "small", record("mnist", [0.5, 0.4, 0.6], "b")),
+        ("10", "small", record("fashion-mnist", [0.9, 0.8, 1.2], "c")),
+    ]
+    argv = [sys.executable, str(BENCH / "quality_budget.py"), "--plot", str(tmp_path / "q.png")]
+    for minutes, label, path in points:
+        argv += ["--point", f"{minutes},{label},{path}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [x for x in out.stdout.splitlines() if x.startswith("| ") and "---" not in x]
+    assert lines[1].startswith("| fashion-mnist | 10 min | small | ddpm 20 | 1000 | 1.5 | 0.800")
+    assert "| 8.00 |" in lines[1]
+    assert lines[2].startswith("| mnist | 10 min | small |") and "| 1.5 | 0.400" in lines[2]
+    assert lines[3].startswith("| mnist | 30 min | big |") and "| 2.00 |" in lines[3]
+    assert (tmp_path / "q.png").stat().st_size > 1000
