@@ -337,6 +337,29 @@ def test_a_run_on_shards_trains_and_resumes_exactly(tmp_path):
         assert one.read_bytes() == two.read_bytes(), name
 
 
+def test_a_dataset_whose_arrays_were_replaced_is_not_read_from_its_files(tmp_path):
+    """A Dataset copied with other images (padded, converted) keeps `files` but is read, hashed
+    and batched from its own arrays: mapped_files() is None, and a run's state draws batches
+    of the new images."""
+    import dataclasses
+
+    from cfgdiff.presets import PRESETS, config_for_dataset
+    from cfgdiff.train.state import TrainState, data_identity
+
+    x = np.random.default_rng(0).integers(0, 256, (30, 1, 8, 8), dtype=np.uint8)
+    write_cache(tmp_path, "mnist", {"train": (x, np.arange(30) % 10)}, list("abcdefghij"), "t")
+    ds = load_dataset("mnist", tmp_path)
+    assert ds.mapped_files() == ds.files is not None
+    padded = dataclasses.replace(ds, images=torch.nn.functional.pad(ds.images, (2, 2, 2, 2)))
+    assert padded.files == ds.files and padded.mapped_files() is None
+    assert data_identity(padded) == data_identity(dataclasses.replace(padded, files=None))
+    assert data_identity(padded) != data_identity(ds)
+    cfg = config_for_dataset(PRESETS["tiny"], padded, "mnist")
+    state = TrainState.create(cfg, padded, torch.device("cpu"), "fp32")
+    xb, _ = state.batches.next()
+    assert xb.shape[-1] == 12
+
+
 def test_the_data_identity_reads_the_cache_files_and_equals_the_arrays(tmp_path):
     """A run's data identity (count and SHA-256 of images then labels) is read from the cache
     files, leaving the map's pages alone, and is the one the arrays in memory give; a held-out

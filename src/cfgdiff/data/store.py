@@ -14,7 +14,7 @@ import io
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,9 @@ class Dataset:
     # image (tar shards' .txt); None for data without (a folder's captions.txt is read by the
     # text conditions from the folder itself)
     captions: tuple[str | None, ...] | None = None
+    # where `images` and `labels` start when they are the maps of `files`: a Dataset whose
+    # arrays were replaced since (dataclasses.replace) is not read from the files
+    map_ptrs: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -59,6 +62,15 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def mapped_files(self) -> tuple[Path, Path] | None:
+        """`files` while `images` and `labels` are still their maps (not replaced since, as a
+        padded or converted copy would be), else None."""
+        if self.files is None or self.map_ptrs is None:
+            return None
+        if (self.images.data_ptr(), self.labels.data_ptr()) != self.map_ptrs:
+            return None
+        return self.files
 
     def hold_out(self, every: int) -> tuple[Dataset, Dataset]:
         """(the rest, every `every`-th image from the first): a held-out split for data that has
@@ -207,9 +219,10 @@ def load_dataset(
 def _dataset(name: str, x: np.ndarray, y: np.ndarray, class_names, captions=None) -> Dataset:
     """A Dataset of arrays as a cache gives them, remembering the files they are mapped from."""
     files = (mapped_file(x), mapped_file(y))
+    images, labels = torch.from_numpy(x), torch.from_numpy(y)
     return Dataset(
-        name, torch.from_numpy(x), torch.from_numpy(y), tuple(class_names),
-        files if None not in files else None, captions,
+        name, images, labels, tuple(class_names), files if None not in files else None,
+        captions, (images.data_ptr(), labels.data_ptr()),
     )  # fmt: skip
 
 

@@ -42,7 +42,7 @@ def data_identity(data) -> dict:
     a resume can tell when a folder changed in between: training then goes on with the data as
     it is now, which cannot repeat the uninterrupted run exactly (the "data_changed" event)."""
     h = hashlib.sha256()
-    files = getattr(data, "files", None)
+    files = data.mapped_files() if hasattr(data, "mapped_files") else None
     if files is not None:  # read from the cache files: the map's pages stay where they are
         for path in files:
             for block in data_chunks(path):
@@ -160,7 +160,7 @@ class TrainState:
                 data.images, data.labels, data.class_names, cfg.model, folder,
                 cfg.diffusion.filler_words, own,
             )  # fmt: skip
-        files = getattr(data, "files", None)
+        files = data.mapped_files() if hasattr(data, "mapped_files") else None
         batches = DeviceBatches(
             data.images, labels, t.batch_size, t.seed, device, hflip=bool(t.hflip),
             part=(world.rank, world.size), rows=RowReader(files[0]) if files else None,
