@@ -9,7 +9,7 @@ training, as its SUMMARY.txt says), a label (the recipe and the machine), and th
 the best FID over the swept scales (the judge's features) and its ratio to the real floor,
 precision and recall there, and class accuracy at s = 1 and at the largest swept scale. The
 plot (matplotlib) draws FID / floor at the best scale and at s = 1 against the minutes, one
-pair of lines per dataset, each point named by its label.
+pair of lines per dataset and label (recipe), each point marked with its best scale.
 """
 
 from __future__ import annotations
@@ -59,20 +59,21 @@ def main() -> int:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6.4, 4.0), dpi=120)
+        fig = Figure(figsize=(7.2, 4.8), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for k, name in enumerate(dict.fromkeys(q["dataset"] for q in points)):
-            mine = [q for q in points if q["dataset"] == name]
+        series = dict.fromkeys((q["dataset"], q["label"]) for q in points)
+        for k, (name, label) in enumerate(series):
+            mine = [q for q in points if (q["dataset"], q["label"]) == (name, label)]
             xs, colour = [q["minutes"] for q in mine], f"C{k}"
             ax.plot(xs, [q["ratio"] for q in mine], "o-", color=colour,
-                    label=f"{name}, best scale")  # fmt: skip
+                    label=f"{name}, {label}: best scale")  # fmt: skip
             ax.plot(xs, [q["fid_s1"] / q["floor"] for q in mine], "x--", color=colour,
-                    label=f"{name}, s = 1")  # fmt: skip
+                    label=f"{name}, {label}: s = 1")  # fmt: skip
         for q in points:
-            ax.annotate(f"{q['label']}\nbest s = {q['best_scale']:g}", (q["minutes"], q["ratio"]),
-                        textcoords="offset points", xytext=(6, -22), fontsize=7)  # fmt: skip
-        ax.set_xlim(left=0, right=max(q["minutes"] for q in points) * 1.45)
+            ax.annotate(f"s = {q['best_scale']:g}", (q["minutes"], q["ratio"]),
+                        textcoords="offset points", xytext=(5, 3), fontsize=7)  # fmt: skip
+        ax.set_xlim(left=0, right=max(q["minutes"] for q in points) * 1.1)
         ax.axhline(2.0, color="grey", lw=0.8, ls=":")
         ax.text(ax.get_xlim()[0], 2.03, " 2x the real floor", color="grey", fontsize=8)
         ax.set_xlabel("training minutes (2 CPU cores)")
