@@ -170,10 +170,8 @@ class DeviceBatches:
         part, this process's rows of the global batch."""
         here = (self.epoch, self.offset)
         i, f, after = self._indices(*here)
-        if self._pool is None and self._rows_from is not None:  # read in the step
-            x = self._gather(i).to(self.device)
-        elif self._pool is None:  # on the device, or a map gathered in the step
-            x = self.images[i].to(self.device)
+        if self._pool is None:  # in the step: on the device, or read where the data lies
+            x = (self.images[i] if self.placement == "device" else self._gather(i)).to(self.device)
         else:
             ahead = self._ahead
             rows = ahead[1].result() if ahead is not None and ahead[0] == here else self._gather(i)
