@@ -215,7 +215,7 @@ def test_the_fp32_demo_is_a_cheaper_network_of_the_same_recipe():
 @pytest.mark.parametrize(
     "seconds,device,precision,chosen",
     [(180, "cpu", "fp32", "cpu-demo-fp32"), (600, "cpu", "fp32", "cpu-demo-fp32"),
-     (1800, "cpu", "fp32", "cpu-30m-fp32"), (3600, "cpu", "fp32", "cpu-30m-fp32"),
+     (1800, "cpu", "fp32", "cpu-demo-fp32"), (3600, "cpu", "fp32", "cpu-demo-fp32"),
      (1800, "cpu", "bf16", "cpu-demo"), (1800, "cuda", "bf16", "cpu-demo")],
 )  # fmt: skip
 def test_a_time_budget_picks_the_recipe_measured_for_it(seconds, device, precision, chosen):
@@ -238,8 +238,8 @@ def test_a_budgeted_run_records_its_recipe_and_a_preset_or_resume_keeps_its_own(
     said = []
     base = dict(dataset=f"folder:{folder_data}", device="cpu", precision="fp32")
     p = prepare(RunRequest(tmp_path / "a", time_budget=1800, **base), said.append)
-    assert p.cfg.preset == "cpu-30m-fp32" and p.cfg.model.base_channels == 48
-    assert said[0].startswith("--time 30 min: preset cpu-30m-fp32 (")
+    assert p.cfg.preset == "cpu-demo-fp32" and p.cfg.model.base_channels == 32
+    assert said[0].startswith("--time 30 min: preset cpu-demo-fp32 (the demo's recipe, measured")
     said.clear()
     p = prepare(RunRequest(tmp_path / "b", time_budget=1800, preset="tiny", **base), said.append)
     assert p.cfg.preset == "tiny" and not any(s.startswith("--time") for s in said)
